@@ -1,0 +1,15 @@
+"""Readers and writers: legacy ST folders, SpatialData, pseudo-spots over H&E-only slides."""
+
+from .._lazy import lazy_namespace
+
+__getattr__, __dir__, __all__ = lazy_namespace(
+    __name__,
+    {
+        "read_st": "._st",
+        "read_visium": "._visium",
+        "from_spatialdata": "._spatialdata",
+        "to_spatialdata": "._spatialdata",
+        "grid_spots": "._grid",
+        "validate": "._validate",
+    },
+)

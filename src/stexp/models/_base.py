@@ -1,0 +1,232 @@
+"""Base class of every expression model, with saving and loading as a directory."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._settings import logger
+from ._data import SpotData
+
+_CONFIG_FILE = "model.json"
+_WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 1
+
+
+class ExpressionModel(ABC):
+    """A model that predicts expression of a gene panel from image features.
+
+    Subclasses set :attr:`default_hparams` (every hyper-parameter with its default), implement
+    :meth:`_fit`, :meth:`_predict`, :meth:`_state` and :meth:`_load_state`, and register
+    themselves with :func:`stexp.models.register_model`. Users create models through
+    :func:`stexp.tl.fit` and load them with :func:`stexp.models.load`.
+
+    Attributes
+    ----------
+    genes
+        The gene panel, in the order of the model's outputs.
+    features_key
+        The ``obsm`` key of the image features the model was trained on.
+    encoder_spec
+        How those features were made (encoder, weights, patch size), as recorded by
+        :func:`stexp.pp.embed_images`; prediction checks it against the query data.
+    hparams
+        Every hyper-parameter, JSON-serialisable.
+    history
+        Training history (e.g. per-epoch losses), JSON-serialisable.
+    """
+
+    name: ClassVar[str] = "base"
+    default_hparams: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        features_key: str | None = None,
+        encoder_spec: dict[str, Any] | None = None,
+        **hparams: Any,
+    ) -> None:
+        unknown = sorted(set(hparams) - set(self.default_hparams))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyper-parameter(s) {unknown}; "
+                f"it takes {sorted(self.default_hparams)}."
+            )
+        self.genes = list(genes)
+        self.features_key = features_key
+        self.encoder_spec = dict(encoder_spec or {})
+        self.hparams = {**self.default_hparams, **hparams}
+        self.history: dict[str, Any] = {}
+        self.is_fitted = False
+
+    # -- to implement -------------------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        """Train on ``train`` (targets aligned with :attr:`genes`)."""
+
+    @abstractmethod
+    def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted expression ``(n_spots, n_genes)`` and a per-spot-and-gene spread (or ``None``)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]:
+        """Every learnt array (weights, reference bank) by name, for saving."""
+
+    @abstractmethod
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`_state` returned."""
+
+    # -- public API ---------------------------------------------------------------------------
+    def fit(self, train: SpotData, validation: SpotData | None = None) -> ExpressionModel:
+        """Train the model; returns ``self``."""
+        if train.target is None:
+            raise ValueError("training data have no measured expression (target is None).")
+        if train.target.shape[1] != len(self.genes):
+            raise ValueError(f"target has {train.target.shape[1]} genes, the model's panel {len(self.genes)}.")
+        self._fit(train, validation)
+        self.is_fitted = True
+        return self
+
+    def predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted expression and spread for the spots of ``data``."""
+        if not self.is_fitted:
+            raise RuntimeError(f"this {self.name} model is not fitted yet; call stexp.tl.fit first.")
+        mean, spread = self._predict(data)
+        return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as a directory: ``model.json`` (hyper-parameters, genes, encoder) and ``weights.safetensors``.
+
+        Nothing is pickled: weights and the reference bank are stored as plain tensors.
+        """
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
+        if not self.is_fitted:
+            raise RuntimeError("cannot save a model that is not fitted.")
+        path.mkdir(parents=True, exist_ok=True)
+        from .._versions import versions
+
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": self.name,
+            "genes": self.genes,
+            "features_key": self.features_key,
+            "encoder_spec": self.encoder_spec,
+            "hparams": self.hparams,
+            "history": self.history,
+            "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
+            "versions": versions(),
+        }
+        (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_default))
+        state = {k: np.ascontiguousarray(v) for k, v in self._state().items()}
+        save_file(state, str(path / _WEIGHTS_FILE))
+        logger.info(f"saved {self.name} model to {path}")
+        return path
+
+    def __repr__(self) -> str:
+        status = "fitted" if self.is_fitted else "not fitted"
+        enc = self.encoder_spec.get("encoder", "?") if self.encoder_spec else "?"
+        return f"{type(self).__name__}({len(self.genes)} genes, features={self.features_key!r} [{enc}], {status})"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in model.json")
+
+
+def load(
+    path: str | Path,
+    *,
+    genes: list[str] | None = None,
+    encoder_spec: dict[str, Any] | None = None,
+) -> ExpressionModel:
+    """Load a model saved with :meth:`ExpressionModel.save`.
+
+    Parameters
+    ----------
+    path
+        The model directory.
+    genes
+        When given, the gene panel the caller expects; a different panel raises.
+    encoder_spec
+        When given, the feature spec the caller expects (e.g. ``adata.uns["stexp"]["features"][key]``);
+        a different encoder, weights or patch size raises.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory or one of its files is missing.
+    ValueError
+        If the genes or the encoder differ from what the caller expects; the message says what differs.
+    """
+    from safetensors.numpy import load_file
+
+    from ._registry import get_model_class
+
+    path = Path(path)
+    cfg_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
+    for f in (cfg_file, weights_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: {path} is not a saved stexp model directory.")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: model format {config.get('format_version')}, this stexp reads {FORMAT_VERSION}.")
+    if genes is not None:
+        check_genes(config["genes"], list(genes), what=f"model at {path}")
+    if encoder_spec is not None:
+        check_encoder_spec(config["encoder_spec"], encoder_spec, what=f"model at {path}")
+    cls = get_model_class(config["model"])
+    model = cls(config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"],
+                **config["hparams"])
+    model.history = config.get("history", {})
+    model._load_state(load_file(str(weights_file)))
+    model.is_fitted = True
+    return model
+
+
+def check_genes(model_genes: list[str], other_genes: list[str], *, what: str = "model") -> None:
+    """Raise a ValueError that says how two gene panels differ, if they do."""
+    if list(model_genes) == list(other_genes):
+        return
+    a, b = set(model_genes), set(other_genes)
+    only_model, only_other = sorted(a - b), sorted(b - a)
+    if not only_model and not only_other:
+        raise ValueError(f"{what}: same {len(a)} genes but in a different order.")
+    raise ValueError(
+        f"{what} was trained on {len(model_genes)} genes, the data/panel given has {len(other_genes)}: "
+        f"{len(only_model)} only in the model (e.g. {only_model[:5]}), "
+        f"{len(only_other)} only in the data (e.g. {only_other[:5]})."
+    )
+
+
+#: Fields of an encoder spec that must match between training and prediction.
+ENCODER_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization")
+
+
+def check_encoder_spec(model_spec: dict[str, Any], data_spec: dict[str, Any], *, what: str = "model") -> None:
+    """Raise a ValueError naming each field in which two feature specs differ."""
+    if not model_spec or not data_spec:
+        return
+    diffs = [
+        f"{k}: model {model_spec.get(k)!r} vs data {data_spec.get(k)!r}"
+        for k in ENCODER_FIELDS
+        if k in model_spec and k in data_spec and str(model_spec.get(k)) != str(data_spec.get(k))
+    ]
+    if diffs:
+        raise ValueError(
+            f"{what} was trained on features from another image encoder ({'; '.join(diffs)}). "
+            "Embed the data with the model's encoder spec (stexp.pp.embed_images) first."
+        )

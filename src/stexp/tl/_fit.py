@@ -1,0 +1,100 @@
+"""``stexp.tl.fit``: train any registered model on an AnnData."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._layout import LIBRARY_KEY, as_list, library_ids
+from .._settings import logger, settings
+from ._inputs import features_spec, resolve_features, resolve_genes, spot_data
+
+#: Options of ``fit`` handed to every model that declares them as hyper-parameters.
+_TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "device", "seed")
+
+
+def fit(
+    adata,
+    *,
+    model: str = "mclstexp",
+    genes: str | Sequence[str] | None = None,
+    features_key: str | None = None,
+    library_key: str = LIBRARY_KEY,
+    layer: str | None = None,
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-3,
+    device: str = "auto",
+    seed: int | None = None,
+    validation: str | Sequence[str] | None = None,
+    **model_kwargs: Any,
+):
+    """Train an expression model on the slides of ``adata``.
+
+    Parameters
+    ----------
+    adata
+        AnnData in stexp's layout with raw counts and image features (or images to embed).
+    model
+        Name of a registered model (see :func:`stexp.models.available_models`): ``"mclstexp"``,
+        ``"nh2st"``, or the baselines ``"mean"``, ``"ridge"``, ``"knn"``, ``"mlp"``.
+    genes
+        The gene panel. Default: ``var["stexp_panel"]`` from :func:`stexp.pp.select_hvg`, else all genes.
+    features_key
+        ``obsm`` key of frozen image features. ``None`` embeds the images first with the default
+        encoder (EfficientNet-Lite0, whose ImageNet weights install offline).
+    library_key
+        ``obs`` column naming the slide of each spot.
+    layer
+        Layer with raw counts (``None``: ``adata.X``).
+    max_epochs, batch_size, lr, weight_decay, device, seed
+        Training options, passed to models that take them (``None`` keeps the model's default).
+    validation
+        Library id(s) held out for validation (early stopping, monitoring); they are not trained on.
+    **model_kwargs
+        Model hyper-parameters (see each model's ``default_hparams``).
+
+    Returns
+    -------
+    The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
+    """
+    from ..models import get_model_class
+
+    cls = get_model_class(model)
+    libs = library_ids(adata, library_key)
+    genes = resolve_genes(adata, genes)
+    features_key = resolve_features(adata, features_key, library_key=library_key)
+
+    val_libs = as_list(validation) or []
+    unknown = [v for v in val_libs if v not in libs]
+    if unknown:
+        raise KeyError(f"validation library id(s) {unknown} not in adata.obs[{library_key!r}] ({libs}).")
+    if val_libs and len(libs) < 2:
+        raise ValueError(f"validation needs at least two slides, adata has {len(libs)} ({libs}).")
+    if val_libs and set(val_libs) == set(libs):
+        raise ValueError("every slide is held out for validation; none is left to train on.")
+
+    data = spot_data(adata, features_key=features_key, library_key=library_key, genes=genes, layer=layer)
+    is_val = np.isin(data.library, val_libs)
+    train, val = data.subset(~is_val), (data.subset(is_val) if is_val.any() else None)
+
+    options = {
+        "max_epochs": max_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "device": device,
+        "seed": settings.seed if seed is None else seed,
+    }
+    hparams = {k: v for k, v in options.items() if k in cls.default_hparams and v is not None}
+    hparams.update(model_kwargs)
+    est = cls(genes, features_key=features_key, encoder_spec=features_spec(adata, features_key), **hparams)
+    logger.info(
+        f"fitting {est.name} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
+        + (f", validating on {val_libs}" if val_libs else "")
+    )
+    est.fit(train, val)
+    return est

@@ -1,0 +1,110 @@
+"""Turn an AnnData into what a model trains or predicts on, checking every input on the way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._layout import UNS_KEY, as_list, library_labels, library_mask, spot_coords, um_per_px
+from ..models._data import SpotData
+
+PANEL_KEY = "stexp_panel"
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+def features_spec(adata, features_key: str) -> dict:
+    """The encoder spec recorded by :func:`stexp.pp.embed_images` for ``obsm[features_key]`` (``{}`` if none)."""
+    return dict(adata.uns.get(UNS_KEY, {}).get("features", {}).get(features_key, {}))
+
+
+def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
+    """The gene panel: ``genes`` when given, else ``var[PANEL_KEY]`` from :func:`stexp.pp.select_hvg`, else all genes.
+
+    Raises
+    ------
+    KeyError
+        If some genes are not in ``adata.var_names``.
+    """
+    genes = as_list(genes)
+    if genes is None:
+        if PANEL_KEY in adata.var:
+            genes = adata.var_names[adata.var[PANEL_KEY].to_numpy(dtype=bool)].tolist()
+        else:
+            genes = adata.var_names.tolist()
+    if len(genes) == 0:
+        raise ValueError("the gene panel is empty.")
+    if len(set(genes)) != len(genes):
+        raise ValueError("the gene panel contains duplicated genes.")
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} of {len(genes)} panel genes are not in adata.var_names, e.g. {missing[:5]}.")
+    return list(genes)
+
+
+def resolve_features(adata, features_key: str | None, *, library_key: str, encoder: str = DEFAULT_ENCODER) -> str:
+    """The ``obsm`` key of the image features; embeds images with ``encoder`` when ``features_key`` is None."""
+    if features_key is None:
+        from ..pp import embed_images
+
+        embed_images(adata, encoder=encoder, library_key=library_key)
+        return f"X_stexp_{encoder}"
+    if features_key not in adata.obsm:
+        raise KeyError(
+            f"features key {features_key!r} not in adata.obsm (it has {list(adata.obsm)}); "
+            "run stexp.pp.embed_images first or pass features_key=None."
+        )
+    return features_key
+
+
+def spot_data(
+    adata,
+    *,
+    features_key: str,
+    library_key: str,
+    genes: Sequence[str] | None = None,
+    layer: str | None = None,
+) -> SpotData:
+    """Collect features, target (when ``genes`` is given), array and physical coordinates of every spot.
+
+    Raises
+    ------
+    ValueError
+        If the features contain NaN or have the wrong number of rows, or the AnnData is empty.
+    """
+    from ..pp._target import expression_target
+
+    if adata.n_obs == 0:
+        raise ValueError("the AnnData has no spots.")
+    feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
+    if feats.ndim != 2:
+        raise ValueError(f"adata.obsm[{features_key!r}] must be 2-D (spots x features), got shape {feats.shape}.")
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"adata.obsm[{features_key!r}] has NaN/inf features for {int(bad.sum())} spots "
+            f"(e.g. {adata.obs_names[bad][:3].tolist()})."
+        )
+    library = library_labels(adata, library_key)
+    xy = spot_coords(adata)
+    coords_um = np.empty_like(xy)
+    for lib in dict.fromkeys(library):
+        m = library_mask(adata, lib, library_key)
+        coords_um[m] = xy[m] * um_per_px(adata, lib)
+    if {"array_row", "array_col"} <= set(adata.obs):
+        array_rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.int64)
+    else:  # no array grid: derive one from the spot pitch
+        array_rc = np.round(coords_um[:, ::-1] / 50.0).astype(np.int64)
+    target = None if genes is None else expression_target(adata, genes, layer=layer)
+    patient = adata.obs["patient"].astype(str).to_numpy() if "patient" in adata.obs else None
+    return SpotData(
+        features=feats,
+        library=np.asarray(library, dtype=object),
+        array_rc=array_rc,
+        coords_um=coords_um,
+        target=target,
+        patient=patient,
+        obs_names=adata.obs_names.to_numpy(),
+        adata=adata,
+        obs_index=np.arange(adata.n_obs),
+    )

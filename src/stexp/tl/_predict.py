@@ -1,0 +1,114 @@
+"""``stexp.tl.predict``: write a model's predicted expression into ``adata.layers``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._layout import LIBRARY_KEY, library_ids, record
+from .._settings import logger
+from ..models._base import check_encoder_spec
+from ._inputs import features_spec, spot_data
+
+
+def _ensure_features(adata, model, *, features_key: str, library_key: str) -> None:
+    """Embed the images with the model's encoder spec when the features are missing."""
+    if features_key in adata.obsm:
+        return
+    spec = model.encoder_spec
+    if not spec.get("encoder") or spec.get("encoder") == "callable":
+        raise KeyError(
+            f"features {features_key!r} are not in adata.obsm and the model's encoder cannot be rebuilt "
+            f"from its spec {spec}; embed the images as for training and pass features_key=."
+        )
+    from ..pp import embed_images
+
+    embed_images(
+        adata,
+        encoder=spec["encoder"],
+        weights=spec.get("weights_arg", spec.get("weights", "imagenet")),
+        patch_um=spec.get("patch_um"),
+        library_key=library_key,
+        key_added=features_key,
+    )
+
+
+def predict(
+    adata,
+    model,
+    *,
+    key_added: str = "stexp_pred",
+    library_key: str = LIBRARY_KEY,
+    features_key: str | None = None,
+    copy: bool = False,
+):
+    """Predict expression for every spot of ``adata`` from its images.
+
+    Writes ``adata.layers[key_added]`` (float32, ``n_obs x n_vars``; genes outside the model's
+    panel are NaN), ``adata.layers[key_added + "_std"]`` (the per-spot spread of the prediction,
+    an uncertainty, where the model gives one) and a record in ``adata.uns["stexp"][key_added]``.
+    Measured expression is never used.
+
+    Parameters
+    ----------
+    adata
+        AnnData in stexp's layout; it needs images or the features the model was trained on.
+        Slides without measured expression (e.g. from :func:`stexp.io.grid_spots`) are fine.
+    model
+        A fitted model from :func:`stexp.tl.fit` or :func:`stexp.models.load`.
+    key_added
+        Name of the prediction layer.
+    library_key
+        ``obs`` column naming the slide of each spot.
+    features_key
+        ``obsm`` key of the image features (default: the key the model was trained on). When it is
+        missing and the model's encoder is a registry name, the images are embedded first.
+    copy
+        Return a copy instead of writing in place.
+
+    Raises
+    ------
+    ValueError
+        If the features were made with another encoder, weights or patch size than the model's.
+    """
+    adata = adata.copy() if copy else adata
+    library_ids(adata, library_key)
+    features_key = features_key or model.features_key
+    _ensure_features(adata, model, features_key=features_key, library_key=library_key)
+    check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
+
+    var_idx = adata.var_names.get_indexer(model.genes)
+    present = var_idx >= 0
+    if not present.any():
+        raise ValueError(
+            f"none of the model's {len(model.genes)} genes is in adata.var_names; "
+            "build the AnnData with genes=model.genes (e.g. stexp.io.grid_spots(..., genes=model.genes))."
+        )
+    data = spot_data(adata, features_key=features_key, library_key=library_key)
+    mean, spread = model.predict(data)
+
+    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    layer[:, var_idx[present]] = mean[:, present]
+    adata.layers[key_added] = layer
+    added = [f"adata.layers[{key_added!r}]"]
+    if spread is not None:
+        std = np.full_like(layer, np.nan)
+        std[:, var_idx[present]] = spread[:, present]
+        adata.layers[f"{key_added}_std"] = std
+        added.append(f"adata.layers[{key_added + '_std'!r}]")
+    n_missing = int((~present).sum())
+    record(
+        adata,
+        key_added,
+        {
+            "model": model.name,
+            "features_key": features_key,
+            "genes": list(np.asarray(model.genes)[present]),
+            "n_model_genes_missing_from_var": n_missing,
+            "target": "log1p of counts per 10,000",
+            "hparams": model.hparams,
+        },
+    )
+    if n_missing:
+        logger.warning(f"{n_missing} of the model's genes are not in adata.var_names and were not written.")
+    logger.info(f"added {', '.join(added)}")
+    return adata if copy else None
