@@ -1,6 +1,6 @@
 """Datasets: a synthetic default and the real HER2+ breast cancer ST data."""
 
-from .._lazy import lazy_namespace
+from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .._layout import PLATFORMS
+from stexp._layout import PLATFORMS
 
 #: H&E-like appearance of each tissue domain: (stroma RGB, nuclei RGB, nuclei density, nucleus radius px, fibre strength)
 _DOMAIN_STYLES = [

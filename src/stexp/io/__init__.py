@@ -1,6 +1,6 @@
 """Readers and writers: legacy ST folders, SpatialData, pseudo-spots over H&E-only slides."""
 
-from .._lazy import lazy_namespace
+from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._settings import logger
+from stexp._settings import logger
+
 from ._data import SpotData
 
 _CONFIG_FILE = "model.json"
@@ -112,7 +113,7 @@ class ExpressionModel(ABC):
         if not self.is_fitted:
             raise RuntimeError("cannot save a model that is not fitted.")
         path.mkdir(parents=True, exist_ok=True)
-        from .._versions import versions
+        from stexp._versions import versions
 
         config = {
             "format_version": FORMAT_VERSION,
@@ -189,8 +190,9 @@ def load(
     if encoder_spec is not None:
         check_encoder_spec(config["encoder_spec"], encoder_spec, what=f"model at {path}")
     cls = get_model_class(config["model"])
-    model = cls(config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"],
-                **config["hparams"])
+    model = cls(
+        config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"], **config["hparams"]
+    )
     model.history = config.get("history", {})
     model._load_state(load_file(str(weights_file)))
     model.is_fitted = True

@@ -61,7 +61,7 @@ class SpotData:
 
     def subset(self, mask: np.ndarray) -> SpotData:
         """The spots selected by a boolean mask or integer index."""
-        take = lambda a: None if a is None else a[mask]  # noqa: E731
+        take = lambda a: None if a is None else a[mask]
         return SpotData(
             features=self.features[mask],
             library=self.library[mask],

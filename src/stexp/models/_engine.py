@@ -13,7 +13,7 @@ import logging
 import warnings
 from typing import Any
 
-from .._settings import logger, settings
+from stexp._settings import logger, settings
 
 
 def accelerator_for(device: str | None) -> tuple[str, Any]:

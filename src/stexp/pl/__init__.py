@@ -1,6 +1,6 @@
 """Plots: measured against predicted genes on the tissue, scores, domains."""
 
-from .._lazy import lazy_namespace
+from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,

@@ -1,6 +1,6 @@
 """Preprocessing: gene panels, the expression target and image features."""
 
-from .._lazy import lazy_namespace
+from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,

@@ -99,8 +99,8 @@ def normalize_target(adata, *, layer: str | None = None, key_added: str = "log1p
     copy
         Return a copy instead of writing in place.
     """
-    from .._layout import record
-    from .._settings import logger
+    from stexp._layout import record
+    from stexp._settings import logger
 
     adata = adata.copy() if copy else adata
     adata.layers[key_added] = expression_target(adata, None, layer=layer)

@@ -1,6 +1,6 @@
 """Tools: train, predict, evaluate, cross-validate, spatial domains."""
 
-from .._lazy import lazy_namespace
+from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .._layout import LIBRARY_KEY, as_list, library_ids
-from .._settings import logger, settings
+from stexp._layout import LIBRARY_KEY, as_list, library_ids
+from stexp._settings import logger, settings
+
 from ._inputs import features_spec, resolve_features, resolve_genes, spot_data
 
 #: Options of ``fit`` handed to every model that declares them as hyper-parameters.
@@ -61,7 +62,7 @@ def fit(
     -------
     The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
     """
-    from ..models import get_model_class
+    from stexp.models import get_model_class
 
     cls = get_model_class(model)
     libs = library_ids(adata, library_key)

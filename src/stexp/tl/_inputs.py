@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._layout import UNS_KEY, as_list, library_labels, library_mask, spot_coords, um_per_px
-from ..models._data import SpotData
+from stexp._layout import UNS_KEY, as_list, library_labels, library_mask, spot_coords, um_per_px
+from stexp.models._data import SpotData
 
 PANEL_KEY = "stexp_panel"
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -45,7 +45,7 @@ def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
 def resolve_features(adata, features_key: str | None, *, library_key: str, encoder: str = DEFAULT_ENCODER) -> str:
     """The ``obsm`` key of the image features; embeds images with ``encoder`` when ``features_key`` is None."""
     if features_key is None:
-        from ..pp import embed_images
+        from stexp.pp import embed_images
 
         embed_images(adata, encoder=encoder, library_key=library_key)
         return f"X_stexp_{encoder}"
@@ -72,7 +72,7 @@ def spot_data(
     ValueError
         If the features contain NaN or have the wrong number of rows, or the AnnData is empty.
     """
-    from ..pp._target import expression_target
+    from stexp.pp._target import expression_target
 
     if adata.n_obs == 0:
         raise ValueError("the AnnData has no spots.")

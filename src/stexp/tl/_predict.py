@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._layout import LIBRARY_KEY, library_ids, record
-from .._settings import logger
-from ..models._base import check_encoder_spec
+from stexp._layout import LIBRARY_KEY, library_ids, record
+from stexp._settings import logger
+from stexp.models._base import check_encoder_spec
+
 from ._inputs import features_spec, spot_data
 
 
@@ -20,7 +21,7 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
             f"features {features_key!r} are not in adata.obsm and the model's encoder cannot be rebuilt "
             f"from its spec {spec}; embed the images as for training and pass features_key=."
         )
-    from ..pp import embed_images
+    from stexp.pp import embed_images
 
     embed_images(
         adata,
