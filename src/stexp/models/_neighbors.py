@@ -1,0 +1,137 @@
+"""Spatial neighbourhoods of spots: k nearest spots within the same slide, and a hypergraph over each neighbourhood.
+
+Used by NH2ST (the neighbour branch); plain numpy / scipy, no torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def spatial_neighbors(coords_um: np.ndarray, library: np.ndarray, *, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest spots of every spot, searched within its own slide.
+
+    Distances are Euclidean between spot centres in µm (:attr:`SpotData.coords_um`); a spot is never
+    its own neighbour (also when another spot has the same centre), and spots of other slides are
+    never neighbours. Spots at the edge of the tissue simply get their nearest spots, however far.
+
+    Parameters
+    ----------
+    coords_um
+        Spot centres ``(n_spots, 2)`` in µm.
+    library
+        Slide of each spot ``(n_spots,)``.
+    k
+        Number of neighbours per spot (the neighbourhood is the spot and its ``k`` neighbours).
+
+    Returns
+    -------
+    index
+        ``(n_spots, k)`` int64 row indices of the neighbours, nearest first. In a slide with fewer
+        than ``k + 1`` spots, every other spot of the slide is a neighbour and the remaining columns
+        are padding that hold the spot's own index (a one-spot slide has only padding).
+    mask
+        ``(n_spots, k)`` bool, ``True`` for real neighbours and ``False`` for padding.
+
+    Raises
+    ------
+    ValueError
+        If the coordinates are not ``(n_spots, 2)`` finite numbers, ``library`` has another length,
+        or ``k`` is negative.
+    """
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords_um, dtype=np.float64)
+    library = np.asarray(library)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords_um must have shape (n_spots, 2), got {coords.shape}.")
+    n = coords.shape[0]
+    if library.shape != (n,):
+        raise ValueError(f"library has shape {library.shape}, expected ({n},) (one slide id per spot).")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"coords_um has NaN/inf for {int(bad.sum())} of {n} spots (e.g. rows {np.flatnonzero(bad)[:5].tolist()})."
+        )
+    if int(k) != k or k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}.")
+    k = int(k)
+
+    index = np.repeat(np.arange(n, dtype=np.int64)[:, None], k, axis=1)  # padding: the spot itself
+    mask = np.zeros((n, k), dtype=bool)
+    if k == 0 or n == 0:
+        return index, mask
+    _, codes = np.unique(library.astype(str), return_inverse=True)
+    for code in np.unique(codes):
+        rows = np.flatnonzero(codes == code)
+        kk = min(k, rows.size - 1)
+        if kk == 0:
+            continue
+        _, j = cKDTree(coords[rows]).query(coords[rows], k=kk + 1)
+        j = j.reshape(rows.size, kk + 1)
+        drop = j == np.arange(rows.size)[:, None]
+        # With more than kk + 1 spots at one centre the spot itself may be missing from the
+        # results: then drop the farthest candidate instead.
+        drop[~drop.any(axis=1), -1] = True
+        index[rows, :kk] = rows[j[~drop].reshape(rows.size, kk)]
+        mask[rows, :kk] = True
+    return index, mask
+
+
+def neighborhoods(coords_um: np.ndarray, library: np.ndarray, *, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Every spot's neighbourhood: the spot itself first, then its ``k`` nearest spots of the same slide.
+
+    Returns
+    -------
+    nodes
+        ``(n_spots, k + 1)`` int64 row indices; column 0 is the spot itself.
+    node_mask
+        ``(n_spots, k + 1)`` bool; column 0 is always ``True``, padding is ``False``
+        (see :func:`spatial_neighbors`).
+    """
+    index, mask = spatial_neighbors(coords_um, library, k=k)
+    n = index.shape[0]
+    nodes = np.concatenate([np.arange(n, dtype=np.int64)[:, None], index], axis=1)
+    node_mask = np.concatenate([np.ones((n, 1), dtype=bool), mask], axis=1)
+    return nodes, node_mask
+
+
+def knn_hypergraph(coords_um: np.ndarray, nodes: np.ndarray, node_mask: np.ndarray, *, k: int = 3) -> np.ndarray:
+    """Incidence matrices of a k-NN hypergraph over the spots of each neighbourhood.
+
+    Each real node ``e`` of a neighbourhood spans one hyperedge: ``e`` and its ``k`` nearest real
+    nodes of that neighbourhood (in µm; all of them when fewer). Padding nodes belong to no
+    hyperedge and span an empty one.
+
+    Parameters
+    ----------
+    coords_um
+        Spot centres ``(n_spots, 2)`` in µm.
+    nodes, node_mask
+        Neighbourhoods from :func:`neighborhoods`, ``(n, m)``.
+    k
+        Neighbours per hyperedge besides its centre.
+
+    Returns
+    -------
+    ``(n, m, m)`` float32 incidence ``H[s, v, e] = 1`` when node ``v`` belongs to hyperedge ``e`` of
+    neighbourhood ``s``.
+    """
+    coords = np.asarray(coords_um, dtype=np.float64)
+    nodes = np.asarray(nodes)
+    node_mask = np.asarray(node_mask, dtype=bool)
+    if nodes.shape != node_mask.shape or nodes.ndim != 2:
+        raise ValueError(f"nodes {nodes.shape} and node_mask {node_mask.shape} must be the same (n, m) shape.")
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k!r}.")
+    n, m = nodes.shape
+    pts = coords[nodes]  # (n, m, 2)
+    dist = np.linalg.norm(pts[:, :, None, :] - pts[:, None, :, :], axis=-1)  # (n, centre, member)
+    dist[:, np.arange(m), np.arange(m)] = -1.0  # the centre always comes first
+    dist[~node_mask[:, None, :].repeat(m, axis=1)] = np.inf  # padding is never a member
+    order = np.argsort(dist, axis=-1, kind="stable")[:, :, : min(k, m - 1) + 1]
+    member_ok = np.take_along_axis(node_mask[:, None, :].repeat(m, axis=1), order, axis=-1)
+    member_ok &= node_mask[:, :, None]  # padding centres span no hyperedge
+    incidence = np.zeros((n, m, m), dtype=np.float32)  # (n, centre e, member v)
+    np.put_along_axis(incidence, order, member_ok.astype(np.float32), axis=-1)
+    return np.ascontiguousarray(incidence.transpose(0, 2, 1))  # (n, v, e)
