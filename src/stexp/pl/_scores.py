@@ -1,0 +1,192 @@
+"""``stexp.pl.scores``: distributions of per-gene scores per model or per slide."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stexp._layout import UNS_KEY, as_list
+from stexp.pl._utils import finish, new_axes
+
+DEFAULT_MODEL = "prediction"
+
+
+def _as_frame(table, name: str | None) -> pd.DataFrame:
+    """One per-gene table (DataFrame or dict of equal-length columns) as a DataFrame with a model column."""
+    df = table.copy() if isinstance(table, pd.DataFrame) else pd.DataFrame(dict(table))
+    if "model" not in df.columns:
+        df["model"] = name or DEFAULT_MODEL
+    return df
+
+
+def _is_table(obj: Mapping) -> bool:
+    """Whether a mapping is one table (columns of arrays) rather than a mapping of tables."""
+    return bool(obj) and all(np.ndim(v) == 1 and not isinstance(v, Mapping) for v in obj.values())
+
+
+def score_table(data, *, key: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Collect per-gene scores into one long DataFrame (a ``model`` column added when missing).
+
+    ``data`` may be a DataFrame with one row per (gene, slide[, model]); a dict of such columns; a
+    mapping of prediction key -> table (as :func:`stexp.tl.evaluate` stores in
+    ``adata.uns["stexp"]["evaluate"]``); an AnnData holding that mapping; or a
+    :func:`stexp.tl.cross_validate` result (its per-gene table, else its per-fold table).
+    ``key`` selects prediction keys of a mapping or AnnData.
+    """
+    import anndata as ad
+
+    keys = as_list(key)
+    if isinstance(data, ad.AnnData):
+        stored = data.uns.get(UNS_KEY, {}).get("evaluate")
+        if not stored:
+            raise KeyError("adata.uns['stexp']['evaluate'] is empty: run stexp.tl.evaluate first.")
+        data = stored
+    elif not isinstance(data, (pd.DataFrame, Mapping)):
+        for attr in ("per_gene", "per_fold"):
+            table = getattr(data, attr, None)
+            if isinstance(table, pd.DataFrame):
+                return _as_frame(table, None)
+        raise TypeError(
+            f"cannot read scores from a {type(data).__name__}: pass a DataFrame (gene, library_id, pcc, model), "
+            "an AnnData after stexp.tl.evaluate, or a stexp.tl.cross_validate result."
+        )
+    if isinstance(data, pd.DataFrame):
+        return _as_frame(data, None)
+    if _is_table(data):
+        return _as_frame(data, None)
+    available = list(data)
+    if keys is not None:
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise KeyError(f"prediction key(s) {missing} have no scores; available: {available}.")
+        available = keys
+    frames = [_as_frame(data[k], k) for k in available]
+    if not frames:
+        raise ValueError("no scores to plot.")
+    return pd.concat(frames, ignore_index=True)
+
+
+def scores(
+    data,
+    *,
+    by: str = "model",
+    metric: str = "pcc",
+    key: str | Sequence[str] | None = None,
+    kind: str = "box",
+    ax=None,
+    return_fig: bool = False,
+    save: str | Path | None = None,
+):
+    """Distribution of per-gene scores (Pearson r by default) per model or per slide.
+
+    Each box (or violin) pools the per-gene scores of a group; NaN scores (genes constant on a
+    slide) are left out. The white diamond marks the mean, i.e. the PCC over all genes (ACG)
+    when the metric is the per-gene Pearson r. With ``by="library_id"`` and several models, the
+    models are drawn side by side within each slide.
+
+    Parameters
+    ----------
+    data
+        Per-gene scores: a DataFrame with columns ``gene``, ``library_id``, ``model`` and the
+        metric; the mapping :func:`stexp.tl.evaluate` stores in ``adata.uns["stexp"]["evaluate"]``
+        (or the AnnData itself); or a :func:`stexp.tl.cross_validate` result.
+    by
+        Column that defines the groups: ``"model"`` or ``"library_id"`` (any column works).
+    metric
+        Column holding the score.
+    key
+        Prediction key(s) to take from a mapping or AnnData (default: all).
+    kind
+        ``"box"`` or ``"violin"``.
+    ax
+        Axes to draw into; default: a new figure.
+    return_fig
+        Return the figure.
+    save
+        Save the figure to this path.
+
+    Returns
+    -------
+    The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.
+
+    Raises
+    ------
+    KeyError
+        If ``by`` or ``metric`` is not a column of the scores.
+    ValueError
+        If ``kind`` is unknown or no score is finite.
+    """
+    if kind not in ("box", "violin"):
+        raise ValueError(f"kind must be 'box' or 'violin', got {kind!r}.")
+    df = score_table(data, key=key)
+    for col, what in ((by, "by"), (metric, "metric")):
+        if col not in df.columns:
+            raise KeyError(f"{what}={col!r} is not a column of the scores (columns: {list(df.columns)}).")
+    df = df[np.isfinite(pd.to_numeric(df[metric], errors="coerce"))]
+    if df.empty:
+        raise ValueError(f"no finite {metric!r} score to plot.")
+    hue = "model" if by != "model" and "model" in df.columns and df["model"].nunique() > 1 else None
+
+    groups = list(dict.fromkeys(df[by].astype(str)))
+    hues = list(dict.fromkeys(df[hue].astype(str))) if hue else [None]
+    if ax is None:
+        fig, grid = new_axes(1, 1, panel_size=(max(4.0, 0.9 * len(groups) * len(hues) + 1.5), 4.0))
+        ax = grid[0, 0]
+    else:
+        fig = ax.figure
+
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    width = 0.8 / len(hues)
+    colours = [colormaps["tab10"](i % 10) for i in range(len(hues))]
+    handles = []
+    for h, hue_value in enumerate(hues):
+        sub = df if hue is None else df[df[hue].astype(str) == hue_value]
+        data_h, pos = [], []
+        for g, group in enumerate(groups):
+            vals = sub.loc[sub[by].astype(str) == group, metric].to_numpy(dtype=float)
+            if len(vals):
+                data_h.append(vals)
+                pos.append(g + (h - (len(hues) - 1) / 2) * width)
+        if not data_h:
+            continue
+        if kind == "box":
+            parts = ax.boxplot(
+                data_h,
+                positions=pos,
+                widths=0.85 * width,
+                patch_artist=True,
+                showmeans=True,
+                meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black", "gid": "mean"},
+                medianprops={"color": "black", "gid": "median"},
+                flierprops={"markersize": 3},
+                manage_ticks=False,
+            )
+            for box in parts["boxes"]:
+                box.set_facecolor(colours[h])
+                box.set_alpha(0.8)
+        else:
+            parts = ax.violinplot(data_h, positions=pos, widths=0.85 * width, showmedians=True)
+            for body in parts["bodies"]:
+                body.set_facecolor(colours[h])
+                body.set_alpha(0.7)
+            ax.scatter(pos, [v.mean() for v in data_h], marker="D", color="white", edgecolors="black", zorder=3)
+        if hue is not None:
+            handles.append(Patch(facecolor=colours[h], label=hue_value))
+    # scores per box (per model within a group when models are side by side)
+    keys = [df[by].astype(str)] + ([df[hue].astype(str)] if hue else [])
+    counts = df.groupby(keys)[metric].size()
+    counts = counts.groupby(level=0).max() if hue else counts
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{g}\n(n={counts[g]})" for g in groups])
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(by)
+    ax.set_ylabel(f"{metric} per gene")
+    ax.set_title(f"{metric} per gene by {by} (diamond: mean)", fontsize=10)
+    if handles:
+        ax.legend(handles=handles, title=hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return finish(fig, save=save, return_fig=return_fig)

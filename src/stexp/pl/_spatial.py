@@ -1,0 +1,214 @@
+"""``stexp.pl.spatial_genes``: measured next to predicted expression, spots at their true size on the H&E."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list
+from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
+
+MEASURED_LABEL = "measured"
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation over the spots where both are finite; NaN when either is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return float("nan")
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def _limit(pooled: np.ndarray, value: str | float | None, default: float, name: str) -> float:
+    """A colour limit: a percentile such as ``"p99"`` of the pooled values, a number, or ``default``."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        q = value[1:]
+        if not (value.startswith("p") and q.replace(".", "", 1).isdigit() and 0 <= float(q) <= 100):
+            raise ValueError(f"{name} must be a number, None or a percentile like 'p99', got {value!r}.")
+        return float(np.percentile(pooled, float(q)))
+    return float(value)
+
+
+def colour_limits(values: list[np.ndarray], vmin: str | float | None, vmax: str | float | None) -> tuple[float, float]:
+    """Shared (vmin, vmax) of one gene over all its panels (NaN ignored)."""
+    pooled = np.concatenate([v[np.isfinite(v)] for v in values])
+    lo = _limit(pooled, vmin, float(pooled.min()), "vmin")
+    hi = _limit(pooled, vmax, float(pooled.max()), "vmax")
+    if hi <= lo:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+def _layer_values(adata, layer: str, mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    from scipy import sparse
+
+    X = adata.layers[layer]
+    X = X[np.flatnonzero(mask)][:, idx]
+    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+    return X.astype(np.float64)
+
+
+def spatial_genes(
+    adata,
+    genes: str | Sequence[str],
+    *,
+    library_id: str | None = None,
+    layers: Sequence[str | None] | str | None = (None, "stexp_pred"),
+    img: bool | str = True,
+    ncols: int | None = None,
+    cmap: str = "magma",
+    vmax: str | float | None = "p99",
+    vmin: str | float | None = None,
+    title_scores: bool = True,
+    ax=None,
+    return_fig: bool = False,
+    save: str | Path | None = None,
+    library_key: str = LIBRARY_KEY,
+    spot_size: float | None = None,
+):
+    """Measured next to predicted expression of genes, spots drawn at their true size on the H&E.
+
+    One row per gene and one panel per layer. The measured panel (layer ``None``) shows the
+    prediction target computed from raw counts, ``ln(1 + 1e4 * counts / total)``
+    (:func:`stexp.pp.normalize_target`), so it is on the scale of the predictions. Each spot is a
+    circle of the spot's physical diameter (``spot_diameter_fullres x tissue_<res>_scalef`` pixels
+    of the displayed image). The panels of one gene share their colour scale and colour bar.
+
+    Parameters
+    ----------
+    adata
+        AnnData in stexp's layout (also one converted by :func:`stexp.io.from_spatialdata`).
+    genes
+        Gene name(s) in ``adata.var_names``.
+    library_id
+        The slide to draw; required when ``adata`` holds several.
+    layers
+        Layers drawn side by side; ``None`` is the measured target.
+    img
+        ``True``: draw on the ``"hires"`` image (else ``"lowres"``); a string names the image;
+        ``False``: no image.
+    ncols
+        Genes per row of the figure (default 1: one row per gene).
+    cmap
+        Colour map; spots with NaN values are grey.
+    vmax
+        Top of each gene's colour scale: a percentile such as ``"p99"`` (over all its panels), a
+        number, or ``None`` for the maximum.
+    vmin
+        Bottom of each gene's colour scale, as ``vmax``; ``None``: the minimum over its panels.
+    title_scores
+        Put the Pearson correlation of each predicted layer with the measured target, over the
+        spots of this library, in the panel title.
+    ax
+        Axes to draw into, one per panel (``len(genes) * len(layers)``); default: a new figure.
+    return_fig
+        Return the figure.
+    save
+        Save the figure to this path.
+    library_key
+        ``obs`` column naming the slide of each spot.
+    spot_size
+        Spot diameter in full-resolution pixels, instead of the library's true spot diameter.
+
+    Returns
+    -------
+    The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.
+
+    Raises
+    ------
+    KeyError
+        If a gene, a layer or the library does not exist.
+    ValueError
+        If several libraries are present and ``library_id`` is ``None``, if a gene has no
+        prediction (all NaN) in a layer for this library, or if measured expression is asked for
+        on data without it.
+    """
+    from matplotlib import colormaps
+
+    from stexp.pp._target import expression_target
+
+    genes = as_list(genes)
+    if not genes:
+        raise ValueError("genes is empty: name at least one gene.")
+    layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer (None for the measured target).")
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"gene(s) {missing[:10]} not in adata.var_names ({adata.n_vars} genes).")
+    for layer in layers:
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+    if ncols is not None and ncols < 1:
+        raise ValueError(f"ncols must be at least 1, got {ncols}.")
+    lib = resolve_library(adata, library_id, library_key)
+    view = tissue_view(adata, lib, img=img, library_key=library_key, spot_size=spot_size)
+    idx = adata.var_names.get_indexer(genes)
+
+    unmeasured = bool(adata.uns.get(UNS_KEY, {}).get("unmeasured", False))
+    measured = None
+    if None in layers:
+        if unmeasured:
+            raise ValueError(
+                "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set); "
+                "draw only predicted layers, e.g. layers=('stexp_pred',)."
+            )
+        measured = expression_target(adata[view.mask], genes).astype(np.float64)
+    elif title_scores and not unmeasured:
+        try:  # scores only: skip them when X holds no raw counts
+            measured = expression_target(adata[view.mask], genes).astype(np.float64)
+        except ValueError:
+            measured = None
+
+    values: dict[str | None, np.ndarray] = {}
+    for layer in layers:
+        if layer is None:
+            values[None] = measured
+            continue
+        v = _layer_values(adata, layer, view.mask, idx)
+        empty = ~np.isfinite(v).any(axis=0)
+        if empty.any():
+            raise ValueError(
+                f"gene(s) {[genes[i] for i in np.flatnonzero(empty)]} have no prediction in "
+                f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
+            )
+        values[layer] = v
+
+    n_layers = len(layers)
+    n_panels = len(genes) * n_layers
+    per_row = min(ncols or 1, len(genes))
+    if ax is None:
+        n_rows = int(np.ceil(len(genes) / per_row))
+        fig, grid = new_axes(n_rows, per_row * n_layers)
+        axes = list(grid.ravel())
+        for extra in axes[n_panels:]:
+            extra.set_visible(False)
+        axes = axes[:n_panels]
+    else:
+        axes = given_axes(ax, n_panels, "spatial_genes")
+        fig = axes[0].figure
+
+    colour_map = colormaps[cmap].with_extremes(bad="lightgrey")
+    for g, gene in enumerate(genes):
+        gene_axes = axes[g * n_layers : (g + 1) * n_layers]
+        vmin_g, vmax_g = colour_limits([values[layer][:, g] for layer in layers], vmin, vmax)
+        coll = None
+        for a, layer in zip(gene_axes, layers, strict=True):
+            draw_tissue(a, view)
+            coll = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=vmin_g, vmax=vmax_g)
+            a.add_collection(coll)
+            label = MEASURED_LABEL if layer is None else layer
+            title = f"{gene}: {label}"
+            if layer is not None and title_scores and measured is not None:
+                title += f"\nPearson r = {pearson(measured[:, g], values[layer][:, g]):.3f}"
+            a.set_title(title, fontsize=10)
+        fig.colorbar(coll, ax=gene_axes, shrink=0.8, label="log1p(cp10k)")
+    fig.suptitle(f"library {lib}" + (f" ({view.image_res} image)" if view.image_res else ""), fontsize=11)
+    return finish(fig, save=save, return_fig=return_fig)

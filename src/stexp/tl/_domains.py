@@ -1,0 +1,291 @@
+"""``stexp.tl.domains`` and ``stexp.tl.score_domains``: spatial domains from (predicted) expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list, library_labels, record
+from stexp._settings import logger
+
+#: Candidate numbers of domains tried by the silhouette search when ``n_domains`` is None.
+N_DOMAINS_RANGE = (2, 10)
+
+
+def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Spots x genes matrix to cluster, with the all-NaN genes (outside the model's panel) dropped."""
+    from scipy import sparse
+
+    from stexp.pp._target import expression_target
+
+    genes = as_list(genes)
+    if genes is not None:
+        missing = [g for g in genes if g not in adata.var_names]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
+        if not genes:
+            raise ValueError("genes is empty.")
+    names = list(adata.var_names) if genes is None else genes
+    if layer is None:
+        if adata.uns.get(UNS_KEY, {}).get("unmeasured", False):
+            raise ValueError(
+                "layer=None clusters measured expression, but this AnnData has none "
+                "(uns['stexp']['unmeasured'] is set); pass layer= naming the prediction layer."
+            )
+        X = expression_target(adata, names).astype(np.float64)
+    else:
+        if layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+        X = adata.layers[layer]
+        if genes is not None:
+            X = X[:, adata.var_names.get_indexer(genes)]
+        X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+        X = X.astype(np.float64)
+    keep = np.isfinite(X).any(axis=0)
+    if not keep.any():
+        where = "the measured target" if layer is None else f"adata.layers[{layer!r}]"
+        raise ValueError(f"{where} is NaN for every gene: nothing to cluster (was stexp.tl.predict run?).")
+    X = X[:, keep]
+    bad_rows = ~np.isfinite(X).all(axis=1)
+    if bad_rows.any():
+        raise ValueError(
+            f"{int(bad_rows.sum())} of {X.shape[0]} spots have NaN or infinite values in adata.layers[{layer!r}] "
+            f"for genes that are predicted elsewhere (e.g. {list(adata.obs_names[bad_rows][:3])})."
+        )
+    return X, [n for n, k in zip(names, keep, strict=True) if k]
+
+
+def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0..k-1 from the largest to the smallest (ties by first appearance)."""
+    uniq, first, counts = np.unique(labels, return_index=True, return_counts=True)
+    order = sorted(range(len(uniq)), key=lambda i: (-counts[i], first[i]))
+    mapping = {uniq[i]: new for new, i in enumerate(order)}
+    return np.array([mapping[v] for v in labels], dtype=int)
+
+
+def domains(
+    adata,
+    *,
+    layer: str | None = "stexp_pred",
+    method: str = "kmeans",
+    n_domains: int | None = None,
+    n_pcs: int = 30,
+    resolution: float = 1.0,
+    key_added: str = "stexp_domain",
+    library_key: str = LIBRARY_KEY,
+    genes: str | Sequence[str] | None = None,
+    seed: int = 0,
+    copy: bool = False,
+):
+    """Cluster spots into spatial domains on their (predicted) expression.
+
+    The expression of the chosen genes (genes that are NaN for every spot, i.e. outside the
+    model's panel, are dropped) is standardised per gene, reduced to ``n_pcs`` principal
+    components, and clustered. All libraries are clustered together, so a domain means the same
+    expression state on every slide.
+
+    Parameters
+    ----------
+    adata
+        AnnData in stexp's layout.
+    layer
+        Expression to cluster: a layer such as ``"stexp_pred"`` from :func:`stexp.tl.predict`, or
+        ``None`` for the measured target computed from raw counts (log1p of counts per 10k).
+    method
+        ``"kmeans"`` (scikit-learn, 10 restarts) or ``"leiden"`` (scanpy: exact 15-nearest-neighbour
+        graph on the principal components with Gaussian-kernel weights, then :func:`scanpy.tl.leiden`,
+        the ``igraph`` flavour when python-igraph is installed, else ``leidenalg``).
+    n_domains
+        Number of domains for ``"kmeans"``. ``None`` picks the number in 2..10 with the highest
+        silhouette score on the principal components (at most 5,000 spots sampled).
+        Not used by ``"leiden"``, whose number of domains follows ``resolution``.
+    n_pcs
+        Principal components kept (fewer when there are fewer genes or spots).
+    resolution
+        Leiden resolution (higher: more domains).
+    key_added
+        ``obs`` column written (categorical, domains ``"0"``, ``"1"``, ... from the largest).
+    library_key
+        ``obs`` column naming the slide of each spot (recorded for :func:`score_domains`).
+    genes
+        Genes to use (default: every gene with a prediction).
+    seed
+        Random seed of PCA, k-means and Leiden.
+    copy
+        Return a copy instead of writing in place.
+
+    Raises
+    ------
+    KeyError
+        If the layer or a gene is missing.
+    ValueError
+        If nothing can be clustered (all NaN, too few spots), a spot has NaN predictions, or the
+        method or ``n_domains`` is invalid.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    if method not in ("kmeans", "leiden"):
+        raise ValueError(f"method must be 'kmeans' or 'leiden', got {method!r}.")
+    if method == "leiden" and n_domains is not None:
+        raise ValueError("n_domains applies to method='kmeans'; Leiden's number of domains follows resolution=.")
+    if n_pcs < 1:
+        raise ValueError(f"n_pcs must be at least 1, got {n_pcs}.")
+    adata = adata.copy() if copy else adata
+    library_labels(adata, library_key)  # checks the library column early
+    n_spots = adata.n_obs
+    if n_domains is not None and not 2 <= n_domains < n_spots:
+        raise ValueError(f"n_domains must be between 2 and the number of spots - 1 ({n_spots - 1}), got {n_domains}.")
+    if n_spots < 3:
+        raise ValueError(f"at least 3 spots are needed to find domains, got {n_spots}.")
+
+    X, used = _expression(adata, layer, genes)
+    Z = StandardScaler().fit_transform(X)
+    n_comps = max(1, min(n_pcs, Z.shape[1], n_spots - 1))
+    pcs = PCA(n_components=n_comps, random_state=seed).fit_transform(Z) if Z.shape[1] > 1 else Z
+
+    info: dict = {}
+    if method == "kmeans":
+        labels, info = _kmeans(pcs, n_domains, seed)
+    else:
+        labels = _leiden(pcs, resolution, seed)
+    labels = _relabel_by_size(labels)
+    k = int(labels.max()) + 1
+    adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=[str(i) for i in range(k)])
+    record(
+        adata,
+        key_added,
+        {
+            "step": "domains",
+            "layer": layer,
+            "method": method,
+            "n_domains": k,
+            "n_domains_requested": n_domains,
+            "n_pcs": n_comps,
+            "resolution": resolution if method == "leiden" else None,
+            "n_genes": len(used),
+            "library_key": library_key,
+            "seed": seed,
+            **info,
+        },
+    )
+    logger.info(f"added adata.obs[{key_added!r}] ({k} domains, {method} on {len(used)} genes of layer {layer!r})")
+    return adata if copy else None
+
+
+def _kmeans(pcs: np.ndarray, n_domains: int | None, seed: int) -> tuple[np.ndarray, dict]:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    if n_domains is not None:
+        return KMeans(n_clusters=n_domains, n_init=10, random_state=seed).fit_predict(pcs), {}
+    lo, hi = N_DOMAINS_RANGE
+    hi = min(hi, pcs.shape[0] - 1)
+    best, scores = None, {}
+    for k in range(lo, hi + 1):
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(pcs)
+        if len(np.unique(labels)) < 2:
+            continue
+        sample = min(pcs.shape[0], 5000)
+        scores[k] = float(silhouette_score(pcs, labels, sample_size=sample, random_state=seed))
+        if best is None or scores[k] > scores[best[0]]:
+            best = (k, labels)
+    if best is None:
+        raise ValueError("k-means found fewer than 2 distinct domains for every k; the expression is constant.")
+    return best[1], {"silhouette": {str(k): v for k, v in scores.items()}}
+
+
+def _leiden(pcs: np.ndarray, resolution: float, seed: int) -> np.ndarray:
+    import importlib.util
+
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(obsm={"X_pca": pcs.astype(np.float32)}, obs=pd.DataFrame(index=[str(i) for i in range(len(pcs))]))
+    # Exact k-NN (scikit-learn) and Gaussian-kernel weights: deterministic, and no numba compilation.
+    sc.pp.neighbors(
+        tmp,
+        use_rep="X_pca",
+        n_neighbors=min(15, len(pcs) - 1),
+        method="gauss",
+        transformer="sklearn",
+        random_state=seed,
+    )
+    if importlib.util.find_spec("igraph") is not None:
+        kwargs = {"flavor": "igraph", "n_iterations": 2, "directed": False}
+    elif importlib.util.find_spec("leidenalg") is not None:
+        kwargs = {}
+    else:
+        raise ImportError("method='leiden' needs python-igraph (pip install igraph) or leidenalg.")
+    sc.tl.leiden(tmp, resolution=resolution, random_state=seed, key_added="leiden", **kwargs)
+    return tmp.obs["leiden"].astype(int).to_numpy()
+
+
+def score_domains(
+    adata,
+    *,
+    key: str = "stexp_domain",
+    truth_key: str = "label",
+    ignore: Sequence[str] = ("undetermined",),
+    library_key: str = LIBRARY_KEY,
+) -> pd.DataFrame:
+    """Agreement of domains with an annotation, per slide: adjusted Rand index and normalised mutual information.
+
+    Spots whose annotation is missing or listed in ``ignore`` are left out.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obs[key]`` (e.g. from :func:`domains`) and ``obs[truth_key]``.
+    key
+        ``obs`` column of the domains.
+    truth_key
+        ``obs`` column of the reference annotation (e.g. pathologist labels).
+    ignore
+        Annotation values left out (case-insensitive).
+    library_key
+        ``obs`` column naming the slide of each spot.
+
+    Returns
+    -------
+    DataFrame indexed by library id with columns ``ari``, ``nmi``, ``n_spots`` (spots scored) and
+    ``n_domains`` / ``n_labels`` (distinct values among them); ARI and NMI are NaN for a slide
+    without scored spots.
+
+    Raises
+    ------
+    KeyError
+        If ``key`` or ``truth_key`` is not in ``adata.obs``.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    for k, what in ((key, "domains"), (truth_key, "annotation")):
+        if k not in adata.obs:
+            raise KeyError(f"{what} column {k!r} not in adata.obs (columns: {list(adata.obs.columns)}).")
+    libs = library_labels(adata, library_key)
+    truth = adata.obs[truth_key]
+    pred = adata.obs[key]
+    ignored = {str(v).lower() for v in as_list(ignore) or []}
+    valid = truth.notna().to_numpy() & pred.notna().to_numpy()
+    valid &= ~truth.astype(str).str.lower().isin(ignored).to_numpy()
+    truth_s, pred_s = truth.astype(str).to_numpy(), pred.astype(str).to_numpy()
+    rows = {}
+    for lib in dict.fromkeys(libs):
+        m = valid & (libs == lib)
+        n = int(m.sum())
+        if n == 0:
+            logger.warning(f"library {lib!r}: no spot has an annotation in obs[{truth_key!r}]; ARI/NMI are NaN.")
+            rows[lib] = {"ari": np.nan, "nmi": np.nan, "n_spots": 0, "n_domains": 0, "n_labels": 0}
+            continue
+        rows[lib] = {
+            "ari": float(adjusted_rand_score(truth_s[m], pred_s[m])),
+            "nmi": float(normalized_mutual_info_score(truth_s[m], pred_s[m])),
+            "n_spots": n,
+            "n_domains": len(set(pred_s[m])),
+            "n_labels": len(set(truth_s[m])),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = library_key
+    return table

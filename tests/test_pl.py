@@ -1,0 +1,241 @@
+"""Plots: rendered to PNG with Agg, checked on what they draw (images, colour limits, titles, spot sizes)."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+import stexp
+from stexp.pp._target import expression_target
+
+GENES = ["gene_000", "gene_003"]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def pred(synth):
+    """The synthetic data with a 'prediction' = measured target + noise (gene_059 outside the panel)."""
+    target = expression_target(synth)
+    rng = np.random.default_rng(1)
+    layer = (target + rng.normal(0.0, 0.6, target.shape)).astype(np.float32)
+    layer[:, -1] = np.nan
+    synth.layers["stexp_pred"] = layer
+    return synth
+
+
+def _panels(fig):
+    """The axes holding spots (not the colour bars), in drawing order."""
+    return [a for a in fig.axes if a.collections and a.get_label() != "<colorbar>"]
+
+
+def _radius(coll) -> float:
+    verts = coll.get_paths()[0].vertices
+    return float((verts.max(axis=0) - verts.min(axis=0)).mean() / 2)
+
+
+def _title_r(ax) -> float:
+    match = re.search(r"Pearson r = (-?\d+\.\d+)", ax.get_title())
+    assert match, ax.get_title()
+    return float(match.group(1))
+
+
+def test_spatial_genes_panels_image_clim_and_pcc(pred, tmp_path):
+    lib = "slide_1"
+    out = tmp_path / "genes.png"
+    fig = stexp.pl.spatial_genes(pred, GENES, library_id=lib, return_fig=True, save=out)
+    assert out.stat().st_size > 10_000
+    panels = _panels(fig)
+    assert len(panels) == 2 * len(GENES)
+    assert all(a.images for a in panels)  # the H&E is drawn under every panel
+    assert len(fig.axes) == len(panels) + len(GENES)  # one shared colour bar per gene
+
+    mask = (pred.obs["library_id"] == lib).to_numpy()
+    measured = expression_target(pred[mask], GENES)
+    predicted = pred.layers["stexp_pred"][mask][:, pred.var_names.get_indexer(GENES)]
+    for g, gene in enumerate(GENES):
+        meas_ax, pred_ax = panels[2 * g], panels[2 * g + 1]
+        assert gene in meas_ax.get_title() and "measured" in meas_ax.get_title()
+        clim_m, clim_p = meas_ax.collections[0].get_clim(), pred_ax.collections[0].get_clim()
+        assert clim_m == pytest.approx(clim_p)
+        pooled = np.concatenate([measured[:, g], predicted[:, g]])
+        assert clim_m[1] == pytest.approx(np.percentile(pooled, 99), rel=1e-5)
+        assert clim_m[0] == pytest.approx(pooled.min(), rel=1e-5)
+        # the spots carry this library's values, in obs order
+        np.testing.assert_allclose(meas_ax.collections[0].get_array(), measured[:, g], rtol=1e-6)
+        np.testing.assert_allclose(pred_ax.collections[0].get_array(), predicted[:, g], rtol=1e-6)
+        r = np.corrcoef(measured[:, g], predicted[:, g])[0, 1]
+        assert _title_r(pred_ax) == pytest.approx(r, abs=5e-4)
+        assert 0.3 < r < 0.99  # a noisy but informative prediction: the number is not trivially 1
+
+
+@pytest.mark.parametrize("img", ["hires", "lowres"])
+def test_spatial_genes_spots_at_true_size(pred, img):
+    lib = "slide_0"
+    sf = pred.uns["spatial"][lib]["scalefactors"]
+    scalef = sf[f"tissue_{img}_scalef"]
+    fig = stexp.pl.spatial_genes(pred, "gene_001", library_id=lib, img=img, return_fig=True)
+    coll = _panels(fig)[0].collections[0]
+    expected = sf["spot_diameter_um"] / sf["microns_per_pixel"] * scalef / 2  # 55 µm spots
+    assert expected == pytest.approx(sf["spot_diameter_fullres"] * scalef / 2)
+    assert _radius(coll) == pytest.approx(expected, rel=1e-3)
+    mask = (pred.obs["library_id"] == lib).to_numpy()
+    centres = np.array([(p.vertices.max(axis=0) + p.vertices.min(axis=0)) / 2 for p in coll.get_paths()[:5]])
+    np.testing.assert_allclose(centres, pred.obsm["spatial"][mask][:5] * scalef, rtol=1e-3)
+    image = _panels(fig)[0].images[0].get_array()
+    assert image.shape == pred.uns["spatial"][lib]["images"][img].shape
+
+
+def test_spatial_genes_single_library_options(pred):
+    one = pred[pred.obs["library_id"] == "slide_2"].copy()
+    fig = stexp.pl.spatial_genes(
+        one, GENES, layers="stexp_pred", img=False, ncols=2, vmax=5.0, spot_size=40.0, return_fig=True
+    )
+    panels = _panels(fig)
+    assert len(panels) == 2 and not any(a.images for a in panels)
+    assert panels[0].collections[0].get_clim()[1] == 5.0
+    assert _radius(panels[0].collections[0]) == pytest.approx(20.0, rel=1e-3)  # full-res px without an image
+    assert all("Pearson r" in a.get_title() for a in panels)  # scored against the measured target
+
+
+def test_spatial_genes_partial_nan_drawn_grey(pred):
+    pred.layers["stexp_pred"][:10, 0] = np.nan
+    fig = stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_0", return_fig=True)
+    coll = _panels(fig)[1].collections[0]
+    assert np.ma.getmaskarray(coll.get_array())[:10].all()
+    fig.canvas.draw()
+    grey = matplotlib.colors.to_rgba("lightgrey")
+    np.testing.assert_allclose(coll.get_facecolors()[:10], [grey] * 10)
+    assert not np.allclose(coll.get_facecolors()[10], grey)
+    assert np.isfinite(_title_r(_panels(fig)[1]))
+
+
+def test_spatial_genes_bad_input(pred):
+    with pytest.raises(ValueError, match="slide_0.*slide_1.*slide_2"):
+        stexp.pl.spatial_genes(pred, "gene_000")
+    with pytest.raises(KeyError, match="slide_9"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_9")
+    with pytest.raises(KeyError, match="not_a_gene"):
+        stexp.pl.spatial_genes(pred, ["gene_000", "not_a_gene"], library_id="slide_0")
+    with pytest.raises(KeyError, match="pred_x"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_0", layers=(None, "pred_x"))
+    with pytest.raises(ValueError, match="gene_059.*no prediction"):
+        stexp.pl.spatial_genes(pred, "gene_059", library_id="slide_0")
+    pred.layers["stexp_pred"][(pred.obs["library_id"] == "slide_0").to_numpy(), 2] = np.nan
+    with pytest.raises(ValueError, match="gene_002.*slide_0"):
+        stexp.pl.spatial_genes(pred, "gene_002", library_id="slide_0")
+    with pytest.raises(ValueError, match="percentile"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_1", vmax="top")
+    with pytest.raises(KeyError, match="'fullres'"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_1", img="fullres")
+    pred.uns["stexp"] = {"unmeasured": True}
+    with pytest.raises(ValueError, match="no measured expression"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_1")
+
+
+def test_spatial_genes_into_given_axes(pred):
+    fig, axes = plt.subplots(1, 2)
+    assert stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_0", ax=axes) is None
+    assert all(a.images and a.collections for a in axes)
+    with pytest.raises(ValueError, match="2 panels"):
+        stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_0", ax=axes[0])
+
+
+def _scores_table(rng):
+    rows = []
+    for model, mu in (("mean", 0.0), ("ridge", 0.4), ("mclstexp", 0.3)):
+        for lib in ("slide_0", "slide_1"):
+            for g in range(30):
+                rows.append({"gene": f"g{g}", "library_id": lib, "model": model, "pcc": rng.normal(mu, 0.1)})
+    return pd.DataFrame(rows)
+
+
+def test_scores_box_per_model(tmp_path):
+    df = _scores_table(np.random.default_rng(0))
+    df.loc[0, "pcc"] = np.nan  # a constant gene: left out
+    fig = stexp.pl.scores(df, return_fig=True, save=tmp_path / "s.png")
+    (ax,) = fig.axes
+    assert (tmp_path / "s.png").exists()
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["mean", "ridge", "mclstexp"]
+    assert len(ax.patches) == 3  # one box per model
+    medians = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "median"]
+    means = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "mean"]
+    by_model = df.dropna().groupby("model", sort=False)["pcc"]
+    np.testing.assert_allclose(medians, by_model.median().to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(means, by_model.mean().to_numpy(), rtol=1e-6)
+    assert "n=59" in ax.get_xticklabels()[0].get_text()
+
+
+def test_scores_by_library_with_models_side_by_side():
+    df = _scores_table(np.random.default_rng(1))
+    fig = stexp.pl.scores(df, by="library_id", kind="violin", return_fig=True)
+    (ax,) = fig.axes
+    assert len(ax.collections) >= 6  # 2 slides x 3 models violins
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean", "ridge", "mclstexp"]
+
+
+def test_scores_from_anndata_uns_and_bad_input(synth):
+    rng = np.random.default_rng(2)
+    table = {"gene": np.array(["a", "b", "c"]), "library_id": np.array(["s"] * 3), "pcc": rng.random(3)}
+    synth.uns["stexp"] = {"evaluate": {"pred_ridge": table, "pred_mean": dict(table, pcc=rng.random(3) - 0.5)}}
+    fig = stexp.pl.scores(synth, return_fig=True)
+    labels = [t.get_text().split("\n")[0] for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["pred_ridge", "pred_mean"]
+    fig = stexp.pl.scores(synth, key="pred_mean", return_fig=True)
+    assert len(fig.axes[0].patches) == 1
+    with pytest.raises(KeyError, match="pred_x"):
+        stexp.pl.scores(synth, key="pred_x")
+    with pytest.raises(KeyError, match="mse"):
+        stexp.pl.scores(synth, metric="mse")
+    with pytest.raises(ValueError, match="kind"):
+        stexp.pl.scores(synth, kind="bar")
+    del synth.uns["stexp"]
+    with pytest.raises(KeyError, match="evaluate"):
+        stexp.pl.scores(synth)
+
+
+def test_domains_plot_matches_colours_and_scores(synth, tmp_path):
+    # a perfect clustering under other names: colours must follow the matching, ARI must be 1
+    codes = synth.obs["domain"].cat.codes.to_numpy()
+    synth.obs["stexp_domain"] = pd.Categorical(((codes + 2) % 4).astype(str))
+    synth.obs["label"] = synth.obs["domain"].astype(str)
+    synth.obs.loc[synth.obs_names[:7], "label"] = "undetermined"
+    fig = stexp.pl.domains(synth, library_id="slide_0", return_fig=True, save=tmp_path / "d.png")
+    dom_ax, truth_ax = _panels(fig)
+    assert dom_ax.images and truth_ax.images
+    assert "ARI = 1.000" in dom_ax.get_title()
+    mask = (synth.obs["library_id"] == "slide_0").to_numpy()
+    n_scored = int((synth.obs["label"][mask] != "undetermined").sum())
+    assert f"({n_scored} spots)" in dom_ax.get_title()
+    dom_fc = dom_ax.collections[0].get_facecolors()
+    truth_fc = truth_ax.collections[0].get_facecolors()
+    scored = (synth.obs["label"][mask] != "undetermined").to_numpy()
+    np.testing.assert_allclose(dom_fc[scored], truth_fc[scored])
+    assert not np.allclose(dom_fc[~scored], truth_fc[~scored])  # undetermined spots are grey in the annotation
+    truth_legend = [t.get_text() for t in truth_ax.get_legend().get_texts()]
+    assert "undetermined" in truth_legend and "tumour" in truth_legend
+    assert [t.get_text() for t in dom_ax.get_legend().get_texts()] == ["0", "1", "2", "3"]
+
+
+def test_domains_plot_without_truth_and_bad_input(synth):
+    synth.obs["stexp_domain"] = pd.Categorical(synth.obs["domain"].cat.codes.astype(str))
+    fig = stexp.pl.domains(synth, truth_key=None, library_id="slide_2", return_fig=True)
+    assert len(_panels(fig)) == 1
+    with pytest.raises(KeyError, match="'label'"):
+        stexp.pl.domains(synth, library_id="slide_2")
+    with pytest.raises(KeyError, match="stexp.tl.domains"):
+        stexp.pl.domains(synth, key="nope", truth_key="domain", library_id="slide_2")
+    with pytest.raises(ValueError, match="library_id"):
+        stexp.pl.domains(synth, truth_key="domain")
