@@ -1,0 +1,310 @@
+"""Reader for legacy Spatial Transcriptomics folders (counts tsv, spot selection file, H&E jpg)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from stexp._layout import PLATFORMS, check_um_per_px, record
+from stexp._settings import logger
+
+#: Longest side (px) of the in-memory copies of the H&E kept for plotting.
+HIRES_PX = 2000
+LOWRES_PX = 600
+
+
+def _spot_ids(x, y) -> pd.Index:
+    return pd.Index([f"{int(a)}x{int(b)}" for a, b in zip(x, y, strict=True)])
+
+
+def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> pd.DataFrame:
+    if isinstance(counts, pd.DataFrame):
+        df = counts
+    else:
+        path = Path(counts)
+        if not path.is_file():
+            raise FileNotFoundError(f"library {library_id!r}: counts file {str(path)!r} does not exist.")
+        df = pd.read_csv(path, sep="\t", index_col=0)
+    df.index = df.index.astype(str)
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise ValueError(
+            f"library {library_id!r}: the counts table is empty ({df.shape[0]} spots x {df.shape[1]} genes)."
+        )
+    dup = df.index[df.index.duplicated()]
+    if len(dup):
+        raise ValueError(
+            f"library {library_id!r}: {len(dup)} duplicated spot ids in the counts table, e.g. {list(dup[:3])}."
+        )
+    non_numeric = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number)]
+    if non_numeric:
+        raise ValueError(f"library {library_id!r}: non-numeric count columns {non_numeric[:5]}.")
+    return df
+
+
+def _read_spots(spots: str | os.PathLike | pd.DataFrame, library_id: str, drop_unselected: bool) -> pd.DataFrame:
+    if isinstance(spots, pd.DataFrame):
+        df = spots.copy()
+    else:
+        path = Path(spots)
+        if not path.is_file():
+            raise FileNotFoundError(f"library {library_id!r}: spot file {str(path)!r} does not exist.")
+        df = pd.read_csv(path, sep="\t")
+    missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in df.columns]
+    if missing:
+        raise KeyError(f"library {library_id!r}: spot file lacks column(s) {missing} (it has {list(df.columns)}).")
+    df = df.dropna(subset=["x", "y", "pixel_x", "pixel_y"])
+    if drop_unselected and "selected" in df.columns:
+        df = df[df["selected"].astype(float) == 1]
+    df.index = _spot_ids(df["x"].round(), df["y"].round())
+    dup = df.index[df.index.duplicated()]
+    if len(dup):
+        raise ValueError(
+            f"library {library_id!r}: {len(dup)} duplicated spot ids in the spot file, e.g. {list(dup[:3])}."
+        )
+    return df
+
+
+def estimate_um_per_px(pixel_xy: np.ndarray, array_xy: np.ndarray, *, pitch_um: float) -> float:
+    """µm per pixel from the spot pitch: median over spots of (array distance x pitch) / pixel distance.
+
+    Each spot is paired with its nearest neighbour in pixel space, so missing spots (gaps of two or more
+    array steps) do not bias the estimate.
+    """
+    from scipy.spatial import cKDTree
+
+    pixel_xy = np.asarray(pixel_xy, dtype=float)
+    array_xy = np.asarray(array_xy, dtype=float)
+    if len(pixel_xy) < 2:
+        raise ValueError(
+            f"need at least 2 spots to derive µm per pixel from the pitch, got {len(pixel_xy)}; pass um_per_px=."
+        )
+    _, idx = cKDTree(pixel_xy).query(pixel_xy, k=2)
+    nn = idx[:, 1]
+    d_px = np.linalg.norm(pixel_xy - pixel_xy[nn], axis=1)
+    d_arr = np.linalg.norm(array_xy - array_xy[nn], axis=1)
+    ok = (d_px > 0) & (d_arr > 0)
+    if not ok.any():
+        raise ValueError("cannot derive µm per pixel: spots coincide in pixel or array space; pass um_per_px=.")
+    return float(np.median(d_arr[ok] * pitch_um / d_px[ok]))
+
+
+def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dict[str, float], tuple[int, int]]:
+    """Decode an H&E once (at reduced scale where the codec allows) into hires/lowres copies."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            scale = min(1.0, HIRES_PX / max(width, height))
+            hires_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            # JPEG: decode directly at the smallest DCT scale that is still >= the hires size.
+            im.draft("RGB", hires_size)
+            im = im.convert("RGB")
+            hires = im.resize(hires_size, Image.Resampling.LANCZOS) if im.size != hires_size else im
+            lscale = min(1.0, LOWRES_PX / max(width, height))
+            lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
+            lowres = hires.resize(lowres_size, Image.Resampling.LANCZOS)
+            images = {"hires": np.asarray(hires), "lowres": np.asarray(lowres)}
+    except OSError as err:
+        raise ValueError(f"library {library_id!r}: cannot decode image {str(path)!r}: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    scalefs = {
+        "tissue_hires_scalef": images["hires"].shape[1] / width,
+        "tissue_lowres_scalef": images["lowres"].shape[1] / width,
+    }
+    return images, scalefs, (width, height)
+
+
+def _read_labels(labels: str | os.PathLike | pd.DataFrame, library_id: str) -> pd.Series:
+    if isinstance(labels, pd.DataFrame):
+        df = labels.copy()
+    else:
+        path = Path(labels)
+        if not path.is_file():
+            raise FileNotFoundError(f"library {library_id!r}: labels file {str(path)!r} does not exist.")
+        df = pd.read_csv(path, sep="\t")
+    missing = [c for c in ("x", "y", "label") if c not in df.columns]
+    if missing:
+        raise KeyError(f"library {library_id!r}: labels file lacks column(s) {missing} (it has {list(df.columns)}).")
+    n_before = len(df)
+    df = df.dropna(subset=["x", "y"])
+    if len(df) < n_before:
+        logger.info(f"library {library_id!r}: skipped {n_before - len(df)} label rows without coordinates.")
+    ids = _spot_ids(df["x"].round(), df["y"].round())
+    out = pd.Series(df["label"].to_numpy(), index=ids)
+    return out[~out.index.duplicated(keep="first")]
+
+
+def read_st(
+    counts: str | os.PathLike | pd.DataFrame,
+    spots: str | os.PathLike | pd.DataFrame,
+    image: str | os.PathLike | None = None,
+    *,
+    library_id: str,
+    image_scale: float = 1.0,
+    um_per_px: float | None = None,
+    labels: str | os.PathLike | pd.DataFrame | None = None,
+    drop_unselected: bool = True,
+    on_outside: Literal["raise", "drop"] = "raise",
+):
+    """Read one legacy Spatial Transcriptomics section into stexp's AnnData layout.
+
+    Parameters
+    ----------
+    counts
+        Counts table (tsv, optionally gzipped, or a DataFrame): spots x genes raw UMI counts, row index
+        ``"{x}x{y}"`` (integer array positions).
+    spots
+        Spot selection file (tsv or DataFrame) with columns ``x y pixel_x pixel_y`` (and usually
+        ``new_x new_y selected``). Joined to the counts on ``f"{x}x{y}"``.
+    image
+        Path of the H&E image whose pixel frame the spot file's pixels refer to (times ``image_scale``).
+        It is decoded once into in-memory ``"hires"`` (longest side ~2000 px) and ``"lowres"`` (~600 px)
+        copies; its path is kept in ``metadata["source_image_path"]`` for full-resolution patches.
+        ``None`` reads a counts-only library (``metadata["has_image"] = False``).
+    library_id
+        Name of the section (``obs["library_id"]``, key of ``uns["spatial"]``).
+    image_scale
+        Factor from the spot file's pixels to the image's pixels (1 when the spot file refers to it).
+    um_per_px
+        µm per pixel of the image; default: derived from the 200 µm spot pitch (median nearest-neighbour
+        distance in pixels vs in array steps).
+    labels
+        Optional pathologist labels (columns ``x y label``, float array positions rounded to join) into
+        ``obs["label"]``; spots without a label get NaN.
+    drop_unselected
+        Keep only spots with ``selected == 1`` in the spot file.
+    on_outside
+        Spots whose centre lies outside the image: ``"raise"`` or ``"drop"`` (with a warning).
+
+    Returns
+    -------
+    AnnData with raw counts in ``X`` (CSR float32), ``obs[["library_id", "spot_id", "array_row",
+    "array_col", "in_tissue"]]`` (``array_row = y``, ``array_col = x``), ``obsm["spatial"]`` (x, y) in
+    full-resolution image pixels and ``uns["spatial"][library_id]`` with images, scale factors
+    (``microns_per_pixel``, ``spot_diameter_um = 100``) and metadata.
+    """
+    import anndata as ad
+    from scipy import sparse
+
+    from stexp.io._validate import check_spots_in_image
+
+    library_id = str(library_id)
+    if not np.isfinite(image_scale) or image_scale <= 0:
+        raise ValueError(f"image_scale must be a positive number, got {image_scale!r}.")
+    image_path = None
+    if image is not None:
+        image_path = Path(image).expanduser().resolve()
+        if not image_path.is_file():
+            raise FileNotFoundError(f"library {library_id!r}: image file {str(image_path)!r} does not exist.")
+
+    cnt = _read_counts(counts, library_id)
+    spt = _read_spots(spots, library_id, drop_unselected)
+    if len(spt) == 0:
+        raise ValueError(f"library {library_id!r}: the spot file holds no (selected) spots.")
+    common = cnt.index[cnt.index.isin(spt.index)]
+    n_match = len(common)
+    if n_match == 0 or n_match < 0.5 * min(len(cnt), len(spt)):
+        raise ValueError(
+            f"library {library_id!r}: counts and spot file do not join: only {n_match} of {len(cnt)} count spots "
+            f"match the {len(spt)} spot-file ids (e.g. counts {list(cnt.index[:3])}, spots {list(spt.index[:3])}); "
+            "both must use '{x}x{y}' integer array positions."
+        )
+    if n_match < len(cnt):
+        logger.info(
+            f"library {library_id!r}: {len(cnt) - n_match} count spots not in the (selected) spot file dropped."
+        )
+    cnt = cnt.loc[common]
+    spt = spt.loc[common]
+
+    values = cnt.to_numpy(dtype=np.float32)
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        raise ValueError(f"library {library_id!r}: {n_nan} NaN values in the counts; counts must be finite.")
+    if (values < 0).any():
+        raise ValueError(
+            f"library {library_id!r}: {int((values < 0).sum())} negative counts (min {values.min():g}); counts must be >= 0."
+        )
+
+    pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * float(image_scale)
+    array_xy = np.column_stack([spt["x"].round().astype(int), spt["y"].round().astype(int)])
+    geometry = PLATFORMS["st"]
+    if um_per_px is None:
+        um_per_px = estimate_um_per_px(pixel_xy, array_xy, pitch_um=geometry["pitch_um"])
+        what = f"µm per pixel of library {library_id!r} derived from the {geometry['pitch_um']:g} µm spot pitch"
+    else:
+        what = "um_per_px"
+    um_per_px = check_um_per_px(um_per_px, what=what)
+
+    scalefs: dict[str, float] = {}
+    images: dict[str, np.ndarray] = {}
+    metadata: dict = {"platform": "st", "has_image": image_path is not None}
+    if image_path is not None:
+        images, scalefs, (width, height) = _load_image(image_path, library_id)
+        metadata["source_image_path"] = str(image_path)
+        metadata["image_width"], metadata["image_height"] = width, height
+    scalefs.update(
+        {
+            "spot_diameter_fullres": geometry["spot_diameter_um"] / um_per_px,
+            "microns_per_pixel": um_per_px,
+            "spot_diameter_um": geometry["spot_diameter_um"],
+        }
+    )
+
+    obs = pd.DataFrame(
+        {
+            "library_id": pd.Categorical([library_id] * n_match),
+            "spot_id": common.to_numpy(),
+            "array_row": array_xy[:, 1].astype(np.int64),
+            "array_col": array_xy[:, 0].astype(np.int64),
+            "in_tissue": 1,
+        },
+        index=pd.Index([f"{library_id}_{s}" for s in common]),
+    )
+    adata = ad.AnnData(
+        X=sparse.csr_matrix(values),
+        obs=obs,
+        var=pd.DataFrame(index=cnt.columns.astype(str)),
+        obsm={"spatial": pixel_xy},
+        uns={"spatial": {library_id: {"images": images, "scalefactors": scalefs, "metadata": metadata}}},
+    )
+    if labels is not None:
+        lab = _read_labels(labels, library_id)
+        matched = common.isin(lab.index)
+        n_unused = int((~lab.index.isin(common)).sum())
+        if n_unused:
+            logger.warning(f"library {library_id!r}: {n_unused} labelled positions match no spot.")
+        adata.obs["label"] = pd.Categorical(lab.reindex(common).to_numpy())
+        logger.info(f"library {library_id!r}: labels joined for {int(matched.sum())} of {n_match} spots.")
+
+    n_dropped = 0
+    if image_path is not None:
+        inside = check_spots_in_image(adata, library_id, on_outside=on_outside)
+        if not inside.all():
+            n_dropped = int((~inside).sum())
+            adata = adata[inside].copy()
+    record(
+        adata,
+        "read_st",
+        {
+            "library_id": library_id,
+            "image": str(image_path) if image_path else None,
+            "image_scale": float(image_scale),
+            "um_per_px": um_per_px,
+            "drop_unselected": drop_unselected,
+            "n_spots": adata.n_obs,
+            "n_dropped_outside_image": n_dropped,
+        },
+    )
+    logger.info(
+        f"read ST library {library_id!r}: {adata.n_obs} spots x {adata.n_vars} genes, {um_per_px:.3f} µm/px"
+        + ("" if image_path else " (no image)")
+    )
+    return adata

@@ -1,0 +1,227 @@
+"""Layout checks: every library has scale factors, a pixel size and (unless flagged) an image; spots lie inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from stexp._layout import (
+    LIBRARY_KEY,
+    SPATIAL_KEY,
+    library_ids,
+    library_mask,
+    scalefactors,
+    spatial_entry,
+    spot_coords,
+    spot_diameter_um,
+    um_per_px,
+)
+from stexp._settings import logger
+
+
+def _open_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def image_extent(adata, library_id: str) -> tuple[float, float] | None:
+    """Full-resolution image size ``(width, height)`` in pixels of a library, or ``None`` without an image.
+
+    Read from the header of ``metadata["source_image_path"]`` when that file exists, else from the
+    largest in-memory image divided by its ``tissue_<res>_scalef``.
+
+    Raises
+    ------
+    KeyError
+        If an in-memory image has no ``tissue_<res>_scalef``.
+    """
+    entry = spatial_entry(adata, library_id)
+    source = (entry.get("metadata") or {}).get("source_image_path")
+    if source is not None and Path(str(source)).is_file():
+        return _open_image_size(str(source))
+    images = entry.get("images") or {}
+    if not images:
+        return None
+    sf = scalefactors(adata, library_id)
+    best = None
+    for res, img in images.items():
+        key = f"tissue_{res}_scalef"
+        if key not in sf:
+            raise KeyError(
+                f"library {library_id!r}: image {res!r} has no scale factor {key!r} in "
+                f"adata.uns['spatial'][{library_id!r}]['scalefactors'] (it has {sorted(sf)})."
+            )
+        h, w = np.shape(img)[:2]
+        if best is None or w * h > best[0]:
+            best = (w * h, w / float(sf[key]), h / float(sf[key]))
+    return best[1], best[2]
+
+
+def check_spots_in_image(
+    adata,
+    library_id: str,
+    *,
+    on_outside: Literal["raise", "drop"] = "raise",
+    library_key: str = LIBRARY_KEY,
+) -> np.ndarray:
+    """Check that the spot centres of one library lie inside its full-resolution image.
+
+    Parameters
+    ----------
+    adata
+        AnnData in stexp's layout.
+    library_id
+        The library to check.
+    on_outside
+        ``"raise"``: a :class:`ValueError` names the library, the number of spots outside and their
+        coordinate range. ``"drop"``: log a warning saying how many spots are outside and return the mask
+        (the caller drops them; ``adata`` is not modified).
+    library_key
+        Column of ``adata.obs`` with the library ids.
+
+    Returns
+    -------
+    Boolean mask over the spots of ``library_id`` (in the order they appear in ``adata``): ``True`` when
+    the centre lies inside ``[0, width) x [0, height)`` full-resolution pixels.
+
+    Raises
+    ------
+    ValueError
+        If the library has no image (nothing to check against), or spots are outside with
+        ``on_outside="raise"``.
+    """
+    if on_outside not in ("raise", "drop"):
+        raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
+    extent = image_extent(adata, library_id)
+    if extent is None:
+        raise ValueError(
+            f"library {library_id!r} has no image (no in-memory images and no readable source_image_path): "
+            "cannot check whether its spots lie inside it."
+        )
+    width, height = extent
+    xy = spot_coords(adata)[library_mask(adata, library_id, library_key)]
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+    inside &= np.isfinite(xy).all(axis=1)
+    n_out = int((~inside).sum())
+    if n_out:
+        out = xy[~inside]
+        msg = (
+            f"library {library_id!r}: {n_out} of {len(xy)} spots lie outside the full-resolution image "
+            f"(width {width:g} x height {height:g} px); their centres span x in [{np.nanmin(out[:, 0]):.1f}, "
+            f"{np.nanmax(out[:, 0]):.1f}], y in [{np.nanmin(out[:, 1]):.1f}, {np.nanmax(out[:, 1]):.1f}] px"
+        )
+        if on_outside == "raise":
+            raise ValueError(msg + "; check the coordinate units / image_scale, or pass on_outside='drop'.")
+        logger.warning(msg + "; dropping them.")
+    return inside
+
+
+def _check_counts(adata) -> None:
+    from scipy import sparse
+
+    x = adata.X
+    if x is None:
+        return
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"adata.X must be numeric counts, got dtype {values.dtype}.")
+    n_nan = int(np.isnan(values).sum()) if np.issubdtype(values.dtype, np.floating) else 0
+    if n_nan:
+        raise ValueError(f"adata.X holds {n_nan} NaN values; counts must be finite.")
+    n_neg = int((values < 0).sum())
+    if n_neg:
+        raise ValueError(f"adata.X holds {n_neg} negative values (min {values.min():g}); counts must be >= 0.")
+
+
+def validate(adata, *, library_key: str = LIBRARY_KEY) -> pd.DataFrame:
+    """Check that ``adata`` follows stexp's layout and summarise each library.
+
+    Checks: ``obsm["spatial"]`` exists with finite (x, y); every library in ``obs[library_key]`` has an
+    entry in ``uns["spatial"]`` with scale factors and a derivable pixel size (µm/px); each in-memory image
+    has its ``tissue_<res>_scalef``; each library has an image unless its metadata flags
+    ``has_image=False``; ``X`` holds no NaN or negative counts. Spots outside their image are counted
+    (and warned about), not removed.
+
+    Parameters
+    ----------
+    adata
+        AnnData to check.
+    library_key
+        Column of ``adata.obs`` with the library ids.
+
+    Returns
+    -------
+    DataFrame indexed by library id with ``n_spots``, ``um_per_px``, ``spot_diameter_um``,
+    ``images`` (resolution names and shapes), ``has_image`` and ``n_outside_image`` (``NA`` without image).
+
+    Raises
+    ------
+    KeyError
+        A library without an ``uns["spatial"]`` entry, scale factors or pixel size, an image without its
+        scale factor, or a missing ``obsm["spatial"]``.
+    ValueError
+        NaN / negative counts, non-finite coordinates, or a library without image that is not flagged
+        ``metadata["has_image"] = False``.
+    FileNotFoundError
+        A library whose only image is a ``source_image_path`` that does not exist.
+    """
+    if SPATIAL_KEY not in adata.uns:
+        raise KeyError("adata.uns['spatial'] is missing: stexp needs the squidpy/scanpy Visium layout.")
+    xy = spot_coords(adata)
+    libs = library_ids(adata, library_key)
+    _check_counts(adata)
+    rows = {}
+    for lib in libs:
+        mask = library_mask(adata, lib, library_key)
+        bad = ~np.isfinite(xy[mask]).all(axis=1)
+        if bad.any():
+            raise ValueError(f"library {lib!r}: {int(bad.sum())} spots have non-finite coordinates in obsm['spatial'].")
+        sf = scalefactors(adata, lib)
+        entry = spatial_entry(adata, lib)
+        images = entry.get("images") or {}
+        for res in images:
+            if f"tissue_{res}_scalef" not in sf:
+                raise KeyError(
+                    f"library {lib!r}: image {res!r} has no scale factor 'tissue_{res}_scalef' "
+                    f"(scale factors: {sorted(sf)})."
+                )
+        metadata = entry.get("metadata") or {}
+        source = metadata.get("source_image_path")
+        has_source = source is not None and Path(str(source)).is_file()
+        has_image = bool(images) or has_source
+        if not has_image:
+            if source is not None:
+                raise FileNotFoundError(
+                    f"library {lib!r}: source_image_path {str(source)!r} does not exist and no image is in memory."
+                )
+            if metadata.get("has_image", True):
+                raise ValueError(
+                    f"library {lib!r} has no image in adata.uns['spatial'][{lib!r}]['images'] and no "
+                    "source_image_path; set metadata['has_image'] = False for a counts-only library."
+                )
+        n_outside = pd.NA
+        if has_image:
+            inside = check_spots_in_image(adata, lib, on_outside="drop", library_key=library_key)
+            n_outside = int((~inside).sum())
+        rows[lib] = {
+            "n_spots": int(mask.sum()),
+            "um_per_px": um_per_px(adata, lib),
+            "spot_diameter_um": spot_diameter_um(adata, lib),
+            "images": ", ".join(f"{res} {np.shape(img)[1]}x{np.shape(img)[0]}" for res, img in images.items()),
+            "has_image": has_image,
+            "n_outside_image": n_outside,
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = library_key
+    return table

@@ -1,0 +1,195 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import stexp
+
+PITCH_PX = 20.0  # 200 µm pitch -> 10 µm per px
+
+
+def write_st(
+    folder, *, n_x=6, n_y=5, n_genes=8, size=(200, 160), offset=(30.0, 25.0), seed=0, missing=(), selected_off=()
+):
+    """A tiny legacy ST section: counts tsv.gz, spot selection tsv and a jpg; returns their paths."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    xs, ys = np.meshgrid(np.arange(1, n_x + 1), np.arange(1, n_y + 1))
+    xs, ys = xs.ravel(), ys.ravel()
+    spots = pd.DataFrame(
+        {
+            "x": xs,
+            "y": ys,
+            "new_x": xs + 0.01,
+            "new_y": ys - 0.01,
+            "pixel_x": offset[0] + (xs - 1) * PITCH_PX,
+            "pixel_y": offset[1] + (ys - 1) * PITCH_PX,
+            "selected": 1,
+        }
+    )
+    ids = [f"{x}x{y}" for x, y in zip(xs, ys, strict=True)]
+    for sid in selected_off:
+        spots.loc[np.asarray(ids) == sid, "selected"] = 0
+    keep = [i for i in ids if i not in missing]
+    counts = pd.DataFrame(rng.poisson(3, (len(keep), n_genes)), index=keep, columns=[f"G{i}" for i in range(n_genes)])
+    counts.to_csv(folder / "counts.tsv.gz", sep="\t")
+    spots.to_csv(folder / "spots.tsv", sep="\t", index=False)
+    img = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(img).save(folder / "he.jpg")
+    return folder / "counts.tsv.gz", folder / "spots.tsv", folder / "he.jpg"
+
+
+def test_read_st_layout(tmp_path):
+    c, s, i = write_st(tmp_path, missing=("3x3",), selected_off=("1x1",))
+    adata = stexp.io.read_st(c, s, i, library_id="A1")
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    spots = pd.read_csv(s, sep="\t")
+    sel = spots[spots.selected == 1]
+    expected = {f"{x}x{y}" for x, y in zip(sel.x, sel.y, strict=True)} & set(counts.index)
+    assert adata.n_obs == len(expected) == 28
+    assert set(adata.obs["spot_id"]) == expected
+    assert adata.X.format == "csr" and adata.X.dtype == np.float32
+    assert isinstance(adata.obs["library_id"].dtype, pd.CategoricalDtype)
+    # array_row = y, array_col = x; spatial = pixel (x, y); counts follow their spot
+    row = adata.obs.loc["A1_4x2"]
+    assert (row.array_col, row.array_row) == (4, 2)
+    np.testing.assert_allclose(adata[["A1_4x2"]].obsm["spatial"][0], [30 + 3 * PITCH_PX, 25 + PITCH_PX])
+    np.testing.assert_array_equal(adata[["A1_4x2"]].X.toarray()[0], counts.loc["4x2"].to_numpy())
+    entry = adata.uns["spatial"]["A1"]
+    sf = entry["scalefactors"]
+    assert sf["microns_per_pixel"] == pytest.approx(200 / PITCH_PX, rel=1e-6)
+    assert sf["spot_diameter_um"] == 100.0
+    assert sf["spot_diameter_fullres"] == pytest.approx(100 / sf["microns_per_pixel"])
+    assert entry["images"]["hires"].shape[:2] == (160, 200)
+    assert entry["images"]["lowres"].shape[1] == round(200 * sf["tissue_lowres_scalef"])
+    assert entry["metadata"]["source_image_path"] == str(i.resolve())
+    assert entry["metadata"]["has_image"] is True
+    assert stexp._layout.um_per_px(adata, "A1") == pytest.approx(10.0)
+    summary = stexp.io.validate(adata)
+    assert summary.loc["A1", "n_outside_image"] == 0
+
+
+def test_read_st_image_scale_and_um_per_px(tmp_path):
+    c, s, i = write_st(tmp_path, size=(400, 320))
+    adata = stexp.io.read_st(c, s, i, library_id="A1", image_scale=2.0)
+    ref = stexp.io.read_st(c, s, i, library_id="A1")
+    np.testing.assert_allclose(adata.obsm["spatial"], 2 * ref.obsm["spatial"])
+    assert adata.uns["spatial"]["A1"]["scalefactors"]["microns_per_pixel"] == pytest.approx(5.0)
+    given = stexp.io.read_st(c, s, i, library_id="A1", um_per_px=4.0)
+    assert given.uns["spatial"]["A1"]["scalefactors"]["microns_per_pixel"] == 4.0
+    with pytest.raises(ValueError, match="plausible range"):
+        stexp.io.read_st(c, s, i, library_id="A1", um_per_px=4000.0)
+
+
+def test_read_st_downscales_large_image(tmp_path):
+    c, s, i = write_st(tmp_path, size=(2600, 1300))
+    entry = stexp.io.read_st(c, s, i, library_id="A1").uns["spatial"]["A1"]
+    assert max(entry["images"]["hires"].shape[:2]) == 2000
+    assert max(entry["images"]["lowres"].shape[:2]) == 600
+    assert entry["scalefactors"]["tissue_hires_scalef"] == pytest.approx(2000 / 2600, rel=1e-3)
+
+
+def test_read_st_without_image(tmp_path):
+    c, s, _ = write_st(tmp_path)
+    adata = stexp.io.read_st(c, s, library_id="A1")
+    entry = adata.uns["spatial"]["A1"]
+    assert entry["images"] == {} and entry["metadata"]["has_image"] is False
+    assert stexp.io.validate(adata).loc["A1", "has_image"] == False  # noqa: E712
+
+
+def test_read_st_labels(tmp_path):
+    c, s, i = write_st(tmp_path)
+    lab = pd.DataFrame(
+        {"x": [2.04, 3.96, np.nan, 50.0], "y": [1.02, 5.01, 2.0, 50.0], "label": ["tumour", "stroma", "x", "y"]}
+    )
+    adata = stexp.io.read_st(c, s, i, library_id="A1", labels=lab)
+    assert adata.obs.loc["A1_2x1", "label"] == "tumour"
+    assert adata.obs.loc["A1_4x5", "label"] == "stroma"
+    assert adata.obs["label"].notna().sum() == 2
+
+
+def test_missing_image_file(tmp_path):
+    c, s, _ = write_st(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        stexp.io.read_st(c, s, tmp_path / "nope.jpg", library_id="A1")
+
+
+def test_counts_and_spots_do_not_join(tmp_path):
+    c, s, i = write_st(tmp_path)
+    spots = pd.read_csv(s, sep="\t")
+    spots["x"] += 100
+    with pytest.raises(ValueError, match="only 0 of 30 count spots match"):
+        stexp.io.read_st(c, spots, i, library_id="A1")
+
+
+def test_nan_counts(tmp_path):
+    c, s, i = write_st(tmp_path)
+    counts = pd.read_csv(c, sep="\t", index_col=0).astype(float)
+    counts.iloc[2, 3] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        stexp.io.read_st(counts, s, i, library_id="A1")
+
+
+def test_negative_counts(tmp_path):
+    c, s, i = write_st(tmp_path)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts.iloc[0, 0] = -2
+    with pytest.raises(ValueError, match="negative counts"):
+        stexp.io.read_st(counts, s, i, library_id="A1")
+
+
+def test_empty_slide(tmp_path):
+    c, s, i = write_st(tmp_path)
+    spots = pd.read_csv(s, sep="\t")
+    spots["selected"] = 0
+    with pytest.raises(ValueError, match="no \\(selected\\) spots"):
+        stexp.io.read_st(c, spots, i, library_id="A1")
+    counts = pd.read_csv(c, sep="\t", index_col=0).iloc[:0]
+    with pytest.raises(ValueError, match="empty"):
+        stexp.io.read_st(counts, s, i, library_id="A1")
+
+
+def test_duplicated_spot_ids(tmp_path):
+    c, s, i = write_st(tmp_path)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts = pd.concat([counts, counts.iloc[[0]]])
+    with pytest.raises(ValueError, match="1 duplicated spot ids in the counts"):
+        stexp.io.read_st(counts, s, i, library_id="A1")
+    spots = pd.read_csv(s, sep="\t")
+    spots = pd.concat([spots, spots.iloc[[3]]])
+    with pytest.raises(ValueError, match="duplicated spot ids in the spot file"):
+        stexp.io.read_st(c, spots, i, library_id="A1")
+
+
+def test_spots_outside_image_raise_and_drop(tmp_path):
+    # image 100 px wide: spots at x = 30 + 20 * k, k = 0..5 -> x = 110, 130 fall outside
+    c, s, i = write_st(tmp_path, size=(100, 160))
+    with pytest.raises(ValueError, match=r"'A1': 10 of 30 spots lie outside.*x in \[110.0, 130.0\]"):
+        stexp.io.read_st(c, s, i, library_id="A1")
+    adata = stexp.io.read_st(c, s, i, library_id="A1", on_outside="drop")
+    assert adata.n_obs == 20
+    assert adata.obsm["spatial"][:, 0].max() < 100
+
+
+def test_read_st_real_sections(her2st_dir):
+    import time
+
+    for sec, patient in (("B4", "B"), ("C2", "C")):
+        counts = pd.read_csv(her2st_dir / "ST-cnts" / f"{sec}.tsv.gz", sep="\t", index_col=0, usecols=[0])
+        spots = pd.read_csv(her2st_dir / "ST-spotfiles" / f"{sec}_selection.tsv", sep="\t")
+        spots = spots[spots.selected == 1]
+        ids = {f"{int(x)}x{int(y)}" for x, y in zip(spots.x, spots.y, strict=True)}
+        expected = len(ids & set(counts.index.astype(str)))
+        (img,) = (her2st_dir / "ST-imgs" / patient / sec).glob("*.jpg")
+        t0 = time.perf_counter()
+        adata = stexp.io.read_st(
+            her2st_dir / "ST-cnts" / f"{sec}.tsv.gz",
+            her2st_dir / "ST-spotfiles" / f"{sec}_selection.tsv",
+            img,
+            library_id=sec,
+        )
+        assert time.perf_counter() - t0 < 20
+        assert adata.n_obs == expected
+        if sec == "B4":
+            assert 0.6 < stexp._layout.um_per_px(adata, "B4") < 0.8
+        assert stexp.io.validate(adata).loc[sec, "n_outside_image"] == 0
