@@ -148,8 +148,7 @@ def spot_collection(view: TissueView, *, values=None, colors=None, cmap=None, vm
     from matplotlib.patches import Circle
 
     circles = [Circle((float(x), float(y)), radius=view.radius) for x, y in view.xy]
-    kwargs.setdefault("edgecolors", (1.0, 1.0, 1.0, 0.7))
-    kwargs.setdefault("linewidths", 0.4)
+    kwargs.setdefault("linewidths", 0)  # no outline: an outline would make dense spots look larger than they are
     coll = PatchCollection(circles, **kwargs)
     if values is not None:
         coll.set_array(np.asarray(values, dtype=float))
