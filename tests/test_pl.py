@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import matplotlib
@@ -239,3 +240,33 @@ def test_domains_plot_without_truth_and_bad_input(synth):
         stexp.pl.domains(synth, key="nope", truth_key="domain", library_id="slide_2")
     with pytest.raises(ValueError, match="library_id"):
         stexp.pl.domains(synth, truth_key="domain")
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(
+    importlib.util.find_spec("stexp.io._spatialdata") is None, reason="stexp.io.from_spatialdata not written yet"
+)
+def test_spatial_genes_on_spatialdata_matches_scanpy_geometry(visium_tiny_dir):
+    """Visium read through SpatialData is drawn where scanpy's reader puts the spots, at the same size."""
+    import scanpy as sc
+    import spatialdata_io
+
+    sdata = spatialdata_io.visium(visium_tiny_dir, dataset_id="tiny", counts_file="filtered_feature_bc_matrix.h5")
+    adata = stexp.io.from_spatialdata(sdata)
+    ref = sc.read_visium(visium_tiny_dir)
+    (ref_lib,) = ref.uns["spatial"]
+    ref_sf = ref.uns["spatial"][ref_lib]["scalefactors"]
+
+    target = expression_target(adata)
+    adata.layers["stexp_pred"] = target + np.random.default_rng(0).normal(0, 0.3, target.shape)
+    gene = adata.var_names[np.argmax(np.asarray(adata.X.sum(axis=0)).ravel())]
+    fig = stexp.pl.spatial_genes(adata, gene, img="lowres", return_fig=True)
+    ax = _panels(fig)[0]
+    assert ax.images[0].get_array().shape[:2] == (600, 600)
+    coll = ax.collections[0]
+    assert _radius(coll) == pytest.approx(
+        ref_sf["spot_diameter_fullres"] * ref_sf["tissue_lowres_scalef"] / 2, rel=0.02
+    )
+    centres = np.array([(p.vertices.max(axis=0) + p.vertices.min(axis=0)) / 2 for p in coll.get_paths()])
+    expected = pd.DataFrame(ref.obsm["spatial"] * ref_sf["tissue_lowres_scalef"], index=ref.obs_names)
+    np.testing.assert_allclose(centres, expected.loc[adata.obs_names].to_numpy(), atol=1.0)

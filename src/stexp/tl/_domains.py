@@ -34,7 +34,7 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
                 "layer=None clusters measured expression, but this AnnData has none "
                 "(uns['stexp']['unmeasured'] is set); pass layer= naming the prediction layer."
             )
-        X = expression_target(adata, names).astype(np.float64)
+        X = expression_target(adata, names)
     else:
         if layer not in adata.layers:
             raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
@@ -42,7 +42,7 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
         if genes is not None:
             X = X[:, adata.var_names.get_indexer(genes)]
         X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-        X = X.astype(np.float64)
+        X = X.astype(np.float32, copy=False)
     keep = np.isfinite(X).any(axis=0)
     if not keep.any():
         where = "the measured target" if layer is None else f"adata.layers[{layer!r}]"
