@@ -270,3 +270,36 @@ def test_spatial_genes_on_spatialdata_matches_scanpy_geometry(visium_tiny_dir):
     centres = np.array([(p.vertices.max(axis=0) + p.vertices.min(axis=0)) / 2 for p in coll.get_paths()])
     expected = pd.DataFrame(ref.obsm["spatial"] * ref_sf["tissue_lowres_scalef"], index=ref.obs_names)
     np.testing.assert_allclose(centres, expected.loc[adata.obs_names].to_numpy(), atol=1.0)
+
+
+def test_scores_reads_what_evaluate_stores(pred, tmp_path):
+    import anndata as ad
+
+    stexp.tl.evaluate(pred, pred_key="stexp_pred")
+    pred.layers["pred_mean"] = np.broadcast_to(pred.layers["stexp_pred"].mean(axis=0), pred.shape).copy()
+    pred.layers["pred_mean"][:5] += 0.01  # not constant: a poor but scorable prediction
+    stexp.tl.evaluate(pred, pred_key="pred_mean")
+    pred.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")  # what the user has after saving and loading
+
+    table = stexp.pl._scores.score_table(back)
+    assert set(table["model"]) == {"stexp_pred", "pred_mean"}
+    ours = table[table["model"] == "stexp_pred"].set_index(["gene", "library_id"])["pcc"]
+    stored = back.uns["stexp"]["evaluate"]["stexp_pred"]["pcc"]
+    assert ours.loc[("gene_004", "slide_1")] == pytest.approx(stored.loc["gene_004", "slide_1"])
+
+    fig = stexp.pl.scores(back, return_fig=True)
+    (ax,) = fig.axes
+    means = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "mean"]
+    expected = table.dropna(subset=["pcc"]).groupby("model", sort=False)["pcc"].mean()
+    np.testing.assert_allclose(means, expected.to_numpy(), rtol=1e-6)
+    labels = [t.get_text().split("\n")[0] for t in ax.get_xticklabels()]
+    by_label = dict(zip(labels, means, strict=True))
+    assert by_label["stexp_pred"] > by_label["pred_mean"] + 0.5  # the noisy truth beats the near-constant mean
+
+    fig = stexp.pl.scores(back, metric="pcc_acg", by="library_id", return_fig=True)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "pcc_acg per slide"
+    per_slide = back.uns["stexp"]["evaluate"]["stexp_pred"]["per_slide"]["pcc_acg"]
+    acg = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "median"]
+    assert set(np.round(per_slide.to_numpy(), 6)) <= set(np.round(acg, 6))

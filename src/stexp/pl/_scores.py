@@ -14,9 +14,29 @@ from stexp.pl._utils import finish, new_axes
 DEFAULT_MODEL = "prediction"
 
 
-def _as_frame(table, name: str | None) -> pd.DataFrame:
-    """One per-gene table (DataFrame or dict of equal-length columns) as a DataFrame with a model column."""
-    df = table.copy() if isinstance(table, pd.DataFrame) else pd.DataFrame(dict(table))
+def _evaluate_entry(entry: Mapping, metric: str) -> pd.DataFrame:
+    """Long table from one :func:`stexp.tl.evaluate` record: per-gene Pearson, or a per-slide metric."""
+    per_slide = entry.get("per_slide")
+    if metric != "pcc" and isinstance(per_slide, pd.DataFrame) and metric in per_slide.columns:
+        df = per_slide.reset_index()
+        return df.rename(columns={df.columns[0]: "library_id"})
+    wide = entry["pcc"]  # genes x slides
+    wide = wide.rename_axis(index="gene", columns="library_id")
+    return wide.reset_index().melt(id_vars="gene", var_name="library_id", value_name="pcc")
+
+
+def _is_evaluate_entry(obj) -> bool:
+    return isinstance(obj, Mapping) and isinstance(obj.get("pcc"), pd.DataFrame)
+
+
+def _as_frame(table, name: str | None, metric: str) -> pd.DataFrame:
+    """One score table (long DataFrame, dict of equal-length columns, or an evaluate record) with a model column."""
+    if _is_evaluate_entry(table):
+        df = _evaluate_entry(table, metric)
+    elif isinstance(table, pd.DataFrame):
+        df = table.copy()
+    else:
+        df = pd.DataFrame(dict(table))
     if "model" not in df.columns:
         df["model"] = name or DEFAULT_MODEL
     return df
@@ -27,14 +47,16 @@ def _is_table(obj: Mapping) -> bool:
     return bool(obj) and all(np.ndim(v) == 1 and not isinstance(v, Mapping) for v in obj.values())
 
 
-def score_table(data, *, key: str | Sequence[str] | None = None) -> pd.DataFrame:
-    """Collect per-gene scores into one long DataFrame (a ``model`` column added when missing).
+def score_table(data, *, key: str | Sequence[str] | None = None, metric: str = "pcc") -> pd.DataFrame:
+    """Collect scores into one long DataFrame (a ``model`` column added when missing).
 
-    ``data`` may be a DataFrame with one row per (gene, slide[, model]); a dict of such columns; a
-    mapping of prediction key -> table (as :func:`stexp.tl.evaluate` stores in
-    ``adata.uns["stexp"]["evaluate"]``); an AnnData holding that mapping; or a
-    :func:`stexp.tl.cross_validate` result (its per-gene table, else its per-fold table).
-    ``key`` selects prediction keys of a mapping or AnnData.
+    ``data`` may be a DataFrame with one row per (gene, slide[, model]); a dict of such columns; an
+    AnnData after :func:`stexp.tl.evaluate`, or the mapping it stores in
+    ``adata.uns["stexp"]["evaluate"]`` (prediction key -> record with a genes x slides ``"pcc"``
+    table and the ``"per_slide"`` table), or one such record; or a :func:`stexp.tl.cross_validate`
+    result (its per-gene table, else its per-fold table). ``key`` selects prediction keys of a mapping
+    or AnnData, which become the ``model`` column. A ``metric`` other than ``"pcc"`` is read from the
+    per-slide tables of evaluate records (one score per slide).
     """
     import anndata as ad
 
@@ -47,23 +69,21 @@ def score_table(data, *, key: str | Sequence[str] | None = None) -> pd.DataFrame
     elif not isinstance(data, (pd.DataFrame, Mapping)):
         for attr in ("per_gene", "per_fold"):
             table = getattr(data, attr, None)
-            if isinstance(table, pd.DataFrame):
-                return _as_frame(table, None)
+            if isinstance(table, (pd.DataFrame, Mapping)):
+                return _as_frame(table, None, metric)
         raise TypeError(
             f"cannot read scores from a {type(data).__name__}: pass a DataFrame (gene, library_id, pcc, model), "
             "an AnnData after stexp.tl.evaluate, or a stexp.tl.cross_validate result."
         )
-    if isinstance(data, pd.DataFrame):
-        return _as_frame(data, None)
-    if _is_table(data):
-        return _as_frame(data, None)
+    if isinstance(data, pd.DataFrame) or _is_evaluate_entry(data) or _is_table(data):
+        return _as_frame(data, None, metric)
     available = list(data)
     if keys is not None:
         missing = [k for k in keys if k not in data]
         if missing:
             raise KeyError(f"prediction key(s) {missing} have no scores; available: {available}.")
         available = keys
-    frames = [_as_frame(data[k], k) for k in available]
+    frames = [_as_frame(data[k], k, metric) for k in available]
     if not frames:
         raise ValueError("no scores to plot.")
     return pd.concat(frames, ignore_index=True)
@@ -96,7 +116,8 @@ def scores(
     by
         Column that defines the groups: ``"model"`` or ``"library_id"`` (any column works).
     metric
-        Column holding the score.
+        Column holding the score. From :func:`stexp.tl.evaluate` records, ``"pcc"`` is the per-gene
+        Pearson r; a per-slide column such as ``"pcc_acg"`` or ``"mse"`` gives one score per slide.
     key
         Prediction key(s) to take from a mapping or AnnData (default: all).
     kind
@@ -121,7 +142,7 @@ def scores(
     """
     if kind not in ("box", "violin"):
         raise ValueError(f"kind must be 'box' or 'violin', got {kind!r}.")
-    df = score_table(data, key=key)
+    df = score_table(data, key=key, metric=metric)
     for col, what in ((by, "by"), (metric, "metric")):
         if col not in df.columns:
             raise KeyError(f"{what}={col!r} is not a column of the scores (columns: {list(df.columns)}).")
@@ -185,8 +206,10 @@ def scores(
     ax.set_xticklabels([f"{g}\n(n={counts[g]})" for g in groups])
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(by)
-    ax.set_ylabel(f"{metric} per gene")
-    ax.set_title(f"{metric} per gene by {by} (diamond: mean)", fontsize=10)
+    unit = "gene" if "gene" in df.columns else "row"
+    unit = "slide" if unit == "row" and "library_id" in df.columns else unit
+    ax.set_ylabel(f"{metric} per {unit}")
+    ax.set_title(f"{metric} per {unit} by {by} (diamond: mean)", fontsize=10)
     if handles:
         ax.legend(handles=handles, title=hue, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return finish(fig, save=save, return_fig=return_fig)
