@@ -99,6 +99,17 @@ def test_spatial_genes_spots_at_true_size(pred, img):
     assert image.shape == pred.uns["spatial"][lib]["images"][img].shape
 
 
+def test_blank_hires_image_falls_back_to_lowres(pred):
+    entry = pred.uns["spatial"]["slide_0"]
+    entry["images"]["hires"] = np.zeros_like(entry["images"]["hires"])  # as in scanpy's tiny Visium test data
+    fig = stexp.pl.spatial_genes(pred, "gene_000", library_id="slide_0", return_fig=True)
+    panel = _panels(fig)[0]
+    assert panel.images[0].get_array().shape == entry["images"]["lowres"].shape
+    assert _radius(panel.collections[0]) == pytest.approx(
+        entry["scalefactors"]["spot_diameter_fullres"] * entry["scalefactors"]["tissue_lowres_scalef"] / 2, rel=1e-3
+    )
+
+
 def test_spatial_genes_single_library_options(pred):
     one = pred[pred.obs["library_id"] == "slide_2"].copy()
     fig = stexp.pl.spatial_genes(

@@ -66,6 +66,12 @@ def spot_diameter_fullres(adata, library_id: str) -> float:
     return spot_diameter_um(adata, library_id) / _um_per_px(adata, library_id)
 
 
+def _is_blank(image) -> bool:
+    """Whether an image is a single flat colour (e.g. the empty hires image of some test data)."""
+    sample = np.asarray(image)[::16, ::16]
+    return sample.size == 0 or bool(np.all(sample == sample[0, 0]))
+
+
 def tissue_view(
     adata,
     library_id: str,
@@ -79,8 +85,8 @@ def tissue_view(
     Parameters
     ----------
     img
-        ``True``: the in-memory ``"hires"`` image, else ``"lowres"``, else any other; a string names
-        the resolution; ``False``: no image (spots in full-resolution pixels).
+        ``True``: the in-memory ``"hires"`` image, else ``"lowres"``, else any other (blank images
+        skipped); a string names the resolution; ``False``: no image (spots in full-resolution pixels).
     spot_size
         Spot diameter in full-resolution pixels (default: the library's true spot diameter).
 
@@ -102,10 +108,16 @@ def tissue_view(
         res = img
     elif img:
         candidates = [r for r in ("hires", "lowres") if r in images] or list(images)
-        if candidates:
+        shown = [r for r in candidates if not _is_blank(images[r])]
+        if shown:
+            res = shown[0]
+        elif candidates:
             res = candidates[0]
+            logger.warning(f"library {library_id!r}: every in-memory image is blank ({candidates}).")
         else:
             logger.warning(f"library {library_id!r} has no in-memory image; drawing the spots without the H&E.")
+        if shown and shown[0] != candidates[0]:
+            logger.info(f"library {library_id!r}: the {candidates[0]!r} image is blank; drawing on {shown[0]!r}.")
     if res is not None:
         image = np.asarray(images[res])
         key = f"tissue_{res}_scalef"
