@@ -314,3 +314,26 @@ def test_scores_reads_what_evaluate_stores(pred, tmp_path):
     per_slide = back.uns["stexp"]["evaluate"]["stexp_pred"]["per_slide"]["pcc_acg"]
     acg = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "median"]
     assert set(np.round(per_slide.to_numpy(), 6)) <= set(np.round(acg, 6))
+
+
+def test_scores_of_a_cross_validation_result():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    per_fold = pd.DataFrame(
+        {
+            "model": ["ridge"] * 4 + ["mean"] * 4,
+            "library_id": [f"s{i}" for i in range(4)] * 2,
+            "pcc_acg": np.r_[rng.normal(0.3, 0.05, 4), rng.normal(0.0, 0.05, 4)],
+        }
+    )
+    result = SimpleNamespace(per_fold=per_fold, layers={"ridge": "stexp_cv_ridge", "mean": "stexp_cv_mean"})
+    fig = stexp.pl.scores(result, metric="pcc_acg", return_fig=True)
+    (ax,) = fig.axes
+    means = [line.get_ydata()[0] for line in ax.lines if line.get_gid() == "mean"]
+    np.testing.assert_allclose(means, per_fold.groupby("model", sort=False)["pcc_acg"].mean().to_numpy())
+    assert ax.get_ylabel() == "pcc_acg per slide"
+    with pytest.raises(KeyError, match="stexp_cv_ridge"):  # per-gene r lives in the AnnData: say where
+        stexp.pl.scores(result)
+    with pytest.raises(TypeError, match="cross_validate"):
+        stexp.pl.scores([1, 2, 3])

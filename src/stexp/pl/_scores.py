@@ -54,7 +54,8 @@ def score_table(data, *, key: str | Sequence[str] | None = None, metric: str = "
     AnnData after :func:`stexp.tl.evaluate`, or the mapping it stores in
     ``adata.uns["stexp"]["evaluate"]`` (prediction key -> record with a genes x slides ``"pcc"``
     table and the ``"per_slide"`` table), or one such record; or a :func:`stexp.tl.cross_validate`
-    result (its per-gene table, else its per-fold table). ``key`` selects prediction keys of a mapping
+    result (its per-fold table: per-slide metrics such as ``"pcc_acg"``; its per-gene Pearson r is in
+    the AnnData, under the result's layer names). ``key`` selects prediction keys of a mapping
     or AnnData, which become the ``model`` column. A ``metric`` other than ``"pcc"`` is read from the
     per-slide tables of evaluate records (one score per slide).
     """
@@ -67,10 +68,18 @@ def score_table(data, *, key: str | Sequence[str] | None = None, metric: str = "
             raise KeyError("adata.uns['stexp']['evaluate'] is empty: run stexp.tl.evaluate first.")
         data = stored
     elif not isinstance(data, (pd.DataFrame, Mapping)):
-        for attr in ("per_gene", "per_fold"):
-            table = getattr(data, attr, None)
-            if isinstance(table, (pd.DataFrame, Mapping)):
-                return _as_frame(table, None, metric)
+        per_gene, per_fold = getattr(data, "per_gene", None), getattr(data, "per_fold", None)
+        if isinstance(per_gene, (pd.DataFrame, Mapping)):
+            return _as_frame(per_gene, None, metric)
+        if isinstance(per_fold, pd.DataFrame):
+            if metric not in per_fold.columns:
+                layers = list(getattr(data, "layers", {}).values())
+                raise KeyError(
+                    f"a cross-validation result holds per-slide scores ({[c for c in per_fold.columns if 'pcc' in c]}, "
+                    f"mse, mae), not {metric!r}: pass metric='pcc_acg', or the AnnData for per-gene Pearson r: "
+                    f"stexp.pl.scores(adata, key={layers})."
+                )
+            return _as_frame(per_fold, None, metric)
         raise TypeError(
             f"cannot read scores from a {type(data).__name__}: pass a DataFrame (gene, library_id, pcc, model), "
             "an AnnData after stexp.tl.evaluate, or a stexp.tl.cross_validate result."
@@ -112,7 +121,8 @@ def scores(
     data
         Per-gene scores: a DataFrame with columns ``gene``, ``library_id``, ``model`` and the
         metric; the mapping :func:`stexp.tl.evaluate` stores in ``adata.uns["stexp"]["evaluate"]``
-        (or the AnnData itself); or a :func:`stexp.tl.cross_validate` result.
+        (or the AnnData itself); or a :func:`stexp.tl.cross_validate` result, whose per-fold
+        table holds per-slide scores (``metric="pcc_acg"``, ``"mse"``, ...).
     by
         Column that defines the groups: ``"model"`` or ``"library_id"`` (any column works).
     metric
