@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import matplotlib
@@ -254,9 +253,7 @@ def test_domains_plot_without_truth_and_bad_input(synth):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(
-    importlib.util.find_spec("stexp.io._spatialdata") is None, reason="stexp.io.from_spatialdata not written yet"
-)
+@pytest.mark.filterwarnings("ignore:Use `squidpy.read.visium`:FutureWarning")
 def test_spatial_genes_on_spatialdata_matches_scanpy_geometry(visium_tiny_dir):
     """Visium read through SpatialData is drawn where scanpy's reader puts the spots, at the same size."""
     import scanpy as sc
