@@ -1,0 +1,271 @@
+"""Simple baselines that every benchmark runs beside the models: training mean, ridge probe, kNN retrieval.
+
+All three work on the same frozen image features as the models and are registered as ``"mean"``,
+``"ridge"`` and ``"knn"``. They save and load through :class:`~stexp.models.ExpressionModel` as
+plain arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stexp._settings import logger
+from stexp.models._base import ExpressionModel
+from stexp.models._data import SpotData
+from stexp.models._registry import register_model
+
+
+def _check_features(model: ExpressionModel, data: SpotData, n_features: int) -> np.ndarray:
+    feats = np.asarray(data.features, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[1] != n_features:
+        raise ValueError(
+            f"{model.name}: the model was trained on {n_features}-dimensional image features, "
+            f"the data have shape {feats.shape}; use the features the model was trained on."
+        )
+    return feats
+
+
+def _state_array(state: dict[str, np.ndarray], key: str, model: str) -> np.ndarray:
+    if key not in state:
+        raise ValueError(f"{model}: the saved weights lack {key!r} (they have {sorted(state)}); not a {model} state.")
+    return np.asarray(state[key])
+
+
+@register_model("mean")
+class MeanModel(ExpressionModel):
+    """Predict the training mean of each gene at every spot, whatever the image.
+
+    The floor every image model must beat on MSE. Its prediction is constant on a slide, so its
+    per-gene Pearson is undefined (:func:`stexp.tl.evaluate` counts the genes as constant). The
+    spread is the training standard deviation of each gene.
+
+    Hyper-parameters: none.
+    """
+
+    default_hparams: ClassVar[dict[str, Any]] = {}
+
+    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        target = np.asarray(train.target, dtype=np.float64)
+        self.mean_ = target.mean(axis=0).astype(np.float32)
+        self.std_ = target.std(axis=0).astype(np.float32)
+
+    def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        n = data.n_spots
+        return np.tile(self.mean_, (n, 1)), np.tile(self.std_, (n, 1))
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean_, "std": self.std_}
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.mean_ = _state_array(state, "mean", self.name).astype(np.float32)
+        self.std_ = _state_array(state, "std", self.name).astype(np.float32)
+
+
+@register_model("ridge")
+class RidgeModel(ExpressionModel):
+    """Linear probe on frozen features (the HEST-benchmark recipe): standardise, PCA, ridge.
+
+    Features are standardised with the training mean and standard deviation, projected on the
+    first ``n_components`` principal components of the training spots (fewer when there are fewer
+    spots or features), and regressed on the target with :class:`sklearn.linear_model.Ridge`.
+    The penalty is chosen among ``alphas`` by an inner cross-validation on the training spots
+    only, grouped by slide (:class:`~sklearn.model_selection.GroupKFold` over the training slides,
+    so the chosen penalty is the one that transfers across slides); with a single training slide
+    it falls back to a shuffled :class:`~sklearn.model_selection.KFold` over spots, which favours
+    weaker penalties because neighbouring spots are alike. Scaling and PCA are refit inside each
+    inner fold. The chosen alpha and the inner scores are in :attr:`history`.
+
+    Hyper-parameters (``default_hparams``)
+        ``n_components=256``, ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (at most the number
+        of training slides when grouping), ``standardize=True``, ``seed=0`` (inner KFold shuffling
+        and randomised PCA).
+    """
+
+    default_hparams: ClassVar[dict[str, Any]] = {
+        "n_components": 256,
+        "alphas": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0],
+        "cv_folds": 5,
+        "standardize": True,
+        "seed": 0,
+    }
+
+    def __init__(self, genes: list[str], **kwargs: Any) -> None:
+        super().__init__(genes, **kwargs)
+        hp = self.hparams
+        if int(hp["n_components"]) != hp["n_components"] or hp["n_components"] < 1:
+            raise ValueError(f"ridge: n_components must be a positive integer, got {hp['n_components']!r}.")
+        alphas = np.asarray(hp["alphas"], dtype=np.float64).ravel()
+        if alphas.size == 0 or not (alphas > 0).all():
+            raise ValueError(f"ridge: alphas must be a non-empty list of positive numbers, got {hp['alphas']!r}.")
+        if int(hp["cv_folds"]) != hp["cv_folds"] or hp["cv_folds"] < 2:
+            raise ValueError(f"ridge: cv_folds must be an integer >= 2, got {hp['cv_folds']!r}.")
+
+    # -- the transform, on plain arrays (so a loaded model needs no sklearn object) ------------
+    def _fit_transform(self, X: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Scaler and PCA fitted on ``X``; returns their arrays and the transformed ``X``."""
+        from sklearn.decomposition import PCA
+
+        mean = X.mean(axis=0)
+        scale = X.std(axis=0) if self.hparams["standardize"] else np.ones(X.shape[1])
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        Z = (X - mean) / scale
+        n_comp = int(min(self.hparams["n_components"], X.shape[0] - 1, X.shape[1]))
+        n_comp = max(n_comp, 1)
+        pca = PCA(n_components=n_comp, random_state=int(self.hparams["seed"])).fit(Z)
+        arrays = {"scaler_mean": mean, "scaler_scale": scale, "pca_mean": pca.mean_, "pca_components": pca.components_}
+        return arrays, pca.transform(Z)
+
+    @staticmethod
+    def _transform(arrays: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+        Z = (X - arrays["scaler_mean"]) / arrays["scaler_scale"]
+        return (Z - arrays["pca_mean"]) @ arrays["pca_components"].T
+
+    def _inner_splits(self, train: SpotData) -> tuple[list, str]:
+        from sklearn.model_selection import GroupKFold, KFold
+
+        groups = np.asarray(train.library).astype(str)
+        n_groups = len(set(groups))
+        folds = int(self.hparams["cv_folds"])
+        if n_groups >= 2:
+            cv = GroupKFold(n_splits=min(folds, n_groups))
+            return list(cv.split(train.features, groups=groups)), f"GroupKFold({min(folds, n_groups)}) over slides"
+        cv = KFold(n_splits=min(folds, train.n_spots), shuffle=True, random_state=int(self.hparams["seed"]))
+        return list(cv.split(train.features)), f"KFold({min(folds, train.n_spots)}) over spots of one slide"
+
+    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        from sklearn.linear_model import Ridge
+
+        X = np.asarray(train.features, dtype=np.float64)
+        Y = np.asarray(train.target, dtype=np.float64)
+        if train.n_spots < 4:
+            raise ValueError(
+                f"ridge: needs at least 4 training spots for its inner cross-validation, got {train.n_spots}."
+            )
+        alphas = [float(a) for a in np.asarray(self.hparams["alphas"], dtype=np.float64).ravel()]
+        splits, how = self._inner_splits(train)
+        scores = np.zeros(len(alphas))
+        for inner_train, inner_val in splits:
+            arrays, Z = self._fit_transform(X[inner_train])
+            Zv = self._transform(arrays, X[inner_val])
+            for a, alpha in enumerate(alphas):
+                fitted = Ridge(alpha=alpha).fit(Z, Y[inner_train])
+                scores[a] += np.mean((fitted.predict(Zv) - Y[inner_val]) ** 2) * len(inner_val)
+        scores /= train.n_spots
+        best = int(np.argmin(scores))
+        arrays, Z = self._fit_transform(X)
+        final = Ridge(alpha=alphas[best]).fit(Z, Y)
+        self.arrays_ = {
+            **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()},
+            "coef": final.coef_.astype(np.float32),
+            "intercept": np.asarray(final.intercept_, dtype=np.float32).reshape(-1),
+            "alpha": np.asarray([alphas[best]], dtype=np.float32),
+        }
+        self.n_features_ = X.shape[1]
+        self.history = {"alpha": alphas[best], "alphas": alphas, "inner_cv_mse": scores.tolist(), "inner_cv": how}
+        if best in (0, len(alphas) - 1) and len(alphas) > 1:
+            logger.warning(
+                f"ridge: the chosen alpha {alphas[best]:g} is at the edge of the grid {alphas}; widen alphas=."
+            )
+        logger.debug(f"ridge: alpha {alphas[best]:g} by {how}, {Z.shape[1]} components")
+
+    def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        X = _check_features(self, data, self.n_features_).astype(np.float64)
+        arrays = {k: v.astype(np.float64) for k, v in self.arrays_.items()}
+        Z = self._transform(arrays, X)
+        return Z @ arrays["coef"].T + arrays["intercept"], None
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return dict(self.arrays_)
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        keys = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "alpha")
+        self.arrays_ = {k: _state_array(state, k, self.name).astype(np.float32) for k in keys}
+        self.n_features_ = int(self.arrays_["scaler_mean"].shape[0])
+        self.history.setdefault("alpha", float(self.arrays_["alpha"][0]))
+
+
+@register_model("knn")
+class KNNModel(ExpressionModel):
+    """Retrieval on the frozen features: average the expression of the most similar training spots.
+
+    No training: the training spots' features and measured expression are the reference bank.
+    Features are standardised with the training mean and standard deviation (``standardize``),
+    then each query spot takes the ``k`` training spots of highest cosine similarity and predicts
+    their average expression, weighted by ``softmax(similarity / temperature)`` (``temperature=None``
+    gives equal weights). The spread is the weighted standard deviation over those neighbours.
+
+    Hyper-parameters (``default_hparams``)
+        ``k=50``, ``temperature=0.1``, ``standardize=True``, ``chunk_size=256`` (query spots per
+        similarity block, bounds memory).
+    """
+
+    default_hparams: ClassVar[dict[str, Any]] = {"k": 50, "temperature": 0.1, "standardize": True, "chunk_size": 256}
+
+    def __init__(self, genes: list[str], **kwargs: Any) -> None:
+        super().__init__(genes, **kwargs)
+        hp = self.hparams
+        for key in ("k", "chunk_size"):
+            if int(hp[key]) != hp[key] or hp[key] < 1:
+                raise ValueError(f"knn: {key} must be a positive integer, got {hp[key]!r}.")
+        if hp["temperature"] not in (None, "None") and not float(hp["temperature"]) > 0:
+            raise ValueError(f"knn: temperature must be positive or None, got {hp['temperature']!r}.")
+
+    def _normalise(self, X: np.ndarray) -> np.ndarray:
+        Z = (X - self.feature_mean_) / self.feature_scale_
+        return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+
+    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        X = np.asarray(train.features, dtype=np.float32)
+        if int(self.hparams["k"]) > train.n_spots:
+            raise ValueError(f"knn: k={self.hparams['k']} is larger than the {train.n_spots} training spots.")
+        if self.hparams["standardize"]:
+            self.feature_mean_ = X.mean(axis=0)
+            scale = X.std(axis=0)
+            self.feature_scale_ = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
+        else:
+            self.feature_mean_ = np.zeros(X.shape[1], dtype=np.float32)
+            self.feature_scale_ = np.ones(X.shape[1], dtype=np.float32)
+        self.bank_features_ = self._normalise(X).astype(np.float32)
+        self.bank_target_ = np.asarray(train.target, dtype=np.float32)
+
+    def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        X = _check_features(self, data, self.bank_features_.shape[1])
+        k = int(self.hparams["k"])
+        if k > self.bank_features_.shape[0]:
+            raise ValueError(f"knn: k={k} is larger than the reference bank ({self.bank_features_.shape[0]} spots).")
+        temperature = self.hparams["temperature"]
+        Q = self._normalise(X).astype(np.float32)
+        chunk = int(self.hparams["chunk_size"])
+        mean = np.empty((data.n_spots, self.bank_target_.shape[1]), dtype=np.float32)
+        spread = np.empty_like(mean)
+        for start in range(0, data.n_spots, chunk):
+            sim = Q[start : start + chunk] @ self.bank_features_.T
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            s = np.take_along_axis(sim, top, axis=1).astype(np.float64)
+            if temperature in (None, "None"):
+                w = np.ones_like(s)
+            else:
+                w = np.exp((s - s.max(axis=1, keepdims=True)) / float(temperature))
+            w /= w.sum(axis=1, keepdims=True)
+            neighbours = self.bank_target_[top]  # (chunk, k, genes)
+            m = np.einsum("qk,qkg->qg", w, neighbours)
+            var = np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2)
+            mean[start : start + chunk] = m
+            spread[start : start + chunk] = np.sqrt(np.maximum(var, 0.0))
+        return mean, spread
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {
+            "feature_mean": self.feature_mean_,
+            "feature_scale": self.feature_scale_,
+            "bank_features": self.bank_features_,
+            "bank_target": self.bank_target_,
+        }
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.feature_mean_ = _state_array(state, "feature_mean", self.name).astype(np.float32)
+        self.feature_scale_ = _state_array(state, "feature_scale", self.name).astype(np.float32)
+        self.bank_features_ = _state_array(state, "bank_features", self.name).astype(np.float32)
+        self.bank_target_ = _state_array(state, "bank_target", self.name).astype(np.float32)

@@ -1,0 +1,243 @@
+"""``stexp.tl.evaluate``: per-slide, per-gene scores of predicted against measured expression."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from stexp._layout import LIBRARY_KEY, UNS_KEY, _jsonable, as_list, library_labels
+from stexp._settings import logger
+
+#: Columns of the per-slide table, in order.
+SCORE_COLUMNS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae", "n_spots", "n_genes", "n_constant")
+
+
+def pearson_columns(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson correlation of each column of ``truth`` with the same column of ``pred`` (across rows).
+
+    Computed at once for all columns in float64. Columns that are constant (up to rounding) in
+    either array get NaN.
+
+    Returns
+    -------
+    The per-column correlations and a boolean mask of the constant columns.
+    """
+    t = np.asarray(truth, dtype=np.float64)
+    p = np.asarray(pred, dtype=np.float64)
+    tc = t - t.mean(axis=0)
+    pc = p - p.mean(axis=0)
+    t_ss = np.einsum("ij,ij->j", tc, tc)
+    p_ss = np.einsum("ij,ij->j", pc, pc)
+    n = t.shape[0]
+    # Constant up to float32 rounding: a prediction copied to every spot is constant whatever its value.
+    tol = lambda x: n * (1e-6 * (1.0 + np.abs(x).max(axis=0))) ** 2
+    constant = (t_ss <= tol(t)) | (p_ss <= tol(p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.einsum("ij,ij->j", tc, pc) / np.sqrt(t_ss * p_ss)
+    r = np.clip(r, -1.0, 1.0)
+    r[constant] = np.nan
+    return r, constant
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def _prediction_layer(adata, pred_key: str) -> np.ndarray:
+    if pred_key not in adata.layers:
+        raise KeyError(
+            f"prediction layer {pred_key!r} not in adata.layers (it has {list(adata.layers)}); "
+            "run stexp.tl.predict (key_added=...) or pass pred_key= naming the prediction layer."
+        )
+    pred = adata.layers[pred_key]
+    if hasattr(pred, "toarray"):
+        pred = pred.toarray()
+    pred = np.asarray(pred)
+    if pred.shape != (adata.n_obs, adata.n_vars):
+        raise ValueError(
+            f"adata.layers[{pred_key!r}] has shape {pred.shape}, expected (n_obs, n_vars) = "
+            f"{(adata.n_obs, adata.n_vars)}."
+        )
+    if not np.issubdtype(pred.dtype, np.number):
+        raise ValueError(f"adata.layers[{pred_key!r}] is not numeric (dtype {pred.dtype}).")
+    if np.isinf(pred).any():
+        raise ValueError(f"adata.layers[{pred_key!r}] contains {int(np.isinf(pred).sum())} infinite values.")
+    return pred
+
+
+def evaluate(
+    adata,
+    *,
+    pred_key: str = "stexp_pred",
+    genes: str | Sequence[str] | None = None,
+    library_key: str = LIBRARY_KEY,
+    top_n: int = 50,
+    layer: str | None = None,
+) -> pd.DataFrame:
+    """Score predicted against measured expression, one row per slide.
+
+    On each slide, the Pearson correlation of every panel gene is computed across the spots of
+    that slide (never pooled over slides) between the prediction and the measured target (log1p
+    of counts per 10k, :func:`stexp.pp._target.expression_target`). Genes constant in the truth or
+    in the prediction on a slide have no correlation; they are skipped and counted in
+    ``n_constant``. MSE and MAE are averaged over all spots and panel genes of the slide.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts (``X`` or ``layer``) and the prediction in ``adata.layers[pred_key]``.
+    pred_key
+        The prediction layer (from :func:`stexp.tl.predict` or :func:`stexp.tl.cross_validate`).
+    genes
+        Genes to score. Default: the panel, i.e. the genes with predictions (not NaN) on each slide.
+        Given genes must be predicted on every slide.
+    library_key
+        ``obs`` column naming the slide of each spot.
+    top_n
+        Number of highest-expressed (HEG, by mean measured target on the slide) and most variable
+        (HVG, by variance of the measured target on the slide) panel genes to average over.
+    layer
+        Layer with raw counts (``None``: ``adata.X``).
+
+    Returns
+    -------
+    A DataFrame indexed by slide with columns ``pcc_acg`` (mean Pearson over all panel genes),
+    ``pcc_heg``, ``pcc_hvg``, ``mse``, ``mae``, ``n_spots``, ``n_genes``, ``n_constant``.
+    Also writes ``adata.uns["stexp"]["evaluate"][pred_key]`` (``"pcc"``: genes x slides DataFrame
+    of per-gene Pearson; ``"per_slide"``: the returned table; the parameters) and
+    ``adata.var[f"{pred_key}_pcc"]`` (per-gene Pearson averaged over slides; NaN outside the panel).
+
+    Raises
+    ------
+    KeyError
+        If the prediction layer, the library key or a gene is missing.
+    ValueError
+        If the AnnData holds no measured expression (``uns["stexp"]["unmeasured"]``), the prediction
+        has another shape or infinite values, a slide has fewer than two spots, given genes are not
+        predicted (NaN), or a gene is predicted on only some spots of a slide.
+    """
+    from stexp._versions import versions
+    from stexp.pp._target import expression_target
+
+    if adata.uns.get(UNS_KEY, {}).get("unmeasured", False):
+        raise ValueError(
+            "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set): "
+            "there is nothing to evaluate the prediction against."
+        )
+    if int(top_n) != top_n or top_n < 1:
+        raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
+    top_n = int(top_n)
+    pred = _prediction_layer(adata, pred_key)
+    if library_key not in adata.obs and len(adata.uns.get("spatial", {})) != 1:
+        raise KeyError(f"adata.obs has no column {library_key!r} naming the slide of each spot.")
+    labels = library_labels(adata, library_key)
+    slides = list(dict.fromkeys(labels.tolist()))
+
+    genes = as_list(genes)
+    if genes is not None:
+        if len(genes) == 0:
+            raise ValueError("genes= is empty.")
+        missing = [g for g in genes if g not in adata.var_names]
+        if missing:
+            raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
+        cand = adata.var_names.get_indexer(genes)
+    else:
+        cand = np.arange(adata.n_vars)
+
+    # Panel per slide: genes predicted on every spot of the slide.
+    rows: dict[str, np.ndarray] = {}
+    panels: dict[str, np.ndarray] = {}
+    for lib in slides:
+        idx = np.flatnonzero(labels == lib)
+        if idx.size < 2:
+            raise ValueError(
+                f"slide {lib!r} has {idx.size} spot: a per-gene Pearson across spots needs at least two; "
+                "drop the slide or merge it."
+            )
+        finite = np.isfinite(pred[np.ix_(idx, cand)])
+        n_pred = finite.sum(axis=0)
+        partial = (n_pred > 0) & (n_pred < idx.size)
+        if partial.any():
+            bad = adata.var_names[cand[partial]][:5].tolist()
+            raise ValueError(
+                f"slide {lib!r}: {int(partial.sum())} genes are predicted on only some of its {idx.size} spots "
+                f"(e.g. {bad}); predict the whole slide."
+            )
+        if genes is not None and (n_pred == 0).any():
+            bad = adata.var_names[cand[n_pred == 0]].tolist()
+            raise ValueError(
+                f"slide {lib!r}: {len(bad)} of the given genes have no prediction (NaN in "
+                f"adata.layers[{pred_key!r}]), e.g. {bad[:5]}; they are not in the model's panel."
+            )
+        rows[lib] = idx
+        panels[lib] = cand[n_pred == idx.size]
+    empty = [lib for lib in slides if panels[lib].size == 0]
+    if len(empty) == len(slides):
+        raise ValueError(f"adata.layers[{pred_key!r}] is NaN everywhere: no gene was predicted.")
+    for lib in empty:
+        logger.warning(f"slide {lib!r} has no predicted gene in adata.layers[{pred_key!r}]; it is not scored.")
+        slides.remove(lib)
+
+    union = np.unique(np.concatenate([panels[lib] for lib in slides]))
+    truth_all = expression_target(adata, adata.var_names[union].tolist(), layer=layer)
+    col_of = {g: j for j, g in enumerate(union)}
+
+    pcc = pd.DataFrame(np.nan, index=adata.var_names[union], columns=slides, dtype=np.float64)
+    table = []
+    for lib in slides:
+        idx, panel = rows[lib], panels[lib]
+        truth = truth_all[np.ix_(idx, [col_of[g] for g in panel])].astype(np.float64)
+        p = pred[np.ix_(idx, panel)].astype(np.float64)
+        r, constant = pearson_columns(truth, p)
+        pcc.loc[adata.var_names[panel], lib] = r
+        k = min(top_n, panel.size)
+        heg = np.argsort(-truth.mean(axis=0), kind="stable")[:k]
+        hvg = np.argsort(-truth.var(axis=0), kind="stable")[:k]
+        err = p - truth
+        table.append(
+            {
+                "pcc_acg": _nanmean(r),
+                "pcc_heg": _nanmean(r[heg]),
+                "pcc_hvg": _nanmean(r[hvg]),
+                "mse": float(np.mean(err**2)),
+                "mae": float(np.mean(np.abs(err))),
+                "n_spots": int(idx.size),
+                "n_genes": int(panel.size),
+                "n_constant": int(constant.sum()),
+            }
+        )
+    result = pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=list(SCORE_COLUMNS))
+
+    var_key = f"{pred_key}_pcc"
+    mean_pcc = np.full(adata.n_vars, np.nan)
+    with np.errstate(invalid="ignore"):
+        values = pcc.to_numpy()
+        counts = (~np.isnan(values)).sum(axis=1)
+        mean_pcc[union] = np.where(counts > 0, np.nansum(values, axis=1) / np.maximum(counts, 1), np.nan)
+    adata.var[var_key] = mean_pcc
+    evals = adata.uns.setdefault(UNS_KEY, {}).setdefault("evaluate", {})
+    evals[pred_key] = {
+        "pcc": pcc,
+        "per_slide": result.copy(),
+        **_jsonable(
+            {
+                "genes": None if genes is None else list(genes),
+                "library_key": library_key,
+                "top_n": top_n,
+                "layer": layer,
+                "target": "log1p of counts per 10,000",
+            }
+        ),
+        "versions": versions(),
+    }
+    n_const = int(result["n_constant"].sum())
+    logger.info(
+        f"scored {len(slides)} slide(s), {union.size} genes: mean PCC(ACG) {result['pcc_acg'].mean():.3f}"
+        + (f"; {n_const} gene-slide pairs skipped as constant" if n_const else "")
+    )
+    logger.info(f"added adata.var[{var_key!r}], adata.uns['stexp']['evaluate'][{pred_key!r}]")
+    return result
