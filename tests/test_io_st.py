@@ -130,6 +130,30 @@ def test_nan_counts(tmp_path):
         stexp.io.read_st(counts, s, i, library_id="A1")
 
 
+def test_counts_file_parsing_matches_pandas(tmp_path):
+    from stexp.io._st import _parse_counts_fast
+
+    c, s, i = write_st(tmp_path, n_genes=12)
+    ref = pd.read_csv(c, sep="\t", index_col=0)
+    fast = _parse_counts_fast(c)
+    assert fast.index.equals(ref.index.astype(str)) and fast.columns.equals(ref.columns)
+    np.testing.assert_array_equal(fast.to_numpy(), ref.to_numpy(dtype=float))
+    # uncompressed file, and files numpy cannot take (NA field, text value) go through pandas' rules
+    plain = tmp_path / "counts.tsv"
+    ref.to_csv(plain, sep="\t")
+    assert _parse_counts_fast(plain).shape == ref.shape
+    with_na = ref.astype(object)
+    with_na.iloc[1, 2] = "NA"
+    with_na.to_csv(plain, sep="\t")
+    assert _parse_counts_fast(plain) is None
+    with pytest.raises(ValueError, match="1 NaN"):
+        stexp.io.read_st(plain, s, i, library_id="A1")
+    with_na.iloc[1, 2] = "abc"
+    with_na.to_csv(plain, sep="\t")
+    with pytest.raises(ValueError, match="non-numeric count columns"):
+        stexp.io.read_st(plain, s, i, library_id="A1")
+
+
 def test_negative_counts(tmp_path):
     c, s, i = write_st(tmp_path)
     counts = pd.read_csv(c, sep="\t", index_col=0)

@@ -21,6 +21,38 @@ def _spot_ids(x, y) -> pd.Index:
     return pd.Index([f"{int(a)}x{int(b)}" for a, b in zip(x, y, strict=True)])
 
 
+def _parse_counts_fast(path: Path) -> pd.DataFrame | None:
+    """Parse a plain numeric spots x genes tsv(.gz) with numpy; ``None`` when it needs pandas' rules.
+
+    pandas' C parser spends seconds on the ~15,000 columns of an ST counts table; numpy reads the same
+    numbers ~10x faster. Anything unusual (empty or NA fields, ragged rows, duplicated gene names, text
+    values) returns ``None`` so the caller falls back to :func:`pandas.read_csv` and its behaviour.
+    """
+    import gzip
+
+    with open(path, "rb") as fh:
+        is_gzip = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if is_gzip else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            lines = [line for line in fh.read().splitlines() if line]
+        if len(lines) < 2:
+            return None
+        header = lines[0].split("\t")
+        genes = header[1:]
+        if len(set(genes)) != len(genes):
+            return None
+        ids, rest = zip(*(line.split("\t", 1) for line in lines[1:]), strict=True)
+        del lines
+        # float32 holds every integer count up to 2**24 exactly (X is float32 anyway) at half the memory
+        values = np.loadtxt(rest, delimiter="\t", dtype=np.float32, ndmin=2)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if values.shape != (len(ids), len(genes)):
+        return None
+    return pd.DataFrame(values, index=pd.Index(ids), columns=pd.Index(genes))
+
+
 def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> pd.DataFrame:
     if isinstance(counts, pd.DataFrame):
         df = counts
@@ -28,7 +60,9 @@ def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> p
         path = Path(counts)
         if not path.is_file():
             raise FileNotFoundError(f"library {library_id!r}: counts file {str(path)!r} does not exist.")
-        df = pd.read_csv(path, sep="\t", index_col=0)
+        df = _parse_counts_fast(path)
+        if df is None:
+            df = pd.read_csv(path, sep="\t", index_col=0)
     df.index = df.index.astype(str)
     if df.shape[0] == 0 or df.shape[1] == 0:
         raise ValueError(
