@@ -5,19 +5,42 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from stexp.cli import describe, main
 
 
-def test_demo_describes_the_synthetic_data(capsys):
-    assert main(["demo", "--epochs", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "768 spots x 100 genes in 3 libraries" in out
+@pytest.mark.slow
+def test_demo_runs_the_users_path_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "3", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "768 spots x 100 genes in 3 libraries" in printed
     for lib in ("slide_0", "slide_1", "slide_2"):
-        assert f"{lib}: 256 spots, 55 µm spots, 2 µm/px" in out
-    assert "hires 925x800 px" in out and "lowres" in out  # width x height of the synthetic image
-    assert "3 epochs" in out and "stexp_demo" in out
+        assert f"{lib}: 256 spots, 55 µm spots, 2 µm/px" in printed
+    assert "hires 925x800 px" in printed and "lowres" in printed  # width x height of the synthetic image
+    assert "3 epochs" in printed
+    for name in ("report.md", "spatial_genes.png", "scores.png", "domains.png", "predictions.h5ad"):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert report in printed
+    for model in ("mean", "ridge", "mclstexp"):
+        assert f"| {model} " in report
+    assert "Domains of the predicted expression against `obs['domain']`" in report
+
+    import anndata as ad
+
+    import stexp
+
+    pred = ad.read_h5ad(out / "predictions.h5ad")
+    assert set(pred.obs["library_id"].astype(str)) == {"slide_2"}
+    assert {"pred_mean", "pred_ridge", "pred_mclstexp", "pred_mclstexp_std"} <= set(pred.layers)
+    # the saved model reproduces the predictions written by the demo
+    model = stexp.models.load(out / "mclstexp_model")
+    again = pred.copy()
+    stexp.tl.predict(again, model, key_added="again")
+    np.testing.assert_allclose(again.layers["again"], pred.layers["pred_mclstexp"], rtol=1e-5, equal_nan=True)
 
 
 def test_describe_single_library(synth):

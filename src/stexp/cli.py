@@ -1,4 +1,4 @@
-"""The ``stexp`` command line: ``stexp demo`` builds the demo data and says what it holds."""
+"""The ``stexp`` command line: ``stexp demo`` runs the user's path end to end on demo data."""
 
 from __future__ import annotations
 
@@ -29,21 +29,20 @@ def describe(adata, *, library_key: str = "library_id") -> str:
     return "\n".join(lines)
 
 
-def _load(data: str):
-    import stexp
-
-    if data == "synthetic":
-        return stexp.datasets.synthetic(n_slides=3, n_spots=256, n_genes=100, seed=0)
-    return stexp.datasets.her2st(["B4", "C2", "C3", "C4", "C5", "C6"])
-
-
 def _demo(args: argparse.Namespace) -> int:
-    adata = _load(args.data)
+    from stexp._demo import load_demo_data, run_demo
+    from stexp._settings import settings
+
+    if args.quiet:
+        settings.verbosity = 1  # warnings only: no progress bars, no "added ..." messages
+    loaded = load_demo_data(args.data)
     print(f"stexp demo ({args.data} data)")
-    print(describe(adata))
-    print(
-        f"planned: embed images -> fit ({args.epochs} epochs) -> predict -> evaluate -> domains -> plots in {args.out}"
-    )
+    print(describe(loaded[0]))
+    print(f"embed images -> fit ({args.epochs} epochs) -> predict {loaded[1]!r} -> evaluate -> domains -> plots")
+    report = run_demo(args.out, data=args.data, epochs=args.epochs, seed=args.seed, loaded=loaded)
+    print()
+    print(report.read_text())
+    print(f"written to {report.parent}/")
     return 0
 
 
@@ -70,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic (built in, no downloads) or her2st (HER2+ sections from $STEXP_DATA_DIR)",
     )
     demo.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--quiet", action="store_true", help="warnings only: no progress bars or step messages")
     demo.set_defaults(func=_demo)
     return parser
 
