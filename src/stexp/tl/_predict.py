@@ -16,17 +16,19 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
     if features_key in adata.obsm:
         return
     spec = model.encoder_spec
-    if not spec.get("encoder") or spec.get("encoder") == "callable":
+    if not spec.get("encoder") or str(spec.get("encoder")).startswith("callable"):
         raise KeyError(
             f"features {features_key!r} are not in adata.obsm and the model's encoder cannot be rebuilt "
-            f"from its spec {spec}; embed the images as for training and pass features_key=."
+            f"from its spec {spec} (a user-given module/callable is not stored with the model); embed the "
+            "images with the same encoder as for training (stexp.pp.embed_images) and pass features_key=."
         )
     from stexp.pp import embed_images
 
+    weights = spec.get("weights_arg", spec.get("weights", "imagenet"))
     embed_images(
         adata,
         encoder=spec["encoder"],
-        weights=spec.get("weights_arg", spec.get("weights", "imagenet")),
+        weights=None if weights in (None, "None") else weights,
         patch_um=spec.get("patch_um"),
         library_key=library_key,
         key_added=features_key,
