@@ -489,7 +489,8 @@ def _callable_id(obj) -> str:
         h.update(getattr(obj, "__qualname__", type(obj).__qualname__).encode())
         if code is not None:
             h.update(code.co_code)
-            h.update(repr(code.co_consts).encode())
+            # names tell ``x.mean(...)`` from ``x.amax(...)``: the bytecode alone is the same
+            h.update(repr((code.co_consts, code.co_names, code.co_varnames)).encode())
     return f"sha256:{h.hexdigest()[:16]}"
 
 
