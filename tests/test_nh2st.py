@@ -232,8 +232,8 @@ def test_bad_input(featured, fitted):
     with pytest.raises(TypeError, match="unknown hyper-parameter"):
         NH2ST(["g"], n_neighbours=8)
     train, test = _split(featured)
-    with pytest.raises(NotImplementedError, match="finetune_encoder"):
-        _fit(train, max_epochs=1, finetune_encoder=True)
+    with pytest.raises(ValueError, match="finetune_encoder=True rebuilds the image encoder.*no spec"):
+        _fit(train, max_epochs=1, finetune_encoder=True)  # hand-made features: no encoder to fine-tune
     data = spot_data(test, features_key=FEATURES, library_key="library_id")
     data.features = data.features[:, :5]
     with pytest.raises(ValueError, match="12-dimensional"):

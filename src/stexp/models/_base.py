@@ -83,6 +83,11 @@ class ExpressionModel(ABC):
         """Restore what :meth:`_state` returned."""
 
     # -- public API ---------------------------------------------------------------------------
+    @property
+    def reads_patches(self) -> bool:
+        """Whether the model embeds image patches itself (a fine-tuned encoder) instead of reading ``obsm`` features."""
+        return bool(self.hparams.get("finetune_encoder", False))
+
     def fit(self, train: SpotData, validation: SpotData | None = None) -> ExpressionModel:
         """Train the model; returns ``self``."""
         if train.target is None:

@@ -31,6 +31,8 @@ class SpotData:
     adata, obs_index
         The source AnnData and the integer rows of the spots in it: models that fine-tune the
         image encoder read patches through them.
+    library_key
+        The ``obs`` column of ``adata`` that names the slides.
     """
 
     features: np.ndarray
@@ -42,6 +44,7 @@ class SpotData:
     obs_names: np.ndarray | None = None
     adata: object | None = field(default=None, repr=False)
     obs_index: np.ndarray | None = None
+    library_key: str = "library_id"
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
@@ -72,4 +75,5 @@ class SpotData:
             obs_names=take(self.obs_names),
             adata=self.adata,
             obs_index=take(self.obs_index),
+            library_key=self.library_key,
         )

@@ -28,7 +28,16 @@ def accelerator_for(device: str | None) -> tuple[str, Any]:
     return "cpu", 1
 
 
-def make_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False, num_workers: int = 0):
+def make_loader(
+    dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    collate_fn=None,
+):
     """A DataLoader with a seeded generator, so shuffling is reproducible."""
     import torch
     from torch.utils.data import DataLoader
@@ -42,6 +51,7 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, drop_last
         generator=generator,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
     )
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
-from stexp.models._layers import ProjectionHead, info_nce
+from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
 from stexp.models._registry import register_model
 
 #: The final training loss must fall below this fraction of the chance level ln(batch) or a warning is logged.
@@ -97,7 +97,7 @@ class MclSTExpNetwork(nn.Module):
         )
         self.spot_projection = ProjectionHead(n_genes, projection_dim, dropout=dropout)
         self.image_projection = ProjectionHead(n_features, projection_dim, dropout=dropout)
-        # Frozen features are z-scored with the training spots' mean and std (identity when fine-tuning).
+        # Image features are z-scored with the training spots' frozen-feature mean and std (saved with the weights).
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
 
@@ -115,7 +115,11 @@ class MclSTExpNetwork(nn.Module):
         """Image embeddings ``(n, P)`` from frozen features ``(n, D)`` or, when fine-tuning, patches ``(n, 3, H, W)``."""
         if self.image_encoder is not None:
             x = self.image_encoder(x)
-        return self.image_projection((x.float() - self.feature_mean) / self.feature_std)
+        return self.project_features(x)
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(n, P)`` from image features ``(n, D)`` (z-scored, then the projection head)."""
+        return self.image_projection((features.float() - self.feature_mean) / self.feature_std)
 
 
 @register_model("mclstexp")
@@ -212,6 +216,7 @@ class MclSTExp(ExpressionModel):
         self.n_features: int | None = None
         self.bank_embeddings: np.ndarray | None = None
         self.bank_expression: np.ndarray | None = None
+        self.encoder = None  # the fine-tuned stexp.images.Encoder (finetune_encoder=True)
 
     def _check_hparams(self) -> None:
         hp = self.hparams
@@ -277,21 +282,14 @@ class MclSTExp(ExpressionModel):
             "rc": torch.from_numpy(np.ascontiguousarray(data.array_rc, dtype=np.int64)),
         }
 
-    def _check_finetune(self) -> None:
-        if self.hparams["finetune_encoder"]:
-            raise ValueError(
-                "mclstexp: finetune_encoder=True (end-to-end training of the image encoder on patches) needs "
-                "stexp.images' encoder registry and patch dataset, which are not available in this version; "
-                "train on frozen features (finetune_encoder=False, the default)."
-            )
-
     # -- ExpressionModel ----------------------------------------------------------------------
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        from stexp.models import _finetune
         from stexp.models._engine import make_loader
         from stexp.models._engine import train as run_training
 
-        self._check_finetune()
         hp = self.hparams
+        finetune = bool(hp["finetune_encoder"])
         self._check_top_k(train.n_spots)
         if (train.array_rc < 0).any():
             raise ValueError(
@@ -303,29 +301,63 @@ class MclSTExp(ExpressionModel):
         torch.manual_seed(seed)
         margin = int(hp["position_margin"])
         n_rows, n_cols = (int(m) + 1 + margin for m in train.array_rc.max(axis=0))
-        net = self._build(train.features.shape[1], n_rows, n_cols)
+        self.encoder = _finetune.finetune_encoder(self.encoder_spec) if finetune else None
+        if finetune and train.features.shape[1] != self.encoder.out_dim:
+            raise ValueError(
+                f"mclstexp: the features have {train.features.shape[1]} columns but their encoder "
+                f"{self.encoder.name} outputs {self.encoder.out_dim}; the features spec does not describe them."
+            )
+        net = self._build(train.features.shape[1], n_rows, n_cols, encoder=self.encoder.module if finetune else None)
         if validation is not None:
             self._check_features(validation, "validation features")
         tensors = {"train": self._tensors(train)}
-        if bool(hp["standardize_features"]):
+        if bool(hp["standardize_features"]):  # frozen features; when fine-tuning, the encoder's starting point
             with torch.no_grad():
                 feats = tensors["train"]["features"]
-                net.feature_mean.copy_(feats.mean(0))
-                net.feature_std.copy_(feats.std(0, correction=0).clamp(min=1e-6))
+                mean, std = feature_scaling(feats)
+                net.feature_mean.copy_(mean)
+                net.feature_std.copy_(std)
         if validation is not None:
             tensors["val"] = self._tensors(validation)
+        if finetune:  # patches replace the frozen features
+            for named in tensors.values():
+                del named["features"]
 
         batch_size = min(int(hp["batch_size"]), train.n_spots)
         index = lambda n: torch.utils.data.TensorDataset(torch.arange(n))
+        collate = {"train": None, "val": None}
+        if finetune:
+            collate["train"] = _finetune.PatchBatch(
+                _finetune.spot_patches(train, self.encoder, self.encoder_spec, augment=bool(hp["augment"]))
+            )
+            if validation is not None:
+                collate["val"] = _finetune.PatchBatch(
+                    _finetune.spot_patches(validation, self.encoder, self.encoder_spec, augment=False)
+                )
+        workers = int(hp["num_workers"]) if finetune else 0
         train_loader = make_loader(
-            index(train.n_spots), batch_size=batch_size, shuffle=True, seed=seed, drop_last=train.n_spots > batch_size
+            index(train.n_spots),
+            batch_size=batch_size,
+            shuffle=True,
+            seed=seed,
+            drop_last=train.n_spots > batch_size,
+            num_workers=workers,
+            collate_fn=collate["train"],
         )
         val_loader = None
         if validation is not None:
             # Validation sentences: a fixed random grouping of the validation spots (like the training ones).
-            val_loader = make_loader(index(validation.n_spots), batch_size=batch_size, shuffle=True, seed=seed)
+            val_loader = make_loader(
+                index(validation.n_spots),
+                batch_size=batch_size,
+                shuffle=True,
+                seed=seed,
+                num_workers=workers,
+                collate_fn=collate["val"],
+            )
         chance = math.log(batch_size)
         module = _lightning_module(net, tensors, hp, chance=chance, validate=val_loader is not None)
+        module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
         history = run_training(
             module,
             train_loader,
@@ -379,14 +411,19 @@ class MclSTExp(ExpressionModel):
     @torch.no_grad()
     def embed_images(self, data: SpotData) -> np.ndarray:
         """Image-branch embeddings ``(n_spots, projection_dim)`` of the spots of ``data`` (un-normalised)."""
+        from stexp.models import _finetune
+
         self._check_features(data, "data")
         device = settings.resolve_device(self.hparams["device"])
+        if self.encoder is not None:  # the fine-tuned encoder embeds the spots' patches
+            feats = _finetune.encode_spots(self.encoder, data, self.encoder_spec, device=device)
+        else:
+            feats = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
         net = self.network.to(device).eval()
-        feats = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
         out = []
         try:
             for start in range(0, data.n_spots, 4096):
-                out.append(net.embed_images(feats[start : start + 4096].to(device)).float().cpu())
+                out.append(net.project_features(feats[start : start + 4096].to(device)).float().cpu())
         finally:
             self.network = net.to("cpu")
         return torch.cat(out).numpy()
@@ -418,11 +455,15 @@ class MclSTExp(ExpressionModel):
                 f"mclstexp: the saved position tables are {state['net.x_embed.weight'].shape[1]} genes wide, "
                 f"the model's panel has {len(self.genes)} genes."
             )
-        self._check_finetune()
+        if self.hparams["finetune_encoder"]:  # the architecture, into which the fine-tuned weights are loaded
+            from stexp.models._finetune import finetune_encoder
+
+            self.encoder = finetune_encoder(self.encoder_spec, pretrained=False)
         net = self._build(
             state["net.image_projection.projection.weight"].shape[1],
             state["net.y_embed.weight"].shape[0],
             state["net.x_embed.weight"].shape[0],
+            encoder=None if self.encoder is None else self.encoder.module,
         )
         net.load_state_dict(
             {k.removeprefix("net."): torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("net.")}
@@ -502,9 +543,13 @@ def _lightning_module(
                 for name, value in named.items():
                     self.register_buffer(f"{split}_{name}", value, persistent=False)
 
-        def _step(self, split: str, index: torch.Tensor) -> torch.Tensor:
+        def _step(self, split: str, batch) -> torch.Tensor:
+            if isinstance(batch, dict):  # fine-tuning: the batch's patches go through the encoder
+                index, image = batch["index"], self.net.embed_images(batch["x"])
+            else:
+                index = batch[0]
+                image = self.net.embed_images(getattr(self, f"{split}_features")[index])
             spot = self.net.embed_spots(getattr(self, f"{split}_target")[index], getattr(self, f"{split}_rc")[index])
-            image = self.net.embed_images(getattr(self, f"{split}_features")[index])
             if self.trainer.world_size > 1:  # negatives from every device's batch
                 spot = self.all_gather(spot, sync_grads=True).flatten(0, 1)
                 image = self.all_gather(image, sync_grads=True).flatten(0, 1)
@@ -515,7 +560,7 @@ def _lightning_module(
             return loss
 
         def training_step(self, batch, batch_idx):
-            return self._step("train", batch[0])
+            return self._step("train", batch)
 
         def on_train_epoch_end(self) -> None:
             loss = self.trainer.callback_metrics.get("train_loss")
@@ -523,8 +568,12 @@ def _lightning_module(
                 logger.info(f"mclstexp epoch {self.current_epoch}: train_loss {float(loss):.4f} (chance {chance:.4f})")
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+            from stexp.models._finetune import optimizer
+
+            return optimizer(
+                self.net, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), encoder_lr=hp["encoder_lr"]
+            )
 
     if validate:  # only then: Lightning warns about a validation_step without validation data
-        MclSTExpModule.validation_step = lambda self, batch, batch_idx: self._step("val", batch[0])
+        MclSTExpModule.validation_step = lambda self, batch, batch_idx: self._step("val", batch)
     return MclSTExpModule()

@@ -14,6 +14,7 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
+from stexp.models._layers import feature_scaling
 from stexp.models._registry import register_model
 
 
@@ -105,8 +106,9 @@ class MLPModel(ExpressionModel):
         X = torch.from_numpy(np.ascontiguousarray(train.features, dtype=np.float32))
         Y = torch.from_numpy(np.ascontiguousarray(train.target, dtype=np.float32))
         with torch.no_grad():
-            net.feature_mean.copy_(X.mean(0))
-            net.feature_std.copy_(X.std(0, correction=0).clamp(min=1e-6))
+            mean, std = feature_scaling(X)
+            net.feature_mean.copy_(mean)
+            net.feature_std.copy_(std)
             net.layers[-1].bias.copy_(Y.mean(0))
         data = {"train": torch.utils.data.TensorDataset(X, Y)}
         if validation is not None:

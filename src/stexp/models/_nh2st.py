@@ -15,7 +15,7 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
-from stexp.models._layers import ProjectionHead, info_nce
+from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
 from stexp.models._neighbors import knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
 
@@ -99,6 +99,8 @@ class NH2STNetwork(nn.Module):
         Dropout of the attention weights.
     use_neighbor_context
         Feed the regression head the neighbourhood's image context besides the target's image embedding.
+    encoder
+        The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
     """
 
     def __init__(
@@ -112,8 +114,10 @@ class NH2STNetwork(nn.Module):
         dropout: float,
         attn_dropout: float,
         use_neighbor_context: bool,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.image_encoder = encoder  # fine-tuned end to end (finetune_encoder=True); None on frozen features
         self.use_neighbor_context = use_neighbor_context
         self.image_proj = ProjectionHead(n_features, dim, dropout=dropout)
         self.gene_encoder = nn.Sequential(nn.Linear(n_genes, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
@@ -125,12 +129,16 @@ class NH2STNetwork(nn.Module):
         self.neighbor_gene_attn = _CrossAttention(dim, n_heads, attn_dropout)
         in_dim = 2 * dim if use_neighbor_context else dim
         self.regressor = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, n_genes))
-        # Frozen features are z-scored with the training spots' mean and std (set by NH2ST._fit, saved with the weights).
+        # Image features are z-scored with the training spots' frozen-feature mean and std (set by NH2ST._fit, saved).
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.image_proj((features - self.feature_mean) / self.feature_std)
+        return self.image_proj((features.float() - self.feature_mean) / self.feature_std)
+
+    def encode_nodes(self, patches: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, m, D)`` of every neighbourhood node from the patches ``(U, 3, H, W)`` of the distinct nodes."""
+        return self.image_encoder(patches)[inverse]
 
     @staticmethod
     def _aggregate(blocks: nn.ModuleList, x: torch.Tensor, incidence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -235,8 +243,14 @@ class NH2ST(ExpressionModel):
         contrastive losses need more negatives), AdamW with ``weight_decay``.
 
     Deviations from the paper
-        Frozen features replace the end-to-end ResNet-18 (``finetune_encoder=True`` is reserved for
-        fine-tuning through the image helper's encoders and raises until that lands). Cross-attention
+        Frozen features replace the end-to-end ResNet-18 by default. ``finetune_encoder=True`` trains
+        the encoder that made the features (rebuilt from their spec, e.g. EfficientNet-Lite0 or a
+        timm ResNet-18) end to end on augmented patches (flips, 90° rotations, colour jitter;
+        ``augment``), at ``encoder_lr`` (``None``: ``lr``); each batch runs the encoder once per
+        distinct spot of its neighbourhoods (about ``batch_size x (n_neighbors + 1)`` patches, so lower
+        ``batch_size`` on a small GPU; the paper used 8). GPU advised; it also runs on a CPU for tiny
+        data. Prediction then embeds the query patches with the fine-tuned encoder (obsm features
+        are not read). Cross-attention
         has no residual, and the gene tokens attend to the *unrefined* image tokens: otherwise both
         sides of the contrastive loss would carry the gene information only. The neighbourhood is the
         ``n_neighbors`` nearest spots in µm, not a square window of patches.
@@ -258,6 +272,9 @@ class NH2ST(ExpressionModel):
         "use_neighbor_context": True,
         "mc_samples": 0,
         "finetune_encoder": False,
+        "augment": True,
+        "encoder_lr": None,
+        "num_workers": 0,
         "max_epochs": 200,
         "batch_size": 128,
         "lr": 5e-4,
@@ -272,10 +289,11 @@ class NH2ST(ExpressionModel):
         self._check_hparams()
         self.network: NH2STNetwork | None = None
         self.n_features: int | None = None
+        self.encoder = None  # the fine-tuned stexp.images.Encoder (finetune_encoder=True)
 
     def _check_hparams(self) -> None:
         hp = self.hparams
-        for key in ("n_neighbors", "hyperedge_k", "hypergraph_layers", "mc_samples"):
+        for key in ("n_neighbors", "hyperedge_k", "hypergraph_layers", "mc_samples", "num_workers"):
             if int(hp[key]) != hp[key] or hp[key] < 0:
                 raise ValueError(f"nh2st: {key} must be a non-negative integer, got {hp[key]!r}.")
         for key in ("dim", "n_heads", "max_epochs", "batch_size"):
@@ -296,7 +314,7 @@ class NH2ST(ExpressionModel):
             raise ValueError("nh2st: weight_mse=0 would leave the regression head, which predicts, untrained.")
 
     # -- helpers ------------------------------------------------------------------------------
-    def _build(self, n_features: int) -> NH2STNetwork:
+    def _build(self, n_features: int, encoder: nn.Module | None = None) -> NH2STNetwork:
         hp = self.hparams
         self.n_features = int(n_features)
         return NH2STNetwork(
@@ -308,6 +326,7 @@ class NH2ST(ExpressionModel):
             dropout=float(hp["dropout"]),
             attn_dropout=float(hp["attn_dropout"]),
             use_neighbor_context=bool(hp["use_neighbor_context"]),
+            encoder=encoder,
         )
 
     def _graph(self, data: SpotData) -> dict[str, torch.Tensor]:
@@ -322,31 +341,54 @@ class NH2ST(ExpressionModel):
 
     def _tensors(self, data: SpotData) -> dict[str, torch.Tensor]:
         out = self._graph(data)
-        out["features"] = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
+        if self.encoder is None:  # fine-tuning reads patches instead
+            out["features"] = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
         out["target"] = torch.from_numpy(np.ascontiguousarray(data.target, dtype=np.float32))
         return out
 
-    def _check_finetune(self) -> None:
-        if self.hparams["finetune_encoder"]:
-            raise NotImplementedError(
-                "nh2st: finetune_encoder=True (end-to-end training of the image encoder) is not available yet; "
-                "train on frozen features (finetune_encoder=False, the default)."
+    def _loader(self, data: SpotData, graph: dict[str, torch.Tensor], *, train: bool):
+        """Batches of neighbourhood indices; when fine-tuning, with the patches of their distinct nodes."""
+        from stexp.models import _finetune
+        from stexp.models._engine import make_loader
+
+        hp = self.hparams
+        collate = None
+        if self.encoder is not None:
+            patches = _finetune.spot_patches(
+                data, self.encoder, self.encoder_spec, augment=train and bool(hp["augment"])
             )
+            collate = _finetune.PatchBatch(patches, nodes=graph["nodes"].numpy())
+        batch_size = int(hp["batch_size"])
+        return make_loader(
+            torch.utils.data.TensorDataset(torch.arange(data.n_spots)),
+            batch_size=batch_size,
+            shuffle=train,
+            seed=int(hp["seed"]),
+            drop_last=train and data.n_spots > batch_size,
+            num_workers=int(hp["num_workers"]) if self.encoder is not None else 0,
+            collate_fn=collate,
+        )
 
     # -- ExpressionModel ----------------------------------------------------------------------
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from stexp.models._engine import make_loader
         from stexp.models._engine import train as run_training
+        from stexp.models._finetune import finetune_encoder
 
-        self._check_finetune()
         hp = self.hparams
         seed = int(hp["seed"])
         torch.manual_seed(seed)
-        self.network = self._build(train.features.shape[1])
+        self.encoder = finetune_encoder(self.encoder_spec) if hp["finetune_encoder"] else None
+        if self.encoder is not None and train.features.shape[1] != self.encoder.out_dim:
+            raise ValueError(
+                f"nh2st: the features have {train.features.shape[1]} columns but their encoder "
+                f"{self.encoder.name} outputs {self.encoder.out_dim}; the features spec does not describe them."
+            )
+        self.network = self._build(train.features.shape[1], None if self.encoder is None else self.encoder.module)
         with torch.no_grad():
             feats = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
-            self.network.feature_mean.copy_(feats.mean(0))
-            self.network.feature_std.copy_(feats.std(0, correction=0).clamp(min=1e-6))
+            mean, std = feature_scaling(feats)
+            self.network.feature_mean.copy_(mean)
+            self.network.feature_std.copy_(std)
             # Start the regression head at the training mean: the MSE then starts at the variance.
             self.network.regressor[-1].bias.copy_(torch.from_numpy(np.asarray(train.target, dtype=np.float32).mean(0)))
         if validation is not None and validation.features.shape[1] != self.n_features:
@@ -359,15 +401,9 @@ class NH2ST(ExpressionModel):
                 raise ValueError("validation data have no measured expression (target is None).")
             tensors["val"] = self._tensors(validation)
         module = _lightning_module(self.network, tensors, hp)
-
-        batch_size = int(hp["batch_size"])
-        index = lambda n: torch.utils.data.TensorDataset(torch.arange(n))
-        train_loader = make_loader(
-            index(train.n_spots), batch_size=batch_size, shuffle=True, seed=seed, drop_last=train.n_spots > batch_size
-        )
-        val_loader = None
-        if validation is not None:
-            val_loader = make_loader(index(validation.n_spots), batch_size=batch_size, shuffle=False, seed=seed)
+        train_loader = self._loader(train, tensors["train"], train=True)
+        val_loader = None if validation is None else self._loader(validation, tensors["val"], train=False)
+        module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
         self.history = run_training(
             module,
             train_loader,
@@ -381,14 +417,19 @@ class NH2ST(ExpressionModel):
         logger.debug(f"nh2st: trained on {train.n_spots} spots, history keys {sorted(self.history)}")
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        if data.features.shape[1] != self.n_features:
+        from stexp.models._finetune import encode_spots
+
+        device = settings.resolve_device(self.hparams["device"])
+        if self.encoder is not None:  # the fine-tuned encoder embeds every spot's patch once
+            features = encode_spots(self.encoder, data, self.encoder_spec, device=device)
+        elif data.features.shape[1] != self.n_features:
             raise ValueError(
                 f"nh2st: the model was trained on {self.n_features}-dimensional image features, "
                 f"the data have {data.features.shape[1]}; use the features the model was trained on."
             )
+        else:
+            features = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
         graph = self._graph(data)
-        features = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
-        device = settings.resolve_device(self.hparams["device"])
         net = self.network.to(device)
         mc = int(self.hparams["mc_samples"])
         means, spreads = [], []
@@ -422,7 +463,11 @@ class NH2ST(ExpressionModel):
         key = "net.image_proj.projection.weight"
         if key not in state:
             raise ValueError(f"nh2st: the saved weights lack {key!r}; not an NH2ST state.")
-        net = self._build(state[key].shape[1])
+        if self.hparams["finetune_encoder"]:  # the architecture, into which the fine-tuned weights are loaded
+            from stexp.models._finetune import finetune_encoder
+
+            self.encoder = finetune_encoder(self.encoder_spec, pretrained=False)
+        net = self._build(state[key].shape[1], None if self.encoder is None else self.encoder.module)
         net.load_state_dict({k.removeprefix("net."): torch.from_numpy(np.array(v)) for k, v in state.items()})
         self.network = net.eval()
 
@@ -441,10 +486,16 @@ def _lightning_module(net: NH2STNetwork, tensors: dict[str, dict[str, torch.Tens
                 for name, value in named.items():
                     self.register_buffer(f"{split}_{name}", value, persistent=False)
 
-        def _step(self, split: str, index: torch.Tensor) -> torch.Tensor:
+        def _step(self, split: str, batch) -> torch.Tensor:
+            if isinstance(batch, dict):  # fine-tuning: the distinct nodes' patches go through the encoder
+                index = batch["index"]
+                features = self.net.encode_nodes(batch["x"], batch["inverse"])
+            else:
+                index = batch[0]
+                features = getattr(self, f"{split}_features")[getattr(self, f"{split}_nodes")[index]]
             nodes = getattr(self, f"{split}_nodes")[index]
             losses = self.net.losses(
-                getattr(self, f"{split}_features")[nodes],
+                features,
                 getattr(self, f"{split}_target")[nodes],
                 getattr(self, f"{split}_incidence")[index],
                 getattr(self, f"{split}_mask")[index],
@@ -459,16 +510,20 @@ def _lightning_module(net: NH2STNetwork, tensors: dict[str, dict[str, torch.Tens
             return total
 
         def training_step(self, batch, batch_idx):
-            return self._step("train", batch[0])
+            return self._step("train", batch)
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+            from stexp.models._finetune import optimizer
+
+            return optimizer(
+                self.net, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), encoder_lr=hp["encoder_lr"]
+            )
 
     if "val" not in tensors:  # no validation_step: Lightning would warn that it has no data
         return NH2STModule()
 
     class NH2STModuleWithValidation(NH2STModule):
         def validation_step(self, batch, batch_idx):
-            return self._step("val", batch[0])
+            return self._step("val", batch)
 
     return NH2STModuleWithValidation()

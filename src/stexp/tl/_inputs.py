@@ -60,12 +60,15 @@ def resolve_features(adata, features_key: str | None, *, library_key: str, encod
 def spot_data(
     adata,
     *,
-    features_key: str,
+    features_key: str | None,
     library_key: str,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
 ) -> SpotData:
     """Collect features, target (when ``genes`` is given), array and physical coordinates of every spot.
+
+    ``features_key=None`` gives ``(n_spots, 0)`` features: for models that read patches themselves (a
+    fine-tuned image encoder).
 
     Raises
     ------
@@ -76,7 +79,10 @@ def spot_data(
 
     if adata.n_obs == 0:
         raise ValueError("the AnnData has no spots.")
-    feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
+    if features_key is None:
+        feats = np.zeros((adata.n_obs, 0), dtype=np.float32)
+    else:
+        feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
     if feats.ndim != 2:
         raise ValueError(f"adata.obsm[{features_key!r}] must be 2-D (spots x features), got shape {feats.shape}.")
     bad = ~np.isfinite(feats).all(axis=1)
@@ -107,4 +113,5 @@ def spot_data(
         obs_names=adata.obs_names.to_numpy(),
         adata=adata,
         obs_index=np.arange(adata.n_obs),
+        library_key=library_key,
     )

@@ -64,7 +64,9 @@ def predict(
         ``obs`` column naming the slide of each spot.
     features_key
         ``obsm`` key of the image features (default: the key the model was trained on). When it is
-        missing and the model's encoder is a registry name, the images are embedded first.
+        missing and the model's encoder is a registry name, the images are embedded first. Not used
+        by a model whose image encoder was fine-tuned (``finetune_encoder=True``): it embeds the
+        patches with its own encoder, at the patch size it was trained with.
     copy
         Return a copy instead of writing in place.
 
@@ -76,8 +78,11 @@ def predict(
     adata = adata.copy() if copy else adata
     library_ids(adata, library_key)
     features_key = features_key or model.features_key
-    _ensure_features(adata, model, features_key=features_key, library_key=library_key)
-    check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
+    if model.reads_patches:  # a fine-tuned encoder embeds the patches itself; obsm features are not used
+        features_key = None
+    else:
+        _ensure_features(adata, model, features_key=features_key, library_key=library_key)
+        check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
 
     var_idx = adata.var_names.get_indexer(model.genes)
     present = var_idx >= 0
@@ -105,6 +110,7 @@ def predict(
         {
             "model": model.name,
             "features_key": features_key,
+            "fine_tuned_encoder": model.reads_patches,
             "genes": list(np.asarray(model.genes)[present]),
             "n_model_genes_missing_from_var": n_missing,
             "target": "log1p of counts per 10,000",
