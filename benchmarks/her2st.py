@@ -14,7 +14,7 @@ Protocols
     among the spots of each slide; a model that still scores above zero learns something other
     than the image.
 
-Each (protocol, model) runs in its own process so that its peak memory (``ru_maxrss``) is its
+Each (protocol, model) runs in its own process so that its peak memory (``VmHWM``) is its
 own. Results go to ``benchmarks/results/her2st.json`` and ``her2st.md``.
 
 Usage::
@@ -119,6 +119,18 @@ def _shuffle_within_slides(adata, key: str, seed: int) -> None:
     adata.obsm[key] = feats
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (``VmHWM``), in MiB.
+
+    ``ru_maxrss`` would not do: Linux carries the parent's peak across fork+exec, so every child
+    would report at least the parent's memory at the time it was started.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
 def worker(args: argparse.Namespace) -> None:
     import anndata as ad
     import torch
@@ -147,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         params["device"] = args.device
     if "seed" in cls.default_hparams:
         params["seed"] = args.seed
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
     res = stexp.tl.cross_validate(
@@ -167,7 +179,7 @@ def worker(args: argparse.Namespace) -> None:
         "shuffled": bool(args.shuffle),
         "params": params,
         "wall_seconds": wall,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": rss_before,
         "tracemalloc_peak_mb": traced_peak / 2**20,
         "per_fold": json.loads(res.per_fold.to_json(orient="records")),
@@ -197,6 +209,8 @@ def _summary_rows(runs: list[dict]) -> pd.DataFrame:
         row["fit_seconds"] = folds["fit_seconds"].sum()
         row["predict_seconds"] = folds["predict_seconds"].sum()
         row["peak_rss_mb"] = run["peak_rss_mb"]
+        epochs = run["params"].get("max_epochs")  # no validation slide in cross-validation: every epoch runs
+        row["seconds_per_epoch"] = row["fit_seconds"] / (len(folds) * epochs) if epochs else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -240,7 +254,7 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
         f"patch {info['features']['patch_um']} µm resampled to {info['features']['patch_px']} px.  ",
         "Scores per test slide (Pearson across the slide's spots, per gene), then mean ± std over test slides; "
         "MSE/MAE on log1p(counts per 10k). The mean baseline predicts a constant, so its Pearson is undefined (n/a). "
-        "Time: fit + predict over all folds. Memory: peak RSS of the process running that model (data included).",
+        "Time: fit + predict over all folds; s/epoch: training seconds per epoch of one fold. Memory: peak RSS of the process running that model (data included).",
         "",
     ]
     for protocol in dict.fromkeys(summary["protocol"]):
@@ -252,13 +266,14 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
         else:
             lines += ["Optimistic: serial sections of the held-out section's patient stay in training.", ""]
         lines += [
-            "| model | PCC(ACG) | PCC(HEG) | PCC(HVG) | MSE | MAE | fit+predict (s) | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | PCC(ACG) | PCC(HEG) | PCC(HVG) | MSE | MAE | fit+predict (s) | s/epoch | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for _, r in s.iterrows():
             cells = [_fmt(r[m], r[f"{m}_std"]) for m in METRICS]
             t = r["fit_seconds"] + r["predict_seconds"]
-            lines.append(f"| {r['model']} | {' | '.join(cells)} | {t:.1f} | {r['peak_rss_mb']:.0f} |")
+            per_epoch = "" if np.isnan(r["seconds_per_epoch"]) else f"{r['seconds_per_epoch']:.2f}"
+            lines.append(f"| {r['model']} | {' | '.join(cells)} | {t:.1f} | {per_epoch} | {r['peak_rss_mb']:.0f} |")
         lines += ["", verdict(summary, protocol, runs), ""]
     # Per-slide breakdown.
     lines += ["## Per-slide PCC(ACG)", ""]
