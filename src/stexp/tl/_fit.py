@@ -56,7 +56,10 @@ def fit(
     validation
         Library id(s) held out for validation (early stopping, monitoring); they are not trained on.
     **model_kwargs
-        Model hyper-parameters (see each model's ``default_hparams``).
+        Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
+        ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
+        end to end on augmented patches (GPU advised); the model then embeds patches itself at
+        prediction time.
 
     Returns
     -------
