@@ -4,7 +4,7 @@ Data: the HER2+ sections with a full-resolution H&E image (B4, C2-C6; Andersson 
 6012 (2021)), read with :func:`stexp.datasets.her2st` from ``$STEXP_DATA_DIR/her2st``. Each slide is
 decoded from its ~9,300 x 9,900 px JPEG, as :func:`stexp.pp.embed_images` does for a user.
 
-For each encoder, in its own process (so ``ru_maxrss`` is that configuration's peak memory):
+For each encoder, in its own process (so its ``VmHWM`` is that configuration's peak memory):
 
 - ``end-to-end``: :func:`stexp.pp.embed_images` (``cache=False``) on the chosen spots: decode each
   slide, cut and resample the patches (background thread), normalise, forward. The encoder is built
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_rss_mb
 
 SECTIONS = ["B4", "C2", "C3", "C4", "C5", "C6"]
 #: Weights per encoder: real ImageNet weights where they install offline; random weights for densenet121 (same speed).
@@ -76,16 +76,20 @@ def _worker(args) -> dict:
     rng = np.random.default_rng(0)
     x = enc.preprocess(rng.integers(0, 256, (bs, enc.input_px, enc.input_px, 3), dtype=np.uint8))
     n_fwd = min(n, args.forward_patches)
-    with torch.inference_mode():
-        enc.module(x[: min(bs, 8)])  # warm-up
-        t = time.perf_counter()
-        done = 0
-        while done < n_fwd:
-            b = min(bs, n_fwd - done)
-            enc.module(x[:b])
-            done += b
-        t_fwd = time.perf_counter() - t
-    fwd_rate = n_fwd / t_fwd
+
+    def forward_rate() -> float:
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up at the full batch size (oneDNN builds its kernels per shape)
+                enc.module(x)
+            t = time.perf_counter()
+            done = 0
+            while done < n_fwd:
+                b = min(bs, n_fwd - done)
+                enc.module(x[:b])
+                done += b
+            return n_fwd / (time.perf_counter() - t)
+
+    fwd_rates = [forward_rate()]
 
     # data path only: decode + cut + resample
     t = time.perf_counter()
@@ -108,6 +112,8 @@ def _worker(args) -> dict:
     t_e2e = time.perf_counter() - t
     assert np.isfinite(adata.obsm[f"X_stexp_{enc.name}"]).all()
 
+    fwd_rates.append(forward_rate())  # again after the end-to-end run: the ceiling is the faster of the two
+    fwd_rate = max(fwd_rates)
     e2e_rate = n / t_e2e
     return {
         "encoder": args.encoder,
@@ -125,8 +131,10 @@ def _worker(args) -> dict:
         "forward_patches_per_s": round(fwd_rate, 1),
         "data_only_patches_per_s": round(n / t_data, 1),
         "decode_s_per_slide": round(t_decode / len(libs), 2),
-        "data_share": round(max(0.0, 1.0 - e2e_rate / fwd_rate), 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+        "forward_patches_per_s_runs": [round(r, 1) for r in fwd_rates],
+        # negative: end to end was faster than the ceiling measured apart, i.e. within the machine's noise
+        "data_share": round(1.0 - e2e_rate / fwd_rate, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 0),
     }
 
 

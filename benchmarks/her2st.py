@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _memory import peak_rss_mb
 
 SECTIONS = ["B4", "C2", "C3", "C4", "C5", "C6"]
 QUICK_SECTIONS = ["B4", "C2", "C3"]
@@ -117,18 +117,6 @@ def _shuffle_within_slides(adata, key: str, seed: int) -> None:
         idx = np.flatnonzero(libs == lib)
         feats[idx] = feats[rng.permutation(idx)]
     adata.obsm[key] = feats
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (``VmHWM``), in MiB.
-
-    ``ru_maxrss`` would not do: Linux carries the parent's peak across fork+exec, so every child
-    would report at least the parent's memory at the time it was started.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def worker(args: argparse.Namespace) -> None:
