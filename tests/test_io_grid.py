@@ -44,3 +44,18 @@ def test_grid_spots_from_path_and_threshold(tmp_path):
         stexp.io.grid_spots(tmp_path / "missing.png", um_per_px=2.0)
     with pytest.raises(ValueError, match="plausible range"):
         stexp.io.grid_spots(path, um_per_px=2000.0)
+
+
+def test_pale_tissue_beside_dark_tissue_is_kept():
+    """On a field without glass Otsu alone splits dark from pale tissue; the capped threshold keeps the stroma."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    img = np.full((300, 400, 3), (90, 50, 140), dtype=np.uint8)  # a field that is all tissue: dark, saturated
+    img[100:200, 280:380] = (230, 170, 200)  # and pale pink stroma, saturation ~0.26
+    sat = rgb2hsv(img)[..., 1]
+    assert threshold_otsu(sat) >= sat[150, 330]  # the uncapped threshold (tissue: sat > t) would drop the stroma
+    adata = stexp.io.grid_spots(img, um_per_px=2.0, spacing_um=40.0, spot_diameter_um=20.0)
+    x = adata.obsm["spatial"][:, 0]
+    assert (x > 280).sum() >= 8  # spots on the stroma
+    assert adata.uns["stexp"]["grid_spots"]["tissue_threshold"] == pytest.approx(0.2)
