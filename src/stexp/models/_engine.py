@@ -122,35 +122,43 @@ def train(
     callbacks = [history]
     if val_loader is not None and early_stopping_patience:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
+    if settings.show_progress:  # tqdm, like stexp's own bars (Lightning would pick rich when it is installed)
+        callbacks.append(L.pytorch.callbacks.TQDMProgressBar())
     if accelerator == "cpu":
         torch.set_num_threads(max(1, settings.num_workers))
     strategy = "auto"
     if accelerator == "gpu" and devices == "auto" and torch.cuda.device_count() > 1:
         strategy = "ddp"
-    trainer = L.Trainer(
-        max_epochs=int(max_epochs),
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        deterministic=accelerator == "cpu",
-        callbacks=callbacks,
-        enable_progress_bar=settings.show_progress,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        gradient_clip_val=gradient_clip_val,
-    )
+    # Lightning's banners ("GPU available...", tips) are printed while the Trainer is built: quiet them first.
     lightning_loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    lightning_loggers += [
+        logging.getLogger(f"{n}.utilities.rank_zero") for n in ("lightning.pytorch", "lightning.fabric")
+    ]
     levels = [lg.level for lg in lightning_loggers]
     for lg in lightning_loggers:
         lg.setLevel(logging.WARNING)
     try:
+        trainer = L.Trainer(
+            max_epochs=int(max_epochs),
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            deterministic=accelerator == "cpu",
+            callbacks=callbacks,
+            enable_progress_bar=settings.show_progress,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=False,
+            log_every_n_steps=1,
+            num_sanity_val_steps=0,
+            gradient_clip_val=gradient_clip_val,
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     finally:
         for lg, level in zip(lightning_loggers, levels, strict=True):

@@ -20,6 +20,14 @@ import torch
 
 from stexp.models._data import SpotData
 
+#: Hyper-parameters of every model that can fine-tune its encoder, with their defaults.
+FINETUNE_HPARAMS: dict[str, Any] = {
+    "finetune_encoder": False,  # train the encoder that made the features end to end on patches
+    "augment": True,  # flips, 90° rotations and colour jitter of the training patches
+    "encoder_lr": None,  # the encoder's learning rate (None: the model's lr)
+    "num_workers": 0,  # DataLoader workers that cut and augment patches
+}
+
 
 def finetune_encoder(spec: dict[str, Any], *, pretrained: bool = True):
     """Rebuild the image encoder recorded in a features spec, for training or to load fine-tuned weights into.

@@ -16,6 +16,7 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
+from stexp.models._finetune import FINETUNE_HPARAMS
 from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
 from stexp.models._registry import register_model
 
@@ -212,10 +213,7 @@ class MclSTExp(ExpressionModel):
         "lr": 1e-4,
         "weight_decay": 1e-3,
         "early_stopping_patience": 10,
-        "finetune_encoder": False,
-        "augment": True,
-        "encoder_lr": None,
-        "num_workers": 0,
+        **FINETUNE_HPARAMS,
         "device": "auto",
         "seed": 0,
     }
@@ -580,7 +578,7 @@ def _lightning_module(
         def on_train_epoch_end(self) -> None:
             loss = self.trainer.callback_metrics.get("train_loss")
             if loss is not None:
-                logger.info(f"mclstexp epoch {self.current_epoch}: train_loss {float(loss):.4f} (chance {chance:.4f})")
+                logger.debug(f"mclstexp epoch {self.current_epoch}: train_loss {float(loss):.4f} (chance {chance:.4f})")
 
         def configure_optimizers(self):
             from stexp.models._finetune import optimizer

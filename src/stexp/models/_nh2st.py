@@ -15,6 +15,7 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
+from stexp.models._finetune import FINETUNE_HPARAMS
 from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
 from stexp.models._neighbors import knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
@@ -271,10 +272,7 @@ class NH2ST(ExpressionModel):
         "weight_mse": 1.0,
         "use_neighbor_context": True,
         "mc_samples": 0,
-        "finetune_encoder": False,
-        "augment": True,
-        "encoder_lr": None,
-        "num_workers": 0,
+        **FINETUNE_HPARAMS,
         "max_epochs": 200,
         "batch_size": 128,
         "lr": 5e-4,
