@@ -139,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
     import sklearn.linear_model
     import sklearn.model_selection  # noqa: F401
 
-    # tl.fit passes its own lr/weight_decay/batch_size defaults; give each model its own instead.
+    # Each model's own lr/weight_decay/batch_size, recorded in the results.
     params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
     if "max_epochs" in cls.default_hparams and args.epochs is not None:
         params["max_epochs"] = args.epochs

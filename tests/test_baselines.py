@@ -121,3 +121,18 @@ def test_mlp_stops_early_on_validation_slides(synth):
     )
     assert "val_loss" in model.history
     assert len(model.history["train_loss"]) < 300
+
+
+def test_fit_keeps_each_models_own_training_defaults(split):
+    """fit's lr/weight_decay/batch_size default to None: the MLP is not trained with mclSTExp's lr."""
+    from stexp.models import get_model_class
+
+    train, _ = split
+    model = stexp.tl.fit(train, model="mlp", features_key=FEATURES, max_epochs=1, device="cpu")
+    defaults = get_model_class("mlp").default_hparams
+    assert {k: model.hparams[k] for k in ("lr", "weight_decay", "batch_size")} == {
+        k: defaults[k] for k in ("lr", "weight_decay", "batch_size")
+    }
+    assert (
+        stexp.tl.fit(train, model="mlp", features_key=FEATURES, max_epochs=1, device="cpu", lr=0.5).hparams["lr"] == 0.5
+    )

@@ -78,6 +78,49 @@ class _History:
         return HistoryCallback()
 
 
+def _epoch_progress_bar():
+    """A Lightning progress bar with one tqdm bar per fit that advances per epoch and shows the losses.
+
+    Lightning's own bars redraw every step of every epoch: on cached features an epoch takes a
+    fraction of a second, and a notebook fills with hundreds of lines.
+    """
+    import lightning as L
+
+    class EpochProgressBar(L.pytorch.callbacks.ProgressBar):
+        def __init__(self) -> None:
+            super().__init__()
+            self._enabled = True
+            self.bar = None
+
+        def disable(self) -> None:
+            self._enabled = False
+
+        def enable(self) -> None:
+            self._enabled = True
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if self._enabled:
+                from tqdm.auto import tqdm
+
+                name = type(pl_module).__name__.removesuffix("Module").removesuffix("WithValidation")
+                self.bar = tqdm(
+                    total=trainer.max_epochs, desc=f"train {name}", unit="epoch", leave=False, mininterval=1.0
+                )
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if self.bar is not None:
+                metrics = {k: f"{float(v):.3f}" for k, v in trainer.callback_metrics.items() if k.endswith("_loss")}
+                self.bar.set_postfix(metrics, refresh=False)
+                self.bar.update(1)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return EpochProgressBar()
+
+
 def train(
     module,
     train_loader,
@@ -122,8 +165,8 @@ def train(
     callbacks = [history]
     if val_loader is not None and early_stopping_patience:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
-    if settings.show_progress:  # tqdm, like stexp's own bars (Lightning would pick rich when it is installed)
-        callbacks.append(L.pytorch.callbacks.TQDMProgressBar())
+    if settings.show_progress:  # one tqdm bar over epochs, like stexp's own bars
+        callbacks.append(_epoch_progress_bar())
     if accelerator == "cpu":
         torch.set_num_threads(max(1, settings.num_workers))
     strategy = "auto"

@@ -355,11 +355,13 @@ class MclSTExp(ExpressionModel):
         )
         val_loader = None
         if validation is not None:
-            # Validation sentences: a fixed random grouping of the validation spots (like the training ones).
+            # Validation sentences: one fixed random grouping of the validation spots (mixed like the training
+            # ones, the same every epoch so that validation losses compare).
+            order = torch.randperm(validation.n_spots, generator=torch.Generator().manual_seed(seed))
             val_loader = make_loader(
-                index(validation.n_spots),
+                torch.utils.data.TensorDataset(order),
                 batch_size=batch_size,
-                shuffle=True,
+                shuffle=False,
                 seed=seed,
                 num_workers=workers,
                 collate_fn=collate["val"],

@@ -51,8 +51,7 @@ class MLPModel(ExpressionModel):
     Hyper-parameters (``default_hparams``)
         ``hidden_dim=256``, ``n_hidden=1``, ``dropout=0.2``, ``lr=1e-3``, ``weight_decay=1e-4``,
         ``batch_size=128``, ``max_epochs=50``, ``early_stopping_patience=10``, ``device="auto"``,
-        ``seed=0``. Note that :func:`stexp.tl.fit` passes its own ``lr``/``weight_decay``/``batch_size``
-        defaults; give them explicitly to change them.
+        ``seed=0``.
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {

@@ -25,9 +25,9 @@ def fit(
     library_key: str = LIBRARY_KEY,
     layer: str | None = None,
     max_epochs: int | None = None,
-    batch_size: int = 128,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-3,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     device: str = "auto",
     seed: int | None = None,
     validation: str | Sequence[str] | None = None,
@@ -52,7 +52,10 @@ def fit(
     layer
         Layer with raw counts (``None``: ``adata.X``).
     max_epochs, batch_size, lr, weight_decay, device, seed
-        Training options, passed to models that take them (``None`` keeps the model's default).
+        Training options, passed to models that take them. ``None`` keeps each model's own default
+        (mclSTExp: 90 epochs, batch 128, lr 1e-4, weight decay 1e-3, as in the paper; NH2ST: 200
+        epochs, lr 5e-4; see each model's ``default_hparams``), so one call does not impose one
+        model's settings on another.
     validation
         Library id(s) held out for validation (early stopping, monitoring); they are not trained on.
     **model_kwargs
