@@ -208,7 +208,7 @@ def build_encoder(
 
 def _check_weights(weights) -> str | None:
     """Normalise ``weights`` to ``"imagenet"``, ``None`` or an absolute file path."""
-    if weights is None or (isinstance(weights, str) and weights in ("random", "none")):
+    if weights is None or (isinstance(weights, str) and weights.lower() in ("random", "none")):
         return None
     if isinstance(weights, str) and weights in ("imagenet", "pretrained"):
         return "imagenet"

@@ -78,6 +78,22 @@ class _History:
         return HistoryCallback()
 
 
+def train_with_hparams(module, train_loader, val_loader, hparams: dict[str, Any]) -> dict[str, list[float]]:
+    """:func:`train` with its options from a model's hyper-parameters.
+
+    Reads ``max_epochs``, ``device``, ``seed`` and ``early_stopping_patience`` from ``hparams``.
+    """
+    return train(
+        module,
+        train_loader,
+        val_loader,
+        max_epochs=int(hparams["max_epochs"]),
+        device=hparams["device"],
+        seed=int(hparams["seed"]),
+        early_stopping_patience=int(hparams["early_stopping_patience"]) or None,
+    )
+
+
 def _epoch_progress_bar():
     """A Lightning progress bar with one tqdm bar per fit that advances per epoch and shows the losses.
 
@@ -102,7 +118,7 @@ def _epoch_progress_bar():
             if self._enabled:
                 from tqdm.auto import tqdm
 
-                name = type(pl_module).__name__.removesuffix("Module").removesuffix("WithValidation")
+                name = type(getattr(pl_module, "net", pl_module)).__name__.removesuffix("Network")
                 self.bar = tqdm(
                     total=trainer.max_epochs, desc=f"train {name}", unit="epoch", leave=False, mininterval=1.0
                 )

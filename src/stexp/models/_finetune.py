@@ -55,8 +55,31 @@ def finetune_encoder(spec: dict[str, Any], *, pretrained: bool = True):
             "the images with a registry or timm encoder (stexp.pp.embed_images(adata, encoder='efficientnet_lite0')) "
             "and pass its features_key."
         )
-    weights = spec.get("weights_arg") if pretrained else None
-    return build_encoder(str(name), weights=None if weights in (None, "None", "random") else weights)
+    return build_encoder(str(name), weights=spec.get("weights_arg") if pretrained else None)
+
+
+def training_encoder(model, n_features: int):
+    """The pretrained encoder ``model`` fine-tunes, or ``None`` when it trains on frozen features.
+
+    Raises
+    ------
+    ValueError
+        If the encoder's output width differs from the ``n_features`` columns of the features its spec describes.
+    """
+    if not model.hparams["finetune_encoder"]:
+        return None
+    encoder = finetune_encoder(model.encoder_spec)
+    if n_features != encoder.out_dim:
+        raise ValueError(
+            f"{model.name}: the features have {n_features} columns but their encoder {encoder.name} outputs "
+            f"{encoder.out_dim}; the features spec does not describe them."
+        )
+    return encoder
+
+
+def loading_encoder(model):
+    """The architecture of the encoder a saved fine-tuned ``model`` holds (its weights follow), or ``None``."""
+    return finetune_encoder(model.encoder_spec, pretrained=False) if model.hparams["finetune_encoder"] else None
 
 
 def spec_patch_um(spec: dict[str, Any]) -> float | None:

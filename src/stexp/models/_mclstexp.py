@@ -294,8 +294,7 @@ class MclSTExp(ExpressionModel):
     # -- ExpressionModel ----------------------------------------------------------------------
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         from stexp.models import _finetune
-        from stexp.models._engine import make_loader
-        from stexp.models._engine import train as run_training
+        from stexp.models._engine import make_loader, train_with_hparams
 
         hp = self.hparams
         finetune = bool(hp["finetune_encoder"])
@@ -310,12 +309,7 @@ class MclSTExp(ExpressionModel):
         torch.manual_seed(seed)
         margin = int(hp["position_margin"])
         n_rows, n_cols = (int(m) + 1 + margin for m in train.array_rc.max(axis=0))
-        self.encoder = _finetune.finetune_encoder(self.encoder_spec) if finetune else None
-        if finetune and train.features.shape[1] != self.encoder.out_dim:
-            raise ValueError(
-                f"mclstexp: the features have {train.features.shape[1]} columns but their encoder "
-                f"{self.encoder.name} outputs {self.encoder.out_dim}; the features spec does not describe them."
-            )
+        self.encoder = _finetune.training_encoder(self, train.features.shape[1])
         net = self._build(train.features.shape[1], n_rows, n_cols, encoder=self.encoder.module if finetune else None)
         if validation is not None:
             self._check_features(validation, "validation features")
@@ -369,15 +363,7 @@ class MclSTExp(ExpressionModel):
         chance = math.log(batch_size)
         module = _lightning_module(net, tensors, hp, chance=chance, validate=val_loader is not None)
         module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
-        history = run_training(
-            module,
-            train_loader,
-            val_loader,
-            max_epochs=int(hp["max_epochs"]),
-            device=hp["device"],
-            seed=seed,
-            early_stopping_patience=int(hp["early_stopping_patience"]) or None,
-        )
+        history = train_with_hparams(module, train_loader, val_loader, hp)
         self.network = module.net.to("cpu").eval()
         self.history = {
             "train_loss": history.get("train_loss", []),
@@ -466,10 +452,9 @@ class MclSTExp(ExpressionModel):
                 f"mclstexp: the saved position tables are {state['net.x_embed.weight'].shape[1]} genes wide, "
                 f"the model's panel has {len(self.genes)} genes."
             )
-        if self.hparams["finetune_encoder"]:  # the architecture, into which the fine-tuned weights are loaded
-            from stexp.models._finetune import finetune_encoder
+        from stexp.models._finetune import loading_encoder
 
-            self.encoder = finetune_encoder(self.encoder_spec, pretrained=False)
+        self.encoder = loading_encoder(self)
         net = self._build(
             state["net.image_projection.projection.weight"].shape[1],
             state["net.y_embed.weight"].shape[0],

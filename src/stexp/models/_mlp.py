@@ -95,8 +95,7 @@ class MLPModel(ExpressionModel):
         )
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from stexp.models._engine import make_loader
-        from stexp.models._engine import train as run_training
+        from stexp.models._engine import make_loader, train_with_hparams
 
         hp = self.hparams
         seed = int(hp["seed"])
@@ -129,15 +128,7 @@ class MLPModel(ExpressionModel):
         if "val" in data:
             val_loader = make_loader(data["val"], batch_size=batch_size, shuffle=False, seed=seed)
         module = _lightning_module(net, hp, validate=val_loader is not None)
-        self.history = run_training(
-            module,
-            train_loader,
-            val_loader,
-            max_epochs=int(hp["max_epochs"]),
-            device=hp["device"],
-            seed=seed,
-            early_stopping_patience=int(hp["early_stopping_patience"]) or None,
-        )
+        self.history = train_with_hparams(module, train_loader, val_loader, hp)
         self.network = module.net.to("cpu").eval()
         logger.debug(f"mlp: trained {len(self.history.get('train_loss', []))} epochs on {train.n_spots} spots")
 

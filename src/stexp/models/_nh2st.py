@@ -369,18 +369,13 @@ class NH2ST(ExpressionModel):
 
     # -- ExpressionModel ----------------------------------------------------------------------
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from stexp.models._engine import train as run_training
-        from stexp.models._finetune import finetune_encoder
+        from stexp.models._engine import train_with_hparams
+        from stexp.models._finetune import training_encoder
 
         hp = self.hparams
         seed = int(hp["seed"])
         torch.manual_seed(seed)
-        self.encoder = finetune_encoder(self.encoder_spec) if hp["finetune_encoder"] else None
-        if self.encoder is not None and train.features.shape[1] != self.encoder.out_dim:
-            raise ValueError(
-                f"nh2st: the features have {train.features.shape[1]} columns but their encoder "
-                f"{self.encoder.name} outputs {self.encoder.out_dim}; the features spec does not describe them."
-            )
+        self.encoder = training_encoder(self, train.features.shape[1])
         self.network = self._build(train.features.shape[1], None if self.encoder is None else self.encoder.module)
         with torch.no_grad():
             feats = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
@@ -402,15 +397,7 @@ class NH2ST(ExpressionModel):
         train_loader = self._loader(train, tensors["train"], train=True)
         val_loader = None if validation is None else self._loader(validation, tensors["val"], train=False)
         module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
-        self.history = run_training(
-            module,
-            train_loader,
-            val_loader,
-            max_epochs=int(hp["max_epochs"]),
-            device=hp["device"],
-            seed=seed,
-            early_stopping_patience=int(hp["early_stopping_patience"]) or None,
-        )
+        self.history = train_with_hparams(module, train_loader, val_loader, hp)
         self.network = module.net.to("cpu").eval()
         logger.debug(f"nh2st: trained on {train.n_spots} spots, history keys {sorted(self.history)}")
 
@@ -461,10 +448,9 @@ class NH2ST(ExpressionModel):
         key = "net.image_proj.projection.weight"
         if key not in state:
             raise ValueError(f"nh2st: the saved weights lack {key!r}; not an NH2ST state.")
-        if self.hparams["finetune_encoder"]:  # the architecture, into which the fine-tuned weights are loaded
-            from stexp.models._finetune import finetune_encoder
+        from stexp.models._finetune import loading_encoder
 
-            self.encoder = finetune_encoder(self.encoder_spec, pretrained=False)
+        self.encoder = loading_encoder(self)
         net = self._build(state[key].shape[1], None if self.encoder is None else self.encoder.module)
         net.load_state_dict({k.removeprefix("net."): torch.from_numpy(np.array(v)) for k, v in state.items()})
         self.network = net.eval()
@@ -485,13 +471,13 @@ def _lightning_module(net: NH2STNetwork, tensors: dict[str, dict[str, torch.Tens
                     self.register_buffer(f"{split}_{name}", value, persistent=False)
 
         def _step(self, split: str, batch) -> torch.Tensor:
-            if isinstance(batch, dict):  # fine-tuning: the distinct nodes' patches go through the encoder
-                index = batch["index"]
+            fine_tuning = isinstance(batch, dict)  # then the distinct nodes' patches go through the encoder
+            index = batch["index"] if fine_tuning else batch[0]
+            nodes = getattr(self, f"{split}_nodes")[index]
+            if fine_tuning:
                 features = self.net.encode_nodes(batch["x"], batch["inverse"])
             else:
-                index = batch[0]
-                features = getattr(self, f"{split}_features")[getattr(self, f"{split}_nodes")[index]]
-            nodes = getattr(self, f"{split}_nodes")[index]
+                features = getattr(self, f"{split}_features")[nodes]
             losses = self.net.losses(
                 features,
                 getattr(self, f"{split}_target")[nodes],
