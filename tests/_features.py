@@ -46,3 +46,9 @@ def stat_features(adata, *, key: str = STATS_KEY, patch_um: float = 50.0, librar
         "normalization": "none",
     }
     return key
+
+
+def mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean per-gene Pearson r between predicted and true ``(spots, genes)``, over genes that vary in the truth."""
+    keep = truth.std(0) > 0
+    return float(np.mean([np.corrcoef(pred[:, g], truth[:, g])[0, 1] for g in np.flatnonzero(keep)]))

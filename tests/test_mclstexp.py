@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _features import STATS_KEY, stat_features
+from _features import STATS_KEY, mean_pcc, stat_features
 
 import stexp
 from stexp.pp._target import expression_target
@@ -18,11 +18,6 @@ def _split(adata, test_lib="slide_2"):
 
 def _fit(adata, **kwargs):
     return stexp.tl.fit(adata, model="mclstexp", features_key=STATS_KEY, **{**SMALL, "top_k": 50, **kwargs})
-
-
-def _mean_pcc(pred, truth):
-    keep = truth.std(0) > 0
-    return float(np.mean([np.corrcoef(pred[:, g], truth[:, g])[0, 1] for g in np.flatnonzero(keep)]))
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +82,14 @@ def test_learns_from_images_beyond_a_shuffled_image_control(featured, fitted):
     truth = expression_target(test, fitted.genes)
     stexp.tl.predict(test, fitted)
     pred = test.layers["stexp_pred"][:, test.var_names.get_indexer(fitted.genes)]
-    real = _mean_pcc(pred, truth)
+    real = mean_pcc(pred, truth)
 
     shuffled = train.copy()
     perm = np.random.default_rng(0).permutation(shuffled.n_obs)
     shuffled.obsm[STATS_KEY] = shuffled.obsm[STATS_KEY][perm]
     control = _fit(shuffled, max_epochs=30, seed=0)
     stexp.tl.predict(test, control, key_added="control")
-    ctrl = _mean_pcc(test.layers["control"][:, test.var_names.get_indexer(fitted.genes)], truth)
+    ctrl = mean_pcc(test.layers["control"][:, test.var_names.get_indexer(fitted.genes)], truth)
     assert real > 0.2
     assert real > ctrl + 0.15, (real, ctrl)
     # the loss went below chance on real features

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _features import mean_pcc
 
 import stexp
 from stexp._layout import library_ids
@@ -36,11 +37,6 @@ def _split(adata, test_lib="slide_2"):
 
 def _fit(adata, **kwargs):
     return stexp.tl.fit(adata, model="nh2st", features_key=FEATURES, **{**SMALL, **kwargs})
-
-
-def _mean_pcc(pred, truth):
-    keep = truth.std(0) > 0
-    return float(np.mean([np.corrcoef(pred[:, g], truth[:, g])[0, 1] for g in np.flatnonzero(keep)]))
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +100,14 @@ def test_learns_above_shuffled_image_control(featured, fitted):
     train, test = _split(featured)
     stexp.tl.predict(test, fitted)
     truth = expression_target(test, fitted.genes)
-    pcc = _mean_pcc(test.layers["stexp_pred"], truth)
+    pcc = mean_pcc(test.layers["stexp_pred"], truth)
 
     control = train.copy()
     rng = np.random.default_rng(0)
     control.obsm[FEATURES] = control.obsm[FEATURES][rng.permutation(control.n_obs)]
     shuffled = _fit(control, max_epochs=20, seed=0)
     stexp.tl.predict(test, shuffled, key_added="control")
-    pcc_control = _mean_pcc(test.layers["control"], truth)
+    pcc_control = mean_pcc(test.layers["control"], truth)
 
     assert pcc > 0.25, pcc
     assert pcc > pcc_control + 0.1, (pcc, pcc_control)  # shuffled controls reach about -0.15..0.2
