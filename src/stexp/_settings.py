@@ -31,8 +31,9 @@ class _Settings:
     cachedir
         Where image features and downloaded data are cached. Defaults to
         ``$STEXP_CACHE_DIR`` or ``~/.cache/stexp``.
-    num_workers
-        Threads used to cut patches and run encoders on the CPU (default: all cores).
+    n_jobs
+        CPU threads stexp's torch work uses (training, encoders); default: all cores. Set for the duration
+        of each stexp call and restored afterwards, so the caller's ``torch.get_num_threads()`` is kept.
     """
 
     def __init__(self) -> None:
@@ -40,7 +41,7 @@ class _Settings:
         self.seed = 0
         self.device = "auto"
         self._cachedir = Path(os.environ.get("STEXP_CACHE_DIR", Path.home() / ".cache" / "stexp"))
-        self.num_workers = os.cpu_count() or 1
+        self._n_jobs = os.cpu_count() or 1
         logger.setLevel(_LEVELS[self._verbosity])
 
     @property
@@ -53,6 +54,28 @@ class _Settings:
             raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {value!r}")
         self._verbosity = value
         logger.setLevel(_LEVELS[value])
+
+    @property
+    def n_jobs(self) -> int:
+        return self._n_jobs
+
+    @n_jobs.setter
+    def n_jobs(self, value: int) -> None:
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"n_jobs must be a positive integer, got {value!r}")
+        self._n_jobs = int(value)
+
+    @property
+    def num_workers(self) -> int:
+        """Deprecated name of :attr:`n_jobs`."""
+        return self._n_jobs
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:
+        import warnings
+
+        warnings.warn("stexp.settings.num_workers is now stexp.settings.n_jobs", FutureWarning, stacklevel=2)
+        self.n_jobs = value
 
     @property
     def cachedir(self) -> Path:
@@ -79,7 +102,7 @@ class _Settings:
     def __repr__(self) -> str:
         return (
             f"stexp.settings(verbosity={self.verbosity}, seed={self.seed}, device={self.device!r}, "
-            f"cachedir={str(self.cachedir)!r}, num_workers={self.num_workers})"
+            f"cachedir={str(self.cachedir)!r}, n_jobs={self.n_jobs})"
         )
 
 

@@ -1,7 +1,27 @@
-"""Models: the registry, the base class, saving and loading."""
+"""Models: the registry, the base classes, saving and loading."""
+
+from stexp._lazy import lazy_namespace
 
 from ._base import ExpressionModel, load
 from ._data import SpotData
 from ._registry import available_models, get_model_class, register_model
 
-__all__ = ["ExpressionModel", "SpotData", "available_models", "get_model_class", "load", "register_model"]
+_lazy_getattr, _lazy_dir, _lazy_all = lazy_namespace(
+    __name__, {"TorchExpressionModel": "._torch", "TrainingPlan": "._engine"}
+)
+
+
+def __getattr__(name: str):
+    return _lazy_getattr(name)
+
+
+__all__ = [
+    "ExpressionModel",
+    "SpotData",
+    "TorchExpressionModel",
+    "TrainingPlan",
+    "available_models",
+    "get_model_class",
+    "load",
+    "register_model",
+]

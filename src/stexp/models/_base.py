@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -13,18 +13,26 @@ from stexp._settings import logger
 
 from ._data import SpotData
 
+if TYPE_CHECKING:  # pragma: no cover
+    from stexp.images._spec import EncoderSpec
+
 _CONFIG_FILE = "model.json"
 _WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
+
+
+#: Runtime options: arguments of fit/predict/load, never saved with a model (older folders that saved them are read).
+RUNTIME_OPTIONS = ("device", "num_workers")
 
 
 class ExpressionModel(ABC):
     """A model that predicts expression of a gene panel from image features.
 
     Subclasses set :attr:`default_hparams` (every hyper-parameter with its default), implement
-    :meth:`_fit`, :meth:`_predict`, :meth:`_state` and :meth:`_load_state`, and register
-    themselves with :func:`stexp.models.register_model`. Users create models through
-    :func:`stexp.tl.fit` and load them with :func:`stexp.models.load`.
+    :meth:`_fit`, :meth:`_predict`, :meth:`_state` and :meth:`_load_state`, set :attr:`n_features` when
+    fitted or loaded, and register themselves with :func:`stexp.models.register_model`. Neural models
+    derive from :class:`stexp.models.TorchExpressionModel`, which implements all but the network. Users
+    create models through :func:`stexp.tl.fit` and load them with :func:`stexp.models.load`.
 
     Attributes
     ----------
@@ -33,12 +41,17 @@ class ExpressionModel(ABC):
     features_key
         The ``obsm`` key of the image features the model was trained on.
     encoder_spec
-        How those features were made (encoder, weights, patch size), as recorded by
-        :func:`stexp.pp.embed_images`; prediction checks it against the query data.
+        How those features were made (an :class:`stexp.images.EncoderSpec`, as recorded by
+        :func:`stexp.pp.embed_images`); prediction checks it against the query data.
     hparams
         Every hyper-parameter, JSON-serialisable.
     history
         Training history (e.g. per-epoch losses), JSON-serialisable.
+    n_features
+        Width of the image features the model reads (``None`` before fitting).
+    device
+        Where the model trains and predicts (``"auto"``: CUDA when available): a runtime choice, set by
+        ``fit``/``predict``/``load``, never saved.
     """
 
     name: ClassVar[str] = "base"
@@ -49,21 +62,28 @@ class ExpressionModel(ABC):
         genes: list[str],
         *,
         features_key: str | None = None,
-        encoder_spec: dict[str, Any] | None = None,
+        encoder_spec: EncoderSpec | dict[str, Any] | None = None,
         **hparams: Any,
     ) -> None:
+        from stexp.images._spec import EncoderSpec
+
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
+            runtime = [k for k in unknown if k in RUNTIME_OPTIONS]
+            hint = f" {runtime} are runtime options: pass them to fit/predict/load." if runtime else ""
             raise TypeError(
                 f"{type(self).__name__} got unknown hyper-parameter(s) {unknown}; "
-                f"it takes {sorted(self.default_hparams)}."
+                f"it takes {sorted(self.default_hparams)}.{hint}"
             )
         self.genes = list(genes)
         self.features_key = features_key
-        self.encoder_spec = dict(encoder_spec or {})
+        self.encoder_spec = EncoderSpec.from_mapping(encoder_spec)
         self.hparams = {**self.default_hparams, **hparams}
         self.history: dict[str, Any] = {}
         self.is_fitted = False
+        self.n_features: int | None = None
+        self.device = "auto"
+        self.num_workers = 0
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -88,20 +108,58 @@ class ExpressionModel(ABC):
         """Whether the model embeds image patches itself (a fine-tuned encoder) instead of reading ``obsm`` features."""
         return bool(self.hparams.get("finetune_encoder", False))
 
-    def fit(self, train: SpotData, validation: SpotData | None = None) -> ExpressionModel:
-        """Train the model; returns ``self``."""
-        if train.target is None:
-            raise ValueError("training data have no measured expression (target is None).")
-        if train.target.shape[1] != len(self.genes):
-            raise ValueError(f"target has {train.target.shape[1]} genes, the model's panel {len(self.genes)}.")
+    def check_features(self, data: SpotData, what: str = "data") -> None:
+        """Raise a ValueError when the image features of ``data`` are not as wide as the model's."""
+        if self.reads_patches or self.n_features is None:
+            return
+        if data.features.ndim != 2 or data.features.shape[1] != self.n_features:
+            raise ValueError(
+                f"{self.name}: the model was trained on {self.n_features}-dimensional image features, "
+                f"the {what} have shape {data.features.shape}; use the features the model was trained on."
+            )
+
+    def fit(
+        self,
+        train: SpotData,
+        validation: SpotData | None = None,
+        *,
+        device: str = "auto",
+        num_workers: int = 0,
+    ) -> ExpressionModel:
+        """Train the model; returns ``self``.
+
+        Parameters
+        ----------
+        train, validation
+            Training spots and, optionally, validation spots (early stopping, monitoring).
+        device
+            ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...; the model also predicts there.
+        num_workers
+            DataLoader worker processes that cut and augment patches when the encoder is fine-tuned.
+        """
+        for what, data in (("training", train), ("validation", validation)):
+            if data is None:
+                continue
+            if data.target is None:
+                raise ValueError(f"{what} data have no measured expression (target is None).")
+            if data.target.shape[1] != len(self.genes):
+                raise ValueError(
+                    f"{what} target has {data.target.shape[1]} genes, the model's panel {len(self.genes)}."
+                )
+        if int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+        self.device, self.num_workers = device, int(num_workers)
         self._fit(train, validation)
         self.is_fitted = True
         return self
 
-    def predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        """Predicted expression and spread for the spots of ``data``."""
+    def predict(self, data: SpotData, *, device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's)."""
         if not self.is_fitted:
             raise RuntimeError(f"this {self.name} model is not fitted yet; call stexp.tl.fit first.")
+        if device is not None:
+            self.device = device
+        self.check_features(data)
         mean, spread = self._predict(data)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
 
@@ -125,7 +183,7 @@ class ExpressionModel(ABC):
             "model": self.name,
             "genes": self.genes,
             "features_key": self.features_key,
-            "encoder_spec": self.encoder_spec,
+            "encoder_spec": self.encoder_spec.to_dict(),
             "hparams": self.hparams,
             "history": self.history,
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
@@ -139,7 +197,7 @@ class ExpressionModel(ABC):
 
     def __repr__(self) -> str:
         status = "fitted" if self.is_fitted else "not fitted"
-        enc = self.encoder_spec.get("encoder", "?") if self.encoder_spec else "?"
+        enc = self.encoder_spec.encoder or "?"
         return f"{type(self).__name__}({len(self.genes)} genes, features={self.features_key!r} [{enc}], {status})"
 
 
@@ -157,7 +215,8 @@ def load(
     path: str | Path,
     *,
     genes: list[str] | None = None,
-    encoder_spec: dict[str, Any] | None = None,
+    encoder_spec: EncoderSpec | dict[str, Any] | None = None,
+    device: str = "auto",
 ) -> ExpressionModel:
     """Load a model saved with :meth:`ExpressionModel.save`.
 
@@ -170,6 +229,9 @@ def load(
     encoder_spec
         When given, the feature spec the caller expects (e.g. ``adata.uns["stexp"]["features"][key]``);
         a different encoder, weights or patch size raises.
+    device
+        Where the model will predict (``"auto"``: CUDA when available); nothing of the machine that
+        saved the model is restored.
 
     Raises
     ------
@@ -193,11 +255,13 @@ def load(
     if genes is not None:
         check_genes(config["genes"], list(genes), what=f"model at {path}")
     if encoder_spec is not None:
+        from stexp.images._spec import check_encoder_spec
+
         check_encoder_spec(config["encoder_spec"], encoder_spec, what=f"model at {path}")
     cls = get_model_class(config["model"])
-    model = cls(
-        config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"], **config["hparams"]
-    )
+    hparams = {k: v for k, v in config["hparams"].items() if k not in RUNTIME_OPTIONS}
+    model = cls(config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"], **hparams)
+    model.device = device
     model.history = config.get("history", {})
     model._load_state(load_file(str(weights_file)))
     model.is_fitted = True
@@ -219,21 +283,36 @@ def check_genes(model_genes: list[str], other_genes: list[str], *, what: str = "
     )
 
 
-#: Fields of an encoder spec that must match between training and prediction.
-ENCODER_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization")
+def check_hparams(
+    model: str,
+    hparams: dict[str, Any],
+    *,
+    positive_int: tuple[str, ...] = (),
+    non_negative_int: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    fraction: tuple[str, ...] = (),
+) -> None:
+    """Raise a ValueError naming the first hyper-parameter outside its range.
 
+    ``positive_int``: integers >= 1; ``non_negative_int``: integers >= 0; ``positive``: numbers > 0;
+    ``non_negative``: numbers >= 0; ``fraction``: numbers in [0, 1).
+    """
 
-def check_encoder_spec(model_spec: dict[str, Any], data_spec: dict[str, Any], *, what: str = "model") -> None:
-    """Raise a ValueError naming each field in which two feature specs differ."""
-    if not model_spec or not data_spec:
-        return
-    diffs = [
-        f"{k}: model {model_spec.get(k)!r} vs data {data_spec.get(k)!r}"
-        for k in ENCODER_FIELDS
-        if k in model_spec and k in data_spec and str(model_spec.get(k)) != str(data_spec.get(k))
-    ]
-    if diffs:
-        raise ValueError(
-            f"{what} was trained on features from another image encoder ({'; '.join(diffs)}). "
-            "Embed the data with the model's encoder spec (stexp.pp.embed_images) first."
-        )
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+
+    rules = (
+        (positive_int, lambda v: is_int(v) and v >= 1, "a positive integer"),
+        (non_negative_int, lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        (positive, lambda v: is_number(v) and v > 0, "a positive number"),
+        (non_negative, lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        (fraction, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    )
+    for keys, ok, what in rules:
+        for key in keys:
+            if not ok(hparams[key]):
+                raise ValueError(f"{model}: {key} must be {what}, got {hparams[key]!r}.")

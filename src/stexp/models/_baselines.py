@@ -17,20 +17,18 @@ from stexp.models._data import SpotData
 from stexp.models._registry import register_model
 
 
-def _check_features(model: ExpressionModel, data: SpotData, n_features: int) -> np.ndarray:
-    feats = np.asarray(data.features, dtype=np.float32)
-    if feats.ndim != 2 or feats.shape[1] != n_features:
-        raise ValueError(
-            f"{model.name}: the model was trained on {n_features}-dimensional image features, "
-            f"the data have shape {feats.shape}; use the features the model was trained on."
-        )
-    return feats
-
-
 def _state_array(state: dict[str, np.ndarray], key: str, model: str) -> np.ndarray:
     if key not in state:
         raise ValueError(f"{model}: the saved weights lack {key!r} (they have {sorted(state)}); not a {model} state.")
     return np.asarray(state[key])
+
+
+def _check_panel(model: ExpressionModel, n_genes: int, key: str) -> None:
+    if n_genes != len(model.genes):
+        raise ValueError(
+            f"{model.name}: the saved {key!r} has {n_genes} genes, the model's panel (model.json) {len(model.genes)}; "
+            "the model folder is inconsistent."
+        )
 
 
 @register_model("mean")
@@ -50,6 +48,7 @@ class MeanModel(ExpressionModel):
         target = np.asarray(train.target, dtype=np.float64)
         self.mean_ = target.mean(axis=0).astype(np.float32)
         self.std_ = target.std(axis=0).astype(np.float32)
+        self.n_features = int(train.features.shape[1])
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         n = data.n_spots
@@ -61,6 +60,7 @@ class MeanModel(ExpressionModel):
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
         self.mean_ = _state_array(state, "mean", self.name).astype(np.float32)
         self.std_ = _state_array(state, "std", self.name).astype(np.float32)
+        _check_panel(self, self.mean_.shape[0], "mean")
 
 
 @register_model("ridge")
@@ -162,7 +162,7 @@ class RidgeModel(ExpressionModel):
             "intercept": np.asarray(final.intercept_, dtype=np.float32).reshape(-1),
             "alpha": np.asarray([alphas[best]], dtype=np.float32),
         }
-        self.n_features_ = X.shape[1]
+        self.n_features = X.shape[1]
         self.history = {"alpha": alphas[best], "alphas": alphas, "inner_cv_mse": scores.tolist(), "inner_cv": how}
         if best in (0, len(alphas) - 1) and len(alphas) > 1:
             logger.warning(
@@ -171,7 +171,7 @@ class RidgeModel(ExpressionModel):
         logger.debug(f"ridge: alpha {alphas[best]:g} by {how}, {Z.shape[1]} components")
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        X = _check_features(self, data, self.n_features_).astype(np.float64)
+        X = np.asarray(data.features, dtype=np.float64)
         arrays = {k: v.astype(np.float64) for k, v in self.arrays_.items()}
         Z = self._transform(arrays, X)
         return Z @ arrays["coef"].T + arrays["intercept"], None
@@ -182,7 +182,8 @@ class RidgeModel(ExpressionModel):
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
         keys = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "alpha")
         self.arrays_ = {k: _state_array(state, k, self.name).astype(np.float32) for k in keys}
-        self.n_features_ = int(self.arrays_["scaler_mean"].shape[0])
+        self.n_features = int(self.arrays_["scaler_mean"].shape[0])
+        _check_panel(self, self.arrays_["coef"].shape[0], "coef")
         self.history.setdefault("alpha", float(self.arrays_["alpha"][0]))
 
 
@@ -209,7 +210,7 @@ class KNNModel(ExpressionModel):
         for key in ("k", "chunk_size"):
             if int(hp[key]) != hp[key] or hp[key] < 1:
                 raise ValueError(f"knn: {key} must be a positive integer, got {hp[key]!r}.")
-        if hp["temperature"] not in (None, "None") and not float(hp["temperature"]) > 0:
+        if hp["temperature"] is not None and not float(hp["temperature"]) > 0:
             raise ValueError(f"knn: temperature must be positive or None, got {hp['temperature']!r}.")
 
     def _normalise(self, X: np.ndarray) -> np.ndarray:
@@ -229,9 +230,10 @@ class KNNModel(ExpressionModel):
             self.feature_scale_ = np.ones(X.shape[1], dtype=np.float32)
         self.bank_features_ = self._normalise(X).astype(np.float32)
         self.bank_target_ = np.asarray(train.target, dtype=np.float32)
+        self.n_features = int(X.shape[1])
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        X = _check_features(self, data, self.bank_features_.shape[1])
+        X = np.asarray(data.features, dtype=np.float32)
         k = int(self.hparams["k"])
         if k > self.bank_features_.shape[0]:
             raise ValueError(f"knn: k={k} is larger than the reference bank ({self.bank_features_.shape[0]} spots).")
@@ -244,7 +246,7 @@ class KNNModel(ExpressionModel):
             sim = Q[start : start + chunk] @ self.bank_features_.T
             top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
             s = np.take_along_axis(sim, top, axis=1).astype(np.float64)
-            if temperature in (None, "None"):
+            if temperature is None:
                 w = np.ones_like(s)
             else:
                 w = np.exp((s - s.max(axis=1, keepdims=True)) / float(temperature))
@@ -269,3 +271,5 @@ class KNNModel(ExpressionModel):
         self.feature_scale_ = _state_array(state, "feature_scale", self.name).astype(np.float32)
         self.bank_features_ = _state_array(state, "bank_features", self.name).astype(np.float32)
         self.bank_target_ = _state_array(state, "bank_target", self.name).astype(np.float32)
+        self.n_features = int(self.bank_features_.shape[1])
+        _check_panel(self, self.bank_target_.shape[1], "bank_target")

@@ -1,8 +1,9 @@
-"""What a model sees of an AnnData: features, targets and spot geometry as plain arrays."""
+"""What a model sees of an AnnData: features, targets and spot geometry as plain arrays (never the AnnData)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +29,9 @@ class SpotData:
         Patient of each spot, when known.
     obs_names
         Spot ids, for messages.
-    adata, obs_index
-        The source AnnData and the integer rows of the spots in it: models that fine-tune the
-        image encoder read patches through them.
-    library_key
-        The ``obs`` column of ``adata`` that names the slides.
+    patches
+        The spots' image patches (a :class:`stexp.images.PatchSource`, rows -> uint8 patches), for
+        models that fine-tune the image encoder; ``None`` on frozen features.
     """
 
     features: np.ndarray
@@ -42,16 +41,16 @@ class SpotData:
     target: np.ndarray | None = None
     patient: np.ndarray | None = None
     obs_names: np.ndarray | None = None
-    adata: object | None = field(default=None, repr=False)
-    obs_index: np.ndarray | None = None
-    library_key: str = "library_id"
+    patches: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
-        for name in ("library", "array_rc", "coords_um", "target", "patient"):
+        for name in ("library", "array_rc", "coords_um", "target", "patient", "obs_names"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"SpotData.{name} has {value.shape[0]} rows, features have {n}.")
+        if self.patches is not None and len(self.patches) != n:
+            raise ValueError(f"SpotData.patches has {len(self.patches)} spots, features have {n}.")
 
     @property
     def n_spots(self) -> int:
@@ -73,7 +72,9 @@ class SpotData:
             target=take(self.target),
             patient=take(self.patient),
             obs_names=take(self.obs_names),
-            adata=self.adata,
-            obs_index=take(self.obs_index),
-            library_key=self.library_key,
+            patches=None if self.patches is None else self.patches.subset(mask),
         )
+
+    def with_genes(self, columns: np.ndarray) -> SpotData:
+        """The same spots with the target restricted to ``columns`` (a gene panel of a wider target)."""
+        return replace(self, target=None if self.target is None else self.target[:, columns])

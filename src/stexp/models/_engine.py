@@ -1,18 +1,30 @@
-"""The training engine: Lightning, set up the same way for every neural model in stexp.
+"""The training engine: one Lightning ``TrainingPlan`` and one ``train`` function for every neural model.
 
-Models write a ``lightning.LightningModule`` (its ``training_step`` logs ``"train_loss"`` and, when
-validation data are given, ``validation_step`` logs ``"val_loss"``) and call :func:`train`. The engine
-chooses the accelerator (CUDA when available; all visible GPUs with DDP), mixed precision on GPU,
-progress bars by ``stexp.settings.verbosity``, seeding and determinism, early stopping on the
-validation loss, and returns the per-epoch history.
+A network (a ``torch.nn.Module``) only has to say what its losses are: ``network.losses(batch, data,
+gather)`` returns a dict of named scalar losses for a batch, where ``batch`` is a dict with the
+spot indices of the batch (``"index"``; and, when the image encoder is fine-tuned, the batch's patches
+``"x"``), ``data`` the split's tensors (features, targets, graphs... kept on the device as buffers) and
+``gather`` a function that collects a tensor from every process under DDP (identity on one device).
+:class:`TrainingPlan` weights and sums the losses, logs them per epoch (``train_loss``, ``val_loss``,
+and each named loss), builds the optimiser (AdamW; a fine-tuned image encoder ``network.image_encoder``
+gets its own learning rate) and runs validation. :func:`train` chooses the accelerator (CUDA when
+available), mixed precision on GPU, progress bars by ``stexp.settings.verbosity``, seeding and
+determinism, early stopping on the validation loss, and returns the per-epoch history. It leaves the
+caller's process as it found it (RNG states, threads, flags, environment).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import lightning as L
+import torch
+from torch import nn
+
+from stexp._process import preserve_process_state
 from stexp._settings import logger, settings
 
 
@@ -37,13 +49,10 @@ def make_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     collate_fn=None,
-):
+) -> torch.utils.data.DataLoader:
     """A DataLoader with a seeded generator, so shuffling is reproducible."""
-    import torch
-    from torch.utils.data import DataLoader
-
     generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -55,90 +64,171 @@ def make_loader(
     )
 
 
-class _History:
-    """Collects the epoch-level metrics Lightning logged."""
-
-    def __new__(cls):
-        import lightning as L
-
-        class HistoryCallback(L.Callback):
-            def __init__(self) -> None:
-                self.history: dict[str, list[float]] = {}
-
-            def _collect(self, trainer) -> None:
-                for key, value in trainer.callback_metrics.items():
-                    if key.endswith("_step"):
-                        continue
-                    self.history.setdefault(key.removesuffix("_epoch"), []).append(float(value))
-
-            def on_train_epoch_end(self, trainer, pl_module) -> None:
-                if not trainer.sanity_checking:
-                    self._collect(trainer)
-
-        return HistoryCallback()
+def index_batch(items) -> dict[str, torch.Tensor]:
+    """``collate_fn`` of plain spot indices: ``{"index": (B,)}``."""
+    return {"index": torch.as_tensor([int(i[0]) if isinstance(i, (tuple, list)) else int(i) for i in items])}
 
 
-def train_with_hparams(module, train_loader, val_loader, hparams: dict[str, Any]) -> dict[str, list[float]]:
-    """:func:`train` with its options from a model's hyper-parameters.
-
-    Reads ``max_epochs``, ``device``, ``seed`` and ``early_stopping_patience`` from ``hparams``.
-    """
-    return train(
-        module,
-        train_loader,
-        val_loader,
-        max_epochs=int(hparams["max_epochs"]),
-        device=hparams["device"],
-        seed=int(hparams["seed"]),
-        early_stopping_patience=int(hparams["early_stopping_patience"]) or None,
+def index_loader(
+    n: int,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    collate_fn=None,
+    order: torch.Tensor | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of spot indices ``0..n-1`` (in ``order`` when given), as ``{"index": ...}`` dicts by default."""
+    indices = torch.arange(n) if order is None else order
+    return make_loader(
+        torch.utils.data.TensorDataset(indices),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_fn or index_batch,
     )
 
 
-def _epoch_progress_bar():
-    """A Lightning progress bar with one tqdm bar per fit that advances per epoch and shows the losses.
+class TrainingPlan(L.LightningModule):
+    """The LightningModule of every neural stexp model: losses from the network, AdamW, validation, logging.
+
+    Parameters
+    ----------
+    network
+        A module with ``losses(batch, data, gather) -> dict[str, Tensor]``; the plan holds it as ``net``.
+    data
+        Tensors per split (``{"train": {...}, "val": {...}}``), registered as non-persistent buffers so
+        they move to the device with the module; ``network.losses`` gets the split's dict.
+    lr, weight_decay
+        AdamW settings.
+    encoder_lr
+        Learning rate of ``network.image_encoder`` when it is fine-tuned (``None``: ``lr``).
+    loss_weights
+        Weight of each named loss in the total (default 1 for a name not listed).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        data: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        lr: float,
+        weight_decay: float,
+        encoder_lr: float | None = None,
+        loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = network
+        self.lr, self.weight_decay, self.encoder_lr = float(lr), float(weight_decay), encoder_lr
+        self.loss_weights = dict(loss_weights or {})
+        self._names: dict[str, list[str]] = {}
+        for split, named in data.items():
+            self._names[split] = list(named)
+            for name, value in named.items():
+                self.register_buffer(f"_{split}__{name}", value, persistent=False)
+
+    def split_data(self, split: str) -> dict[str, torch.Tensor]:
+        """The tensors of one split, on the module's device."""
+        return {name: getattr(self, f"_{split}__{name}") for name in self._names.get(split, [])}
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:  # e.g. contrastive negatives from every device's batch
+            return self.all_gather(x, sync_grads=True).flatten(0, 1)
+        return x
+
+    def _step(self, split: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = self.net.losses(batch, self.split_data(split), self._gather)
+        total = sum(float(self.loss_weights.get(k, 1.0)) * v for k, v in losses.items())
+        size = int(batch["index"].shape[0])
+        self.log(f"{split}_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        if len(losses) > 1:
+            for k, v in losses.items():
+                self.log(f"{split}_{k}", v, on_step=False, on_epoch=True, batch_size=size)
+        return total
+
+    def training_step(self, batch, batch_idx):
+        return self._step("train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._step("val", batch)
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            logger.debug(f"{type(self.net).__name__} epoch {self.current_epoch}: train_loss {float(loss):.4f}")
+
+    def configure_optimizers(self):
+        encoder = getattr(self.net, "image_encoder", None)
+        if encoder is None:
+            return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        enc_ids = {id(p) for p in encoder.parameters()}
+        groups = [
+            {"params": [p for p in self.net.parameters() if id(p) not in enc_ids], "lr": self.lr},
+            {
+                "params": list(encoder.parameters()),
+                "lr": self.lr if self.encoder_lr is None else float(self.encoder_lr),
+            },
+        ]
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+
+class _History(L.Callback):
+    """Collects the epoch-level metrics Lightning logged."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            if not key.endswith("_step"):
+                self.history.setdefault(key.removesuffix("_epoch"), []).append(float(value))
+
+
+class _EpochProgressBar(L.pytorch.callbacks.ProgressBar):
+    """One tqdm bar per fit that advances per epoch and shows the losses.
 
     Lightning's own bars redraw every step of every epoch: on cached features an epoch takes a
     fraction of a second, and a notebook fills with hundreds of lines.
     """
-    import lightning as L
 
-    class EpochProgressBar(L.pytorch.callbacks.ProgressBar):
-        def __init__(self) -> None:
-            super().__init__()
-            self._enabled = True
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self.bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._enabled:
+            from tqdm.auto import tqdm
+
+            name = type(getattr(pl_module, "net", pl_module)).__name__.removesuffix("Network")
+            self.bar = tqdm(total=trainer.max_epochs, desc=f"train {name}", unit="epoch", leave=False, mininterval=1.0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            metrics = {k: f"{float(v):.3f}" for k, v in trainer.callback_metrics.items() if k.endswith("_loss")}
+            self.bar.set_postfix(metrics, refresh=False)
+            self.bar.update(1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
             self.bar = None
-
-        def disable(self) -> None:
-            self._enabled = False
-
-        def enable(self) -> None:
-            self._enabled = True
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            if self._enabled:
-                from tqdm.auto import tqdm
-
-                name = type(getattr(pl_module, "net", pl_module)).__name__.removesuffix("Network")
-                self.bar = tqdm(
-                    total=trainer.max_epochs, desc=f"train {name}", unit="epoch", leave=False, mininterval=1.0
-                )
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if self.bar is not None:
-                metrics = {k: f"{float(v):.3f}" for k, v in trainer.callback_metrics.items() if k.endswith("_loss")}
-                self.bar.set_postfix(metrics, refresh=False)
-                self.bar.update(1)
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return EpochProgressBar()
 
 
 def train(
-    module,
+    module: L.LightningModule,
     train_loader,
     val_loader=None,
     *,
@@ -154,7 +244,7 @@ def train(
     Parameters
     ----------
     module
-        The LightningModule.
+        The LightningModule (usually a :class:`TrainingPlan`).
     train_loader, val_loader
         DataLoaders; with ``val_loader`` the module must log ``"val_loss"``.
     max_epochs
@@ -162,7 +252,8 @@ def train(
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     seed
-        Seeds python, numpy and torch; CPU runs are deterministic for a seed.
+        Seeds python, numpy and torch for the run; CPU runs are deterministic for a seed. The caller's
+        global RNG states are restored afterwards.
     precision
         Lightning precision; default ``"bf16-mixed"`` on GPUs that support it, else ``"32-true"``.
     early_stopping_patience
@@ -170,58 +261,69 @@ def train(
     gradient_clip_val
         Clip gradients to this norm.
     """
-    import lightning as L
-    import torch
-
     accelerator, devices = accelerator_for(device)
     if precision is None:
         precision = "bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true"
-    L.seed_everything(int(seed), workers=True, verbose=False)
     history = _History()
-    callbacks = [history]
+    callbacks: list[L.Callback] = [history]
     if val_loader is not None and early_stopping_patience:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
-    if settings.show_progress:  # one tqdm bar over epochs, like stexp's own bars
-        callbacks.append(_epoch_progress_bar())
-    if accelerator == "cpu":
-        torch.set_num_threads(max(1, settings.num_workers))
+    if settings.show_progress:
+        callbacks.append(_EpochProgressBar())
     strategy = "auto"
     if accelerator == "gpu" and devices == "auto" and torch.cuda.device_count() > 1:
         strategy = "ddp"
     # Lightning's banners ("GPU available...", tips) are printed while the Trainer is built: quiet them first.
-    lightning_loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
-    lightning_loggers += [
-        logging.getLogger(f"{n}.utilities.rank_zero") for n in ("lightning.pytorch", "lightning.fabric")
-    ]
+    names = ["lightning", "lightning.pytorch", "lightning.fabric"]
+    names += [f"{n}.utilities.rank_zero" for n in ("lightning.pytorch", "lightning.fabric")]
+    lightning_loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in lightning_loggers]
-    for lg in lightning_loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        trainer = L.Trainer(
-            max_epochs=int(max_epochs),
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            precision=precision,
-            deterministic=accelerator == "cpu",
-            callbacks=callbacks,
-            enable_progress_bar=settings.show_progress,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            logger=False,
-            log_every_n_steps=1,
-            num_sanity_val_steps=0,
-            gradient_clip_val=gradient_clip_val,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-            # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    finally:
-        for lg, level in zip(lightning_loggers, levels, strict=True):
-            lg.setLevel(level)
-    out = history.history
+    with preserve_process_state():
+        for lg in lightning_loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            if accelerator == "cpu":
+                torch.set_num_threads(settings.n_jobs)
+            L.seed_everything(int(seed), workers=True, verbose=False)
+            trainer = L.Trainer(
+                max_epochs=int(max_epochs),
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                precision=precision,
+                deterministic=accelerator == "cpu",
+                callbacks=callbacks,
+                enable_progress_bar=settings.show_progress,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                logger=False,
+                log_every_n_steps=1,
+                num_sanity_val_steps=0,
+                gradient_clip_val=gradient_clip_val,
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+                warnings.filterwarnings(
+                    "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
+                )
+                # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
+                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+        finally:
+            for lg, level in zip(lightning_loggers, levels, strict=True):
+                lg.setLevel(level)
     logger.debug(f"trained {trainer.current_epoch} epochs on {accelerator}, precision {precision}")
-    return out
+    return history.history
+
+
+def seeded(seed: int) -> Callable[[], Any]:
+    """A context that seeds torch's global RNG for building a network and restores the caller's RNG after."""
+
+    def context():
+        fork = torch.random.fork_rng(devices=[])
+        fork.__enter__()
+        torch.manual_seed(int(seed))
+        return fork
+
+    return context

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from stexp._settings import logger, settings
-from stexp.models._base import ExpressionModel
+from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
 from stexp.models._finetune import FINETUNE_HPARAMS
-from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
+from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._registry import register_model
+from stexp.models._torch import TorchExpressionModel, as_tensor
 
 #: Floats of neighbour expression gathered per retrieval chunk (``chunk x k x genes``): 128 MB in float32.
 RETRIEVAL_CHUNK_ELEMENTS = 2**25
@@ -66,7 +67,7 @@ class MclSTExpNetwork(nn.Module):
         Number of genes: the width of the spot tokens and of the position tables.
     n_rows, n_cols
         Rows of the y (array row) and x (array column) position tables.
-    projection_dim, n_layers, n_heads, head_dim, mlp_dim, dropout, attn_dropout
+    projection_dim, n_layers, n_heads, head_dim, mlp_dim, dropout, attn_dropout, temperature, normalize_embeddings
         See :class:`MclSTExp`.
     encoder
         The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
@@ -86,9 +87,12 @@ class MclSTExpNetwork(nn.Module):
         mlp_dim: int,
         dropout: float,
         attn_dropout: float,
+        temperature: float = 1.0,
+        normalize_embeddings: bool = False,
         encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.temperature, self.normalize_embeddings = float(temperature), bool(normalize_embeddings)
         self.image_encoder = encoder
         self.x_embed = nn.Embedding(n_cols, n_genes)
         self.y_embed = nn.Embedding(n_rows, n_genes)
@@ -124,9 +128,17 @@ class MclSTExpNetwork(nn.Module):
         """Image embeddings ``(n, P)`` from image features ``(n, D)`` (z-scored, then the projection head)."""
         return self.image_projection((features.float() - self.feature_mean) / self.feature_std)
 
+    def losses(self, batch, data, gather) -> dict[str, torch.Tensor]:
+        """Symmetric CLIP loss between the batch's spot and image embeddings (negatives from every device)."""
+        index = batch["index"]
+        image = self.embed_images(batch["x"] if "x" in batch else data["features"][index])
+        spot = self.embed_spots(data["target"][index], data["rc"][index])
+        loss = info_nce(gather(spot), gather(image), temperature=self.temperature, normalize=self.normalize_embeddings)
+        return {"nce": loss}
+
 
 @register_model("mclstexp")
-class MclSTExp(ExpressionModel):
+class MclSTExp(TorchExpressionModel):
     """mclSTExp (Min et al., 2024): multimodal contrastive learning of spots and images, prediction by retrieval.
 
     Train it with ``stexp.tl.fit(adata, model="mclstexp", ...)``; every hyper-parameter below is a
@@ -183,8 +195,7 @@ class MclSTExp(ExpressionModel):
         stexp's: ``position_margin=8``, ``bank_passes=1``, ``standardize_features=True``,
         ``early_stopping_patience=10`` (only with ``validation=``), ``finetune_encoder=False``,
         ``augment=True`` (flips, 90° rotations, colour jitter of the patch dataset when fine-tuning),
-        ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``), ``num_workers=0``
-        (patch-loading workers when fine-tuning), ``device="auto"``, ``seed=0``.
+        ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``), ``seed=0``.
 
     Deviations from the paper
         The loss uses diagonal (one-hot) positives as CLIP does; the paper's code used BLEEP's soft
@@ -214,48 +225,35 @@ class MclSTExp(ExpressionModel):
         "weight_decay": 1e-3,
         "early_stopping_patience": 10,
         **FINETUNE_HPARAMS,
-        "device": "auto",
         "seed": 0,
     }
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
-        self._check_hparams()
-        self.network: MclSTExpNetwork | None = None
-        self.n_features: int | None = None
+        hp = self.hparams
+        check_hparams(
+            "mclstexp",
+            hp,
+            positive_int=("projection_dim", "n_heads", "head_dim", "max_epochs", "batch_size", "top_k", "bank_passes"),
+            non_negative_int=("n_layers", "position_margin", "early_stopping_patience"),
+            positive=("temperature", "lr"),
+            non_negative=("weight_decay",),
+            fraction=("dropout", "attn_dropout"),
+        )
+        if hp["mlp_dim"] is not None:
+            check_hparams("mclstexp", hp, positive_int=("mlp_dim",))
         self.bank_embeddings: np.ndarray | None = None
         self.bank_expression: np.ndarray | None = None
-        self.encoder = None  # the fine-tuned stexp.images.Encoder (finetune_encoder=True)
 
-    def _check_hparams(self) -> None:
+    # -- the network and its data -------------------------------------------------------------
+    def build_network(self, *, n_features: int, encoder: nn.Module | None, **sizes: int) -> MclSTExpNetwork:
         hp = self.hparams
-        for key in ("projection_dim", "n_heads", "head_dim", "max_epochs", "batch_size", "top_k", "bank_passes"):
-            if int(hp[key]) != hp[key] or hp[key] < 1:
-                raise ValueError(f"mclstexp: {key} must be a positive integer, got {hp[key]!r}.")
-        for key in ("n_layers", "position_margin", "early_stopping_patience", "num_workers"):
-            if int(hp[key]) != hp[key] or hp[key] < 0:
-                raise ValueError(f"mclstexp: {key} must be a non-negative integer, got {hp[key]!r}.")
-        if hp["mlp_dim"] is not None and (int(hp["mlp_dim"]) != hp["mlp_dim"] or hp["mlp_dim"] < 1):
-            raise ValueError(f"mclstexp: mlp_dim must be a positive integer or None, got {hp['mlp_dim']!r}.")
-        for key in ("temperature", "lr"):
-            if not hp[key] > 0:
-                raise ValueError(f"mclstexp: {key} must be positive, got {hp[key]!r}.")
-        if not hp["weight_decay"] >= 0:
-            raise ValueError(f"mclstexp: weight_decay must be >= 0, got {hp['weight_decay']!r}.")
-        for key in ("dropout", "attn_dropout"):
-            if not 0 <= hp[key] < 1:
-                raise ValueError(f"mclstexp: {key} must be in [0, 1), got {hp[key]!r}.")
-
-    # -- helpers ------------------------------------------------------------------------------
-    def _build(self, n_features: int, n_rows: int, n_cols: int, encoder: nn.Module | None = None) -> MclSTExpNetwork:
-        hp = self.hparams
-        self.n_features = int(n_features)
         n_genes = len(self.genes)
         return MclSTExpNetwork(
-            self.n_features,
+            n_features,
             n_genes,
-            int(n_rows),
-            int(n_cols),
+            sizes["n_rows"],
+            sizes["n_cols"],
             projection_dim=int(hp["projection_dim"]),
             n_layers=int(hp["n_layers"]),
             n_heads=int(hp["n_heads"]),
@@ -263,8 +261,33 @@ class MclSTExp(ExpressionModel):
             mlp_dim=int(hp["mlp_dim"] or n_genes),
             dropout=float(hp["dropout"]),
             attn_dropout=float(hp["attn_dropout"]),
+            temperature=float(hp["temperature"]),
+            normalize_embeddings=bool(hp["normalize_embeddings"]),
             encoder=encoder,
         )
+
+    def network_sizes(self, train: SpotData) -> dict[str, int]:
+        if (train.array_rc < 0).any():
+            raise ValueError(
+                f"mclstexp: array coordinates must be non-negative integers (min {int(train.array_rc.min())})."
+            )
+        margin = int(self.hparams["position_margin"])
+        n_rows, n_cols = (int(m) + 1 + margin for m in train.array_rc.max(axis=0))
+        return {"n_rows": n_rows, "n_cols": n_cols}
+
+    def legacy_sizes(self, state: dict[str, np.ndarray]) -> dict[str, int]:
+        return {
+            "n_features": int(state["net.image_projection.projection.weight"].shape[1]),
+            "n_rows": int(state["net.y_embed.weight"].shape[0]),
+            "n_cols": int(state["net.x_embed.weight"].shape[0]),
+        }
+
+    def training_tensors(self, data: SpotData) -> dict[str, torch.Tensor]:
+        return {**super().training_tensors(data), "rc": as_tensor(data.array_rc, torch.int64)}
+
+    def validation_order(self, n: int) -> torch.Tensor:
+        """Validation sentences: one fixed random grouping of the spots, the same every epoch (losses compare)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(int(self.hparams["seed"])))
 
     def _check_top_k(self, n_bank: int) -> None:
         k = int(self.hparams["top_k"])
@@ -274,100 +297,17 @@ class MclSTExp(ExpressionModel):
                 f"pass top_k <= {n_bank}."
             )
 
-    def _check_features(self, data: SpotData, what: str) -> None:
-        if self.hparams["finetune_encoder"]:
-            return
-        if data.features.shape[1] != self.n_features:
-            raise ValueError(
-                f"mclstexp: the model was trained on {self.n_features}-dimensional image features, "
-                f"the {what} have {data.features.shape[1]}; use the features the model was trained on."
-            )
-
-    @staticmethod
-    def _tensors(data: SpotData) -> dict[str, torch.Tensor]:
-        return {
-            "features": torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32)),
-            "target": torch.from_numpy(np.ascontiguousarray(data.target, dtype=np.float32)),
-            "rc": torch.from_numpy(np.ascontiguousarray(data.array_rc, dtype=np.int64)),
-        }
-
     # -- ExpressionModel ----------------------------------------------------------------------
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from stexp.models import _finetune
-        from stexp.models._engine import make_loader, train_with_hparams
-
-        hp = self.hparams
-        finetune = bool(hp["finetune_encoder"])
         self._check_top_k(train.n_spots)
-        if (train.array_rc < 0).any():
-            raise ValueError(
-                f"mclstexp: array coordinates must be non-negative integers (min {int(train.array_rc.min())})."
-            )
-        if validation is not None and validation.target is None:
-            raise ValueError("validation data have no measured expression (target is None).")
-        seed = int(hp["seed"])
-        torch.manual_seed(seed)
-        margin = int(hp["position_margin"])
-        n_rows, n_cols = (int(m) + 1 + margin for m in train.array_rc.max(axis=0))
-        self.encoder = _finetune.training_encoder(self, train.features.shape[1])
-        net = self._build(train.features.shape[1], n_rows, n_cols, encoder=self.encoder.module if finetune else None)
-        if validation is not None:
-            self._check_features(validation, "validation features")
-        tensors = {"train": self._tensors(train)}
-        if bool(hp["standardize_features"]):  # frozen features; when fine-tuning, the encoder's starting point
-            with torch.no_grad():
-                feats = tensors["train"]["features"]
-                mean, std = feature_scaling(feats)
-                net.feature_mean.copy_(mean)
-                net.feature_std.copy_(std)
-        if validation is not None:
-            tensors["val"] = self._tensors(validation)
-        if finetune:  # patches replace the frozen features
-            for named in tensors.values():
-                del named["features"]
+        super()._fit(train, validation)
 
-        batch_size = min(int(hp["batch_size"]), train.n_spots)
-        index = lambda n: torch.utils.data.TensorDataset(torch.arange(n))
-        collate = {"train": None, "val": None}
-        if finetune:
-            collate["train"] = _finetune.PatchBatch(
-                _finetune.spot_patches(train, self.encoder, self.encoder_spec, augment=bool(hp["augment"]))
-            )
-            if validation is not None:
-                collate["val"] = _finetune.PatchBatch(
-                    _finetune.spot_patches(validation, self.encoder, self.encoder_spec, augment=False)
-                )
-        workers = int(hp["num_workers"]) if finetune else 0
-        train_loader = make_loader(
-            index(train.n_spots),
-            batch_size=batch_size,
-            shuffle=True,
-            seed=seed,
-            drop_last=train.n_spots > batch_size,
-            num_workers=workers,
-            collate_fn=collate["train"],
-        )
-        val_loader = None
-        if validation is not None:
-            # Validation sentences: one fixed random grouping of the validation spots (mixed like the training
-            # ones, the same every epoch so that validation losses compare).
-            order = torch.randperm(validation.n_spots, generator=torch.Generator().manual_seed(seed))
-            val_loader = make_loader(
-                torch.utils.data.TensorDataset(order),
-                batch_size=batch_size,
-                shuffle=False,
-                seed=seed,
-                num_workers=workers,
-                collate_fn=collate["val"],
-            )
+    def after_fit(self, train: SpotData) -> None:
+        batch_size = min(int(self.hparams["batch_size"]), train.n_spots)
         chance = math.log(batch_size)
-        module = _lightning_module(net, tensors, hp, chance=chance, validate=val_loader is not None)
-        module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
-        history = train_with_hparams(module, train_loader, val_loader, hp)
-        self.network = module.net.to("cpu").eval()
         self.history = {
-            "train_loss": history.get("train_loss", []),
-            "val_loss": history.get("val_loss", []),
+            "train_loss": self.history.get("train_loss", []),
+            "val_loss": self.history.get("val_loss", []),
             "chance_loss": chance,
         }
         losses = self.history["train_loss"]
@@ -387,84 +327,56 @@ class MclSTExp(ExpressionModel):
     def _build_bank(self, train: SpotData) -> None:
         """Spot-branch embeddings of the training spots in random sentences of ``batch_size``, with their expression."""
         hp = self.hparams
-        device = settings.resolve_device(hp["device"])
-        net = self.network.to(device).eval()
-        t = self._tensors(train)
+        target, rc = as_tensor(train.target), as_tensor(train.array_rc, torch.int64)
         batch_size = min(int(hp["batch_size"]), train.n_spots)
         bank = torch.zeros(train.n_spots, int(hp["projection_dim"]))
         generator = torch.Generator().manual_seed(int(hp["seed"]))
-        try:
+        with self.on_device() as (net, device):
             for _ in range(int(hp["bank_passes"])):
                 order = torch.randperm(train.n_spots, generator=generator)
                 for start in range(0, train.n_spots, batch_size):
                     idx = order[start : start + batch_size]
-                    emb = net.embed_spots(t["target"][idx].to(device), t["rc"][idx].to(device))
-                    bank[idx] += emb.float().cpu()
-        finally:
-            self.network = net.to("cpu")
+                    bank[idx] += net.embed_spots(target[idx].to(device), rc[idx].to(device)).float().cpu()
         self.bank_embeddings = (bank / int(hp["bank_passes"])).numpy()
-        self.bank_expression = t["target"].numpy().copy()
+        self.bank_expression = target.numpy().copy()
 
     @torch.no_grad()
     def embed_images(self, data: SpotData) -> np.ndarray:
         """Image-branch embeddings ``(n_spots, projection_dim)`` of the spots of ``data`` (un-normalised)."""
-        from stexp.models import _finetune
-
-        self._check_features(data, "data")
-        device = settings.resolve_device(self.hparams["device"])
-        if self.encoder is not None:  # the fine-tuned encoder embeds the spots' patches
-            feats = _finetune.encode_spots(self.encoder, data, self.encoder_spec, device=device)
-        else:
-            feats = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
-        net = self.network.to(device).eval()
-        out = []
-        try:
-            for start in range(0, data.n_spots, 4096):
-                out.append(net.project_features(feats[start : start + 4096].to(device)).float().cpu())
-        finally:
-            self.network = net.to("cpu")
+        self.check_features(data)
+        with self.on_device() as (net, device):
+            feats = self.image_features(data, device)
+            out = [
+                net.project_features(feats[start : start + 4096].to(device)).float().cpu()
+                for start in range(0, data.n_spots, 4096)
+            ]
         return torch.cat(out).numpy()
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         self._check_top_k(self.bank_embeddings.shape[0])
-        query = self.embed_images(data)
         return retrieve(
-            query,
+            self.embed_images(data),
             self.bank_embeddings,
             self.bank_expression,
             k=int(self.hparams["top_k"]),
-            device=settings.resolve_device(self.hparams["device"]),
+            device=settings.resolve_device(self.device),
         )
 
-    def _state(self) -> dict[str, np.ndarray]:
-        state = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.network.state_dict().items()}
-        state["bank.embeddings"] = np.asarray(self.bank_embeddings, dtype=np.float32)
-        state["bank.expression"] = np.asarray(self.bank_expression, dtype=np.float32)
-        return state
+    def extra_state(self) -> dict[str, np.ndarray]:
+        return {
+            "bank.embeddings": np.asarray(self.bank_embeddings, dtype=np.float32),
+            "bank.expression": np.asarray(self.bank_expression, dtype=np.float32),
+        }
 
-    def _load_state(self, state: dict[str, np.ndarray]) -> None:
-        keys = ("net.image_projection.projection.weight", "net.x_embed.weight", "net.y_embed.weight", "bank.embeddings")
-        missing = [k for k in keys if k not in state]
+    def load_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        missing = [k for k in ("bank.embeddings", "bank.expression") if k not in state]
         if missing:
             raise ValueError(f"mclstexp: the saved weights lack {missing}; not an mclSTExp state.")
-        if state["net.x_embed.weight"].shape[1] != len(self.genes):
+        if state["bank.expression"].shape[1] != len(self.genes):
             raise ValueError(
-                f"mclstexp: the saved position tables are {state['net.x_embed.weight'].shape[1]} genes wide, "
-                f"the model's panel has {len(self.genes)} genes."
+                f"mclstexp: the saved reference bank has {state['bank.expression'].shape[1]} genes, "
+                f"the model's panel (model.json) {len(self.genes)}."
             )
-        from stexp.models._finetune import loading_encoder
-
-        self.encoder = loading_encoder(self)
-        net = self._build(
-            state["net.image_projection.projection.weight"].shape[1],
-            state["net.y_embed.weight"].shape[0],
-            state["net.x_embed.weight"].shape[0],
-            encoder=None if self.encoder is None else self.encoder.module,
-        )
-        net.load_state_dict(
-            {k.removeprefix("net."): torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("net.")}
-        )
-        self.network = net.eval()
         self.bank_embeddings = np.array(state["bank.embeddings"], dtype=np.float32)
         self.bank_expression = np.array(state["bank.expression"], dtype=np.float32)
 
@@ -522,58 +434,3 @@ def retrieve(
             means.append(mean.cpu())
             stds.append(var.clamp(min=0).sqrt().cpu())
     return torch.cat(means).numpy(), torch.cat(stds).numpy()
-
-
-def _lightning_module(
-    net: MclSTExpNetwork,
-    tensors: dict[str, dict[str, torch.Tensor]],
-    hp: dict[str, Any],
-    *,
-    chance: float,
-    validate: bool,
-):
-    """The LightningModule that trains ``net`` on frozen features kept in non-persistent buffers."""
-    import lightning as L
-
-    class MclSTExpModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            for split, named in tensors.items():
-                for name, value in named.items():
-                    self.register_buffer(f"{split}_{name}", value, persistent=False)
-
-        def _step(self, split: str, batch) -> torch.Tensor:
-            if isinstance(batch, dict):  # fine-tuning: the batch's patches go through the encoder
-                index, image = batch["index"], self.net.embed_images(batch["x"])
-            else:
-                index = batch[0]
-                image = self.net.embed_images(getattr(self, f"{split}_features")[index])
-            spot = self.net.embed_spots(getattr(self, f"{split}_target")[index], getattr(self, f"{split}_rc")[index])
-            if self.trainer.world_size > 1:  # negatives from every device's batch
-                spot = self.all_gather(spot, sync_grads=True).flatten(0, 1)
-                image = self.all_gather(image, sync_grads=True).flatten(0, 1)
-            loss = info_nce(
-                spot, image, temperature=float(hp["temperature"]), normalize=bool(hp["normalize_embeddings"])
-            )
-            self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(index.shape[0]))
-            return loss
-
-        def training_step(self, batch, batch_idx):
-            return self._step("train", batch)
-
-        def on_train_epoch_end(self) -> None:
-            loss = self.trainer.callback_metrics.get("train_loss")
-            if loss is not None:
-                logger.debug(f"mclstexp epoch {self.current_epoch}: train_loss {float(loss):.4f} (chance {chance:.4f})")
-
-        def configure_optimizers(self):
-            from stexp.models._finetune import optimizer
-
-            return optimizer(
-                self.net, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), encoder_lr=hp["encoder_lr"]
-            )
-
-    if validate:  # only then: Lightning warns about a validation_step without validation data
-        MclSTExpModule.validation_step = lambda self, batch, batch_idx: self._step("val", batch)
-    return MclSTExpModule()

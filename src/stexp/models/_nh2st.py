@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stexp._settings import logger, settings
-from stexp.models._base import ExpressionModel
+from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
 from stexp.models._finetune import FINETUNE_HPARAMS
-from stexp.models._layers import ProjectionHead, feature_scaling, info_nce
+from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._neighbors import knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
+from stexp.models._torch import TorchExpressionModel, as_tensor
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,8 @@ class NH2STNetwork(nn.Module):
         Dropout of the attention weights.
     use_neighbor_context
         Feed the regression head the neighbourhood's image context besides the target's image embedding.
+    temperature_query, temperature_neighbor
+        InfoNCE temperatures at the two scales.
     encoder
         The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
     """
@@ -115,9 +117,12 @@ class NH2STNetwork(nn.Module):
         dropout: float,
         attn_dropout: float,
         use_neighbor_context: bool,
+        temperature_query: float = 0.05,
+        temperature_neighbor: float = 0.05,
         encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.temperature_query, self.temperature_neighbor = float(temperature_query), float(temperature_neighbor)
         self.image_encoder = encoder  # fine-tuned end to end (finetune_encoder=True); None on frozen features
         self.use_neighbor_context = use_neighbor_context
         self.image_proj = ProjectionHead(n_features, dim, dropout=dropout)
@@ -167,15 +172,18 @@ class NH2STNetwork(nn.Module):
         nodes = self._aggregate(self.image_hypergraph, image, incidence, mask)
         return self._regress(image, nodes, mask)
 
-    def losses(
-        self,
-        features: torch.Tensor,
-        expression: torch.Tensor,
-        incidence: torch.Tensor,
-        mask: torch.Tensor,
-        *,
-        temperature_query: float,
-        temperature_neighbor: float,
+    def losses(self, batch, data, gather) -> dict[str, torch.Tensor]:
+        """The three training losses of a batch of neighbourhoods (``data``: nodes, incidence, mask, target, features).
+
+        When the encoder is fine-tuned, ``batch["x"]`` holds the patches of the batch's distinct nodes.
+        """
+        index = batch["index"]
+        nodes = data["nodes"][index]
+        features = self.encode_nodes(batch["x"], batch["inverse"]) if "x" in batch else data["features"][nodes]
+        return self.neighbourhood_losses(features, data["target"][nodes], data["incidence"][index], data["mask"][index])
+
+    def neighbourhood_losses(
+        self, features: torch.Tensor, expression: torch.Tensor, incidence: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The three training losses for a batch of neighbourhoods.
 
@@ -189,13 +197,13 @@ class NH2STNetwork(nn.Module):
         q_img, q_gene = image[:, :1], gene[:, :1]
         z_img = self.query_image_attn(q_img, q_gene)[:, 0]
         z_gene = self.query_gene_attn(q_gene, q_img)[:, 0]
-        nce_query = info_nce(z_img, z_gene, temperature=temperature_query)
+        nce_query = info_nce(z_img, z_gene, temperature=self.temperature_query)
         # Neighbour scale: hypergraph aggregation over the neighbourhood, cross-attention, then a mean.
         img_nodes = self._aggregate(self.image_hypergraph, image, incidence, mask)
         gene_nodes = self._aggregate(self.gene_hypergraph, gene, incidence, mask)
         u_img = _masked_mean(self.neighbor_image_attn(img_nodes, gene_nodes, padding), mask)
         u_gene = _masked_mean(self.neighbor_gene_attn(gene_nodes, img_nodes, padding), mask)
-        nce_neighbor = info_nce(u_img, u_gene, temperature=temperature_neighbor)
+        nce_neighbor = info_nce(u_img, u_gene, temperature=self.temperature_neighbor)
         # Regression from the target's image embedding (and the image-only neighbourhood context).
         pred = self._regress(image, img_nodes, mask)
         mse = F.mse_loss(pred.float(), expression[:, 0].float())
@@ -203,7 +211,7 @@ class NH2STNetwork(nn.Module):
 
 
 @register_model("nh2st")
-class NH2ST(ExpressionModel):
+class NH2ST(TorchExpressionModel):
     """NH2ST (Qu et al., MICCAI 2025): dual-scale image-expression contrastive learning with neighbourhoods.
 
     Train it with ``stexp.tl.fit(adata, model="nh2st", ...)``; every hyper-parameter below is a
@@ -278,45 +286,37 @@ class NH2ST(ExpressionModel):
         "lr": 5e-4,
         "weight_decay": 1e-3,
         "early_stopping_patience": 20,
-        "device": "auto",
         "seed": 0,
     }
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
-        self._check_hparams()
-        self.network: NH2STNetwork | None = None
-        self.n_features: int | None = None
-        self.encoder = None  # the fine-tuned stexp.images.Encoder (finetune_encoder=True)
-
-    def _check_hparams(self) -> None:
         hp = self.hparams
-        for key in ("n_neighbors", "hyperedge_k", "hypergraph_layers", "mc_samples", "num_workers"):
-            if int(hp[key]) != hp[key] or hp[key] < 0:
-                raise ValueError(f"nh2st: {key} must be a non-negative integer, got {hp[key]!r}.")
-        for key in ("dim", "n_heads", "max_epochs", "batch_size"):
-            if int(hp[key]) != hp[key] or hp[key] < 1:
-                raise ValueError(f"nh2st: {key} must be a positive integer, got {hp[key]!r}.")
+        check_hparams(
+            "nh2st",
+            hp,
+            non_negative_int=(
+                "n_neighbors",
+                "hyperedge_k",
+                "hypergraph_layers",
+                "mc_samples",
+                "early_stopping_patience",
+            ),
+            positive_int=("dim", "n_heads", "max_epochs", "batch_size"),
+            positive=("temperature_query", "temperature_neighbor", "lr"),
+            non_negative=("weight_query", "weight_neighbor", "weight_mse", "weight_decay"),
+            fraction=("dropout", "attn_dropout"),
+        )
         if hp["dim"] % hp["n_heads"]:
             raise ValueError(f"nh2st: dim={hp['dim']} must be divisible by n_heads={hp['n_heads']}.")
-        for key in ("temperature_query", "temperature_neighbor", "lr"):
-            if not hp[key] > 0:
-                raise ValueError(f"nh2st: {key} must be positive, got {hp[key]!r}.")
-        for key in ("weight_query", "weight_neighbor", "weight_mse", "weight_decay"):
-            if not hp[key] >= 0:
-                raise ValueError(f"nh2st: {key} must be >= 0, got {hp[key]!r}.")
-        for key in ("dropout", "attn_dropout"):
-            if not 0 <= hp[key] < 1:
-                raise ValueError(f"nh2st: {key} must be in [0, 1), got {hp[key]!r}.")
         if hp["weight_mse"] == 0:
             raise ValueError("nh2st: weight_mse=0 would leave the regression head, which predicts, untrained.")
 
-    # -- helpers ------------------------------------------------------------------------------
-    def _build(self, n_features: int, encoder: nn.Module | None = None) -> NH2STNetwork:
+    # -- the network and its data -------------------------------------------------------------
+    def build_network(self, *, n_features: int, encoder: nn.Module | None, **sizes: int) -> NH2STNetwork:
         hp = self.hparams
-        self.n_features = int(n_features)
         return NH2STNetwork(
-            self.n_features,
+            n_features,
             len(self.genes),
             dim=int(hp["dim"]),
             n_heads=int(hp["n_heads"]),
@@ -324,8 +324,14 @@ class NH2ST(ExpressionModel):
             dropout=float(hp["dropout"]),
             attn_dropout=float(hp["attn_dropout"]),
             use_neighbor_context=bool(hp["use_neighbor_context"]),
+            temperature_query=float(hp["temperature_query"]),
+            temperature_neighbor=float(hp["temperature_neighbor"]),
             encoder=encoder,
         )
+
+    def loss_weights(self) -> dict[str, float]:
+        hp = self.hparams
+        return {"nce_query": hp["weight_query"], "nce_neighbor": hp["weight_neighbor"], "mse": hp["weight_mse"]}
 
     def _graph(self, data: SpotData) -> dict[str, torch.Tensor]:
         """Neighbourhoods and their hypergraphs for the spots of ``data``, as tensors."""
@@ -337,177 +343,39 @@ class NH2ST(ExpressionModel):
             "incidence": torch.from_numpy(incidence),
         }
 
-    def _tensors(self, data: SpotData) -> dict[str, torch.Tensor]:
-        out = self._graph(data)
-        if self.encoder is None:  # fine-tuning reads patches instead
-            out["features"] = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
-        out["target"] = torch.from_numpy(np.ascontiguousarray(data.target, dtype=np.float32))
-        return out
+    def training_tensors(self, data: SpotData) -> dict[str, torch.Tensor]:
+        return {**super().training_tensors(data), **self._graph(data)}
 
-    def _loader(self, data: SpotData, graph: dict[str, torch.Tensor], *, train: bool):
-        """Batches of neighbourhood indices; when fine-tuning, with the patches of their distinct nodes."""
-        from stexp.models import _finetune
-        from stexp.models._engine import make_loader
+    def node_index(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["nodes"]
 
-        hp = self.hparams
-        collate = None
-        if self.encoder is not None:
-            patches = _finetune.spot_patches(
-                data, self.encoder, self.encoder_spec, augment=train and bool(hp["augment"])
-            )
-            collate = _finetune.PatchBatch(patches, nodes=graph["nodes"].numpy())
-        batch_size = int(hp["batch_size"])
-        return make_loader(
-            torch.utils.data.TensorDataset(torch.arange(data.n_spots)),
-            batch_size=batch_size,
-            shuffle=train,
-            seed=int(hp["seed"]),
-            drop_last=train and data.n_spots > batch_size,
-            num_workers=int(hp["num_workers"]) if self.encoder is not None else 0,
-            collate_fn=collate,
-        )
+    def initialise(self, network: NH2STNetwork, train: SpotData) -> None:
+        super().initialise(network, train)
+        # Start the regression head at the training mean: the MSE then starts at the variance.
+        network.regressor[-1].bias.copy_(as_tensor(train.target).mean(0))
 
     # -- ExpressionModel ----------------------------------------------------------------------
-    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from stexp.models._engine import train_with_hparams
-        from stexp.models._finetune import training_encoder
-
-        hp = self.hparams
-        seed = int(hp["seed"])
-        torch.manual_seed(seed)
-        self.encoder = training_encoder(self, train.features.shape[1])
-        self.network = self._build(train.features.shape[1], None if self.encoder is None else self.encoder.module)
-        with torch.no_grad():
-            feats = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
-            mean, std = feature_scaling(feats)
-            self.network.feature_mean.copy_(mean)
-            self.network.feature_std.copy_(std)
-            # Start the regression head at the training mean: the MSE then starts at the variance.
-            self.network.regressor[-1].bias.copy_(torch.from_numpy(np.asarray(train.target, dtype=np.float32).mean(0)))
-        if validation is not None and validation.features.shape[1] != self.n_features:
-            raise ValueError(
-                f"validation features have {validation.features.shape[1]} columns, training features {self.n_features}."
-            )
-        tensors = {"train": self._tensors(train)}
-        if validation is not None:
-            if validation.target is None:
-                raise ValueError("validation data have no measured expression (target is None).")
-            tensors["val"] = self._tensors(validation)
-        module = _lightning_module(self.network, tensors, hp)
-        train_loader = self._loader(train, tensors["train"], train=True)
-        val_loader = None if validation is None else self._loader(validation, tensors["val"], train=False)
-        module.net.train()  # build_encoder returns the encoder in eval mode; fine-tuning trains it (BatchNorm too)
-        self.history = train_with_hparams(module, train_loader, val_loader, hp)
-        self.network = module.net.to("cpu").eval()
-        logger.debug(f"nh2st: trained on {train.n_spots} spots, history keys {sorted(self.history)}")
-
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        from stexp.models._finetune import encode_spots
-
-        device = settings.resolve_device(self.hparams["device"])
-        if self.encoder is not None:  # the fine-tuned encoder embeds every spot's patch once
-            features = encode_spots(self.encoder, data, self.encoder_spec, device=device)
-        elif data.features.shape[1] != self.n_features:
-            raise ValueError(
-                f"nh2st: the model was trained on {self.n_features}-dimensional image features, "
-                f"the data have {data.features.shape[1]}; use the features the model was trained on."
-            )
-        else:
-            features = torch.from_numpy(np.ascontiguousarray(data.features, dtype=np.float32))
         graph = self._graph(data)
-        net = self.network.to(device)
         mc = int(self.hparams["mc_samples"])
         means, spreads = [], []
         chunk = 1024
-        try:
-            with torch.no_grad():
-                for start in range(0, data.n_spots, chunk):
-                    nodes = graph["nodes"][start : start + chunk]
-                    args = (
-                        features[nodes].to(device),
-                        graph["incidence"][start : start + chunk].to(device),
-                        graph["mask"][start : start + chunk].to(device),
-                    )
-                    net.eval()
-                    means.append(net.predict(*args).float().cpu())
-                    if mc:
-                        net.train()  # dropout on: Monte-Carlo samples
-                        with torch.random.fork_rng(devices=[] if device == "cpu" else None):
-                            torch.manual_seed(int(self.hparams["seed"]) + start)
-                            samples = torch.stack([net.predict(*args).float() for _ in range(mc)])
-                        spreads.append(samples.std(0, correction=0).cpu())
-        finally:
-            self.network = net.to("cpu").eval()
+        with self.on_device() as (net, device), torch.no_grad():
+            features = self.image_features(data, device)
+            for start in range(0, data.n_spots, chunk):
+                nodes = graph["nodes"][start : start + chunk]
+                args = (
+                    features[nodes].to(device),
+                    graph["incidence"][start : start + chunk].to(device),
+                    graph["mask"][start : start + chunk].to(device),
+                )
+                net.eval()
+                means.append(net.predict(*args).float().cpu())
+                if mc:
+                    net.train()  # dropout on: Monte-Carlo samples
+                    with torch.random.fork_rng(devices=[] if device == "cpu" else None):
+                        torch.manual_seed(int(self.hparams["seed"]) + start)
+                        samples = torch.stack([net.predict(*args).float() for _ in range(mc)])
+                    spreads.append(samples.std(0, correction=0).cpu())
         mean = torch.cat(means).numpy()
         return mean, (torch.cat(spreads).numpy() if mc else None)
-
-    def _state(self) -> dict[str, np.ndarray]:
-        return {f"net.{k}": v.detach().cpu().numpy() for k, v in self.network.state_dict().items()}
-
-    def _load_state(self, state: dict[str, np.ndarray]) -> None:
-        key = "net.image_proj.projection.weight"
-        if key not in state:
-            raise ValueError(f"nh2st: the saved weights lack {key!r}; not an NH2ST state.")
-        from stexp.models._finetune import loading_encoder
-
-        self.encoder = loading_encoder(self)
-        net = self._build(state[key].shape[1], None if self.encoder is None else self.encoder.module)
-        net.load_state_dict({k.removeprefix("net."): torch.from_numpy(np.array(v)) for k, v in state.items()})
-        self.network = net.eval()
-
-
-def _lightning_module(net: NH2STNetwork, tensors: dict[str, dict[str, torch.Tensor]], hp: dict[str, Any]):
-    """The LightningModule that trains ``net``; the data live in non-persistent buffers (moved with the module)."""
-    import lightning as L
-
-    weights = {"nce_query": hp["weight_query"], "nce_neighbor": hp["weight_neighbor"], "mse": hp["weight_mse"]}
-
-    class NH2STModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            for split, named in tensors.items():
-                for name, value in named.items():
-                    self.register_buffer(f"{split}_{name}", value, persistent=False)
-
-        def _step(self, split: str, batch) -> torch.Tensor:
-            fine_tuning = isinstance(batch, dict)  # then the distinct nodes' patches go through the encoder
-            index = batch["index"] if fine_tuning else batch[0]
-            nodes = getattr(self, f"{split}_nodes")[index]
-            if fine_tuning:
-                features = self.net.encode_nodes(batch["x"], batch["inverse"])
-            else:
-                features = getattr(self, f"{split}_features")[nodes]
-            losses = self.net.losses(
-                features,
-                getattr(self, f"{split}_target")[nodes],
-                getattr(self, f"{split}_incidence")[index],
-                getattr(self, f"{split}_mask")[index],
-                temperature_query=float(hp["temperature_query"]),
-                temperature_neighbor=float(hp["temperature_neighbor"]),
-            )
-            total = sum(weights[k] * v for k, v in losses.items())
-            size = int(index.shape[0])
-            self.log(f"{split}_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-            for k, v in losses.items():
-                self.log(f"{split}_{k}", v, on_step=False, on_epoch=True, batch_size=size)
-            return total
-
-        def training_step(self, batch, batch_idx):
-            return self._step("train", batch)
-
-        def configure_optimizers(self):
-            from stexp.models._finetune import optimizer
-
-            return optimizer(
-                self.net, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), encoder_lr=hp["encoder_lr"]
-            )
-
-    if "val" not in tensors:  # no validation_step: Lightning would warn that it has no data
-        return NH2STModule()
-
-    class NH2STModuleWithValidation(NH2STModule):
-        def validation_step(self, batch, batch_idx):
-            return self._step("val", batch)
-
-    return NH2STModuleWithValidation()

@@ -1,4 +1,4 @@
-"""The model registry: every model ``stexp.tl.fit`` can train is registered here by name."""
+"""The model registry: every model ``stexp.tl.fit`` can train is registered here by name, by its decorator."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ import importlib
 
 _REGISTRY: dict[str, type] = {}
 
-#: Built-in models and the module that registers each (imported on first use, keeping imports cheap).
-_BUILTIN: dict[str, str] = {
-    "mean": "stexp.models._baselines",
-    "ridge": "stexp.models._baselines",
-    "knn": "stexp.models._baselines",
-    "mlp": "stexp.models._mlp",
-    "mclstexp": "stexp.models._mclstexp",
-    "nh2st": "stexp.models._nh2st",
-}
+#: Modules that define the built-in models; each registers its models with :func:`register_model` when
+#: imported. They are imported on the first look-up of a name not registered yet (``import stexp`` stays fast).
+_BUILTIN_MODULES = ("stexp.models._baselines", "stexp.models._mlp", "stexp.models._mclstexp", "stexp.models._nh2st")
+_loaded = False
 
 
 def register_model(name: str):
@@ -22,10 +17,18 @@ def register_model(name: str):
 
     def decorator(cls):
         cls.name = name
-        _REGISTRY[name] = cls
+        _REGISTRY[name.lower()] = cls
         return cls
 
     return decorator
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+        _loaded = True
 
 
 def get_model_class(name: str) -> type:
@@ -36,9 +39,9 @@ def get_model_class(name: str) -> type:
     KeyError
         If no model has that name; the message lists the registry.
     """
-    key = name.lower()
-    if key not in _REGISTRY and key in _BUILTIN:
-        importlib.import_module(_BUILTIN[key])
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        _load_builtins()
     if key not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered models: {available_models()}.")
     return _REGISTRY[key]
@@ -46,4 +49,5 @@ def get_model_class(name: str) -> type:
 
 def available_models() -> list[str]:
     """Names of all registered models (built-in and user-registered)."""
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
+    _load_builtins()
+    return sorted(_REGISTRY)
