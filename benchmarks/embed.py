@@ -50,12 +50,12 @@ def _worker(args) -> dict:
     import stexp
     from stexp.images._encoders import build_encoder
     from stexp.images._patches import cut_patches, default_patch_um, patch_side_px
-    from stexp.images._source import load_slide
+    from stexp.images._slide import slide_view
 
     stexp.settings.verbosity = 1
     if args.threads:
-        stexp.settings.num_workers = args.threads
-    torch.set_num_threads(stexp.settings.num_workers)
+        stexp.settings.n_jobs = args.threads
+    torch.set_num_threads(stexp.settings.n_jobs)
     data_dir = Path(args.data_dir or os.environ.get("STEXP_DATA_DIR", "")) / "her2st"
     adata = stexp.datasets.her2st(args.sections.split(","), path=data_dir, download=False, image_res="lowres")
     if args.max_spots:  # evenly spread subset of each section: every slide is still decoded
@@ -96,13 +96,14 @@ def _worker(args) -> dict:
     t_decode = 0.0
     for lib in libs:
         t0 = time.perf_counter()
-        slide = load_slide(adata, lib)
+        view = slide_view(adata, lib)
+        slide = view.decode()
         t_decode += time.perf_counter() - t0
         rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == lib)
-        side = patch_side_px(adata, lib, default_patch_um(adata, lib), slide.scale, slide.size)
-        centres = np.asarray(adata.obsm["spatial"], dtype=float)[rows] * slide.scale
+        side = patch_side_px(adata, view, default_patch_um(adata, lib))
+        centres = np.asarray(adata.obsm["spatial"], dtype=float)[rows] * view.scale
         for s in range(0, len(rows), bs):
-            cut_patches(slide.image, centres[s : s + bs], side, enc.input_px)
+            cut_patches(slide, centres[s : s + bs], side, enc.input_px)
         del slide
     t_data = time.perf_counter() - t
 
@@ -123,7 +124,7 @@ def _worker(args) -> dict:
         "n_spots": n,
         "n_slides": len(libs),
         "batch_size": bs,
-        "threads": stexp.settings.num_workers,
+        "threads": stexp.settings.n_jobs,
         "device": stexp.settings.resolve_device(args.device),
         "build_s": round(t_build, 2),
         "e2e_s": round(t_e2e, 2),
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-spots", type=int, default=60, help="spots per section (0: all)")
     p.add_argument("--forward-patches", type=int, default=256, help="patches timed in the forward-only ceiling")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: stexp.settings.num_workers)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: stexp.settings.n_jobs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="folder holding her2st/ (default $STEXP_DATA_DIR)")
     p.add_argument("--out", default=str(OUT))

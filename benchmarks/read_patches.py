@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import stexp
-    from stexp.images import load_slide, read_patches
+    from stexp.images import read_patches, slide_view
 
     stexp.settings.verbosity = 1
     data_dir = Path(args.data_dir or os.environ.get("STEXP_DATA_DIR", "")) / "her2st"
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     n_patches, checksum = 0, 0.0
     for lib in adata.obs["library_id"].astype(str).unique():
         t = time.perf_counter()
-        slide = load_slide(adata, lib)
+        slide = slide_view(adata, lib).decode()
         t_decode += time.perf_counter() - t
         t = time.perf_counter()
-        patches = read_patches(adata, lib, out_px=args.out_px, slide=slide)
+        patches = read_patches(adata, lib, out_px=args.out_px, image=slide)
         t_cut += time.perf_counter() - t
         n_patches += len(patches)
         checksum += float(patches.mean())

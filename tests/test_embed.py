@@ -59,7 +59,7 @@ def test_features_and_spec(synth):
     assert f.shape == (synth.n_obs, 48) and f.dtype == np.float32 and np.isfinite(f).all()
     assert f.std(axis=0).mean() > 0.01  # spots differ
     spec = synth.uns["stexp"]["features"]["X_stexp_tiny"]
-    for k in stexp.models._base.ENCODER_FIELDS:
+    for k in stexp.images._spec.FEATURE_FIELDS:
         assert k in spec
     assert spec["patch_um"] == pytest.approx(82.5) and spec["patch_px"] == 16 and spec["out_dim"] == 48
     assert spec["weights"] == "random" and "versions" in spec
@@ -175,7 +175,7 @@ def test_callable_encoder_path(synth):
     assert small.obsm[key].shape == (small.n_obs, 12)
     assert not list(cache_dir().glob("*.npy"))  # callables are never cached on disk
     spec = small.uns["stexp"]["features"][key]
-    assert spec["encoder"].startswith("callable:") and spec["weights_arg"] == "None"
+    assert spec["encoder"].startswith("callable:") and "weights_arg" not in spec
 
 
 def test_real_efficientnet_lite0(synth):

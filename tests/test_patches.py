@@ -9,7 +9,12 @@ import pytest
 
 from stexp._layout import library_mask
 from stexp.images._patches import default_patch_um, read_patches
-from stexp.images._source import best_source, load_slide, slide_fingerprint
+from stexp.images._slide import slide_view
+
+
+def best_source(adata, lib):
+    view = slide_view(adata, lib)
+    return view.source, view.scale
 
 LIB = "slide_0"
 
@@ -88,15 +93,18 @@ def test_full_resolution_file_is_preferred(synth, tmp_path):
     Image.fromarray(full).save(path)
     entry["metadata"]["source_image_path"] = str(path)
     assert best_source(synth, LIB) == ("source_image_path", 1.0)
-    slide = load_slide(synth, LIB)
-    assert slide.size == (800, 700) and slide.scale == 1.0
-    p = read_patches(synth, LIB, _rows(synth)[:3], out_px=8, slide=slide)
+    view = slide_view(synth, LIB)
+    assert view.size == (800, 700) and view.scale == 1.0 and view.extent == (800.0, 700.0)
+    p = read_patches(synth, LIB, _rows(synth)[:3], out_px=8, image=view.decode())
     assert (p[..., 1] == 200).all() and (p[..., 0] == 0).all()
+    # an image of another size than the library's is refused
+    with pytest.raises(ValueError, match="800 x 700"):
+        read_patches(synth, LIB, _rows(synth)[:3], out_px=8, image=Image.new("RGB", (10, 10)))
     # fingerprint follows the content
-    fp = slide_fingerprint(synth, LIB)
+    fp = view.fingerprint()
     full[0, 0, 0] = 1
     Image.fromarray(full).save(path)
-    assert slide_fingerprint(synth, LIB) != fp
+    assert slide_view(synth, LIB).fingerprint() != fp
 
 
 def test_patch_um_out_of_range(synth):
@@ -157,10 +165,10 @@ def test_real_patches_on_tissue_and_resolution_independent(b4):
     lib = b4.obs["library_id"].astype(str).iloc[0]
     assert best_source(b4, lib)[0] == "source_image_path"
     idx = _rows(b4, lib)[::40][:6]
-    slide = load_slide(b4, lib)
-    full = read_patches(b4, lib, idx, out_px=32, slide=slide).astype(float)
+    slide = slide_view(b4, lib).decode()
+    full = read_patches(b4, lib, idx, out_px=32, image=slide).astype(float)
     # tissue is darker than the slide background (the brightest corner of the slide)
-    im = np.asarray(slide.image.reduce(16), dtype=float)
+    im = np.asarray(slide.reduce(16), dtype=float)
     corners = [im[:40, :40], im[:40, -40:], im[-40:, :40], im[-40:, -40:]]
     background = max(c.mean() for c in corners)
     assert full.mean() < background - 20

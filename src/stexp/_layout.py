@@ -166,25 +166,34 @@ def spot_coords(adata, library_key: str = LIBRARY_KEY) -> np.ndarray:
     return xy[:, :2]
 
 
-def record(adata, step: str, params: Mapping[str, Any]) -> None:
-    """Record what a step did (parameters, units, package versions) in ``adata.uns["stexp"][step]``."""
+def record(adata, step: str | tuple[str, ...], params: Mapping[str, Any]) -> None:
+    """Record what a step did (parameters, units, package versions) in ``adata.uns["stexp"]``.
+
+    ``step`` is a key of ``uns["stexp"]`` or a path of keys (``("features", "X_stexp_...")`` writes
+    ``uns["stexp"]["features"]["X_stexp_..."]``). Values are stored in forms h5ad can write: ``None``
+    values are left out (a missing key reads back as ``None``), tuples become lists, numpy scalars
+    Python numbers; DataFrames and arrays are kept.
+    """
     from ._versions import versions
 
-    uns = adata.uns.setdefault(UNS_KEY, {})
-    uns[step] = {**_jsonable(dict(params)), "versions": versions()}
+    path = (step,) if isinstance(step, str) else tuple(step)
+    node = adata.uns.setdefault(UNS_KEY, {})
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = {**_jsonable(dict(params)), "versions": versions()}
 
 
 def _jsonable(obj: Any) -> Any:
-    """Turn numpy scalars, tuples and paths into types that h5ad and JSON can store."""
+    """Turn numpy scalars, tuples and paths into types that h5ad and JSON can store; drop ``None`` values."""
+    import pandas as pd
+
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [float("nan") if v is None else _jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
-    if obj is None:
-        return "None"
-    if isinstance(obj, (str, int, float, bool, np.ndarray)):
+    if isinstance(obj, (str, int, float, bool, np.ndarray, pd.DataFrame)):
         return obj
     return str(obj)
 

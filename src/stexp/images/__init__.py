@@ -1,16 +1,22 @@
-"""Histology images: the patch reader, image encoders, feature cache and a patch Dataset for fine-tuning."""
+"""Histology images: slide views, the patch reader, image encoders, feature specs and a patch Dataset."""
 
 from stexp._lazy import lazy_namespace
 
 __getattr__, __dir__, __all__ = lazy_namespace(
     __name__,
     {
+        "SlideView": "._slide",
+        "slide_view": "._slide",
+        "open_image": "._slide",
         "read_patches": "._patches",
         "default_patch_um": "._patches",
-        "load_slide": "._source",
+        "PatchSource": "._patches",
         "Encoder": "._encoders",
+        "EncoderSpec": "._spec",
+        "DEFAULT_ENCODER": "._encoders",
         "list_encoders": "._encoders",
         "build_encoder": "._encoders",
+        "register_encoder": "._encoders",
         "PatchDataset": "._dataset",
     },
 )

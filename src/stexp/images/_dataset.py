@@ -14,8 +14,7 @@ from stexp._settings import logger
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._encoders import Encoder
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+from stexp.images._encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _positions(adata, obs_index) -> np.ndarray:
@@ -55,66 +54,51 @@ class PatchDataset(torch.utils.data.Dataset):
     """Spot patches as a :class:`torch.utils.data.Dataset`, with optional augmentation.
 
     All patches are cut once at construction (each slide decoded once, one slide in memory at a time)
-    by :func:`stexp.images._patches.read_patches` and held in memory as uint8: ``out_px² x 3`` bytes
-    per spot (150 KB at 224 px, i.e. ~1.5 GB for 10,000 spots). Items are augmented on the fly.
+    from a :class:`stexp.images.PatchSource` and held in memory as uint8: ``out_px² x 3`` bytes per spot
+    (150 KB at 224 px, i.e. ~1.5 GB for 10,000 spots). Items are augmented on the fly. Build one from an
+    AnnData with :meth:`from_adata`.
 
     Parameters
     ----------
-    adata
-        AnnData in stexp's layout.
-    obs_index
-        The spots: obs names (strings), integer row positions, a boolean mask over ``adata.obs``, or
-        ``None`` for all spots. Order is kept; duplicates are allowed.
+    source
+        The spots' patches.
     encoder
         Gives the normalisation (mean/std) and the default ``out_px``; ``None``: ImageNet mean/std, 224 px.
-    patch_um
-        Patch side in µm; ``None``: :func:`stexp.images.default_patch_um` of each library.
     out_px
         Patch side in pixels; ``None``: ``encoder.input_px`` (224 without an encoder).
     augment
         Random horizontal/vertical flips, 90° rotations and colour jitter per item. ``False``: items are
         deterministic.
-    library_key
-        Column of ``adata.obs`` with the library ids.
-    on_outside
-        Spots whose centre lies outside their image: ``"raise"`` a ValueError, or ``"drop"`` them from
-        the dataset with a warning (see :attr:`positions`).
     color_jitter
         Strength of brightness/contrast/saturation jitter (factors drawn in ``[1 - s, 1 + s]``); 0 disables it.
+    positions
+        What ``dataset[i]`` returns as the spot's position (default ``0..n-1``).
 
     Attributes
     ----------
     positions
-        ``int64`` rows of ``adata`` of the items, in dataset order.
+        ``int64`` position of each item (rows of the AnnData for :meth:`from_adata`).
     patches
         uint8 ``(n, out_px, out_px, 3)`` unaugmented patches.
 
     Notes
     -----
     ``dataset[i]`` returns ``(x, position)``: ``x`` float32 ``(3, out_px, out_px)`` normalised with the
-    encoder's mean/std and ``position`` the integer row of the spot in ``adata`` (index targets with it,
-    e.g. ``Y[position]``). Randomness comes from torch's generator, so DataLoader workers are seeded by torch.
+    encoder's mean/std and ``position`` an integer (index targets with it, e.g. ``Y[position]``).
+    Randomness comes from torch's generator, so DataLoader workers are seeded by torch.
     """
 
     def __init__(
         self,
-        adata,
-        obs_index: Sequence[str] | Sequence[int] | np.ndarray | None = None,
+        source,
         *,
         encoder: Encoder | None = None,
-        patch_um: float | None = None,
         out_px: int | None = None,
         augment: bool = True,
-        library_key: str = LIBRARY_KEY,
-        on_outside: Literal["raise", "drop"] = "raise",
         color_jitter: float = 0.1,
+        positions: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        from stexp.images._patches import read_patches
-        from stexp.io._validate import check_spots_in_image
-
-        if on_outside not in ("raise", "drop"):
-            raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
         color_jitter = float(color_jitter)
         if not 0.0 <= color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}.")
@@ -123,48 +107,73 @@ class PatchDataset(torch.utils.data.Dataset):
         out_px = int(out_px)
         if out_px < 1:
             raise ValueError(f"out_px must be a positive number of pixels, got {out_px}.")
+        if len(source) == 0:
+            raise ValueError("the PatchDataset would be empty: no spots selected.")
+        self.patches = source.read(out_px)
+        self.positions = np.arange(len(source), dtype=np.int64) if positions is None else np.asarray(positions)
+        self.out_px = out_px
+        self.augment = bool(augment)
+        self.color_jitter = color_jitter
+        self.mean = tuple(encoder.mean) if encoder is not None else IMAGENET_MEAN
+        self.std = tuple(encoder.std) if encoder is not None else IMAGENET_STD
+        self._jitter = None
+        n_libs = len(source.libraries)
+        logger.info(
+            f"PatchDataset: {len(self.positions)} patches of {out_px} px from {n_libs} librar"
+            f"{'y' if n_libs == 1 else 'ies'} in memory ({self.patches.nbytes / 2**20:.0f} MiB)."
+        )
+
+    @classmethod
+    def from_adata(
+        cls,
+        adata,
+        obs_index: Sequence[str] | Sequence[int] | np.ndarray | None = None,
+        *,
+        patch_um: float | None = None,
+        library_key: str = LIBRARY_KEY,
+        on_outside: Literal["raise", "drop"] = "raise",
+        **kwargs,
+    ) -> PatchDataset:
+        """The patches of spots of an AnnData.
+
+        Parameters
+        ----------
+        adata
+            AnnData in stexp's layout.
+        obs_index
+            The spots: obs names (strings), integer row positions, a boolean mask over ``adata.obs``, or
+            ``None`` for all spots. Order is kept; duplicates are allowed.
+        patch_um
+            Patch side in µm; ``None``: :func:`stexp.images.default_patch_um` of each library.
+        library_key
+            Column of ``adata.obs`` with the library ids.
+        on_outside
+            Spots whose centre lies outside their image: ``"raise"`` a ValueError, or ``"drop"`` them from
+            the dataset with a warning (see :attr:`positions`).
+        **kwargs
+            ``encoder``, ``out_px``, ``augment``, ``color_jitter`` of :class:`PatchDataset`.
+        """
+        from stexp.images._patches import PatchSource
+        from stexp.io._validate import check_spots_in_image
+
+        if on_outside not in ("raise", "drop"):
+            raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
         positions = _positions(adata, obs_index)
         if len(positions) == 0:
             raise ValueError("obs_index selects no spots: the PatchDataset would be empty.")
         labels = library_labels(adata, library_key)
-
-        keep = np.ones(len(positions), dtype=bool)
-        patches = np.empty((len(positions), out_px, out_px, 3), dtype=np.uint8)
-        libs = list(dict.fromkeys(labels[positions]))
-        for lib in libs:
-            sel = np.flatnonzero(labels[positions] == lib)
-            if on_outside == "drop":
-                lib_rows = np.flatnonzero(labels == lib)
-                inside = np.zeros(adata.n_obs, dtype=bool)
-                inside[lib_rows] = check_spots_in_image(adata, lib, on_outside="drop", library_key=library_key)
-                keep[sel] = inside[positions[sel]]
-            patches[sel] = read_patches(
-                adata,
-                lib,
-                positions[sel],
-                patch_um=patch_um,
-                out_px=out_px,
-                on_outside=on_outside,
-                library_key=library_key,
-            )
+        inside = np.ones(adata.n_obs, dtype=bool)
+        for lib in dict.fromkeys(labels[positions]):
+            lib_rows = np.flatnonzero(labels == lib)
+            inside[lib_rows] = check_spots_in_image(adata, lib, on_outside=on_outside, library_key=library_key)
+        keep = inside[positions]
         if not keep.all():
             logger.warning(f"PatchDataset: dropped {int((~keep).sum())} of {len(keep)} spots outside their image.")
-            positions, patches = positions[keep], patches[keep]
+            positions = positions[keep]
             if len(positions) == 0:
                 raise ValueError("every selected spot lies outside its image: the PatchDataset would be empty.")
-
-        self.positions = positions
-        self.patches = patches
-        self.out_px = out_px
-        self.augment = bool(augment)
-        self.color_jitter = color_jitter
-        self.mean = tuple(encoder.mean) if encoder is not None else _IMAGENET_MEAN
-        self.std = tuple(encoder.std) if encoder is not None else _IMAGENET_STD
-        self._jitter = None
-        logger.info(
-            f"PatchDataset: {len(positions)} patches of {out_px} px from {len(libs)} librar"
-            f"{'y' if len(libs) == 1 else 'ies'} in memory ({patches.nbytes / 2**20:.0f} MiB)."
-        )
+        source = PatchSource.from_adata(adata, patch_um=patch_um, library_key=library_key, rows=positions)
+        return cls(source, positions=positions, **kwargs)
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -38,14 +38,53 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 
-#: registry name -> (output dimension, input side in px)
-_REGISTRY: dict[str, tuple[int, int]] = {
-    "densenet121": (1024, 224),
-    "resnet50": (2048, 224),
-    "efficientnet_lite0": (1280, 224),
-}
-#: torchvision pretrained weights used for ``weights="imagenet"``
-_TORCHVISION_WEIGHTS = {"densenet121": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
+#: The default encoder of ``embed_images``, ``build_encoder`` and ``fit``: its ImageNet weights install offline.
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[[bool], Any]
+    out_dim: int
+    input_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+#: Built-in and user-registered encoders by name (see :func:`register_encoder`).
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_encoder(
+    name: str,
+    *,
+    out_dim: int,
+    input_px: int = 224,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+):
+    """Decorator that registers an encoder builder under ``name`` for :func:`build_encoder` and ``embed_images``.
+
+    The decorated function takes ``pretrained: bool`` and returns a :class:`torch.nn.Module` mapping
+    ``(B, 3, input_px, input_px)`` (normalised with ``mean``/``std`` of ``[0, 1]`` pixels) to ``(B, out_dim)``
+    pooled features, without classifier head.
+
+    Examples
+    --------
+    >>> @register_encoder("tiny_cnn", out_dim=8)
+    ... def tiny_cnn(pretrained: bool):
+    ...     import torch
+    ...
+    ...     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    """
+
+    def decorator(build):
+        _REGISTRY[name] = _Entry(build, int(out_dim), int(input_px), tuple(mean), tuple(std))
+        return build
+
+    return decorator
+
+
 #: parameter-name prefixes of the classifier heads that the encoders drop
 _HEAD_PREFIXES = ("classifier.", "fc.", "_fc.", "head.", "head.fc.")
 
@@ -139,7 +178,7 @@ def list_encoders() -> list[str]:
 
 
 def build_encoder(
-    encoder: str | Any | Callable = "densenet121",
+    encoder: str | Any | Callable = DEFAULT_ENCODER,
     weights: str | os.PathLike | None = "imagenet",
     *,
     input_px: int | None = None,
@@ -150,8 +189,9 @@ def build_encoder(
     Parameters
     ----------
     encoder
-        A name from :func:`list_encoders` (``"densenet121"``: 1024-d, the mclSTExp encoder;
-        ``"resnet50"``: 2048-d; ``"efficientnet_lite0"``: 1280-d, ImageNet weights available offline),
+        A name from :func:`list_encoders` (``"efficientnet_lite0"``, the default: 1280-d, ImageNet weights
+        available offline; ``"densenet121"``: 1024-d, the mclSTExp encoder; ``"resnet50"``: 2048-d; or any
+        name added with :func:`register_encoder`),
         ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"`` (needs ``timm``; input size and mean/std come from
         the model's data config), or any :class:`torch.nn.Module` / callable mapping ``(B, 3, H, W)`` to ``(B, D)``.
     weights
@@ -316,13 +356,12 @@ def _efficientnet_lite0(pretrained: bool, *, head: bool = False):
     return model
 
 
-def _torchvision_model(name: str, pretrained: bool):
+def _torchvision_model(name: str, tag: str, pretrained: bool):
     import torchvision
 
     ctor = getattr(torchvision.models, name)
     if not pretrained:
         return ctor(weights=None)
-    tag = _TORCHVISION_WEIGHTS[name]
     try:
         return ctor(weights=tag)
     except Exception as e:  # URLError/OSError/socket errors offline, hash/zip errors on a bad cache
@@ -334,31 +373,43 @@ def _torchvision_model(name: str, pretrained: bool):
         ) from e
 
 
-def _build_registry(name: str, weights: str | None) -> Encoder:
+@register_encoder("densenet121", out_dim=1024)
+def _densenet121(pretrained: bool):
+    """DenseNet-121 (torchvision), the mclSTExp encoder: 1024-d."""
     import torch
 
-    out_dim, px = _REGISTRY[name]
+    module = _torchvision_model("densenet121", "IMAGENET1K_V1", pretrained)
+    module.classifier = torch.nn.Identity()
+    return module
+
+
+@register_encoder("resnet50", out_dim=2048)
+def _resnet50(pretrained: bool):
+    """ResNet-50 (torchvision): 2048-d."""
+    import torch
+
+    module = _torchvision_model("resnet50", "IMAGENET1K_V2", pretrained)
+    module.fc = torch.nn.Identity()
+    return module
+
+
+register_encoder("efficientnet_lite0", out_dim=1280, mean=_LITE_MEAN, std=_LITE_STD)(_efficientnet_lite0)
+
+
+def _build_registry(name: str, weights: str | None) -> Encoder:
+    entry = _REGISTRY[name]
     pretrained = weights == "imagenet"
-    if name == "efficientnet_lite0":
-        module = _efficientnet_lite0(pretrained)
-        mean, std = _LITE_MEAN, _LITE_STD
-    else:
-        module = _torchvision_model(name, pretrained)
-        if name == "densenet121":
-            module.classifier = torch.nn.Identity()
-        else:
-            module.fc = torch.nn.Identity()
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    module = entry.build(pretrained)
     if weights is not None and not pretrained:
         _load_weights_file(module, weights, name)
     return _finish(
         module,
         name=name,
-        input_px=px,
-        mean=mean,
-        std=std,
-        normalization=_norm_name(mean, std),
-        out_dim=out_dim,
+        input_px=entry.input_px,
+        mean=entry.mean,
+        std=entry.std,
+        normalization=_norm_name(entry.mean, entry.std),
+        out_dim=entry.out_dim,
         weights_id=_weights_id(weights),
         weights_arg=weights,
     )

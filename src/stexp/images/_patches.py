@@ -1,14 +1,23 @@
-"""The one patch reader: square patches of a physical size (µm) around spot centres, resampled to N px."""
+"""The one patch reader: square patches of a physical size (µm) around spot centres, resampled to N px.
+
+:func:`plan_patches` works out, once per library, where each spot's patch lies on the library's image
+(:func:`stexp.images.slide_view`) and how large it is in image pixels; :func:`read_patches`,
+``stexp.pp.embed_images`` and the :class:`PatchSource` that fine-tuning models read all cut their
+patches from such a plan.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from stexp._layout import LIBRARY_KEY, library_mask, spot_coords, spot_diameter_um, um_per_px
+from stexp._layout import LIBRARY_KEY, library_labels, library_mask, spot_coords, spot_diameter_um, um_per_px
+
+from ._slide import SlideView, slide_view
 
 #: Default patch side as a multiple of the spot diameter (ST 100 µm -> 150 µm; Visium 55 µm -> 82.5 µm).
 PATCH_DIAMETERS = 1.5
@@ -25,29 +34,56 @@ def default_patch_um(adata, library_id: str) -> float:
     return PATCH_DIAMETERS * spot_diameter_um(adata, library_id)
 
 
-def patch_side_px(adata, library_id: str, patch_um: float, scale: float, image_size: tuple[int, int]) -> float:
-    """Side of a ``patch_um`` patch in image pixels (``patch_um / µm-per-full-res-px * scale``).
+def resolve_patch_um(adata, libs: Sequence[str], patch_um: float | Mapping[str, float] | None) -> dict[str, float]:
+    """Patch side in µm per library: one number, a mapping library -> µm, or ``None`` (each library's default).
+
+    Raises
+    ------
+    KeyError
+        If a mapping lacks a library.
+    ValueError
+        If a value is not a positive number.
+    """
+    if patch_um is None:
+        return {lib: float(default_patch_um(adata, lib)) for lib in libs}
+    if isinstance(patch_um, Mapping):
+        missing = [lib for lib in libs if lib not in patch_um]
+        if missing:
+            raise KeyError(f"patch_um has no value for library(ies) {missing} (it has {list(patch_um)}).")
+        out = {lib: float(patch_um[lib]) for lib in libs}
+    else:
+        out = dict.fromkeys(libs, float(patch_um))
+    bad = {lib: v for lib, v in out.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"patch_um must be a positive number of µm, got {bad}.")
+    return out
+
+
+def patch_side_px(adata, view: SlideView, patch_um: float) -> float:
+    """Side of a ``patch_um`` patch in pixels of the view's image (``patch_um / µm-per-full-res-px * scale``).
 
     Raises
     ------
     ValueError
         If the patch is smaller than one image pixel or larger than the image.
     """
+    library_id = view.library_id
     patch_um = float(patch_um)
     if not math.isfinite(patch_um) or patch_um <= 0:
         raise ValueError(f"patch_um must be a positive number of µm, got {patch_um!r}.")
     upp = um_per_px(adata, library_id)
-    side = patch_um / upp * float(scale)
+    side = patch_um / upp * float(view.scale)
     if side < 1.0:
         raise ValueError(
             f"library {library_id!r}: patch_um={patch_um:g} µm is {side:.3g} px on its image "
-            f"({upp / scale:.3g} µm per image px): smaller than one pixel."
+            f"({upp / view.scale:.3g} µm per image px): smaller than one pixel."
         )
-    w, h = image_size
+    w, h = view.size
     if side > min(w, h):
         raise ValueError(
             f"library {library_id!r}: patch_um={patch_um:g} µm is {side:.0f} px, larger than its image "
-            f"({w} x {h} px, {upp / scale:.3g} µm per image px, i.e. {w * upp / scale:.0f} x {h * upp / scale:.0f} µm)."
+            f"({w} x {h} px, {upp / view.scale:.3g} µm per image px, i.e. "
+            f"{w * upp / view.scale:.0f} x {h * upp / view.scale:.0f} µm)."
         )
     return side
 
@@ -93,6 +129,95 @@ def cut_patches(image, centres: np.ndarray, side: float, out_px: int) -> np.ndar
     return out
 
 
+@dataclass
+class PatchPlan:
+    """Where the patches of some spots of one library lie on its image.
+
+    Attributes
+    ----------
+    view
+        The library's image (not decoded).
+    centres
+        ``(n, 2)`` spot centres (x, y) in the view's image pixels.
+    inside
+        ``(n,)`` whether each centre lies inside the image (spots outside get white patches).
+    side
+        Patch side in image pixels.
+    patch_um
+        Patch side in µm.
+    """
+
+    view: SlideView
+    centres: np.ndarray
+    inside: np.ndarray
+    side: float
+    patch_um: float
+
+    def __len__(self) -> int:
+        return len(self.centres)
+
+    def cut(self, image, out_px: int, sel: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """uint8 ``(n, out_px, out_px, 3)`` patches of the selected spots from the decoded ``image``."""
+        centres, inside = self.centres[sel], self.inside[sel]
+        out = np.full((len(centres), out_px, out_px, 3), 255, dtype=np.uint8)
+        if inside.any():
+            out[inside] = cut_patches(image, centres[inside], self.side, int(out_px))
+        return out
+
+    def batches(self, image, out_px: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, patches)`` of consecutive batches; batch i+1 is cut in a background thread while i is used."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = list(range(0, len(self), batch_size))
+        if not starts:
+            return
+        cut = lambda s: self.cut(image, out_px, slice(s, s + batch_size))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stexp-patches") as pool:
+            future = pool.submit(cut, starts[0])
+            for j, s in enumerate(starts):
+                patches = future.result()
+                if j + 1 < len(starts):
+                    future = pool.submit(cut, starts[j + 1])
+                yield s, patches
+
+
+def plan_patches(
+    adata,
+    library_id: str,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    patch_um: float | None = None,
+    on_outside: Literal["raise", "drop"] = "raise",
+    library_key: str = LIBRARY_KEY,
+    view: SlideView | None = None,
+) -> PatchPlan:
+    """Plan the patches of spots of one library (see :func:`read_patches` for the parameters).
+
+    Raises
+    ------
+    ValueError
+        If an index is not a spot of the library, the patch size does not fit the image, or spots lie
+        outside the image with ``on_outside="raise"``.
+    """
+    from stexp.io._validate import check_spots_in_image
+
+    lib_rows = np.flatnonzero(library_mask(adata, library_id, library_key))
+    indices = lib_rows if indices is None else np.asarray(indices, dtype=np.int64).ravel()
+    not_in_lib = ~np.isin(indices, lib_rows)
+    if not_in_lib.any():
+        raise ValueError(
+            f"{int(not_in_lib.sum())} of {len(indices)} spot indices (e.g. {indices[not_in_lib][:5].tolist()}) "
+            f"are not spots of library {library_id!r}."
+        )
+    view = view or slide_view(adata, library_id)
+    inside_lib = check_spots_in_image(adata, library_id, on_outside=on_outside, library_key=library_key, view=view)
+    inside = np.zeros(adata.n_obs, dtype=bool)
+    inside[lib_rows] = inside_lib
+    patch_um = default_patch_um(adata, library_id) if patch_um is None else float(patch_um)
+    side = patch_side_px(adata, view, patch_um)
+    return PatchPlan(view, spot_coords(adata)[indices] * view.scale, inside[indices], side, patch_um)
+
+
 def read_patches(
     adata,
     library_id: str,
@@ -100,16 +225,16 @@ def read_patches(
     *,
     patch_um: float | None = None,
     out_px: int = 224,
-    slide=None,
+    image=None,
     on_outside: Literal["raise", "drop"] = "raise",
     library_key: str = LIBRARY_KEY,
 ) -> np.ndarray:
     """Patches of ``patch_um`` µm around spot centres of one library, resampled to ``out_px`` px.
 
-    The image is the best one available (:func:`stexp.images.load_slide`: the full-resolution file,
-    else the in-memory image with the largest scale factor). Centres are ``obsm["spatial"]`` (full-res
-    px) times the image's scale factor; the µm per pixel come from :func:`stexp._layout.um_per_px`.
-    Parts of a patch beyond the image border are padded with **white** (glass).
+    The image is the one :func:`stexp.images.slide_view` chooses (the full-resolution file, else the
+    in-memory image with the largest scale factor). Centres are ``obsm["spatial"]`` (full-res px) times
+    the image's scale factor; the µm per pixel come from :func:`stexp._layout.um_per_px`. Parts of a
+    patch beyond the image border are padded with **white** (glass).
 
     Parameters
     ----------
@@ -123,8 +248,9 @@ def read_patches(
         Patch side in µm; ``None``: :func:`default_patch_um` (1.5 x the spot diameter).
     out_px
         Output side in pixels.
-    slide
-        An already decoded :class:`stexp.images._source.Slide` of this library (avoids decoding again).
+    image
+        The library's image already decoded (``stexp.images.slide_view(adata, lib).decode()``), to avoid
+        decoding it again.
     on_outside
         Spots whose centre lies outside the image: ``"raise"`` a ValueError, or ``"drop"``: warn and
         return white patches for them (see :func:`stexp.io._validate.check_spots_in_image`).
@@ -135,33 +261,94 @@ def read_patches(
     -------
     uint8 array ``(n, out_px, out_px, 3)``.
     """
-    from stexp.images._source import load_slide
-    from stexp.io._validate import check_spots_in_image
-
-    lib_mask = library_mask(adata, library_id, library_key)
-    lib_rows = np.flatnonzero(lib_mask)
-    if indices is None:
-        indices = lib_rows
-    indices = np.asarray(indices, dtype=np.int64).ravel()
-    not_in_lib = ~np.isin(indices, lib_rows)
-    if not_in_lib.any():
+    plan = plan_patches(adata, library_id, indices, patch_um=patch_um, on_outside=on_outside, library_key=library_key)
+    if image is None:
+        image = plan.view.decode()
+    elif tuple(image.size) != tuple(plan.view.size):
         raise ValueError(
-            f"{int(not_in_lib.sum())} of {len(indices)} spot indices (e.g. {indices[not_in_lib][:5].tolist()}) "
-            f"are not spots of library {library_id!r}."
+            f"image= is {image.size[0]} x {image.size[1]} px, but the image of library {library_id!r} is "
+            f"{plan.view.size[0]} x {plan.view.size[1]} px ({plan.view.source})."
         )
-    inside_lib = check_spots_in_image(adata, library_id, on_outside=on_outside, library_key=library_key)
-    inside = np.zeros(adata.n_obs, dtype=bool)
-    inside[lib_rows] = inside_lib
-    if slide is None:
-        slide = load_slide(adata, library_id)
-    elif str(slide.library_id) != str(library_id):
-        raise ValueError(f"slide= is the image of library {slide.library_id!r}, not of {library_id!r}.")
-    if patch_um is None:
-        patch_um = default_patch_um(adata, library_id)
-    side = patch_side_px(adata, library_id, patch_um, slide.scale, slide.size)
-    centres = spot_coords(adata)[indices] * slide.scale
-    ok = inside[indices]
-    out = np.full((len(indices), out_px, out_px, 3), 255, dtype=np.uint8)
-    if ok.any():
-        out[ok] = cut_patches(slide.image, centres[ok], side, int(out_px))
-    return out
+    return plan.cut(image, int(out_px))
+
+
+class PatchSource:
+    """Spot patches on demand, for models that embed patches themselves (a fine-tuned image encoder).
+
+    Built by ``stexp.tl`` from an AnnData (:meth:`from_adata`), it holds per spot its library and patch
+    centre, and per library the image view and patch side: models read patches through it without
+    seeing the AnnData. Each read decodes one slide at a time.
+
+    Parameters
+    ----------
+    plans
+        One :class:`PatchPlan` per library (its rows: the spots of that library, in plan order).
+    library
+        ``(n,)`` library of each spot of the source.
+    local
+        ``(n,)`` row of each spot in its library's plan.
+    """
+
+    def __init__(self, plans: Mapping[str, PatchPlan], library: np.ndarray, local: np.ndarray) -> None:
+        self.plans = dict(plans)
+        self.library = np.asarray(library, dtype=object)
+        self.local = np.asarray(local, dtype=np.int64)
+
+    @classmethod
+    def from_adata(
+        cls,
+        adata,
+        *,
+        patch_um: float | Mapping[str, float] | None = None,
+        library_key: str = LIBRARY_KEY,
+        rows: np.ndarray | None = None,
+    ) -> PatchSource:
+        """The patches of the spots ``rows`` of ``adata`` (default all), every spot inside its image."""
+        labels = library_labels(adata, library_key)
+        rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
+        libs = list(dict.fromkeys(labels[rows].tolist()))
+        per_lib_um = resolve_patch_um(adata, libs, patch_um)
+        plans, local = {}, np.empty(len(rows), dtype=np.int64)
+        for lib in libs:
+            sel = np.flatnonzero(labels[rows] == lib)
+            plans[lib] = plan_patches(adata, lib, rows[sel], patch_um=per_lib_um[lib], library_key=library_key)
+            local[sel] = np.arange(len(sel))
+        return cls(plans, labels[rows], local)
+
+    def __len__(self) -> int:
+        return len(self.library)
+
+    @property
+    def libraries(self) -> list[str]:
+        return list(dict.fromkeys(self.library.tolist()))
+
+    def subset(self, index: np.ndarray) -> PatchSource:
+        """The spots selected by a boolean mask or integer index."""
+        return PatchSource(self.plans, self.library[index], self.local[index])
+
+    def read(self, out_px: int) -> np.ndarray:
+        """uint8 ``(n, out_px, out_px, 3)`` patches of every spot, one slide decoded at a time."""
+        out = np.empty((len(self), out_px, out_px, 3), dtype=np.uint8)
+        for lib in self.libraries:
+            sel = np.flatnonzero(self.library == lib)
+            plan = self.plans[lib]
+            image = plan.view.decode()
+            out[sel] = plan.cut(image, out_px, self.local[sel])
+            del image
+        return out
+
+    def batches(self, out_px: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(spots, patches)`` batches, library by library, each slide decoded once (memory: one slide)."""
+        for lib in self.libraries:
+            sel = np.flatnonzero(self.library == lib)
+            plan = self.plans[lib]
+            sub = PatchPlan(
+                plan.view, plan.centres[self.local[sel]], plan.inside[self.local[sel]], plan.side, plan.patch_um
+            )
+            image = plan.view.decode()
+            for start, patches in sub.batches(image, out_px, batch_size):
+                yield sel[start : start + len(patches)], patches
+            del image
+
+    def __repr__(self) -> str:
+        return f"PatchSource({len(self)} spots of {len(self.libraries)} librar{'y' if len(self.libraries) == 1 else 'ies'})"

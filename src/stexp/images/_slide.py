@@ -1,42 +1,65 @@
-"""Image sources: the best resolution available for a library, decoded once."""
+"""One view per slide image: which image of a library is read, its scale, µm/px and extent, and how to open it.
+
+Every part of stexp that needs a library's image (the patch reader, ``embed_images``, the fine-tuning
+dataset, ``stexp.io.validate``) asks :func:`slide_view`, so one rule decides which image is used:
+the full-resolution file ``metadata["source_image_path"]`` when it exists, else the in-memory image
+with the largest ``tissue_<res>_scalef``. :func:`open_image` is the one place image files are opened.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stexp._layout import scalefactors, spatial_entry
+from stexp._layout import scalefactors, spatial_entry, um_per_px
+
+#: ``SlideView.source`` of a slide read from ``metadata["source_image_path"]``.
+SOURCE_FILE = "source_image_path"
 
 
-@dataclass
-class Slide:
-    """One decoded slide image.
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Any]:
+    """Open an image file with Pillow without decoding it, with Pillow's decompression-bomb limit lifted.
 
-    Attributes
-    ----------
-    library_id
-        The library it belongs to.
-    image
-        The decoded image as a PIL RGB image.
-    scale
-        Image px per full-resolution px (1.0 for the full-resolution file, ``tissue_<res>_scalef`` otherwise).
-    source
-        ``"source_image_path"`` or the in-memory resolution name (``"hires"``...).
+    Whole-slide H&E images are larger than Pillow's default limit (89 M px); they are the data here,
+    not an attack. The limit is restored as soon as the header is read.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If Pillow cannot read it; the message names the file.
     """
+    from PIL import Image, UnidentifiedImageError
 
-    library_id: str
-    image: Any
-    scale: float
-    source: str
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist.")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        image = Image.open(path)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    try:
+        yield image
+    finally:
+        image.close()
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) in image pixels."""
-        return self.image.size
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    with open_image(path) as im:
+        return int(im.size[0]), int(im.size[1])
 
 
 def _source_path(entry: dict) -> Path | None:
@@ -46,11 +69,67 @@ def _source_path(entry: dict) -> Path | None:
     return Path(str(source))
 
 
-def best_source(adata, library_id: str) -> tuple[str, float]:
-    """Which image of a library :func:`load_slide` decodes, and its scale (image px per full-res px).
+@dataclass(frozen=True)
+class SlideView:
+    """The image stexp reads for one library, without decoding it.
 
-    The full-resolution file ``metadata["source_image_path"]`` (scale 1.0) when it exists, else the
-    in-memory image with the largest ``tissue_<res>_scalef``.
+    Attributes
+    ----------
+    library_id
+        The library.
+    source
+        ``"source_image_path"`` (the full-resolution file) or the in-memory resolution (``"hires"``...).
+    scale
+        Image px per full-resolution px (1.0 for the full-resolution file, ``tissue_<res>_scalef`` otherwise).
+    size
+        ``(width, height)`` of the image in its own pixels.
+    path
+        The file, for ``source="source_image_path"``.
+    array
+        The in-memory image, otherwise.
+    """
+
+    library_id: str
+    source: str
+    scale: float
+    size: tuple[int, int]
+    path: Path | None = None
+    array: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def extent(self) -> tuple[float, float]:
+        """``(width, height)`` of the image in full-resolution pixels."""
+        return self.size[0] / self.scale, self.size[1] / self.scale
+
+    def decode(self):
+        """The image as an RGB PIL image (decoded now: keep one slide decoded at a time)."""
+        from PIL import Image
+
+        if self.path is not None:
+            with open_image(self.path) as im:
+                im.load()
+                return im.convert("RGB") if im.mode != "RGB" else im.copy()
+        return Image.fromarray(_as_uint8_rgb(self.array, self.library_id, self.source))
+
+    def fingerprint(self) -> str:
+        """A content hash of the image (file bytes, or array bytes and shape) and of its scale."""
+        h = hashlib.sha256()
+        h.update(f"{self.source}:{self.scale!r}".encode())
+        if self.path is not None:
+            with open(self.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+        else:
+            a = np.ascontiguousarray(np.asarray(self.array))
+            h.update(f"{a.shape}{a.dtype}".encode())
+            h.update(memoryview(a).cast("B"))
+        return h.hexdigest()
+
+
+def slide_view(adata, library_id: str) -> SlideView:
+    """The image of a library that stexp reads: the full-resolution file when it exists, else the largest in memory.
+
+    "Largest" means the largest ``tissue_<res>_scalef`` (the finest resolution).
 
     Raises
     ------
@@ -64,11 +143,11 @@ def best_source(adata, library_id: str) -> tuple[str, float]:
     entry = spatial_entry(adata, library_id)
     path = _source_path(entry)
     if path is not None and path.is_file():
-        return "source_image_path", 1.0
+        return SlideView(str(library_id), SOURCE_FILE, 1.0, image_size(path), path=path)
     images = entry.get("images") or {}
     if images:
         sf = scalefactors(adata, library_id)
-        best = None
+        best: tuple[str, float] | None = None
         for res in images:
             key = f"tissue_{res}_scalef"
             if key not in sf:
@@ -78,7 +157,10 @@ def best_source(adata, library_id: str) -> tuple[str, float]:
                 )
             if best is None or float(sf[key]) > best[1]:
                 best = (str(res), float(sf[key]))
-        return best
+        assert best is not None
+        array = images[best[0]]
+        h, w = np.shape(array)[:2]
+        return SlideView(str(library_id), best[0], best[1], (int(w), int(h)), array=array)
     if path is not None:
         raise FileNotFoundError(
             f"library {library_id!r}: source_image_path {str(path)!r} does not exist and there is no in-memory image."
@@ -89,24 +171,16 @@ def best_source(adata, library_id: str) -> tuple[str, float]:
     )
 
 
-def load_slide(adata, library_id: str) -> Slide:
-    """Decode the best image of a library (see :func:`best_source`) as an RGB PIL image."""
-    from PIL import Image
-
-    source, scale = best_source(adata, library_id)
+def has_image(adata, library_id: str) -> bool:
+    """Whether :func:`slide_view` finds an image for the library."""
     entry = spatial_entry(adata, library_id)
-    if source == "source_image_path":
-        previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with Image.open(_source_path(entry)) as im:
-                im.load()
-                image = im.convert("RGB")
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-    else:
-        image = Image.fromarray(_as_uint8_rgb(entry["images"][source], library_id, source))
-    return Slide(library_id=str(library_id), image=image, scale=scale, source=source)
+    path = _source_path(entry)
+    return bool(entry.get("images")) or (path is not None and path.is_file())
+
+
+def image_um_per_px(adata, view: SlideView) -> float:
+    """µm per pixel of the view's image (µm per full-resolution px divided by its scale)."""
+    return um_per_px(adata, view.library_id) / view.scale
 
 
 def _as_uint8_rgb(arr, library_id: str, res: str) -> np.ndarray:
@@ -122,20 +196,3 @@ def _as_uint8_rgb(arr, library_id: str, res: str) -> np.ndarray:
             a = a * 255.0
         a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
-
-
-def slide_fingerprint(adata, library_id: str) -> str:
-    """A content hash of the image :func:`load_slide` would decode (file bytes, or array bytes + shape)."""
-    source, scale = best_source(adata, library_id)
-    entry = spatial_entry(adata, library_id)
-    h = hashlib.sha256()
-    h.update(f"{source}:{scale!r}".encode())
-    if source == "source_image_path":
-        with open(_source_path(entry), "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    else:
-        a = np.ascontiguousarray(np.asarray(entry["images"][source]))
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()

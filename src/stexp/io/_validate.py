@@ -22,58 +22,13 @@ from stexp._layout import (
 from stexp._settings import logger
 
 
-def _open_image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding the pixels."""
-    from PIL import Image
-
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
-def image_extent(adata, library_id: str) -> tuple[float, float] | None:
-    """Full-resolution image size ``(width, height)`` in pixels of a library, or ``None`` without an image.
-
-    Read from the header of ``metadata["source_image_path"]`` when that file exists, else from the
-    largest in-memory image divided by its ``tissue_<res>_scalef``.
-
-    Raises
-    ------
-    KeyError
-        If an in-memory image has no ``tissue_<res>_scalef``.
-    """
-    entry = spatial_entry(adata, library_id)
-    source = (entry.get("metadata") or {}).get("source_image_path")
-    if source is not None and Path(str(source)).is_file():
-        return _open_image_size(str(source))
-    images = entry.get("images") or {}
-    if not images:
-        return None
-    sf = scalefactors(adata, library_id)
-    best = None
-    for res, img in images.items():
-        key = f"tissue_{res}_scalef"
-        if key not in sf:
-            raise KeyError(
-                f"library {library_id!r}: image {res!r} has no scale factor {key!r} in "
-                f"adata.uns['spatial'][{library_id!r}]['scalefactors'] (it has {sorted(sf)})."
-            )
-        h, w = np.shape(img)[:2]
-        if best is None or w * h > best[0]:
-            best = (w * h, w / float(sf[key]), h / float(sf[key]))
-    return best[1], best[2]
-
-
 def check_spots_in_image(
     adata,
     library_id: str,
     *,
     on_outside: Literal["raise", "drop"] = "raise",
     library_key: str = LIBRARY_KEY,
+    view=None,
 ) -> np.ndarray:
     """Check that the spot centres of one library lie inside its full-resolution image.
 
@@ -89,6 +44,8 @@ def check_spots_in_image(
         (the caller drops them; ``adata`` is not modified).
     library_key
         Column of ``adata.obs`` with the library ids.
+    view
+        The library's :class:`stexp.images.SlideView` when the caller already has it.
 
     Returns
     -------
@@ -103,13 +60,16 @@ def check_spots_in_image(
     """
     if on_outside not in ("raise", "drop"):
         raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
-    extent = image_extent(adata, library_id)
-    if extent is None:
-        raise ValueError(
-            f"library {library_id!r} has no image (no in-memory images and no readable source_image_path): "
-            "cannot check whether its spots lie inside it."
-        )
-    width, height = extent
+    from stexp.images._slide import has_image, slide_view
+
+    if view is None:
+        if not has_image(adata, library_id):
+            raise ValueError(
+                f"library {library_id!r} has no image (no in-memory images and no readable source_image_path): "
+                "cannot check whether its spots lie inside it."
+            )
+        view = slide_view(adata, library_id)
+    width, height = view.extent
     xy = spot_coords(adata)[library_mask(adata, library_id, library_key)]
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
     inside &= np.isfinite(xy).all(axis=1)

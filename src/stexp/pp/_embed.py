@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -10,19 +9,11 @@ from typing import Literal
 
 import numpy as np
 
-from stexp._layout import (
-    LIBRARY_KEY,
-    UNS_KEY,
-    _jsonable,
-    library_ids,
-    library_mask,
-    spot_coords,
-    um_per_px,
-)
+from stexp._docs import doc_params
+from stexp._layout import LIBRARY_KEY, UNS_KEY, library_ids, library_mask, record, spot_coords, um_per_px
+from stexp._process import leaves_process_state
 from stexp._settings import logger, settings
-
-#: Spec fields compared to decide whether stored features are up to date (the model's fields + out_dim).
-SPEC_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization", "out_dim")
+from stexp.images._encoders import DEFAULT_ENCODER
 
 
 def _is_encoder(obj) -> bool:
@@ -46,51 +37,13 @@ def default_key(name: str) -> str:
 
 def _is_path(weights) -> bool:
     return isinstance(weights, os.PathLike) or (
-        isinstance(weights, str) and weights not in ("imagenet", "None") and not weights.startswith("timm:")
+        isinstance(weights, str) and weights != "imagenet" and not weights.startswith("timm:")
     )
-
-
-def _resolve_patch_um(adata, libs: list[str], patch_um) -> dict[str, float]:
-    from stexp.images._patches import default_patch_um
-
-    if patch_um is None:
-        return {lib: float(default_patch_um(adata, lib)) for lib in libs}
-    if isinstance(patch_um, Mapping):
-        missing = [lib for lib in libs if lib not in patch_um]
-        if missing:
-            raise KeyError(f"patch_um has no value for library(ies) {missing} (it has {list(patch_um)}).")
-        out = {lib: float(patch_um[lib]) for lib in libs}
-    else:
-        out = dict.fromkeys(libs, float(patch_um))
-    bad = {lib: v for lib, v in out.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(f"patch_um must be a positive number of µm, got {bad}.")
-    return out
 
 
 def _recorded_patch_um(per_lib: dict[str, float]) -> float | dict[str, float]:
     values = set(per_lib.values())
     return next(iter(values)) if len(values) == 1 else dict(per_lib)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, Mapping) or isinstance(b, Mapping):
-        if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(map(str, a)) != set(map(str, b)):
-            return False
-        bb = {str(k): v for k, v in b.items()}
-        return all(_same(v, bb[str(k)]) for k, v in a.items())
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
-def _diffs(recorded: Mapping, spec: Mapping, fields=SPEC_FIELDS) -> list[str]:
-    return [
-        f"{k}: stored {recorded.get(k)!r} vs requested {spec.get(k)!r}"
-        for k in fields
-        if not _same(recorded.get(k), spec.get(k))
-    ]
 
 
 def _autocast(device: str):
@@ -104,36 +57,24 @@ def _autocast(device: str):
     return contextlib.nullcontext()
 
 
-def _embed_slide(enc, slide, centres: np.ndarray, side: float, *, batch_size: int, device: str, pbar) -> np.ndarray:
-    """Features of the patches around ``centres`` (image px) of one decoded slide.
+def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
+    """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan` (its slide decoded once).
 
-    Patches of batch i+1 are cut in a background thread while batch i runs through the encoder.
+    Patches of batch i+1 are cut in a background thread while batch i runs through the encoder. Spots
+    outside the image get NaN features.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
-    from stexp.images._patches import cut_patches
-
-    n = len(centres)
-    out = np.empty((n, enc.out_dim), dtype=np.float32)
-    if n == 0:
+    out = np.full((len(plan), enc.out_dim), np.nan, dtype=np.float32)
+    if not plan.inside.any():
         return out
     cuda = device.startswith("cuda")
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    starts = list(range(0, n, batch_size))
-
-    def cut(s: int) -> np.ndarray:
-        return cut_patches(slide.image, centres[s : s + batch_size], side, int(enc.input_px))
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stexp-patches") as pool, torch.inference_mode():
-        future = pool.submit(cut, starts[0])
-        for j, s in enumerate(starts):
-            patches = future.result()
-            if j + 1 < len(starts):
-                future = pool.submit(cut, starts[j + 1])
+    image = plan.view.decode()
+    with torch.inference_mode():
+        for start, patches in plan.batches(image, int(enc.input_px), batch_size):
             x = enc.preprocess(patches, device=device)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -145,16 +86,19 @@ def _embed_slide(enc, slide, centres: np.ndarray, side: float, *, batch_size: in
                     f"encoder {enc.name!r} returned {shape} for a batch of {len(patches)} patches; "
                     f"expected ({len(patches)}, {enc.out_dim})."
                 )
-            out[s : s + len(patches)] = y.float().cpu().numpy()
+            out[start : start + len(patches)] = y.float().cpu().numpy()
             if pbar is not None:
                 pbar.update(len(patches))
+    out[~plan.inside] = np.nan
     return out
 
 
+@leaves_process_state
+@doc_params
 def embed_images(
     adata,
     *,
-    encoder: str | Callable = "densenet121",
+    encoder: str | Callable = DEFAULT_ENCODER,
     weights: str | os.PathLike | None = "imagenet",
     patch_um: float | Mapping[str, float] | None = None,
     batch_size: int = 64,
@@ -168,11 +112,11 @@ def embed_images(
 ):
     """Embed the H&E patch around every spot with an image encoder.
 
-    Each library's slide is decoded once (the full-resolution file when available, see
-    :func:`stexp.images.read_patches`); a square patch of ``patch_um`` µm around each spot centre is
-    resampled to the encoder's input size (parts beyond the image border are white), normalised as the
-    encoder declares and embedded in batches under ``torch.inference_mode`` (patches of the next batch are
-    cut in a background thread; on CUDA with channels-last and bf16/fp16 autocast).
+    Each library's slide (the image :func:`stexp.images.slide_view` chooses: the full-resolution file when
+    available) is decoded once; a square patch of ``patch_um`` µm around each spot centre is resampled to
+    the encoder's input size (parts beyond the image border are white), normalised as the encoder
+    declares and embedded in batches under ``torch.inference_mode`` (patches of the next batch are cut in
+    a background thread; on CUDA with channels-last and bf16/fp16 autocast).
 
     Work is skipped when it is already done: if ``adata.obsm[key]`` holds features recorded with the same
     spec (encoder, weights, patch µm/px, normalisation, output dim), nothing is computed. Features are also
@@ -182,13 +126,13 @@ def embed_images(
 
     Parameters
     ----------
-    adata
-        AnnData in stexp's layout (spot centres in ``obsm["spatial"]``, images in ``uns["spatial"]``).
+    {adata}
     encoder
-        A registry name (:func:`stexp.images.list_encoders`), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``,
-        a ``torch.nn.Module`` / callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet
-        normalisation), or an :class:`stexp.images.Encoder` from :func:`stexp.images.build_encoder` (to
-        choose another input size or normalisation for a callable).
+        A registry name (:func:`stexp.images.list_encoders`; default ``"efficientnet_lite0"``, whose ImageNet
+        weights install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a ``torch.nn.Module`` /
+        callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
+        :class:`stexp.images.Encoder` from :func:`stexp.images.build_encoder` (to choose another input size
+        or normalisation for a callable).
     weights
         ``"imagenet"``, ``None`` (explicit random init) or a local state-dict file; ignored for a built Encoder.
     patch_um
@@ -197,10 +141,8 @@ def embed_images(
         libraries share it, else the per-library mapping.
     batch_size
         Patches per forward pass.
-    device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
-    library_key
-        Column of ``adata.obs`` with the library ids.
+    {device}
+    {library_key}
     key_added
         ``obsm`` key; default ``"X_stexp_<encoder>"``.
     overwrite
@@ -213,21 +155,19 @@ def embed_images(
         the AnnData to finite rows before fitting).
     cache
         Read and write the disk cache.
-    copy
-        Return a modified copy instead of writing in place.
+    {copy}
 
     Returns
     -------
     ``None`` (or the copy when ``copy=True``). Writes ``adata.obsm[key]`` (float32, ``n_obs x out_dim``) and
-    ``adata.uns["stexp"]["features"][key]``: ``encoder``, ``weights`` (the weights identity: ``"imagenet"``,
-    ``"random"``, ``"sha256:..."`` of a file...), ``weights_arg`` (what rebuilds the encoder), ``patch_um``,
-    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``, ``n_outside`` per library and ``versions``.
+    ``adata.uns["stexp"]["features"][key]``: the :class:`~stexp.images.EncoderSpec` fields (``encoder``,
+    ``weights`` (the weights identity: ``"imagenet"``, ``"random"``, ``"sha256:..."`` of a file...),
+    ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
+    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library and ``versions``.
     """
-    from stexp._versions import versions
     from stexp.images._cache import cache_key, load_features, save_features
-    from stexp.images._patches import patch_side_px
-    from stexp.images._source import load_slide, slide_fingerprint
-    from stexp.io._validate import check_spots_in_image
+    from stexp.images._patches import plan_patches, resolve_patch_um
+    from stexp.images._spec import FEATURE_FIELDS, EncoderSpec
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -238,7 +178,7 @@ def embed_images(
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
-    per_lib_um = _resolve_patch_um(adata, libs, patch_um)
+    per_lib_um = resolve_patch_um(adata, libs, patch_um)
     stored = adata.uns.get(UNS_KEY, {}).get("features", {})
 
     # cheap check before building the encoder (a build may need a download): same name, weights, patch size
@@ -246,24 +186,24 @@ def embed_images(
         key = key_added or default_key(encoder)
         rec = stored.get(key)
         if key in adata.obsm and rec and np.shape(adata.obsm[key])[0] == adata.n_obs:
-            wanted = {"encoder": encoder, "weights_arg": weights, "patch_um": _recorded_patch_um(per_lib_um)}
-            if not _diffs(rec, wanted, ("encoder", "weights_arg", "patch_um")):
+            wanted = EncoderSpec(encoder=encoder, weights_arg=weights, patch_um=_recorded_patch_um(per_lib_um))
+            if not EncoderSpec.from_mapping(rec).diff(wanted, ("encoder", "weights_arg", "patch_um")):
                 logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
                 return adata if copy else None
 
     enc = _build_encoder(encoder, weights)
     key = key_added or default_key(enc.name)
     is_callable = str(enc.name).startswith("callable:")
-    spec = {
-        "encoder": enc.name,
-        "weights": enc.weights_id,
-        "weights_arg": None if enc.weights_arg is None else str(enc.weights_arg),
-        "patch_um": _recorded_patch_um(per_lib_um),
-        "patch_px": int(enc.input_px),
-        "normalization": enc.normalization,
-        "out_dim": int(enc.out_dim),
-        "library_key": library_key,
-    }
+    spec = EncoderSpec(
+        encoder=enc.name,
+        weights=enc.weights_id,
+        weights_arg=None if enc.weights_arg is None else str(enc.weights_arg),
+        patch_um=_recorded_patch_um(per_lib_um),
+        patch_px=int(enc.input_px),
+        normalization=enc.normalization,
+        out_dim=int(enc.out_dim),
+        library_key=library_key,
+    )
     if key in adata.obsm and not overwrite:
         rec = stored.get(key)
         if not rec:
@@ -271,45 +211,44 @@ def embed_images(
                 f"adata.obsm[{key!r}] exists but was not written by embed_images (no spec in "
                 f"adata.uns['stexp']['features']); pass overwrite=True to replace it or key_added= to keep it."
             )
-        diffs = _diffs(rec, spec)
+        diffs = EncoderSpec.from_mapping(rec).diff(spec, FEATURE_FIELDS, names=("stored", "requested"))
         if diffs:
             raise ValueError(
-                f"adata.obsm[{key!r}] holds features of another spec ({'; '.join(diffs)}). Pass overwrite=True "
-                "to replace them (models trained on them will no longer match) or key_added= to keep both."
+                f"adata.obsm[{key!r}] holds features of another spec ({'; '.join(diffs)}). "
+                "Pass overwrite=True to replace them (models trained on them will no longer match) or key_added= "
+                "to keep both."
             )
         if not is_callable:
             logger.info(f"features adata.obsm[{key!r}] are up to date ({enc.name}); nothing computed.")
             return adata if copy else None
 
+    import torch
+
     use_disk = cache and not is_callable
     device = settings.resolve_device(device)
     feats = np.full((adata.n_obs, enc.out_dim), np.nan, dtype=np.float32)
-    xy = spot_coords(adata)
     n_outside: dict[str, int] = {}
     n_loaded = 0
-
-    import torch
-
     pbar = None
     if settings.show_progress:
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=adata.n_obs, desc=f"embed {enc.name}", unit="spot", leave=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(settings.num_workers)))
+    torch.set_num_threads(settings.n_jobs)  # restored by leaves_process_state
     try:
         for lib in libs:
             rows = np.flatnonzero(library_mask(adata, lib, library_key))
-            inside = check_spots_in_image(adata, lib, on_outside=on_outside, library_key=library_key)
-            n_outside[lib] = int((~inside).sum())
-            centres = xy[rows]
+            plan = plan_patches(
+                adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
+            )
+            n_outside[lib] = int((~plan.inside).sum())
             ckey = None
             if use_disk:
-                lib_spec = {k: spec[k] for k in SPEC_FIELDS} | {
+                lib_spec = {k: spec.to_dict()[k] for k in FEATURE_FIELDS} | {
                     "patch_um": per_lib_um[lib],
                     "um_per_px": um_per_px(adata, lib),
                 }
-                ckey = cache_key(slide_fingerprint(adata, lib), centres, lib_spec)
+                ckey = cache_key(plan.view.fingerprint(), spot_coords(adata)[rows], lib_spec)
                 hit = load_features(ckey, (len(rows), enc.out_dim))
                 if hit is not None:
                     feats[rows] = hit
@@ -317,34 +256,23 @@ def embed_images(
                     if pbar is not None:
                         pbar.update(len(rows))
                     continue
-            slide = load_slide(adata, lib)
-            side = patch_side_px(adata, lib, per_lib_um[lib], slide.scale, slide.size)
-            lib_feats = np.full((len(rows), enc.out_dim), np.nan, dtype=np.float32)
-            lib_feats[inside] = _embed_slide(
-                enc, slide, centres[inside] * slide.scale, side, batch_size=int(batch_size), device=device, pbar=pbar
-            )
+            feats[rows] = _embed_plan(enc, plan, batch_size=int(batch_size), device=device, pbar=pbar)
             if pbar is not None and n_outside[lib]:
                 pbar.update(n_outside[lib])
-            del slide  # at most one decoded slide at a time
-            feats[rows] = lib_feats
             if ckey is not None:
-                save_features(ckey, lib_feats)
+                save_features(ckey, feats[rows])
     finally:
-        torch.set_num_threads(threads)
         if pbar is not None:
             pbar.close()
 
     adata.obsm[key] = feats
-    adata.uns.setdefault(UNS_KEY, {}).setdefault("features", {})[key] = {
-        **_jsonable({**spec, "n_outside": n_outside}),
-        "versions": versions(),
-    }
+    record(adata, ("features", key), {**spec.to_uns(), "n_outside": n_outside})
     total_out = sum(n_outside.values())
     extra = f"; {total_out} spots outside their image got NaN features" if total_out else ""
     cached = f"; {n_loaded} spots loaded from the disk cache" if n_loaded else ""
     logger.info(
         f"added adata.obsm[{key!r}] ({adata.n_obs} x {enc.out_dim} float32, {enc.name}, "
-        f"patch {spec['patch_um']} µm -> {spec['patch_px']} px{cached}{extra}) and "
+        f"patch {spec.patch_um} µm -> {spec.patch_px} px{cached}{extra}) and "
         f"adata.uns['stexp']['features'][{key!r}]"
     )
     return adata if copy else None

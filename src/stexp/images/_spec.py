@@ -1,0 +1,129 @@
+"""``EncoderSpec``: how image features were made, recorded with them and with every model trained on them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+#: Fields a model's features and the query's features must share.
+MODEL_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization")
+#: Fields that decide whether stored features are up to date (the model's fields and the output width).
+FEATURE_FIELDS = (*MODEL_FIELDS, "out_dim")
+
+
+def _none(value: Any) -> Any:
+    """``None`` for the string ``"None"`` that stexp < 0.2 wrote into ``uns`` for a missing value."""
+    return None if isinstance(value, str) and value == "None" else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, numbers up to float rounding, mappings key by key."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not (isinstance(a, Mapping) and isinstance(b, Mapping)) or set(map(str, a)) != set(map(str, b)):
+            return False
+        bb = {str(k): v for k, v in b.items()}
+        return all(_same(v, bb[str(k)]) for k, v in a.items())
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a set of image features was made.
+
+    Attributes
+    ----------
+    encoder
+        Encoder name (``"efficientnet_lite0"``, ``"timm:<model>"``, ``"callable:<qualname>"``...).
+    weights
+        Identity of the weights (``"imagenet"``, ``"random"``, ``"sha256:..."``).
+    weights_arg
+        What rebuilds the encoder as ``weights=`` of :func:`stexp.images.build_encoder` (``"imagenet"``,
+        a file path, or ``None`` for random weights / callables).
+    patch_um
+        Patch side in µm: one number, or one per library.
+    patch_px
+        Encoder input side in pixels.
+    normalization
+        The encoder's input normalisation.
+    out_dim
+        Feature width.
+    library_key
+        The ``obs`` column of the libraries the features were computed for.
+    """
+
+    encoder: str | None = None
+    weights: str | None = None
+    weights_arg: str | None = None
+    patch_um: float | dict[str, float] | None = None
+    patch_px: int | None = None
+    normalization: str | None = None
+    out_dim: int | None = None
+    library_key: str | None = None
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
+        """From ``uns["stexp"]["features"][key]`` or a model's JSON (other keys are ignored)."""
+        if isinstance(mapping, EncoderSpec):
+            return mapping
+        mapping = mapping or {}
+        values = {f.name: _none(mapping.get(f.name)) for f in fields(cls)}
+        if isinstance(values["patch_um"], Mapping):
+            values["patch_um"] = {str(k): float(v) for k, v in values["patch_um"].items()}
+        elif values["patch_um"] is not None:
+            values["patch_um"] = float(values["patch_um"])
+        for key in ("patch_px", "out_dim"):
+            if values[key] is not None:
+                values[key] = int(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, ``None`` included (for JSON)."""
+        return asdict(self)
+
+    def to_uns(self) -> dict[str, Any]:
+        """The fields that are set (h5ad cannot store ``None``; a missing key reads back as ``None``)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def __bool__(self) -> bool:
+        return self.encoder is not None
+
+    @property
+    def patch_um_value(self) -> float | None:
+        """The patch side when one number holds for every library, else ``None``."""
+        return self.patch_um if isinstance(self.patch_um, float) else None
+
+    def diff(
+        self,
+        other: EncoderSpec | Mapping[str, Any] | None,
+        fields: tuple[str, ...] = MODEL_FIELDS,
+        names: tuple[str, str] = ("model", "data"),
+    ) -> list[str]:
+        """``"field: <names[0]> value vs <names[1]> value"`` for each of ``fields`` in which the two specs differ."""
+        other = EncoderSpec.from_mapping(other)
+        return [
+            f"{k}: {names[0]} {getattr(self, k)!r} vs {names[1]} {getattr(other, k)!r}"
+            for k in fields
+            if not _same(getattr(self, k), getattr(other, k))
+        ]
+
+
+def check_encoder_spec(model_spec, data_spec, *, what: str = "model") -> None:
+    """Raise a ValueError naming each field in which a model's feature spec and the data's differ.
+
+    Nothing is checked when either spec is empty (features a user brought without a spec).
+    """
+    model_spec, data_spec = EncoderSpec.from_mapping(model_spec), EncoderSpec.from_mapping(data_spec)
+    if not model_spec or not data_spec:
+        return
+    diffs = model_spec.diff(data_spec)
+    if diffs:
+        raise ValueError(
+            f"{what} was trained on features from another image encoder ({'; '.join(diffs)}). "
+            "Embed the data with the model's encoder spec (stexp.pp.embed_images) first."
+        )
