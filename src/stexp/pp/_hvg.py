@@ -10,6 +10,8 @@ import numpy as np
 from stexp._layout import LIBRARY_KEY, library_labels, record
 from stexp._settings import logger
 
+#: ``adata.var`` column of the gene panel that :func:`select_hvg` writes and ``stexp.tl.fit`` reads.
+PANEL_KEY = "stexp_panel"
 #: The paper's detection threshold (genes detected in at least this many spots over all slides).
 PAPER_MIN_SPOTS = 1000
 #: With ``min_spots=None`` on data with fewer than 10,000 spots, the threshold is this fraction of spots.
@@ -59,7 +61,7 @@ def select_hvg(
     layer: str | None = None,
     flavor: str = "seurat",
     n_bins: int | None = None,
-    key_added: str = "stexp_panel",
+    key_added: str = PANEL_KEY,
     copy: bool = False,
 ):
     """Select the gene panel as mclSTExp (and HisToGene/Hist2ST before it) did.

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list, library_labels, record
+from stexp._layout import LIBRARY_KEY, as_list, library_labels, record
+from stexp._process import leaves_process_state
 from stexp._settings import logger
 
 #: Scores averaged over test slides in :attr:`CVResult.summary`.
@@ -93,24 +94,37 @@ def _sister_sections(adata, libs: np.ndarray, patient_key: str = "patient") -> d
 
 
 def _split_kwargs(models: list[str], fit_kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-model keyword arguments of ``stexp.tl.fit``: shared training options, hyper-parameters where declared."""
+    """Per-model hyper-parameters: the shared training options, and each other keyword where a model declares it."""
     from stexp.models import get_model_class
-    from stexp.tl._fit import _TRAINING_OPTIONS
+    from stexp.tl._inputs import TRAINING_OPTIONS
 
     classes = {m: get_model_class(m) for m in models}
     unused = [
-        k
-        for k in fit_kwargs
-        if k not in _TRAINING_OPTIONS and not any(k in c.default_hparams for c in classes.values())
+        k for k in fit_kwargs if k not in TRAINING_OPTIONS and not any(k in c.default_hparams for c in classes.values())
     ]
     if unused:
         raise TypeError(f"no model among {models} takes the hyper-parameter(s) {unused}.")
     return {
-        m: {k: v for k, v in fit_kwargs.items() if k in _TRAINING_OPTIONS or k in cls.default_hparams}
+        m: {k: v for k, v in fit_kwargs.items() if k in TRAINING_OPTIONS or k in cls.default_hparams}
         for m, cls in classes.items()
     }
 
 
+def _fold_panel(adata, rows: np.ndarray, *, library_key: str, layer: str | None, **hvg_kwargs: Any) -> list[str]:
+    """The gene panel :func:`stexp.pp.select_hvg` selects on the spots ``rows`` (counts only, images not copied)."""
+    import anndata as ad
+
+    from stexp.pp import select_hvg
+    from stexp.pp._hvg import PANEL_KEY
+    from stexp.pp._target import raw_counts
+
+    counts = raw_counts(adata, layer)[rows]
+    light = ad.AnnData(X=counts, obs=adata.obs.iloc[rows][[library_key]].copy(), var=adata.var[[]].copy())
+    select_hvg(light, library_key=library_key, layer=None, key_added=PANEL_KEY, **hvg_kwargs)
+    return light.var_names[light.var[PANEL_KEY].to_numpy(dtype=bool)].tolist()
+
+
+@leaves_process_state
 def cross_validate(
     adata,
     *,
@@ -126,6 +140,7 @@ def cross_validate(
     top_n: int = 50,
     keep_models: bool = False,
     model_params: dict[str, dict[str, Any]] | None = None,
+    device: str = "auto",
     **fit_kwargs: Any,
 ) -> CVResult:
     """Cross-validate one or several models: train on all groups but one, predict the held-out group.
@@ -167,9 +182,11 @@ def cross_validate(
         Keep every fold's fitted model in :attr:`CVResult.models`.
     model_params
         Hyper-parameters per model name, e.g. ``{"mlp": {"hidden_dim": 128}}``.
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...: where the models train and predict.
     **fit_kwargs
-        Passed to :func:`stexp.tl.fit` of every model (training options such as ``max_epochs``, ``seed``,
-        ``device``; hyper-parameters go to the models that declare them).
+        Training options of every model (``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``;
+        see :func:`stexp.tl.fit`) and hyper-parameters, given to the models that declare them.
 
     Returns
     -------
@@ -186,9 +203,10 @@ def cross_validate(
         If ``split_by`` has a single group, a slide spans several groups, or ``validation`` is passed
         (a checkpoint chosen on held-out slides would leak).
     """
-    import stexp
-    from stexp.tl._evaluate import evaluate
-    from stexp.tl._inputs import resolve_features, resolve_genes
+    from stexp._settings import settings
+    from stexp.pp._target import expression_target
+    from stexp.tl._evaluate import score_prediction
+    from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, resolve_features, resolve_genes, spot_data
 
     models = as_list(model)
     if not models:
@@ -230,77 +248,89 @@ def cross_validate(
     if genes is not None:
         genes = resolve_genes(adata, genes)
     features_key = resolve_features(adata, features_key, library_key=library_key)
-
-    oof = {m: np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32) for m in models}
-    oof_std: dict[str, np.ndarray] = {}
-    fold_rows, timing, panels = [], {}, {}
-    fitted: dict[str, list] = {m: [] for m in models}
-    fold_of_lib: dict[str, int] = {}
+    spec = features_spec(adata, features_key)
+    # Panels first (each from its training slides only), then every array once: features, geometry, and the
+    # measured target of every gene of any panel; each fold takes its rows and its panel's columns.
+    fold_rows, panels, fold_of_lib = [], {}, {}
     for fold, group in enumerate(order):
         is_test = groups == group
-        train_ad = adata[~is_test].copy()
-        test_ad = adata[is_test].copy()
         test_libs = list(dict.fromkeys(libs[is_test].tolist()))
         train_libs = list(dict.fromkeys(libs[~is_test].tolist()))
         for lib in test_libs:
             fold_of_lib[lib] = fold
         if genes is None:
-            stexp.pp.select_hvg(
-                train_ad,
-                n_top_genes=n_top_genes,
-                library_key=library_key,
-                layer=layer,
-                key_added="stexp_panel",
-                **({} if min_spots is None else {"min_spots": min_spots}),
+            hvg_kwargs = {"n_top_genes": n_top_genes, **({} if min_spots is None else {"min_spots": min_spots})}
+            panels[fold] = _fold_panel(
+                adata, np.flatnonzero(~is_test), library_key=library_key, layer=layer, **hvg_kwargs
             )
-            panel = train_ad.var_names[train_ad.var["stexp_panel"].to_numpy(dtype=bool)].tolist()
         else:
-            panel = list(genes)
-        panels[fold] = panel
+            panels[fold] = list(genes)
         fold_rows.append(
             {
                 "fold": fold,
                 "test_group": group,
                 "test_libraries": ", ".join(test_libs),
                 "train_libraries": ", ".join(train_libs),
-                "n_train_spots": int(train_ad.n_obs),
-                "n_test_spots": int(test_ad.n_obs),
-                "n_genes": len(panel),
+                "n_train_spots": int((~is_test).sum()),
+                "n_test_spots": int(is_test.sum()),
+                "n_genes": len(panels[fold]),
             }
         )
+    union = list(dict.fromkeys(g for fold in panels for g in panels[fold]))
+    column = {g: j for j, g in enumerate(union)}
+    reads_patches = any(bool(per_model_kwargs[m].get("finetune_encoder", False)) for m in models)
+    data = spot_data(
+        adata,
+        features_key=features_key,
+        library_key=library_key,
+        patches=spec if reads_patches else None,
+    )
+    data.target = expression_target(adata, union, layer=layer)
+
+    oof = {m: np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32) for m in models}
+    oof_std: dict[str, np.ndarray] = {}
+    timing: dict[tuple[str, int], tuple[float, float]] = {}
+    fitted: dict[str, list] = {m: [] for m in models}
+    for fold, group in enumerate(order):
+        is_test = groups == group
+        panel = panels[fold]
+        var_idx = adata.var_names.get_indexer(panel)
+        train = data.subset(~is_test).with_genes(np.asarray([column[g] for g in panel]))
+        test = data.subset(is_test)
+        test.target = None
+        row = fold_rows[fold]
         logger.info(
-            f"fold {fold + 1}/{len(order)}: test {split_by}={group!r} ({', '.join(test_libs)}), "
-            f"train on {len(train_libs)} slide(s), {len(panel)} genes"
+            f"fold {fold + 1}/{len(order)}: test {split_by}={group!r} ({row['test_libraries']}), "
+            f"train on {len(row['train_libraries'].split(', '))} slide(s), {len(panel)} genes"
         )
         for m in models:
             t0 = time.perf_counter()
-            est = stexp.tl.fit(
-                train_ad,
-                model=m,
-                genes=panel,
-                features_key=features_key,
-                library_key=library_key,
-                layer=layer,
-                **per_model_kwargs[m],
-            )
+            kw = per_model_kwargs[m]
+            options = {"seed": settings.seed} | {k: kw[k] for k in TRAINING_OPTIONS if k in kw}
+            params = {k: v for k, v in kw.items() if k not in TRAINING_OPTIONS}
+            est = make_model(m, panel, features_key=features_key, encoder_spec=spec, options=options, **params)
+            est.fit(train, device=device)
             t1 = time.perf_counter()
-            stexp.tl.predict(test_ad, est, key_added="_cv_pred", library_key=library_key, features_key=features_key)
+            mean, spread = est.predict(test)
             t2 = time.perf_counter()
-            oof[m][is_test] = test_ad.layers["_cv_pred"]
-            if "_cv_pred_std" in test_ad.layers:
-                oof_std.setdefault(m, np.full_like(oof[m], np.nan))[is_test] = test_ad.layers["_cv_pred_std"]
-                del test_ad.layers["_cv_pred_std"]
+            rows = np.flatnonzero(is_test)
+            oof[m][np.ix_(rows, var_idx)] = mean
+            if spread is not None:
+                oof_std.setdefault(m, np.full_like(oof[m], np.nan))[np.ix_(rows, var_idx)] = spread
             timing[(m, fold)] = (t1 - t0, t2 - t1)
             if keep_models:
                 fitted[m].append(est)
 
     tables = []
+    target = (union, data.target)
     for m in models:
         name = layer_of[m]
         adata.layers[name] = oof[m]
         if m in oof_std:
             adata.layers[f"{name}_std"] = oof_std[m]
-        scores = evaluate(adata, pred_key=name, library_key=library_key, top_n=top_n, layer=layer)
+        scores = score_prediction(
+            adata, pred_key=name, library_key=library_key, top_n=top_n, layer=layer, target=target
+        )
         scores = scores.reset_index(names="library_id")
         scores.insert(0, "model", m)
         scores.insert(1, "fold", scores["library_id"].map(fold_of_lib).astype(int))
@@ -328,9 +358,10 @@ def cross_validate(
             "min_spots": min_spots,
             "folds": {str(r["fold"]): r["test_libraries"] for r in fold_rows},
             "fit_kwargs": per_model_kwargs,
+            "device": device,
+            "per_fold": per_fold,
         },
     )
-    adata.uns[UNS_KEY][key_added]["per_fold"] = per_fold
     added = ", ".join(f"adata.layers[{v!r}]" for v in layer_of.values())
     logger.info(f"added {added}, adata.uns['stexp'][{key_added!r}]")
     return CVResult(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from stexp._layout import LIBRARY_KEY, UNS_KEY, _jsonable, as_list, library_labels
+from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list, library_labels, record
 from stexp._settings import logger
 
 #: Columns of the per-slide table, in order.
@@ -120,7 +120,24 @@ def evaluate(
         has another shape or infinite values, a slide has fewer than two spots, given genes are not
         predicted (NaN), or a gene is predicted on only some spots of a slide.
     """
-    from stexp._versions import versions
+    return score_prediction(adata, pred_key=pred_key, genes=genes, library_key=library_key, top_n=top_n, layer=layer)
+
+
+def score_prediction(
+    adata,
+    *,
+    pred_key: str,
+    genes: str | Sequence[str] | None = None,
+    library_key: str = LIBRARY_KEY,
+    top_n: int = 50,
+    layer: str | None = None,
+    target: tuple[Sequence[str], np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """:func:`evaluate`, optionally with the measured target already computed.
+
+    ``target`` is ``(genes, matrix)`` (``n_obs x len(genes)``), e.g. from :func:`stexp.tl.cross_validate`,
+    which has it for every fold's panel; without it the target is computed from the counts.
+    """
     from stexp.pp._target import expression_target
 
     if adata.uns.get(UNS_KEY, {}).get("unmeasured", False):
@@ -183,7 +200,15 @@ def evaluate(
         slides.remove(lib)
 
     union = np.unique(np.concatenate([panels[lib] for lib in slides]))
-    truth_all = expression_target(adata, adata.var_names[union].tolist(), layer=layer)
+    union_genes = adata.var_names[union].tolist()
+    if target is None:
+        truth_all = expression_target(adata, union_genes, layer=layer)
+    else:
+        column = {g: j for j, g in enumerate(target[0])}
+        missing = [g for g in union_genes if g not in column]
+        if missing:
+            raise KeyError(f"the given target lacks {len(missing)} predicted genes, e.g. {missing[:5]}.")
+        truth_all = np.asarray(target[1])[:, [column[g] for g in union_genes]]
     col_of = {g: j for j, g in enumerate(union)}
 
     pcc = pd.DataFrame(np.nan, index=adata.var_names[union], columns=slides, dtype=np.float64)
@@ -219,21 +244,19 @@ def evaluate(
         counts = (~np.isnan(values)).sum(axis=1)
         mean_pcc[union] = np.where(counts > 0, np.nansum(values, axis=1) / np.maximum(counts, 1), np.nan)
     adata.var[var_key] = mean_pcc
-    evals = adata.uns.setdefault(UNS_KEY, {}).setdefault("evaluate", {})
-    evals[pred_key] = {
-        "pcc": pcc,
-        "per_slide": result.copy(),
-        **_jsonable(
-            {
-                "genes": None if genes is None else list(genes),
-                "library_key": library_key,
-                "top_n": top_n,
-                "layer": layer,
-                "target": "log1p of counts per 10,000",
-            }
-        ),
-        "versions": versions(),
-    }
+    record(
+        adata,
+        ("evaluate", pred_key),
+        {
+            "pcc": pcc,
+            "per_slide": result.copy(),
+            "genes": None if genes is None else list(genes),
+            "library_key": library_key,
+            "top_n": top_n,
+            "layer": layer,
+            "target": "log1p of counts per 10,000",
+        },
+    )
     n_const = int(result["n_constant"].sum())
     logger.info(
         f"scored {len(slides)} slide(s), {union.size} genes: mean PCC(ACG) {result['pcc_acg'].mean():.3f}"

@@ -7,15 +7,16 @@ from typing import Any
 
 import numpy as np
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, library_ids
+from stexp._process import leaves_process_state
 from stexp._settings import logger, settings
 
-from ._inputs import features_spec, resolve_features, resolve_genes, spot_data
-
-#: Options of ``fit`` handed to every model that declares them as hyper-parameters.
-_TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "device", "seed")
+from ._inputs import features_spec, make_model, resolve_features, resolve_genes, spot_data
 
 
+@leaves_process_state
+@doc_params
 def fit(
     adata,
     *,
@@ -28,12 +29,16 @@ def fit(
     batch_size: int | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
-    device: str = "auto",
     seed: int | None = None,
     validation: str | Sequence[str] | None = None,
+    device: str = "auto",
+    num_workers: int = 0,
     **model_kwargs: Any,
 ):
     """Train an expression model on the slides of ``adata``.
+
+    The caller's process is left as it was: global RNG states, torch's thread count, deterministic
+    flags and environment variables are restored when ``fit`` returns or raises.
 
     Parameters
     ----------
@@ -42,22 +47,19 @@ def fit(
     model
         Name of a registered model (see :func:`stexp.models.available_models`): ``"mclstexp"``,
         ``"nh2st"``, or the baselines ``"mean"``, ``"ridge"``, ``"knn"``, ``"mlp"``.
-    genes
-        The gene panel. Default: ``var["stexp_panel"]`` from :func:`stexp.pp.select_hvg`, else all genes.
-    features_key
-        ``obsm`` key of frozen image features. ``None`` embeds the images first with the default
-        encoder (EfficientNet-Lite0, whose ImageNet weights install offline).
-    library_key
-        ``obs`` column naming the slide of each spot.
-    layer
-        Layer with raw counts (``None``: ``adata.X``).
-    max_epochs, batch_size, lr, weight_decay, device, seed
+    {genes}
+    {features_key}
+    {library_key}
+    {layer}
+    max_epochs, batch_size, lr, weight_decay, seed
         Training options, passed to models that take them. ``None`` keeps each model's own default
         (mclSTExp: 90 epochs, batch 128, lr 1e-4, weight decay 1e-3, as in the paper; NH2ST: 200
-        epochs, lr 5e-4; see each model's ``default_hparams``), so one call does not impose one
-        model's settings on another.
+        epochs, lr 5e-4; see each model's ``default_hparams``); ``seed=None``: ``stexp.settings.seed``.
     validation
         Library id(s) held out for validation (early stopping, monitoring); they are not trained on.
+    {device}
+    num_workers
+        DataLoader worker processes that cut and augment patches when the image encoder is fine-tuned.
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
@@ -68,9 +70,6 @@ def fit(
     -------
     The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
     """
-    from stexp.models import get_model_class
-
-    cls = get_model_class(model)
     libs = library_ids(adata, library_key)
     genes = resolve_genes(adata, genes)
     features_key = resolve_features(adata, features_key, library_key=library_key)
@@ -84,24 +83,28 @@ def fit(
     if val_libs and set(val_libs) == set(libs):
         raise ValueError("every slide is held out for validation; none is left to train on.")
 
-    data = spot_data(adata, features_key=features_key, library_key=library_key, genes=genes, layer=layer)
-    is_val = np.isin(data.library, val_libs)
-    train, val = data.subset(~is_val), (data.subset(is_val) if is_val.any() else None)
-
     options = {
         "max_epochs": max_epochs,
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
-        "device": device,
         "seed": settings.seed if seed is None else seed,
     }
-    hparams = {k: v for k, v in options.items() if k in cls.default_hparams and v is not None}
-    hparams.update(model_kwargs)
-    est = cls(genes, features_key=features_key, encoder_spec=features_spec(adata, features_key), **hparams)
+    spec = features_spec(adata, features_key)
+    est = make_model(model, genes, features_key=features_key, encoder_spec=spec, options=options, **model_kwargs)
+    data = spot_data(
+        adata,
+        features_key=features_key,
+        library_key=library_key,
+        genes=genes,
+        layer=layer,
+        patches=spec if est.reads_patches else None,
+    )
+    is_val = np.isin(data.library, val_libs)
+    train, val = data.subset(~is_val), (data.subset(is_val) if is_val.any() else None)
     logger.info(
         f"fitting {est.name} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
         + (f", validating on {val_libs}" if val_libs else "")
     )
-    est.fit(train, val)
+    est.fit(train, val, device=device, num_workers=num_workers)
     return est

@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stexp._layout import UNS_KEY, as_list, library_labels, library_mask, spot_coords, um_per_px
+from stexp.images._encoders import DEFAULT_ENCODER
 from stexp.models._data import SpotData
+from stexp.pp._hvg import PANEL_KEY
 
-PANEL_KEY = "stexp_panel"
-DEFAULT_ENCODER = "efficientnet_lite0"
+if TYPE_CHECKING:  # pragma: no cover
+    from stexp.images._spec import EncoderSpec
+
+#: Options of ``fit`` handed to every model that declares them as hyper-parameters.
+TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "seed")
 
 
-def features_spec(adata, features_key: str) -> dict:
-    """The encoder spec recorded by :func:`stexp.pp.embed_images` for ``obsm[features_key]`` (``{}`` if none)."""
-    return dict(adata.uns.get(UNS_KEY, {}).get("features", {}).get(features_key, {}))
+def features_spec(adata, features_key: str | None) -> EncoderSpec:
+    """The :class:`~stexp.images.EncoderSpec` recorded by :func:`stexp.pp.embed_images` for ``obsm[features_key]``.
+
+    Empty (``bool(spec) is False``) for features a user brought without a spec.
+    """
+    from stexp.images._spec import EncoderSpec
+
+    return EncoderSpec.from_mapping(adata.uns.get(UNS_KEY, {}).get("features", {}).get(features_key))
+
+
+def make_model(
+    model: str,
+    genes: list[str],
+    *,
+    features_key: str | None,
+    encoder_spec: EncoderSpec | None,
+    options: dict[str, Any],
+    **model_kwargs: Any,
+):
+    """A new (unfitted) model: the training ``options`` it declares as hyper-parameters, then ``model_kwargs``.
+
+    ``options`` left at ``None`` keep the model's own default, so one call does not impose one model's
+    settings on another.
+    """
+    from stexp.models import get_model_class
+
+    cls = get_model_class(model)
+    hparams = {k: v for k, v in options.items() if k in cls.default_hparams and v is not None}
+    hparams.update(model_kwargs)
+    return cls(genes, features_key=features_key, encoder_spec=encoder_spec, **hparams)
 
 
 def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
@@ -46,9 +79,10 @@ def resolve_features(adata, features_key: str | None, *, library_key: str, encod
     """The ``obsm`` key of the image features; embeds images with ``encoder`` when ``features_key`` is None."""
     if features_key is None:
         from stexp.pp import embed_images
+        from stexp.pp._embed import default_key
 
         embed_images(adata, encoder=encoder, library_key=library_key)
-        return f"X_stexp_{encoder}"
+        return default_key(encoder)
     if features_key not in adata.obsm:
         raise KeyError(
             f"features key {features_key!r} not in adata.obsm (it has {list(adata.obsm)}); "
@@ -64,11 +98,13 @@ def spot_data(
     library_key: str,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
+    patches: EncoderSpec | None = None,
 ) -> SpotData:
     """Collect features, target (when ``genes`` is given), array and physical coordinates of every spot.
 
-    ``features_key=None`` gives ``(n_spots, 0)`` features: for models that read patches themselves (a
-    fine-tuned image encoder).
+    ``features_key=None`` gives ``(n_spots, 0)`` features. ``patches``: the spec of a fine-tuned image
+    encoder; the spots then carry their patches (a :class:`stexp.images.PatchSource` at the spec's patch
+    size), so the model reads patches without seeing the AnnData.
 
     Raises
     ------
@@ -111,7 +147,13 @@ def spot_data(
         target=target,
         patient=patient,
         obs_names=adata.obs_names.to_numpy(),
-        adata=adata,
-        obs_index=np.arange(adata.n_obs),
-        library_key=library_key,
+        patches=None if patches is None else _patch_source(adata, patches, library_key),
     )
+
+
+def _patch_source(adata, spec: EncoderSpec, library_key: str):
+    from stexp.images._patches import PatchSource
+
+    # One patch size for every library, else each library's default (a per-library mapping names only the
+    # training slides).
+    return PatchSource.from_adata(adata, patch_um=spec.patch_um_value, library_key=library_key)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_ids, record
+from stexp._process import leaves_process_state
 from stexp._settings import logger
-from stexp.models._base import check_encoder_spec
+from stexp.images._spec import check_encoder_spec
 
 from ._inputs import features_spec, spot_data
 
@@ -16,7 +18,7 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
     if features_key in adata.obsm:
         return
     spec = model.encoder_spec
-    if not spec.get("encoder") or str(spec.get("encoder")).startswith("callable"):
+    if not spec.encoder or spec.encoder.startswith("callable"):
         raise KeyError(
             f"features {features_key!r} are not in adata.obsm and the model's encoder cannot be rebuilt "
             f"from its spec {spec} (a user-given module/callable is not stored with the model); embed the "
@@ -24,17 +26,18 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
         )
     from stexp.pp import embed_images
 
-    weights = spec.get("weights_arg", spec.get("weights", "imagenet"))
     embed_images(
         adata,
-        encoder=spec["encoder"],
-        weights=None if weights in (None, "None") else weights,
-        patch_um=spec.get("patch_um"),
+        encoder=spec.encoder,
+        weights=spec.weights_arg,
+        patch_um=spec.patch_um_value,
         library_key=library_key,
         key_added=features_key,
     )
 
 
+@leaves_process_state
+@doc_params
 def predict(
     adata,
     model,
@@ -42,6 +45,7 @@ def predict(
     key_added: str = "stexp_pred",
     library_key: str = LIBRARY_KEY,
     features_key: str | None = None,
+    device: str | None = None,
     copy: bool = False,
 ):
     """Predict expression for every spot of ``adata`` from its images.
@@ -56,19 +60,18 @@ def predict(
     adata
         AnnData in stexp's layout; it needs images or the features the model was trained on.
         Slides without measured expression (e.g. from :func:`stexp.io.grid_spots`) are fine.
-    model
-        A fitted model from :func:`stexp.tl.fit` or :func:`stexp.models.load`.
+    {model}
     key_added
         Name of the prediction layer.
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {library_key}
     features_key
         ``obsm`` key of the image features (default: the key the model was trained on). When it is
         missing and the model's encoder is a registry name, the images are embedded first. Not used
         by a model whose image encoder was fine-tuned (``finetune_encoder=True``): it embeds the
         patches with its own encoder, at the patch size it was trained with.
-    copy
-        Return a copy instead of writing in place.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for.
+    {copy}
 
     Raises
     ------
@@ -91,8 +94,13 @@ def predict(
             f"none of the model's {len(model.genes)} genes is in adata.var_names; "
             "build the AnnData with genes=model.genes (e.g. stexp.io.grid_spots(..., genes=model.genes))."
         )
-    data = spot_data(adata, features_key=features_key, library_key=library_key)
-    mean, spread = model.predict(data)
+    data = spot_data(
+        adata,
+        features_key=features_key,
+        library_key=library_key,
+        patches=model.encoder_spec if model.reads_patches else None,
+    )
+    mean, spread = model.predict(data, device=device)
 
     layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
     layer[:, var_idx[present]] = mean[:, present]
