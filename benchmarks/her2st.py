@@ -143,8 +143,6 @@ def worker(args: argparse.Namespace) -> None:
     params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
     if "max_epochs" in cls.default_hparams and args.epochs is not None:
         params["max_epochs"] = args.epochs
-    if "device" in cls.default_hparams:
-        params["device"] = args.device
     if "seed" in cls.default_hparams:
         params["seed"] = args.seed
     rss_before = peak_rss_mb()
@@ -157,6 +155,7 @@ def worker(args: argparse.Namespace) -> None:
         features_key=FEATURES_KEY,
         genes=genes,
         model_params={args.model: params},
+        device=args.device,
     )
     wall = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()

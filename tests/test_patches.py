@@ -16,6 +16,7 @@ def best_source(adata, lib):
     view = slide_view(adata, lib)
     return view.source, view.scale
 
+
 LIB = "slide_0"
 
 

@@ -183,6 +183,7 @@ class ExpressionModel(ABC):
             "model": self.name,
             "genes": self.genes,
             "features_key": self.features_key,
+            "n_features": self.n_features,
             "encoder_spec": self.encoder_spec.to_dict(),
             "hparams": self.hparams,
             "history": self.history,
@@ -262,6 +263,7 @@ def load(
     hparams = {k: v for k, v in config["hparams"].items() if k not in RUNTIME_OPTIONS}
     model = cls(config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"], **hparams)
     model.device = device
+    model.n_features = config.get("n_features")
     model.history = config.get("history", {})
     model._load_state(load_file(str(weights_file)))
     model.is_fitted = True

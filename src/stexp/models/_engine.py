@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -40,30 +40,6 @@ def accelerator_for(device: str | None) -> tuple[str, Any]:
     return "cpu", 1
 
 
-def make_loader(
-    dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool = False,
-    num_workers: int = 0,
-    collate_fn=None,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader with a seeded generator, so shuffling is reproducible."""
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        generator=generator,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate_fn,
-    )
-
-
 def index_batch(items) -> dict[str, torch.Tensor]:
     """``collate_fn`` of plain spot indices: ``{"index": (B,)}``."""
     return {"index": torch.as_tensor([int(i[0]) if isinstance(i, (tuple, list)) else int(i) for i in items])}
@@ -80,15 +56,18 @@ def index_loader(
     collate_fn=None,
     order: torch.Tensor | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Batches of spot indices ``0..n-1`` (in ``order`` when given), as ``{"index": ...}`` dicts by default."""
-    indices = torch.arange(n) if order is None else order
-    return make_loader(
-        torch.utils.data.TensorDataset(indices),
+    """Batches of spot indices ``0..n-1`` (in ``order`` when given) as ``{"index": ...}`` dicts by default.
+
+    Shuffling draws from its own seeded generator, so it is reproducible and leaves torch's global RNG alone.
+    """
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.arange(n) if order is None else order),
         batch_size=batch_size,
         shuffle=shuffle,
-        seed=seed,
         drop_last=drop_last,
+        generator=torch.Generator().manual_seed(int(seed)),
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         collate_fn=collate_fn or index_batch,
     )
 
@@ -315,15 +294,3 @@ def train(
                 lg.setLevel(level)
     logger.debug(f"trained {trainer.current_epoch} epochs on {accelerator}, precision {precision}")
     return history.history
-
-
-def seeded(seed: int) -> Callable[[], Any]:
-    """A context that seeds torch's global RNG for building a network and restores the caller's RNG after."""
-
-    def context():
-        fork = torch.random.fork_rng(devices=[])
-        fork.__enter__()
-        torch.manual_seed(int(seed))
-        return fork
-
-    return context

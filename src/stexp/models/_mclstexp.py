@@ -19,7 +19,7 @@ from stexp.models._data import SpotData
 from stexp.models._finetune import FINETUNE_HPARAMS
 from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor
+from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
 
 #: Floats of neighbour expression gathered per retrieval chunk (``chunk x k x genes``): 128 MB in float32.
 RETRIEVAL_CHUNK_ELEMENTS = 2**25
@@ -219,13 +219,8 @@ class MclSTExp(TorchExpressionModel):
         "position_margin": 8,
         "bank_passes": 1,
         "standardize_features": True,
-        "max_epochs": 90,
-        "batch_size": 128,
-        "lr": 1e-4,
-        "weight_decay": 1e-3,
-        "early_stopping_patience": 10,
+        **training_hparams(max_epochs=90, lr=1e-4, weight_decay=1e-3, early_stopping_patience=10),
         **FINETUNE_HPARAMS,
-        "seed": 0,
     }
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
@@ -234,10 +229,9 @@ class MclSTExp(TorchExpressionModel):
         check_hparams(
             "mclstexp",
             hp,
-            positive_int=("projection_dim", "n_heads", "head_dim", "max_epochs", "batch_size", "top_k", "bank_passes"),
-            non_negative_int=("n_layers", "position_margin", "early_stopping_patience"),
-            positive=("temperature", "lr"),
-            non_negative=("weight_decay",),
+            positive_int=("projection_dim", "n_heads", "head_dim", "top_k", "bank_passes"),
+            non_negative_int=("n_layers", "position_margin"),
+            positive=("temperature",),
             fraction=("dropout", "attn_dropout"),
         )
         if hp["mlp_dim"] is not None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from stexp.models._base import check_hparams
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor
+from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
 
 
 class MLPNetwork(nn.Module):
@@ -60,24 +60,13 @@ class MLPModel(TorchExpressionModel):
         "hidden_dim": 256,
         "n_hidden": 1,
         "dropout": 0.2,
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "batch_size": 128,
-        "max_epochs": 50,
-        "early_stopping_patience": 10,
-        "seed": 0,
+        **training_hparams(max_epochs=50, lr=1e-3, weight_decay=1e-4, early_stopping_patience=10),
     }
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
         check_hparams(
-            "mlp",
-            self.hparams,
-            positive_int=("hidden_dim", "batch_size", "max_epochs"),
-            non_negative_int=("n_hidden", "early_stopping_patience"),
-            positive=("lr",),
-            non_negative=("weight_decay",),
-            fraction=("dropout",),
+            "mlp", self.hparams, positive_int=("hidden_dim",), non_negative_int=("n_hidden",), fraction=("dropout",)
         )
 
     def build_network(self, *, n_features: int, encoder: nn.Module | None, **sizes: int) -> MLPNetwork:

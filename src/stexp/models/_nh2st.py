@@ -18,7 +18,7 @@ from stexp.models._finetune import FINETUNE_HPARAMS
 from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._neighbors import knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor
+from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -281,12 +281,7 @@ class NH2ST(TorchExpressionModel):
         "use_neighbor_context": True,
         "mc_samples": 0,
         **FINETUNE_HPARAMS,
-        "max_epochs": 200,
-        "batch_size": 128,
-        "lr": 5e-4,
-        "weight_decay": 1e-3,
-        "early_stopping_patience": 20,
-        "seed": 0,
+        **training_hparams(max_epochs=200, lr=5e-4, weight_decay=1e-3, early_stopping_patience=20),
     }
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:

@@ -23,9 +23,29 @@ import torch
 from torch import nn
 
 from stexp._settings import settings
-from stexp.models._base import ExpressionModel
+from stexp.models._base import ExpressionModel, check_hparams
 from stexp.models._data import SpotData
 from stexp.models._layers import feature_scaling
+
+
+def training_hparams(
+    *,
+    max_epochs: int,
+    lr: float,
+    weight_decay: float,
+    early_stopping_patience: int,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The hyper-parameters every neural model has, with the model's defaults (spread into ``default_hparams``)."""
+    return {
+        "max_epochs": max_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "early_stopping_patience": early_stopping_patience,
+        "seed": seed,
+    }
 
 
 def as_tensor(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -49,6 +69,14 @@ class TorchExpressionModel(ExpressionModel):
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
+        check_hparams(
+            self.name,
+            self.hparams,
+            positive_int=("max_epochs", "batch_size"),
+            non_negative_int=("early_stopping_patience",),
+            positive=("lr",),
+            non_negative=("weight_decay",),
+        )
         self.network: nn.Module | None = None
         self.encoder = None
         self.sizes: dict[str, int] = {}
