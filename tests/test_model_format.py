@@ -174,10 +174,9 @@ def test_overwrite_keeps_old_model_when_final_rename_fails(model, tmp_path, monk
             raise KeyboardInterrupt
         return real(src, dst)
 
-    monkeypatch.setattr(_format.os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(_format.os, "rename", rename)
         model.save(path, overwrite=True)
-    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
