@@ -57,7 +57,7 @@ def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | 
     number of fields than the header (pandas shifts them into the index or pads them with NaN).
     """
     text = _read_text(path, what)
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in text.splitlines() if line]  # a line of tabs is a (header) row, not blank
     del text
     if not lines:
         raise ValueError(f"{what} {str(path)!r} is empty.")
@@ -205,8 +205,15 @@ def estimate_um_per_px(pixel_xy: np.ndarray, array_xy: np.ndarray, *, pitch_um: 
         raise ValueError(
             f"need at least 2 spots to derive µm per pixel from the pitch, got {len(pixel_xy)}; pass um_per_px=."
         )
+    if not (np.isfinite(pixel_xy).all() and np.isfinite(array_xy).all()):
+        raise ValueError("cannot derive µm per pixel from non-finite spot coordinates; pass um_per_px=.")
     _, idx = cKDTree(pixel_xy).query(pixel_xy, k=2)
     nn = idx[:, 1]
+    if (nn >= len(pixel_xy)).any():  # distances overflow (coordinates near 1e154): no neighbour found
+        raise ValueError(
+            f"cannot derive µm per pixel: pixel coordinates up to {np.abs(pixel_xy).max():.3g} are out of range; "
+            "check image_scale or pass um_per_px=."
+        )
     d_px = np.linalg.norm(pixel_xy - pixel_xy[nn], axis=1)
     d_arr = np.linalg.norm(array_xy - array_xy[nn], axis=1)
     ok = (d_px > 0) & (d_arr > 0)
@@ -383,6 +390,11 @@ def read_st(
         )
 
     pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * image_scale
+    if not np.isfinite(pixel_xy).all():
+        raise ValueError(
+            f"library {library_id!r}: image_scale={image_scale!r} times the spot file's pixels overflows "
+            "(non-finite pixel coordinates)."
+        )
     array_xy = np.column_stack([spt["x"].round().astype(int), spt["y"].round().astype(int)])
     geometry = PLATFORMS["st"]
     if um_per_px is None:
