@@ -396,3 +396,17 @@ def test_16bit_image_is_scaled_not_clipped(tmp_path):
     hires = adata.uns["spatial"]["A1"]["images"]["hires"]
     assert hires.dtype == np.uint8 and hires.shape == (160, 200, 3)
     assert np.all(hires == 117)
+
+
+def test_dataframes_given_are_not_modified(tmp_path):
+    c, s, i = write_st(tmp_path)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts.index = pd.Index(counts.index.to_numpy(dtype=object))
+    spots = pd.read_csv(s, sep="\t")
+    lab = pd.DataFrame({"x": [2.04], "y": [1.02], "label": ["tumour"]})
+    copies = counts.copy(), spots.copy(), lab.copy()
+    index = counts.index
+    stexp.io.read_st(counts, spots, i, library_id="A1", labels=lab)
+    assert counts.index is index  # not even replaced by an equal index
+    for given, before in zip((counts, spots, lab), copies, strict=True):
+        pd.testing.assert_frame_equal(given, before)

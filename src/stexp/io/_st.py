@@ -95,7 +95,7 @@ def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | 
 def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> tuple[pd.DataFrame, str]:
     """The counts table and how to name it in messages (``"counts file '<path>'"`` or ``"counts DataFrame"``)."""
     if isinstance(counts, pd.DataFrame):
-        df, source = counts, "counts DataFrame"
+        df, source = counts.copy(deep=False), "counts DataFrame"  # its index is re-typed below: not the user's
     else:
         path = Path(counts)
         if not path.is_file():
