@@ -285,6 +285,10 @@ def test_r_style_header_without_index_name(tmp_path):
     adata = stexp.io.read_st(tmp_path / "r.tsv", s, i, library_id="A1")
     assert list(adata.var_names) == ["G0", "G1", "G2"]
     np.testing.assert_array_equal(adata[["A1_2x3"]].X.toarray()[0], counts.loc["2x3"].to_numpy())
+    counts.to_csv(tmp_path / "quoted.tsv", sep="\t", quoting=1)  # R's write.table: every name in quotes
+    assert (tmp_path / "quoted.tsv").read_text().startswith('""\t"G0"')
+    quoted = stexp.io.read_st(tmp_path / "quoted.tsv", s, i, library_id="A1")
+    assert list(quoted.var_names) == ["G0", "G1", "G2"] and quoted.n_obs == adata.n_obs
 
 
 @pytest.mark.parametrize(("value", "text"), [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("", "nan")])

@@ -46,6 +46,10 @@ def _duplicated(names) -> list[str]:
     return list(dict.fromkeys(pd.Index(names)[pd.Index(names).duplicated()].astype(str)))
 
 
+def _unquote(name: str) -> str:
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
+
+
 def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | None:
     """Parse a spots x genes tsv(.gz) with numpy; ``None`` when its values need pandas' rules.
 
@@ -61,7 +65,7 @@ def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | 
     del text
     if not lines:
         raise ValueError(f"{what} {str(path)!r} is empty.")
-    header = lines[0].split("\t")
+    header = [_unquote(h) for h in lines[0].split("\t")]  # R's write.table quotes names: "G1"
     n_fields = [line.count("\t") + 1 for line in lines[1:]]
     # a header with an (often empty) index name, or R's write.table header without one
     r_style = header[0] != "" and bool(n_fields) and all(n == len(header) + 1 for n in n_fields)
@@ -81,6 +85,7 @@ def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | 
     if len(lines) < 2:
         return pd.DataFrame(np.zeros((0, len(genes)), dtype=np.float32), columns=pd.Index(genes))
     ids, rest = zip(*(line.split("\t", 1) for line in lines[1:]), strict=True)
+    ids = tuple(_unquote(i) for i in ids)
     del lines
     try:
         # float32 holds every integer count up to 2**24 exactly (X is float32 anyway) at half the memory
