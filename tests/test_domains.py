@@ -131,3 +131,57 @@ def test_score_domains_leaves_out_missing_and_ignored_labels(synth):
         stexp.tl.score_domains(synth, truth_key="nope")
     with pytest.raises(KeyError, match="'missing'"):
         stexp.tl.score_domains(synth, key="missing")
+
+
+# -- never silently fewer domains than asked for ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_domains", [None, 2, 3])
+def test_constant_expression_refused_alike(synth, n_domains):
+    synth.layers["stexp_pred"] = np.ones((synth.n_obs, synth.n_vars), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"cannot find n_domains=.* only 1 distinct spot profile\(s\) among 432 spots"):
+        stexp.tl.domains(synth, n_domains=n_domains)
+    assert "stexp_domain" not in synth.obs
+
+
+def test_fewer_profiles_than_domains_refused(synth):
+    pred = np.zeros((synth.n_obs, 5), dtype=np.float32)
+    pred[::2] = 1.0  # two distinct profiles
+    synth.layers["stexp_pred"] = np.pad(pred, ((0, 0), (0, synth.n_vars - 5)), constant_values=np.nan)
+    with pytest.raises(ValueError, match=r"n_domains=3 domains: the expression has only 2 distinct"):
+        stexp.tl.domains(synth, n_domains=3)
+    stexp.tl.domains(synth, n_domains=2)
+    assert synth.obs["stexp_domain"].nunique() == 2
+    stexp.tl.domains(synth, n_domains=None, key_added="auto")  # the search stops at 2 profiles: 2 domains
+    assert synth.obs["auto"].nunique() == 2 and set(synth.uns["stexp"]["auto"]["silhouette"]) == {"2"}
+
+
+@pytest.mark.parametrize(
+    ("n_domains", "error"),
+    [(1, ValueError), (432, ValueError), (10_000, ValueError), (2.5, TypeError), ("3", TypeError), (True, TypeError)],
+)
+def test_bad_n_domains(synth, n_domains, error):
+    with pytest.raises(error, match="n_domains must be"):
+        stexp.tl.domains(synth, layer=None, n_domains=n_domains)
+
+
+def test_infinite_prediction_refused_not_dropped(synth):
+    pred = expression_target(synth)
+    pred[:, 4] = np.inf  # a gene whose every value is infinite is not 'outside the panel'
+    synth.layers["stexp_pred"] = pred
+    with pytest.raises(ValueError, match="432 of 432 spots have NaN or infinite values"):
+        stexp.tl.domains(synth, n_domains=3)
+
+
+def test_nan_spot_in_prediction_refused(synth):
+    pred = expression_target(synth)
+    pred[7, 2] = np.nan
+    synth.layers["stexp_pred"] = pred
+    with pytest.raises(ValueError, match=rf"1 of 432 spots have NaN .*'{synth.obs_names[7]}'"):
+        stexp.tl.domains(synth, n_domains=3)
+
+
+def test_nan_counts_refused_for_measured_target(synth):
+    synth.X.data[0] = np.nan
+    with pytest.raises(ValueError, match="adata.X contains 1 NaN"):
+        stexp.tl.domains(synth, layer=None, n_domains=3)

@@ -217,3 +217,200 @@ def test_read_st_real_sections(her2st_dir):
         if sec == "B4":
             assert 0.6 < stexp._layout.um_per_px(adata, "B4") < 0.8
         assert stexp.io.validate(adata).loc[sec, "n_outside_image"] == 0
+
+
+# -- damaged and ambiguous inputs: a typed error naming the file, never a silently different table -------------
+
+
+def test_truncated_gzip_counts_names_the_file(tmp_path):
+    c, s, i = write_st(tmp_path)
+    raw = c.read_bytes()
+    cut = tmp_path / "cut.tsv.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.tsv\.gz.*truncated"):
+        stexp.io.read_st(cut, s, i, library_id="A1")
+    damaged = tmp_path / "damaged.tsv.gz"
+    damaged.write_bytes(raw[:10] + bytes(200))
+    with pytest.raises(ValueError, match="damaged.tsv.gz"):
+        stexp.io.read_st(damaged, s, i, library_id="A1")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "empty.tsv' is empty"),
+        ("\n\n", "empty.tsv' is empty"),
+        ("\tG0\tG1\n", r"empty.tsv' is empty \(0 spots x 2 genes\)"),
+    ],
+)
+def test_empty_counts_file_names_the_file(tmp_path, content, match):
+    _, s, i = write_st(tmp_path)
+    (tmp_path / "empty.tsv").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        stexp.io.read_st(tmp_path / "empty.tsv", s, i, library_id="A1")
+
+
+def test_binary_counts_file_names_the_file(tmp_path):
+    _, s, i = write_st(tmp_path)
+    (tmp_path / "blob.tsv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="blob.tsv' is not UTF-8"):
+        stexp.io.read_st(tmp_path / "blob.tsv", s, i, library_id="A1")
+
+
+def test_duplicated_genes_refused_not_renamed(tmp_path):
+    c, s, i = write_st(tmp_path, n_genes=4)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts.columns = ["G0", "G1", "G1", "G3"]
+    counts.to_csv(tmp_path / "dup.tsv", sep="\t")
+    with pytest.raises(ValueError, match=r"dup.tsv.*1 gene name\(s\) appear more than once: \['G1'\]"):
+        stexp.io.read_st(tmp_path / "dup.tsv", s, i, library_id="A1")
+    with pytest.raises(ValueError, match=r"counts DataFrame: \['G1'\]"):
+        stexp.io.read_st(counts, s, i, library_id="A1")
+
+
+def test_ragged_counts_rows_refused(tmp_path):
+    _, s, i = write_st(tmp_path)
+    (tmp_path / "ragged.tsv").write_text("\tG0\tG1\n1x1\t1\t2\n2x1\t1\t2\t7\n")
+    with pytest.raises(ValueError, match=r"ragged.tsv.*1 row\(s\).*line 3 has 4 fields"):
+        stexp.io.read_st(tmp_path / "ragged.tsv", s, i, library_id="A1")
+
+
+def test_r_style_header_without_index_name(tmp_path):
+    c, s, i = write_st(tmp_path, n_genes=3)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    lines = ["\t".join(counts.columns)] + [
+        f"{k}\t" + "\t".join(map(str, r)) for k, r in zip(counts.index, counts.to_numpy(), strict=True)
+    ]
+    (tmp_path / "r.tsv").write_text("\n".join(lines) + "\n")
+    adata = stexp.io.read_st(tmp_path / "r.tsv", s, i, library_id="A1")
+    assert list(adata.var_names) == ["G0", "G1", "G2"]
+    np.testing.assert_array_equal(adata[["A1_2x3"]].X.toarray()[0], counts.loc["2x3"].to_numpy())
+    counts.to_csv(tmp_path / "quoted.tsv", sep="\t", quoting=1)  # R's write.table: every name in quotes
+    assert (tmp_path / "quoted.tsv").read_text().startswith('""\t"G0"')
+    quoted = stexp.io.read_st(tmp_path / "quoted.tsv", s, i, library_id="A1")
+    assert list(quoted.var_names) == ["G0", "G1", "G2"] and quoted.n_obs == adata.n_obs
+
+
+@pytest.mark.parametrize(("value", "text"), [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("", "nan")])
+def test_non_finite_counts_in_a_file(tmp_path, value, text):
+    c, s, i = write_st(tmp_path, n_genes=3)
+    counts = pd.read_csv(c, sep="\t", index_col=0).astype(object)
+    counts.loc["2x1", "G1"] = value
+    counts.loc["3x1", "G2"] = value
+    counts.to_csv(tmp_path / "bad.tsv", sep="\t")
+    with pytest.raises(
+        ValueError, match=rf"2 NaN or infinite values in the counts file .*bad.tsv.*'2x1', gene 'G1': {text}"
+    ):
+        stexp.io.read_st(tmp_path / "bad.tsv", s, i, library_id="A1")
+
+
+def test_negative_counts_name_spot_and_gene(tmp_path):
+    c, s, i = write_st(tmp_path, n_genes=3)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts.loc["4x2", "G2"] = -1
+    counts.to_csv(tmp_path / "neg.tsv", sep="\t")
+    with pytest.raises(ValueError, match=r"1 negative counts .*neg.tsv.*spot '4x2', gene 'G2'"):
+        stexp.io.read_st(tmp_path / "neg.tsv", s, i, library_id="A1")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (None, TypeError),
+        ("2", TypeError),
+        (True, TypeError),
+        (0, ValueError),
+        (-1.5, ValueError),
+        (float("nan"), ValueError),
+        (np.inf, ValueError),
+    ],
+)
+def test_bad_image_scale(tmp_path, value, error):
+    c, s, i = write_st(tmp_path)
+    with pytest.raises(error, match="image_scale must be a positive number"):
+        stexp.io.read_st(c, s, i, library_id="A1", image_scale=value)
+
+
+def test_image_scale_numpy_number_accepted(tmp_path):
+    c, s, i = write_st(tmp_path)
+    adata = stexp.io.read_st(c, s, i, library_id="A1", image_scale=np.float32(1.0))
+    assert adata.uns["stexp"]["read_st"]["image_scale"] == 1.0
+
+
+def test_bad_on_outside(tmp_path):
+    c, s, i = write_st(tmp_path)
+    with pytest.raises(ValueError, match="on_outside must be 'raise' or 'drop', got 'keep'"):
+        stexp.io.read_st(c, s, i, library_id="A1", on_outside="keep")
+
+
+def test_spot_file_problems_name_the_file(tmp_path):
+    c, s, i = write_st(tmp_path)
+    (tmp_path / "none.tsv").write_text("")
+    with pytest.raises(ValueError, match="none.tsv' is empty"):
+        stexp.io.read_st(c, tmp_path / "none.tsv", i, library_id="A1")
+    with pytest.raises(FileNotFoundError, match="gone.tsv"):
+        stexp.io.read_st(c, tmp_path / "gone.tsv", i, library_id="A1")
+    spots = pd.read_csv(s, sep="\t")
+    text = spots.astype({"pixel_x": object})
+    text.loc[2, "pixel_x"] = "12,5"
+    text.to_csv(tmp_path / "text.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"text.tsv.*column 'pixel_x' has 1 non-numeric value\(s\), e.g. '12,5'"):
+        stexp.io.read_st(c, tmp_path / "text.tsv", i, library_id="A1")
+    inf = spots.copy()
+    inf.loc[4, "pixel_y"] = np.inf
+    with pytest.raises(ValueError, match="1 spots have infinite coordinates"):
+        stexp.io.read_st(c, inf, i, library_id="A1")
+    sel = spots.astype({"selected": object})
+    sel.loc[0, "selected"] = "yes"
+    with pytest.raises(ValueError, match="column 'selected'"):
+        stexp.io.read_st(c, sel, i, library_id="A1")
+    with pytest.raises(KeyError, match=r"lacks column\(s\) \['pixel_y'\]"):
+        stexp.io.read_st(c, spots.drop(columns="pixel_y"), i, library_id="A1")
+
+
+def test_spot_rows_without_coordinates_are_skipped(tmp_path):
+    c, s, i = write_st(tmp_path)
+    spots = pd.read_csv(s, sep="\t")
+    spots.loc[[0, 1], "pixel_x"] = np.nan
+    adata = stexp.io.read_st(c, spots, i, library_id="A1")
+    assert adata.n_obs == 28
+
+
+def test_conflicting_labels_refused(tmp_path):
+    c, s, i = write_st(tmp_path)
+    lab = pd.DataFrame({"x": [2.04, 1.98, 3.0], "y": [1.02, 0.99, 3.0], "label": ["tumour", "stroma", "x"]})
+    with pytest.raises(ValueError, match=r"1 spot\(s\) get different labels.*'2x1'"):
+        stexp.io.read_st(c, s, i, library_id="A1", labels=lab)
+    same = lab.assign(label=["tumour", "tumour", "x"])
+    assert stexp.io.read_st(c, s, i, library_id="A1", labels=same).obs.loc["A1_2x1", "label"] == "tumour"
+
+
+def test_undecodable_image_names_the_file(tmp_path):
+    c, s, i = write_st(tmp_path)
+    (tmp_path / "cut.jpg").write_bytes(i.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        stexp.io.read_st(c, s, tmp_path / "cut.jpg", library_id="A1")
+
+
+def test_16bit_image_is_scaled_not_clipped(tmp_path):
+    c, s, _ = write_st(tmp_path)
+    grey = np.full((160, 200), 30000, dtype=np.uint16)  # 30000 / 257 = 116.7 -> 117; convert("RGB") gives 255
+    Image.fromarray(grey).save(tmp_path / "he16.png")
+    adata = stexp.io.read_st(c, s, tmp_path / "he16.png", library_id="A1")
+    hires = adata.uns["spatial"]["A1"]["images"]["hires"]
+    assert hires.dtype == np.uint8 and hires.shape == (160, 200, 3)
+    assert np.all(hires == 117)
+
+
+def test_dataframes_given_are_not_modified(tmp_path):
+    c, s, i = write_st(tmp_path)
+    counts = pd.read_csv(c, sep="\t", index_col=0)
+    counts.index = pd.Index(counts.index.to_numpy(dtype=object))
+    spots = pd.read_csv(s, sep="\t")
+    lab = pd.DataFrame({"x": [2.04], "y": [1.02], "label": ["tumour"]})
+    copies = counts.copy(), spots.copy(), lab.copy()
+    index = counts.index
+    stexp.io.read_st(counts, spots, i, library_id="A1", labels=lab)
+    assert counts.index is index  # not even replaced by an equal index
+    for given, before in zip((counts, spots, lab), copies, strict=True):
+        pd.testing.assert_frame_equal(given, before)

@@ -88,3 +88,69 @@ def test_check_spots_extent_from_source_image(synth, tmp_path):
     synth.uns["spatial"]["slide_2"]["images"] = {}
     with pytest.raises(ValueError, match="'slide_2' has no image"):
         check_spots_in_image(synth, "slide_2")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_counts_named(synth, bad):
+    synth.X = synth.X.tocsr()
+    r, c = 5, 3
+    x = synth.X.toarray()
+    x[r, c] = bad
+    x[r + 1, c] = bad
+    from scipy import sparse
+
+    spot, gene = synth.obs_names[r], synth.var_names[c]
+    for X in (sparse.csr_matrix(x), x):
+        synth.X = X
+        with pytest.raises(
+            ValueError, match=rf"adata.X holds 2 NaN or infinite values \(e.g. spot '{spot}', gene '{gene}'\)"
+        ):
+            stexp.io.validate(synth)
+
+
+def test_non_finite_counts_in_a_layer(synth):
+    synth.layers["counts"] = synth.X.copy()
+    synth.layers["counts"].data[0] = np.inf
+    stexp.io.validate(synth)  # the layer is only checked when named
+    with pytest.raises(ValueError, match=r"adata.layers\['counts'\] holds 1 NaN or infinite"):
+        stexp.io.validate(synth, layer="counts")
+    with pytest.raises(KeyError, match="'raw'"):
+        stexp.io.validate(synth, layer="raw")
+
+
+def test_negative_counts_named(synth):
+    x = synth.X.toarray()
+    x[2, 4] = -3
+    synth.X = x
+    with pytest.raises(
+        ValueError,
+        match=rf"1 negative values \(min -3, e.g. spot '{synth.obs_names[2]}', gene '{synth.var_names[4]}'\)",
+    ):
+        stexp.io.validate(synth)
+
+
+def test_non_numeric_counts(synth):
+    synth.X = synth.X.toarray().astype(str)
+    with pytest.raises(ValueError, match="must be numeric counts"):
+        stexp.io.validate(synth)
+
+
+def test_duplicated_var_and_obs_names(synth):
+    genes = list(synth.var_names)
+    genes[7] = genes[3]
+    bad = synth.copy()
+    bad.var_names = genes
+    with pytest.raises(ValueError, match=rf"adata.var_names holds 1 duplicated gene name\(s\), e.g. \['{genes[3]}'\]"):
+        stexp.io.validate(bad)
+    spots = list(synth.obs_names)
+    spots[10] = spots[0]
+    synth.obs_names = spots
+    with pytest.raises(ValueError, match=rf"adata.obs_names holds 1 duplicated spot name\(s\), e.g. \['{spots[0]}'\]"):
+        stexp.io.validate(synth)
+
+
+def test_validate_does_not_modify(synth):
+    before = synth.copy()
+    stexp.io.validate(synth)
+    assert (synth.X != before.X).nnz == 0
+    assert list(synth.obs.columns) == list(before.obs.columns) and list(synth.uns) == list(before.uns)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ def load_features(key: str, shape: tuple[int, int]) -> np.ndarray | None:
         return None
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         logger.debug(f"ignoring unreadable feature cache {path}: {err}")
         return None
     if arr.shape != tuple(shape) or arr.dtype != np.float32:
@@ -58,19 +60,35 @@ def load_features(key: str, shape: tuple[int, int]) -> np.ndarray | None:
     return arr
 
 
+def _temporary_name(path: Path) -> Path:
+    """A hidden sibling of ``path`` unique to this process, thread and call (two writers never share one)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:12]}.tmp.npy")
+
+
 def save_features(key: str, features: np.ndarray) -> Path | None:
-    """Write features atomically (temporary file + ``os.replace``); a failure only logs a warning."""
+    """Write features atomically: a temporary file unique to this process and thread, then ``os.replace``.
+
+    Two processes (or threads) embedding the same slide at once each write their own temporary file and
+    the last rename wins; a reader sees the old complete file or the new complete file, never a partial
+    one. The temporary file is removed on any exception, including ``KeyboardInterrupt`` between the
+    write and the rename. A failure to write (``OSError``) only logs a warning.
+    """
     from stexp._settings import logger
 
     path = cache_path(key)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    tmp = _temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
         logger.warning(f"could not write the feature cache {path}: {err}")
         tmp.unlink(missing_ok=True)
         return None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

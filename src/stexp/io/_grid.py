@@ -21,6 +21,8 @@ def _decode(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB array with longest side ~``max_px`` (decoded at reduced scale where possible) and the full size."""
     from PIL import Image
 
+    from stexp.images._pixels import _WIDE_MODES, pil_to_uint8_rgb
+
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -29,10 +31,15 @@ def _decode(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
             scale = min(1.0, max_px / max(width, height))
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             im.draft("RGB", size)
-            im = im.convert("RGB")
+            if im.mode in _WIDE_MODES:  # 16-bit / float: by range (convert("RGB") clips to 255)
+                im = Image.fromarray(pil_to_uint8_rgb(im, what=f"image {str(path)!r}"))
+            else:
+                im = im.convert("RGB")
             if im.size != size:
                 im = im.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(im), (width, height)
+    except OSError as err:  # not an image, truncated, unknown codec
+        raise ValueError(f"cannot decode image {str(path)!r}: {err}") from err
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -138,12 +145,10 @@ def grid_spots(
         hires, (width, height) = _decode(path, HIRES_PX)
         metadata["source_image_path"] = str(path)
     else:
-        arr = np.asarray(image)
-        if arr.ndim != 3 or arr.shape[2] < 3:
-            raise ValueError(f"image must be an RGB array (H, W, 3), got shape {arr.shape}.")
-        arr = arr[..., :3]
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        from stexp.images._pixels import as_uint8_rgb
+
+        # by the dtype's range (uint16 / 257), floats in [0, 1] or [0, 255]; never clipped
+        arr = as_uint8_rgb(image, what=f"image of library {library_id!r}")
         height, width = arr.shape[:2]
         hires = arr if max(height, width) <= HIRES_PX else _resize(arr, HIRES_PX)
     hires_scalef = hires.shape[1] / width

@@ -21,84 +21,178 @@ def _spot_ids(x, y) -> pd.Index:
     return pd.Index([f"{int(a)}x{int(b)}" for a, b in zip(x, y, strict=True)])
 
 
-def _parse_counts_fast(path: Path) -> pd.DataFrame | None:
-    """Parse a plain numeric spots x genes tsv(.gz) with numpy; ``None`` when it needs pandas' rules.
+def _read_text(path: Path, what: str) -> str:
+    """The text of a (optionally gzipped) tsv; a truncated, damaged or non-UTF-8 file raises a ValueError naming it."""
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as fh:
+            is_gzip = fh.read(2) == b"\x1f\x8b"
+        opener = gzip.open if is_gzip else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return fh.read()
+    except EOFError as err:
+        raise ValueError(f"{what} {str(path)!r} is truncated (the gzip stream ends early: {err}).") from err
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{what} {str(path)!r} is a damaged gzip file: {err}.") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({err}); is it a counts table?") from err
+    except IsADirectoryError as err:
+        raise FileNotFoundError(f"{what} {str(path)!r} is a directory, not a file.") from err
+
+
+def _duplicated(names) -> list[str]:
+    return list(dict.fromkeys(pd.Index(names)[pd.Index(names).duplicated()].astype(str)))
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] == '"' else name
+
+
+def _parse_counts_fast(path: Path, what: str = "counts file") -> pd.DataFrame | None:
+    """Parse a spots x genes tsv(.gz) with numpy; ``None`` when its values need pandas' rules.
 
     pandas' C parser spends seconds on the ~15,000 columns of an ST counts table; numpy reads the same
-    numbers ~10x faster. Anything unusual (empty or NA fields, ragged rows, duplicated gene names, text
-    values) returns ``None`` so the caller falls back to :func:`pandas.read_csv` and its behaviour.
+    numbers ~10x faster. Values numpy cannot take (empty or NA fields, text) return ``None`` so the caller
+    falls back to :func:`pandas.read_csv` and its behaviour. Problems of the table's shape raise a
+    :class:`ValueError` naming the file instead, because pandas would read them silently wrong: an empty
+    file, no spot rows, duplicated gene names (pandas renames ``G2`` to ``G2.1``), rows with another
+    number of fields than the header (pandas shifts them into the index or pads them with NaN).
     """
-    import gzip
-
-    with open(path, "rb") as fh:
-        is_gzip = fh.read(2) == b"\x1f\x8b"
-    opener = gzip.open if is_gzip else open
+    text = _read_text(path, what)
+    lines = [line for line in text.splitlines() if line]  # a line of tabs is a (header) row, not blank
+    del text
+    if not lines:
+        raise ValueError(f"{what} {str(path)!r} is empty.")
+    header = [_unquote(h) for h in lines[0].split("\t")]  # R's write.table quotes names: "G1"
+    n_fields = [line.count("\t") + 1 for line in lines[1:]]
+    # a header with an (often empty) index name, or R's write.table header without one
+    r_style = header[0] != "" and bool(n_fields) and all(n == len(header) + 1 for n in n_fields)
+    genes = header if r_style else header[1:]
+    bad = [i for i, n in enumerate(n_fields) if n != len(genes) + 1]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"{what} {str(path)!r}: {len(bad)} row(s) have another number of fields than the header's "
+            f"{len(genes)} genes + the spot id, e.g. line {i + 2} has {n_fields[i]} fields."
+        )
+    dup = _duplicated(genes)
+    if dup:
+        raise ValueError(f"{what} {str(path)!r}: {len(dup)} gene name(s) appear more than once: {dup[:10]}.")
+    if any(not g.strip() for g in genes):
+        raise ValueError(f"{what} {str(path)!r}: the header has an empty gene name (column {genes.index('') + 2}).")
+    if len(lines) < 2:
+        return pd.DataFrame(np.zeros((0, len(genes)), dtype=np.float32), columns=pd.Index(genes))
+    ids, rest = zip(*(line.split("\t", 1) for line in lines[1:]), strict=True)
+    ids = tuple(_unquote(i) for i in ids)
+    del lines
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            lines = [line for line in fh.read().splitlines() if line]
-        if len(lines) < 2:
-            return None
-        header = lines[0].split("\t")
-        genes = header[1:]
-        if len(set(genes)) != len(genes):
-            return None
-        ids, rest = zip(*(line.split("\t", 1) for line in lines[1:]), strict=True)
-        del lines
         # float32 holds every integer count up to 2**24 exactly (X is float32 anyway) at half the memory
         values = np.loadtxt(rest, delimiter="\t", dtype=np.float32, ndmin=2)
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         return None
     if values.shape != (len(ids), len(genes)):
         return None
     return pd.DataFrame(values, index=pd.Index(ids), columns=pd.Index(genes))
 
 
-def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> pd.DataFrame:
+def _read_counts(counts: str | os.PathLike | pd.DataFrame, library_id: str) -> tuple[pd.DataFrame, str]:
+    """The counts table and how to name it in messages (``"counts file '<path>'"`` or ``"counts DataFrame"``)."""
     if isinstance(counts, pd.DataFrame):
-        df = counts
+        df, source = counts.copy(deep=False), "counts DataFrame"  # its index is re-typed below: not the user's
     else:
         path = Path(counts)
         if not path.is_file():
             raise FileNotFoundError(f"library {library_id!r}: counts file {str(path)!r} does not exist.")
-        df = _parse_counts_fast(path)
+        what = f"library {library_id!r}: counts file"
+        source = f"counts file {str(path)!r}"
+        df = _parse_counts_fast(path, what)
         if df is None:
             df = pd.read_csv(path, sep="\t", index_col=0)
     df.index = df.index.astype(str)
     if df.shape[0] == 0 or df.shape[1] == 0:
-        raise ValueError(
-            f"library {library_id!r}: the counts table is empty ({df.shape[0]} spots x {df.shape[1]} genes)."
-        )
+        raise ValueError(f"library {library_id!r}: the {source} is empty ({df.shape[0]} spots x {df.shape[1]} genes).")
     dup = df.index[df.index.duplicated()]
     if len(dup):
         raise ValueError(
-            f"library {library_id!r}: {len(dup)} duplicated spot ids in the counts table, e.g. {list(dup[:3])}."
+            f"library {library_id!r}: {len(dup)} duplicated spot ids in the {source}, e.g. {list(dup[:3])}."
         )
-    non_numeric = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number)]
+    dup_genes = _duplicated(df.columns)
+    if dup_genes:
+        raise ValueError(
+            f"library {library_id!r}: {len(dup_genes)} gene name(s) appear more than once in the {source}: "
+            f"{dup_genes[:10]}."
+        )
+    non_numeric = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number) or np.issubdtype(t, np.bool_)]
     if non_numeric:
-        raise ValueError(f"library {library_id!r}: non-numeric count columns {non_numeric[:5]}.")
-    return df
+        raise ValueError(f"library {library_id!r}: non-numeric count columns {non_numeric[:5]} in the {source}.")
+    return df, source
+
+
+def _check_image_scale(image_scale) -> float:
+    import numbers
+
+    if isinstance(image_scale, bool) or not isinstance(image_scale, numbers.Real):
+        raise TypeError(f"image_scale must be a positive number, got {type(image_scale).__name__} {image_scale!r}.")
+    if not np.isfinite(float(image_scale)) or image_scale <= 0:
+        raise ValueError(f"image_scale must be a positive number, got {image_scale!r}.")
+    return float(image_scale)
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    """A small tsv (spot or labels file) read with pandas; an empty or undecodable file raises a ValueError naming it."""
+    try:
+        return pd.read_csv(path, sep="\t")
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"{what} {str(path)!r} is empty.") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read as a tab-separated table: {err}") from err
+
+
+def _numeric_columns(df: pd.DataFrame, columns, source: str) -> pd.DataFrame:
+    """``df`` with ``columns`` as float; text values raise a ValueError naming the column and an example."""
+    out = df.copy()
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna()
+        if bad.any():
+            raise ValueError(
+                f"{source}: column {col!r} has {int(bad.sum())} non-numeric value(s), e.g. {df[col][bad].iloc[0]!r}."
+            )
+        out[col] = values.astype(float)
+    return out
 
 
 def _read_spots(spots: str | os.PathLike | pd.DataFrame, library_id: str, drop_unselected: bool) -> pd.DataFrame:
     if isinstance(spots, pd.DataFrame):
         df = spots.copy()
+        name = "spot file (DataFrame)"
     else:
         path = Path(spots)
         if not path.is_file():
             raise FileNotFoundError(f"library {library_id!r}: spot file {str(path)!r} does not exist.")
-        df = pd.read_csv(path, sep="\t")
+        df = _read_table(path, f"library {library_id!r}: spot file")
+        name = f"spot file {str(path)!r}"
+    source = f"library {library_id!r}: {name}"
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in df.columns]
     if missing:
-        raise KeyError(f"library {library_id!r}: spot file lacks column(s) {missing} (it has {list(df.columns)}).")
-    df = df.dropna(subset=["x", "y", "pixel_x", "pixel_y"])
+        raise KeyError(f"{source} lacks column(s) {missing} (it has {list(df.columns)}).")
+    coords = ["x", "y", "pixel_x", "pixel_y"]
+    df = _numeric_columns(df, coords + (["selected"] if drop_unselected and "selected" in df.columns else []), source)
+    n_before = len(df)
+    df = df.dropna(subset=coords)
+    if len(df) < n_before:
+        logger.info(f"{source}: skipped {n_before - len(df)} rows without coordinates.")
+    infinite = ~np.isfinite(df[coords].to_numpy(dtype=float)).all(axis=1)
+    if infinite.any():
+        raise ValueError(f"{source}: {int(infinite.sum())} spots have infinite coordinates.")
     if drop_unselected and "selected" in df.columns:
-        df = df[df["selected"].astype(float) == 1]
+        df = df[df["selected"] == 1]
     df.index = _spot_ids(df["x"].round(), df["y"].round())
     dup = df.index[df.index.duplicated()]
     if len(dup):
-        raise ValueError(
-            f"library {library_id!r}: {len(dup)} duplicated spot ids in the spot file, e.g. {list(dup[:3])}."
-        )
+        raise ValueError(f"library {library_id!r}: {len(dup)} duplicated spot ids in the {name}, e.g. {list(dup[:3])}.")
     return df
 
 
@@ -116,8 +210,15 @@ def estimate_um_per_px(pixel_xy: np.ndarray, array_xy: np.ndarray, *, pitch_um: 
         raise ValueError(
             f"need at least 2 spots to derive µm per pixel from the pitch, got {len(pixel_xy)}; pass um_per_px=."
         )
+    if not (np.isfinite(pixel_xy).all() and np.isfinite(array_xy).all()):
+        raise ValueError("cannot derive µm per pixel from non-finite spot coordinates; pass um_per_px=.")
     _, idx = cKDTree(pixel_xy).query(pixel_xy, k=2)
     nn = idx[:, 1]
+    if (nn >= len(pixel_xy)).any():  # distances overflow (coordinates near 1e154): no neighbour found
+        raise ValueError(
+            f"cannot derive µm per pixel: pixel coordinates up to {np.abs(pixel_xy).max():.3g} are out of range; "
+            "check image_scale or pass um_per_px=."
+        )
     d_px = np.linalg.norm(pixel_xy - pixel_xy[nn], axis=1)
     d_arr = np.linalg.norm(array_xy - array_xy[nn], axis=1)
     ok = (d_px > 0) & (d_arr > 0)
@@ -130,6 +231,8 @@ def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dic
     """Decode an H&E once (at reduced scale where the codec allows) into hires/lowres copies."""
     from PIL import Image
 
+    from stexp.images._pixels import _WIDE_MODES, pil_to_uint8_rgb
+
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -139,7 +242,10 @@ def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dic
             hires_size = (max(1, round(width * scale)), max(1, round(height * scale)))
             # JPEG: decode directly at the smallest DCT scale that is still >= the hires size.
             im.draft("RGB", hires_size)
-            im = im.convert("RGB")
+            if im.mode in _WIDE_MODES:  # 16-bit / float: by range (convert("RGB") clips to 255)
+                im = Image.fromarray(pil_to_uint8_rgb(im, what=f"library {library_id!r}: image {str(path)!r}"))
+            else:
+                im = im.convert("RGB")
             hires = im.resize(hires_size, Image.Resampling.LANCZOS) if im.size != hires_size else im
             lscale = min(1.0, LOWRES_PX / max(width, height))
             lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
@@ -163,16 +269,27 @@ def _read_labels(labels: str | os.PathLike | pd.DataFrame, library_id: str) -> p
         path = Path(labels)
         if not path.is_file():
             raise FileNotFoundError(f"library {library_id!r}: labels file {str(path)!r} does not exist.")
-        df = pd.read_csv(path, sep="\t")
+        df = _read_table(path, f"library {library_id!r}: labels file")
     missing = [c for c in ("x", "y", "label") if c not in df.columns]
     if missing:
         raise KeyError(f"library {library_id!r}: labels file lacks column(s) {missing} (it has {list(df.columns)}).")
     n_before = len(df)
+    df = _numeric_columns(df, ["x", "y"], f"library {library_id!r}: labels")
     df = df.dropna(subset=["x", "y"])
+    df = df[np.isfinite(df[["x", "y"]].to_numpy(dtype=float)).all(axis=1)]
     if len(df) < n_before:
         logger.info(f"library {library_id!r}: skipped {n_before - len(df)} label rows without coordinates.")
     ids = _spot_ids(df["x"].round(), df["y"].round())
     out = pd.Series(df["label"].to_numpy(), index=ids)
+    dup = out.index.duplicated(keep=False)
+    if dup.any():
+        conflicting = out[dup].groupby(level=0).nunique(dropna=False)
+        conflicting = list(conflicting.index[conflicting > 1])
+        if conflicting:
+            raise ValueError(
+                f"library {library_id!r}: {len(conflicting)} spot(s) get different labels from the labels file, "
+                f"e.g. {conflicting[:3]} ({out.loc[conflicting[0]].tolist()})."
+            )
     return out[~out.index.duplicated(keep="first")]
 
 
@@ -231,15 +348,16 @@ def read_st(
     from stexp.io._validate import check_spots_in_image
 
     library_id = str(library_id)
-    if not np.isfinite(image_scale) or image_scale <= 0:
-        raise ValueError(f"image_scale must be a positive number, got {image_scale!r}.")
+    image_scale = _check_image_scale(image_scale)
+    if on_outside not in ("raise", "drop"):
+        raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
     image_path = None
     if image is not None:
         image_path = Path(image).expanduser().resolve()
         if not image_path.is_file():
             raise FileNotFoundError(f"library {library_id!r}: image file {str(image_path)!r} does not exist.")
 
-    cnt = _read_counts(counts, library_id)
+    cnt, source = _read_counts(counts, library_id)
     spt = _read_spots(spots, library_id, drop_unselected)
     if len(spt) == 0:
         raise ValueError(f"library {library_id!r}: the spot file holds no (selected) spots.")
@@ -255,19 +373,33 @@ def read_st(
         logger.info(
             f"library {library_id!r}: {len(cnt) - n_match} count spots not in the (selected) spot file dropped."
         )
+    if n_match < len(spt):
+        logger.info(f"library {library_id!r}: {len(spt) - n_match} spot-file spots without counts dropped.")
     cnt = cnt.loc[common]
     spt = spt.loc[common]
 
     values = cnt.to_numpy(dtype=np.float32)
-    n_nan = int(np.isnan(values).sum())
-    if n_nan:
-        raise ValueError(f"library {library_id!r}: {n_nan} NaN values in the counts; counts must be finite.")
-    if (values < 0).any():
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, g = np.argwhere(bad)[0]
         raise ValueError(
-            f"library {library_id!r}: {int((values < 0).sum())} negative counts (min {values.min():g}); counts must be >= 0."
+            f"library {library_id!r}: {int(bad.sum())} NaN or infinite values in the {source} (e.g. spot "
+            f"{common[r]!r}, gene {str(cnt.columns[g])!r}: {values[r, g]}); counts must be finite."
+        )
+    neg = values < 0
+    if neg.any():
+        r, g = np.argwhere(neg)[0]
+        raise ValueError(
+            f"library {library_id!r}: {int(neg.sum())} negative counts (min {values.min():g}) in the {source} "
+            f"(e.g. spot {common[r]!r}, gene {str(cnt.columns[g])!r}); counts must be >= 0."
         )
 
-    pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * float(image_scale)
+    pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * image_scale
+    if not np.isfinite(pixel_xy).all():
+        raise ValueError(
+            f"library {library_id!r}: image_scale={image_scale!r} times the spot file's pixels overflows "
+            "(non-finite pixel coordinates)."
+        )
     array_xy = np.column_stack([spt["x"].round().astype(int), spt["y"].round().astype(int)])
     geometry = PLATFORMS["st"]
     if um_per_px is None:

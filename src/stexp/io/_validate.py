@@ -87,24 +87,50 @@ def check_spots_in_image(
     return inside
 
 
-def _check_counts(adata) -> None:
+def _duplicated_names(index: pd.Index) -> list[str]:
+    return list(dict.fromkeys(index[index.duplicated()].astype(str)))
+
+
+def _check_counts(adata, layer: str | None = None) -> None:
+    """Counts of ``X`` (or ``layers[layer]``): numeric, finite, >= 0; the message names how many and an example."""
     from scipy import sparse
 
-    x = adata.X
+    if layer is None:
+        x, where = adata.X, "adata.X"
+    else:
+        if layer not in adata.layers:
+            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+        x, where = adata.layers[layer], f"adata.layers[{layer!r}]"
     if x is None:
         return
     values = x.data if sparse.issparse(x) else np.asarray(x)
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"adata.X must be numeric counts, got dtype {values.dtype}.")
-    n_nan = int(np.isnan(values).sum()) if np.issubdtype(values.dtype, np.floating) else 0
-    if n_nan:
-        raise ValueError(f"adata.X holds {n_nan} NaN values; counts must be finite.")
-    n_neg = int((values < 0).sum())
-    if n_neg:
-        raise ValueError(f"adata.X holds {n_neg} negative values (min {values.min():g}); counts must be >= 0.")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise ValueError(f"{where} must be numeric counts, got dtype {values.dtype}.")
+
+    def example(mask: np.ndarray) -> str:
+        if sparse.issparse(x):  # x.tocoo() keeps the order of x.data
+            coo = x.tocoo()
+            k = int(np.flatnonzero(mask)[0])
+            r, c = coo.row[k], coo.col[k]
+        else:
+            r, c = np.argwhere(mask.reshape(values.shape))[0]
+        return f"spot {str(adata.obs_names[r])!r}, gene {str(adata.var_names[c])!r}"
+
+    if np.issubdtype(values.dtype, np.floating):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(
+                f"{where} holds {int(bad.sum())} NaN or infinite values (e.g. {example(bad)}); counts must be finite."
+            )
+    neg = values < 0
+    if neg.any():
+        raise ValueError(
+            f"{where} holds {int(neg.sum())} negative values (min {values.min():g}, e.g. {example(neg)}); "
+            "counts must be >= 0."
+        )
 
 
-def validate(adata, *, library_key: str = LIBRARY_KEY) -> pd.DataFrame:
+def validate(adata, *, library_key: str = LIBRARY_KEY, layer: str | None = None) -> pd.DataFrame:
     """Check that ``adata`` follows stexp's layout and summarise each library.
 
     Checks: ``obsm["spatial"]`` exists with finite (x, y); every library in ``obs[library_key]`` has an
@@ -119,6 +145,8 @@ def validate(adata, *, library_key: str = LIBRARY_KEY) -> pd.DataFrame:
         AnnData to check.
     library_key
         Column of ``adata.obs`` with the library ids.
+    layer
+        A layer of raw counts to check as well as ``X``.
 
     Returns
     -------
@@ -129,9 +157,10 @@ def validate(adata, *, library_key: str = LIBRARY_KEY) -> pd.DataFrame:
     ------
     KeyError
         A library without an ``uns["spatial"]`` entry, scale factors or pixel size, an image without its
-        scale factor, or a missing ``obsm["spatial"]``.
+        scale factor, a missing ``obsm["spatial"]`` or ``layer``.
     ValueError
-        NaN / negative counts, non-finite coordinates, or a library without image that is not flagged
+        NaN / infinite / negative counts (the message gives their number and an example spot and gene),
+        duplicated ``var_names`` or ``obs_names`` (named), non-finite coordinates, or a library without image that is not flagged
         ``metadata["has_image"] = False``.
     FileNotFoundError
         A library whose only image is a ``source_image_path`` that does not exist.
@@ -140,7 +169,17 @@ def validate(adata, *, library_key: str = LIBRARY_KEY) -> pd.DataFrame:
         raise KeyError("adata.uns['spatial'] is missing: stexp needs the squidpy/scanpy Visium layout.")
     xy = spot_coords(adata)
     libs = library_ids(adata, library_key)
+    for axis, names in (("var_names", adata.var_names), ("obs_names", adata.obs_names)):
+        dup = _duplicated_names(names)
+        if dup:
+            what = "gene" if axis == "var_names" else "spot"
+            raise ValueError(
+                f"adata.{axis} holds {len(dup)} duplicated {what} name(s), e.g. {dup[:5]}; "
+                f"make them unique (adata.{axis.replace('_names', '')}_names_make_unique() renames them)."
+            )
     _check_counts(adata)
+    if layer is not None:
+        _check_counts(adata, layer)
     rows = {}
     for lib in libs:
         mask = library_mask(adata, lib, library_key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -168,14 +167,13 @@ class ExpressionModel(ABC):
 
         Nothing is pickled: weights and the reference bank are stored as plain tensors.
         """
-        from safetensors.numpy import save_file
+        from ._format import write_model_dir
 
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it.")
         if not self.is_fitted:
             raise RuntimeError("cannot save a model that is not fitted.")
-        path.mkdir(parents=True, exist_ok=True)
         from stexp._versions import versions
 
         config = {
@@ -190,9 +188,9 @@ class ExpressionModel(ABC):
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
-        (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_default))
         state = {k: np.ascontiguousarray(v) for k, v in self._state().items()}
-        save_file(state, str(path / _WEIGHTS_FILE))
+        # model.json (with the weights' checksum) + weights.safetensors, renamed into place when complete
+        write_model_dir(path, config, state, overwrite=overwrite)
         logger.info(f"saved {self.name} model to {path}")
         return path
 
@@ -239,18 +237,15 @@ def load(
     FileNotFoundError
         If the directory or one of its files is missing.
     ValueError
-        If the genes or the encoder differ from what the caller expects; the message says what differs.
+        If the genes or the encoder differ from what the caller expects (the message says what differs),
+        or ``model.json`` or the weights are damaged (the message names the file).
     """
-    from safetensors.numpy import load_file
-
+    from ._format import read_model_dir
     from ._registry import get_model_class
 
     path = Path(path)
-    cfg_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-    for f in (cfg_file, weights_file):
-        if not f.exists():
-            raise FileNotFoundError(f"{f} not found: {path} is not a saved stexp model directory.")
-    config = json.loads(cfg_file.read_text())
+    # names the file on a missing or damaged model.json / weights (size and SHA-256 checked)
+    config, state = read_model_dir(path)
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: model format {config.get('format_version')}, this stexp reads {FORMAT_VERSION}.")
     if genes is not None:
@@ -265,7 +260,7 @@ def load(
     model.device = device
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})
-    model._load_state(load_file(str(weights_file)))
+    model._load_state(state)
     model.is_fitted = True
     return model
 

@@ -107,12 +107,20 @@ def select_hvg(
         If a gene of ``genes`` is not in ``adata.var_names`` (the message names them) or ``layer``
         does not exist.
     ValueError
-        If the panel comes out empty, or ``n_top_genes``/``min_spots`` are invalid.
+        If the panel comes out empty, ``n_top_genes``/``min_spots`` are invalid, ``adata.var_names`` holds
+        duplicated genes (named), ``genes`` names a gene twice, or the counts hold NaN, infinite or negative
+        values (see :func:`stexp.pp._target.raw_counts`).
     """
     from scipy import sparse
 
     from stexp.pp._target import raw_counts
 
+    if not adata.var_names.is_unique:
+        dup = list(dict.fromkeys(adata.var_names[adata.var_names.duplicated()].astype(str)))
+        raise ValueError(
+            f"adata.var_names holds {len(dup)} duplicated gene name(s), e.g. {dup[:10]}: a panel of gene names "
+            "would be ambiguous. Make them unique (adata.var_names_make_unique()) or drop the duplicates first."
+        )
     adata = adata.copy() if copy else adata
     counts = raw_counts(adata, layer)
     counts = sparse.csr_matrix(counts) if not sparse.issparse(counts) else counts.tocsr()
@@ -123,6 +131,10 @@ def select_hvg(
     n_slides = np.zeros(adata.n_vars, dtype=np.int64)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
+        seen: set = set()
+        twice = list(dict.fromkeys(g for g in genes if g in seen or seen.add(g)))
+        if twice:
+            raise ValueError(f"genes names {len(twice)} gene(s) more than once: {twice[:10]}.")
         idx = adata.var_names.get_indexer(genes)
         if (idx < 0).any():
             missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]

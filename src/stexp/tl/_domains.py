@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
             X = X[:, adata.var_names.get_indexer(genes)]
         X = X.toarray() if sparse.issparse(X) else np.asarray(X)
         X = X.astype(np.float32, copy=False)
-    keep = np.isfinite(X).any(axis=0)
+    keep = ~np.isnan(X).all(axis=0)  # all-NaN genes lie outside the model's panel; +-inf is refused below
     if not keep.any():
         where = "the measured target" if layer is None else f"adata.layers[{layer!r}]"
         raise ValueError(f"{where} is NaN for every gene: nothing to cluster (was stexp.tl.predict run?).")
@@ -121,8 +122,11 @@ def domains(
     KeyError
         If the layer or a gene is missing.
     ValueError
-        If nothing can be clustered (all NaN, too few spots), a spot has NaN predictions, or the
-        method or ``n_domains`` is invalid.
+        If nothing can be clustered (all NaN, too few spots), a spot has NaN or infinite values, the
+        method or ``n_domains`` is invalid, or (k-means) the expression has fewer distinct spot profiles
+        than the domains asked for (``n_domains=None``: fewer than 2); never silently fewer domains.
+    TypeError
+        If ``n_domains`` is not an integer.
     """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
@@ -136,19 +140,28 @@ def domains(
     adata = adata.copy() if copy else adata
     library_labels(adata, library_key)  # checks the library column early
     n_spots = adata.n_obs
+    if n_domains is not None and (isinstance(n_domains, bool) or not isinstance(n_domains, numbers.Integral)):
+        raise TypeError(f"n_domains must be an integer or None, got {type(n_domains).__name__} {n_domains!r}.")
     if n_domains is not None and not 2 <= n_domains < n_spots:
         raise ValueError(f"n_domains must be between 2 and the number of spots - 1 ({n_spots - 1}), got {n_domains}.")
     if n_spots < 3:
         raise ValueError(f"at least 3 spots are needed to find domains, got {n_spots}.")
 
     X, used = _expression(adata, layer, genes)
+    n_distinct = _n_distinct_rows(X)
+    needed = 2 if n_domains is None else int(n_domains)
+    if method == "kmeans" and n_distinct < needed:
+        raise ValueError(_too_few_profiles(n_distinct, n_domains, n_spots))
     Z = StandardScaler().fit_transform(X)
     n_comps = max(1, min(n_pcs, Z.shape[1], n_spots - 1))
     pcs = PCA(n_components=n_comps, random_state=seed).fit_transform(Z) if Z.shape[1] > 1 else Z
 
     info: dict = {}
     if method == "kmeans":
-        labels, info = _kmeans(pcs, n_domains, seed)
+        labels, info = _kmeans(pcs, n_domains, seed, max_k=n_distinct)
+        found = len(np.unique(labels))
+        if n_domains is not None and found < n_domains:  # never silently fewer domains than asked for
+            raise ValueError(_too_few_profiles(found, n_domains, n_spots, what="k-means found"))
     else:
         labels = _leiden(pcs, resolution, seed)
     labels = _relabel_by_size(labels)
@@ -175,14 +188,31 @@ def domains(
     return adata if copy else None
 
 
-def _kmeans(pcs: np.ndarray, n_domains: int | None, seed: int) -> tuple[np.ndarray, dict]:
+def _n_distinct_rows(X: np.ndarray) -> int:
+    """Number of distinct spot profiles (rows) of ``X``, by their bytes."""
+    Xc = np.ascontiguousarray(X)
+    if Xc.shape[1] == 0:
+        return 1
+    Xc = Xc + np.zeros((), dtype=Xc.dtype)  # -0.0 -> 0.0, so equal values have equal bytes
+    return len(np.unique(Xc.view(np.dtype((np.void, Xc.dtype.itemsize * Xc.shape[1]))).ravel()))
+
+
+def _too_few_profiles(n_found: int, n_domains: int | None, n_spots: int, what: str = "the expression has") -> str:
+    asked = f"n_domains={n_domains}" if n_domains is not None else "n_domains=None (2 or more)"
+    return (
+        f"cannot find {asked} domains: {what} only {n_found} distinct spot profile(s) among {n_spots} spots "
+        "(constant expression?); check the layer and genes, or ask for fewer domains."
+    )
+
+
+def _kmeans(pcs: np.ndarray, n_domains: int | None, seed: int, max_k: int | None = None) -> tuple[np.ndarray, dict]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
     if n_domains is not None:
         return KMeans(n_clusters=n_domains, n_init=10, random_state=seed).fit_predict(pcs), {}
     lo, hi = N_DOMAINS_RANGE
-    hi = min(hi, pcs.shape[0] - 1)
+    hi = min(hi, pcs.shape[0] - 1, max_k if max_k is not None else hi)
     best, scores = None, {}
     for k in range(lo, hi + 1):
         labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(pcs)
@@ -193,7 +223,7 @@ def _kmeans(pcs: np.ndarray, n_domains: int | None, seed: int) -> tuple[np.ndarr
         if best is None or scores[k] > scores[best[0]]:
             best = (k, labels)
     if best is None:
-        raise ValueError("k-means found fewer than 2 distinct domains for every k; the expression is constant.")
+        raise ValueError(_too_few_profiles(1, None, pcs.shape[0], what="k-means found"))
     return best[1], {"silhouette": {str(k): v for k, v in scores.items()}}
 
 
