@@ -183,6 +183,16 @@ def record(adata, step: str | tuple[str, ...], params: Mapping[str, Any]) -> Non
     node[path[-1]] = {**_jsonable(dict(params)), "versions": versions()}
 
 
+def mark_unmeasured(adata) -> None:
+    """Flag ``adata`` as holding no measured expression (pseudo-spots of an H&E-only slide)."""
+    adata.uns.setdefault(UNS_KEY, {})["unmeasured"] = True
+
+
+def is_unmeasured(adata) -> bool:
+    """Whether ``adata`` was flagged by :func:`mark_unmeasured` (its ``X`` is not a measurement)."""
+    return bool(adata.uns.get(UNS_KEY, {}).get("unmeasured", False))
+
+
 def _jsonable(obj: Any) -> Any:
     """Turn numpy scalars, tuples and paths into types that h5ad and JSON can store; drop ``None`` values."""
     import pandas as pd

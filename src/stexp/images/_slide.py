@@ -47,13 +47,52 @@ def open_image(path: str | Path) -> Iterator[Any]:
     try:
         image = Image.open(path)
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
+        raise ValueError(f"cannot decode image {str(path)!r}: {err}") from err
     finally:
         Image.MAX_IMAGE_PIXELS = previous
     try:
         yield image
     finally:
         image.close()
+
+
+def decode_image(
+    path: str | Path, *, max_px: int | None = None, what: str = "", resample: str = "LANCZOS"
+) -> tuple[Any, tuple[int, int]]:
+    """Decode an image file as an RGB PIL image, at most ``max_px`` on its longest side, and its full size.
+
+    With ``max_px`` a JPEG is decoded directly at the smallest DCT scale that is still large enough
+    (``draft``), then resampled. 16- and 32-bit images are scaled by their range (Pillow's
+    ``convert("RGB")`` would clip them to 255). ``what`` prefixes error messages (e.g. the library).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file cannot be decoded (not an image, truncated, unknown codec); the message names it.
+    """
+    from PIL import Image
+
+    from ._pixels import pil_to_uint8_rgb
+
+    with open_image(path) as im:
+        width, height = im.size
+        scale = 1.0 if max_px is None else min(1.0, max_px / max(width, height))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        try:
+            if scale < 1.0:
+                im.draft("RGB", size)
+            if im.mode == "RGB":
+                im.load()
+                rgb = im.copy()
+            else:
+                rgb = Image.fromarray(pil_to_uint8_rgb(im, what=f"{what}image {str(path)!r}"))
+        except OSError as err:  # truncated, unknown codec
+            raise ValueError(f"{what}cannot decode image {str(path)!r}: {err}") from err
+    if rgb.size != size:
+        rgb = rgb.resize(size, getattr(Image.Resampling, resample))
+    return rgb, (int(width), int(height))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -105,11 +144,11 @@ class SlideView:
         """The image as an RGB PIL image (decoded now: keep one slide decoded at a time)."""
         from PIL import Image
 
+        from ._pixels import as_uint8_rgb
+
         if self.path is not None:
-            with open_image(self.path) as im:
-                im.load()
-                return im.convert("RGB") if im.mode != "RGB" else im.copy()
-        return Image.fromarray(_as_uint8_rgb(self.array, self.library_id, self.source))
+            return decode_image(self.path, what=f"library {self.library_id!r}: ")[0]
+        return Image.fromarray(as_uint8_rgb(self.array, what=f"library {self.library_id!r}: image {self.source!r}"))
 
     def fingerprint(self) -> str:
         """A content hash of the image (file bytes, or array bytes and shape) and of its scale."""
@@ -181,18 +220,3 @@ def has_image(adata, library_id: str) -> bool:
 def image_um_per_px(adata, view: SlideView) -> float:
     """µm per pixel of the view's image (µm per full-resolution px divided by its scale)."""
     return um_per_px(adata, view.library_id) / view.scale
-
-
-def _as_uint8_rgb(arr, library_id: str, res: str) -> np.ndarray:
-    """An in-memory image as contiguous uint8 (H, W, 3); floats in [0, 1] are scaled to [0, 255]."""
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"library {library_id!r}: image {res!r} must be (H, W, 3) RGB, got shape {a.shape}.")
-    a = a[..., :3]
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and np.nanmax(a) <= 1.0 + 1e-6:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(a)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stexp._layout import check_um_per_px, record
+from stexp._layout import check_um_per_px, mark_unmeasured, record
 from stexp._settings import logger
 
 #: Pixel size (µm) of the downsampled image the tissue mask is computed on.
@@ -19,29 +19,10 @@ LOWRES_PX = 600
 
 def _decode(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB array with longest side ~``max_px`` (decoded at reduced scale where possible) and the full size."""
-    from PIL import Image
+    from stexp.images._slide import decode_image
 
-    from stexp.images._pixels import _WIDE_MODES, pil_to_uint8_rgb
-
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            scale = min(1.0, max_px / max(width, height))
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            im.draft("RGB", size)
-            if im.mode in _WIDE_MODES:  # 16-bit / float: by range (convert("RGB") clips to 255)
-                im = Image.fromarray(pil_to_uint8_rgb(im, what=f"image {str(path)!r}"))
-            else:
-                im = im.convert("RGB")
-            if im.size != size:
-                im = im.resize(size, Image.Resampling.BILINEAR)
-            return np.asarray(im), (width, height)
-    except OSError as err:  # not an image, truncated, unknown codec
-        raise ValueError(f"cannot decode image {str(path)!r}: {err}") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    image, size = decode_image(path, max_px=max_px, resample="BILINEAR")
+    return np.asarray(image), size
 
 
 def _resize(img: np.ndarray, max_px: int) -> np.ndarray:
@@ -237,7 +218,7 @@ def grid_spots(
             "n_spots": n,
         },
     )
-    adata.uns["stexp"]["unmeasured"] = True
+    mark_unmeasured(adata)
     logger.info(
         f"grid_spots: {n} pseudo-spots ({spacing_um:g} µm hex grid, {spot_diameter_um:g} µm spots) over "
         f"{mask.mean():.1%} tissue of library {library_id!r}"

@@ -231,30 +231,13 @@ def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dic
     """Decode an H&E once (at reduced scale where the codec allows) into hires/lowres copies."""
     from PIL import Image
 
-    from stexp.images._pixels import _WIDE_MODES, pil_to_uint8_rgb
+    from stexp.images._slide import decode_image
 
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            scale = min(1.0, HIRES_PX / max(width, height))
-            hires_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            # JPEG: decode directly at the smallest DCT scale that is still >= the hires size.
-            im.draft("RGB", hires_size)
-            if im.mode in _WIDE_MODES:  # 16-bit / float: by range (convert("RGB") clips to 255)
-                im = Image.fromarray(pil_to_uint8_rgb(im, what=f"library {library_id!r}: image {str(path)!r}"))
-            else:
-                im = im.convert("RGB")
-            hires = im.resize(hires_size, Image.Resampling.LANCZOS) if im.size != hires_size else im
-            lscale = min(1.0, LOWRES_PX / max(width, height))
-            lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
-            lowres = hires.resize(lowres_size, Image.Resampling.LANCZOS)
-            images = {"hires": np.asarray(hires), "lowres": np.asarray(lowres)}
-    except OSError as err:
-        raise ValueError(f"library {library_id!r}: cannot decode image {str(path)!r}: {err}") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    hires, (width, height) = decode_image(path, max_px=HIRES_PX, what=f"library {library_id!r}: ")
+    lscale = min(1.0, LOWRES_PX / max(width, height))
+    lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
+    lowres = hires.resize(lowres_size, Image.Resampling.LANCZOS)
+    images = {"hires": np.asarray(hires), "lowres": np.asarray(lowres)}
     scalefs = {
         "tissue_hires_scalef": images["hires"].shape[1] / width,
         "tissue_lowres_scalef": images["lowres"].shape[1] / width,

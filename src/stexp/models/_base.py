@@ -15,8 +15,6 @@ from ._data import SpotData
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
 
-_CONFIG_FILE = "model.json"
-_WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -200,16 +198,6 @@ class ExpressionModel(ABC):
         return f"{type(self).__name__}({len(self.genes)} genes, features={self.features_key!r} [{enc}], {status})"
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} in model.json")
-
-
 def load(
     path: str | Path,
     *,
@@ -254,9 +242,17 @@ def load(
         from stexp.images._spec import check_encoder_spec
 
         check_encoder_spec(config["encoder_spec"], encoder_spec, what=f"model at {path}")
+    missing = [k for k in ("model", "genes", "hparams") if k not in config]
+    if missing:
+        raise ValueError(f"{path / 'model.json'} lacks {missing}: not a complete stexp model description.")
     cls = get_model_class(config["model"])
     hparams = {k: v for k, v in config["hparams"].items() if k not in RUNTIME_OPTIONS}
-    model = cls(config["genes"], features_key=config["features_key"], encoder_spec=config["encoder_spec"], **hparams)
+    try:
+        model = cls(
+            config["genes"], features_key=config.get("features_key"), encoder_spec=config.get("encoder_spec"), **hparams
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / 'model.json'} describes a model this stexp cannot build: {err}") from err
     model.device = device
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list
+from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured
 from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
 
 MEASURED_LABEL = "measured"
@@ -152,7 +152,7 @@ def spatial_genes(
     view = tissue_view(adata, lib, img=img, library_key=library_key, spot_size=spot_size)
     idx = adata.var_names.get_indexer(genes)
 
-    unmeasured = bool(adata.uns.get(UNS_KEY, {}).get("unmeasured", False))
+    unmeasured = is_unmeasured(adata)
     measured = None
     if None in layers:
         if unmeasured:

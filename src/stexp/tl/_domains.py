@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list, library_labels, record
+from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
 
 #: Candidate numbers of domains tried by the silhouette search when ``n_domains`` is None.
@@ -30,7 +30,7 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
             raise ValueError("genes is empty.")
     names = list(adata.var_names) if genes is None else genes
     if layer is None:
-        if adata.uns.get(UNS_KEY, {}).get("unmeasured", False):
+        if is_unmeasured(adata):
             raise ValueError(
                 "layer=None clusters measured expression, but this AnnData has none "
                 "(uns['stexp']['unmeasured'] is set); pass layer= naming the prediction layer."

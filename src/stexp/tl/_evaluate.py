@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from stexp._layout import LIBRARY_KEY, UNS_KEY, as_list, library_labels, record
+from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
 
 #: Columns of the per-slide table, in order.
@@ -140,7 +140,7 @@ def score_prediction(
     """
     from stexp.pp._target import expression_target
 
-    if adata.uns.get(UNS_KEY, {}).get("unmeasured", False):
+    if is_unmeasured(adata):
         raise ValueError(
             "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set): "
             "there is nothing to evaluate the prediction against."
