@@ -10,9 +10,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from stexp._settings import logger, settings
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 #: Raw files of the public repository; every download URL is built from this base.
 BASE_URL = "https://raw.githubusercontent.com/almaan/her2st/master/data/"
@@ -145,7 +148,7 @@ def her2st(
     path: str | os.PathLike | None = None,
     download: bool | None = None,
     image_res: Literal["hires", "lowres"] | None = "hires",
-):
+) -> AnnData:
     """The HER2+ breast cancer legacy ST sections (Andersson et al. 2021) as one AnnData.
 
     Each section is read with :func:`stexp.io.read_st` (100 µm spots at 200 µm pitch, µm per pixel from
@@ -184,7 +187,7 @@ def her2st(
     from stexp._layout import as_list, record
     from stexp.io._st import read_st
 
-    chosen = list(IMAGE_FILES) if sections is None else as_list(sections)
+    chosen = list(IMAGE_FILES) if sections is None else (as_list(sections) or [])
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
         raise ValueError(f"unknown HER2+ section(s) {unknown or chosen}; valid sections are {list(SECTIONS)}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def spatial_genes(
 
     from stexp.pp._target import expression_target
 
-    genes = as_list(genes)
+    genes = as_list(genes) or []
     if not genes:
         raise ValueError("genes is empty: name at least one gene.")
     layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
@@ -199,13 +199,14 @@ def spatial_genes(
     values: dict[str | None, np.ndarray] = {}
     for layer in layers:
         if layer is None:
+            assert measured is not None  # computed above whenever None is among the layers
             values[None] = measured
             continue
         v = _layer_values(adata, layer, view.mask, idx)
         empty = ~np.isfinite(v).any(axis=0)
         if empty.any():
             raise ValueError(
-                f"gene(s) {[genes[i] for i in np.flatnonzero(empty)]} have no prediction in "
+                f"gene(s) {[genes[int(i)] for i in np.flatnonzero(empty)]} have no prediction in "
                 f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
             )
         values[layer] = v
@@ -222,7 +223,7 @@ def spatial_genes(
         axes = axes[:n_panels]
     else:
         axes = given_axes(ax, n_panels, "spatial_genes")
-        fig = axes[0].figure
+        fig = cast("Figure", axes[0].figure)
 
     colour_map = colormaps[cmap].with_extremes(bad="lightgrey")
     for g, gene in enumerate(genes):
@@ -241,7 +242,7 @@ def spatial_genes(
             a.set_title(title, fontsize=10)
             if shared is None:
                 fig.colorbar(coll, ax=a, shrink=0.8, label="log1p(cp10k)")
-        if shared is not None:
+        if shared is not None and coll is not None:
             fig.colorbar(coll, ax=gene_axes, shrink=0.8, label="log1p(cp10k)")
     fig.suptitle(f"library {lib}" + (f" ({view.image_res} image)" if view.image_res else ""), fontsize=11)
     return finish(fig, save=save, return_fig=return_fig)
