@@ -1,7 +1,11 @@
 import functools
 import hashlib
 import http.server
+import json
+import re
+import socket
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -46,23 +50,55 @@ def _write_fake_her2st(root, *, seed=0):
     )
 
 
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; records each request and answers 503 to the first ``flaky`` ones."""
+
+    requests: list[str]
+    flaky: int = 0
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if len(type(self).requests) <= type(self).flaky:
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+    def log_message(self, *args, **kwargs):
+        pass
+
+
 @pytest.fixture
 def fake_server(tmp_path, monkeypatch):
-    """Serve a fake repository (``data/`` layout) on 127.0.0.1 and point BASE_URL at it."""
+    """Serve a fake repository (``data/`` layout) on 127.0.0.1 and point BASE_URL at it.
+
+    The server is stopped at the end; ``fake_server.handler.requests`` lists what was asked for.
+    """
     repo = tmp_path / "repo"
     _write_fake_her2st(repo / "data")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(repo))
-    handler.log_message = lambda *a, **k: None
+    handler_cls = type("Handler", (_Handler,), {"requests": []})
+    handler = functools.partial(handler_cls, directory=str(repo))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setattr(_her2st, "BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/data/")
     monkeypatch.setattr(_her2st, "IMAGE_FILES", {"C2": "fake_C2.jpg"})
     monkeypatch.setattr(_her2st, "SHA256", {})
+    monkeypatch.setattr(_her2st, "RETRIES", 0)
+    monkeypatch.setattr(_her2st, "TIMEOUT", 10)
     monkeypatch.delenv("STEXP_DATA_DIR", raising=False)
-    yield repo / "data"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield SimpleNamespace(data=repo / "data", handler=handler_cls)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_her2st_local_folder(tmp_path):
@@ -100,25 +136,65 @@ def test_her2st_download(fake_server):
     assert adata.n_obs == 22 and adata.uns["spatial"]["C2"]["metadata"]["has_image"] is True
     assert adata.uns["spatial"]["C2"]["metadata"]["source_image_path"].startswith(str(cache))
     recorded = (cache / "sha256.json").read_text()
-    digest = hashlib.sha256((fake_server / "ST-cnts" / "B1.tsv.gz").read_bytes()).hexdigest()
+    digest = hashlib.sha256((fake_server.data / "ST-cnts" / "B1.tsv.gz").read_bytes()).hexdigest()
     assert digest in recorded
+    n_requests = len(fake_server.handler.requests)
+    assert n_requests == 6  # counts, spots, labels of B1; counts, spots, image of C2
     # a second call reads the cache and does not need the server
-    _her2st.BASE_URL = "http://127.0.0.1:9/none/"
+    _her2st.BASE_URL = f"http://127.0.0.1:{_closed_port()}/none/"
     assert stexp.datasets.her2st(["B1"]).n_obs == 11
+    assert len(fake_server.handler.requests) == n_requests
+
+
+def test_her2st_known_checksum_is_verified_not_recorded(fake_server, monkeypatch):
+    digest = hashlib.sha256((fake_server.data / "ST-cnts" / "B1.tsv.gz").read_bytes()).hexdigest()
+    monkeypatch.setattr(_her2st, "SHA256", {"ST-cnts/B1.tsv.gz": digest})
+    stexp.datasets.her2st(["B1"])
+    recorded = json.loads((stexp.settings.cachedir / "her2st" / "sha256.json").read_text())
+    assert "ST-cnts/B1.tsv.gz" not in recorded and "ST-spotfiles/B1_selection.tsv" in recorded
 
 
 def test_her2st_checksum_mismatch(fake_server, monkeypatch):
     monkeypatch.setattr(_her2st, "SHA256", {"ST-cnts/B1.tsv.gz": "0" * 64})
     with pytest.raises(ValueError, match="checksum mismatch.*B1.tsv.gz"):
         stexp.datasets.her2st(["B1"])
-    assert not (stexp.settings.cachedir / "her2st" / "ST-cnts" / "B1.tsv.gz").exists()
+    cache = stexp.settings.cachedir / "her2st"
+    assert not (cache / "ST-cnts" / "B1.tsv.gz").exists()
+    assert not any(p.is_file() for p in (cache / "ST-cnts").iterdir())  # no partial or temporary file left
+
+
+def test_her2st_retries_a_failed_download(fake_server, monkeypatch):
+    monkeypatch.setattr(_her2st, "RETRIES", 1)
+    fake_server.handler.flaky = 1  # the first request gets a 503
+    adata = stexp.datasets.her2st(["B1"])
+    assert adata.n_obs == 11
+    assert fake_server.handler.requests[:2] == ["/data/ST-cnts/B1.tsv.gz"] * 2
+
+
+def test_her2st_local_folder_never_touches_the_network(tmp_path, monkeypatch):
+    import pooch
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used although the data are local")
+
+    monkeypatch.setattr(pooch.HTTPDownloader, "__call__", no_network)
+    monkeypatch.setattr(_her2st, "BASE_URL", f"http://127.0.0.1:{_closed_port()}/data/")
+    _write_fake_her2st(tmp_path / "her2st")
+    adata = stexp.datasets.her2st(["B1", "C2"], path=tmp_path / "her2st", download=True)
+    assert adata.n_obs == 22
+    monkeypatch.setenv("STEXP_DATA_DIR", str(tmp_path))  # found through the environment, download allowed
+    assert stexp.datasets.her2st(["C2"]).n_obs == 11
 
 
 def test_her2st_offline(monkeypatch):
     monkeypatch.delenv("STEXP_DATA_DIR", raising=False)
-    monkeypatch.setattr(_her2st, "BASE_URL", "http://127.0.0.1:9/data/")
-    with pytest.raises(ConnectionError, match=r"http://127.0.0.1:9/data/ST-cnts/B3.tsv.gz.*path=.*STEXP_DATA_DIR"):
+    monkeypatch.setattr(_her2st, "RETRIES", 0)
+    port = _closed_port()
+    monkeypatch.setattr(_her2st, "BASE_URL", f"http://127.0.0.1:{port}/data/")
+    url = f"http://127.0.0.1:{port}/data/ST-cnts/B3.tsv.gz"
+    with pytest.raises(ConnectionError, match=rf"{re.escape(url)} \(ConnectionError.*path=.*STEXP_DATA_DIR"):
         stexp.datasets.her2st(["B3"])
+    assert not (stexp.settings.cachedir / "her2st" / "ST-cnts" / "B3.tsv.gz").exists()
 
 
 def test_her2st_real(her2st_dir, monkeypatch):

@@ -55,7 +55,7 @@ def _title_r(ax) -> float:
 def test_spatial_genes_panels_image_clim_and_pcc(pred, tmp_path):
     lib = "slide_1"
     out = tmp_path / "genes.png"
-    fig = stexp.pl.spatial_genes(pred, GENES, library_id=lib, return_fig=True, save=out)
+    fig = stexp.pl.spatial_genes(pred, GENES, library_id=lib, scale="shared", return_fig=True, save=out)
     assert out.stat().st_size > 10_000
     panels = _panels(fig)
     assert len(panels) == 2 * len(GENES)
@@ -79,6 +79,64 @@ def test_spatial_genes_panels_image_clim_and_pcc(pred, tmp_path):
         r = np.corrcoef(measured[:, g], predicted[:, g])[0, 1]
         assert _title_r(pred_ax) == pytest.approx(r, abs=5e-4)
         assert 0.3 < r < 0.99  # a noisy but informative prediction: the number is not trivially 1
+
+
+@pytest.fixture
+def narrow(pred):
+    """A prediction that regresses to the mean: the measured pattern shrunk to a fifth of its spread."""
+    target = expression_target(pred)
+    mean = target.mean(axis=0, keepdims=True)
+    pred.layers["stexp_pred"] = (mean + 0.2 * (target - mean)).astype(np.float32)
+    return pred
+
+
+def test_spatial_genes_panel_scale_is_the_default_and_clips_each_panel(narrow):
+    lib, gene = "slide_0", "gene_000"
+    mask = (narrow.obs["library_id"] == lib).to_numpy()
+    measured = expression_target(narrow[mask], [gene])[:, 0].astype(np.float64)
+    predicted = narrow.layers["stexp_pred"][mask, 0].astype(np.float64)
+
+    fig = stexp.pl.spatial_genes(narrow, gene, library_id=lib, return_fig=True)
+    meas_ax, pred_ax = _panels(fig)
+    clim_m, clim_p = meas_ax.collections[0].get_clim(), pred_ax.collections[0].get_clim()
+    assert clim_m == pytest.approx((measured.min(), np.percentile(measured, 99)), rel=1e-5)
+    assert clim_p == pytest.approx((predicted.min(), np.percentile(predicted, 99)), rel=1e-5)
+    assert clim_p[1] - clim_p[0] < 0.5 * (clim_m[1] - clim_m[0])  # the prediction's own, narrower range
+    assert len(fig.axes) == 4  # a colour bar per panel, since the scales differ
+    # on its own scale the prediction uses the whole colour map; on the shared one it would look flat
+    norm = pred_ax.collections[0].norm
+    assert np.ptp(np.clip(norm(predicted), 0, 1)) > 0.9
+
+    shared = stexp.pl.spatial_genes(narrow, gene, library_id=lib, scale="shared", return_fig=True)
+    meas_s, pred_s = _panels(shared)
+    assert meas_s.collections[0].get_clim() == pytest.approx(pred_s.collections[0].get_clim())
+    assert np.ptp(np.clip(pred_s.collections[0].norm(predicted), 0, 1)) < 0.5
+    assert len(shared.axes) == 3
+
+    top = float(measured.max()) + 1.0
+    fixed = stexp.pl.spatial_genes(narrow, gene, library_id=lib, vmin="p1", vmax=top, return_fig=True)
+    for a, v in zip(_panels(fixed), (measured, predicted), strict=True):
+        assert a.collections[0].get_clim() == pytest.approx((np.percentile(v, 1), top), rel=1e-5)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        stexp.pl.spatial_genes(narrow, gene, library_id=lib, scale="gene")
+
+
+def test_title_pearson_is_the_one_of_tl_evaluate(pred):
+    """Panel titles and tl.evaluate report the same per-gene r for each gene and slide."""
+    pred.layers["stexp_pred"][:, 1] *= 0.01  # a scaled prediction: r is scale-free, a different number anyway
+    stexp.tl.evaluate(pred, pred_key="stexp_pred")
+    table = pred.uns["stexp"]["evaluate"]["stexp_pred"]["pcc"]
+    genes = ["gene_000", "gene_001", "gene_005"]
+    for lib in ("slide_0", "slide_2"):
+        fig = stexp.pl.spatial_genes(pred, genes, library_id=lib, layers=["stexp_pred"], return_fig=True)
+        for ax, gene in zip(_panels(fig), genes, strict=True):
+            assert f"Pearson r = {table.loc[gene, lib]:.3f}" in ax.get_title()
+        plt.close(fig)
+    measured = expression_target(pred, ["gene_000"])[:, 0]
+    r = stexp.pl._spatial.pearson(measured[:50], pred.layers["stexp_pred"][:50, 0])
+    ref, _ = stexp.tl._evaluate.pearson_columns(measured[:50, None], pred.layers["stexp_pred"][:50, :1])
+    assert r == ref[0]
+    assert np.isnan(stexp.pl._spatial.pearson(measured[:50], np.full(50, 3.0)))  # constant: no r, as in evaluate
 
 
 @pytest.mark.parametrize("img", ["hires", "lowres"])
@@ -238,6 +296,30 @@ def test_domains_plot_matches_colours_and_scores(synth, tmp_path):
     truth_legend = [t.get_text() for t in truth_ax.get_legend().get_texts()]
     assert "undetermined" in truth_legend and "tumour" in truth_legend
     assert [t.get_text() for t in dom_ax.get_legend().get_texts()] == ["0", "1", "2", "3"]
+
+
+def test_domains_colours_by_hungarian_matching_not_greedy_overlap(synth):
+    """Two domains overlap annotation X most; the one-to-one matching gives the smaller one Y's colour."""
+    one = synth[synth.obs["library_id"] == "slide_0"].copy()
+    truth = np.array(["X"] * 58 + ["Y"] * 43 + ["Z"] * 43)
+    dom = np.array(["a"] * 30 + ["b"] * 28 + ["a"] * 25 + ["c"] * 57 + ["d"] * 4)
+    # contingency: a = (X 30, Y 25), b = (X 28), c = (Y 18, Z 39), d = (Z 4); greedy would colour a and b both X
+    one.obs["label"] = pd.Categorical(truth)
+    one.obs["stexp_domain"] = pd.Categorical(dom)
+    fig = stexp.pl.domains(one, return_fig=True)
+    dom_ax, truth_ax = _panels(fig)
+    dom_fc, truth_fc = dom_ax.collections[0].get_facecolors(), truth_ax.collections[0].get_facecolors()
+    colour_of_truth = {t: truth_fc[np.flatnonzero(truth == t)[0]] for t in "XYZ"}
+    colour_of_dom = {d: dom_fc[np.flatnonzero(dom == d)[0]] for d in "abcd"}
+    np.testing.assert_allclose(colour_of_dom["a"], colour_of_truth["Y"])
+    np.testing.assert_allclose(colour_of_dom["b"], colour_of_truth["X"])
+    np.testing.assert_allclose(colour_of_dom["c"], colour_of_truth["Z"])
+    # the unmatched domain gets a colour no annotation category or other domain uses
+    others = [*colour_of_truth.values(), colour_of_dom["a"], colour_of_dom["b"], colour_of_dom["c"]]
+    assert not any(np.allclose(colour_of_dom["d"], c) for c in others)
+    # every spot of a domain has its domain's colour
+    for d in "abcd":
+        np.testing.assert_allclose(dom_fc[dom == d], np.broadcast_to(colour_of_dom[d], dom_fc[dom == d].shape))
 
 
 def test_domains_plot_without_truth_and_bad_input(synth):

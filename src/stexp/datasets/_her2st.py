@@ -6,14 +6,16 @@ repository's ``data/`` layout, or downloaded into ``stexp.settings.cachedir / "h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from stexp._settings import logger, settings
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 #: Raw files of the public repository; every download URL is built from this base.
 BASE_URL = "https://raw.githubusercontent.com/almaan/her2st/master/data/"
@@ -57,42 +59,44 @@ SHA256: dict[str, str] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+#: Extra download attempts after a failed one (pooch waits 1 s, 2 s, ... between attempts).
+RETRIES = 2
+#: Seconds to wait for the server to answer before an attempt counts as failed.
+TIMEOUT = 60
 
 
 def _download(rel: str, root: Path) -> Path:
-    """Download ``BASE_URL + rel`` into ``root / rel``, verifying or recording its sha256."""
-    import urllib.error
-    import urllib.request
+    """Download ``BASE_URL + rel`` into ``root / rel`` with pooch, verifying or recording its sha256.
+
+    Files with a known hash (:data:`SHA256`) are checked before they are kept; pooch downloads to a
+    temporary file and removes it on a mismatch. Other files get their hash recorded in
+    ``root / "sha256.json"``.
+    """
+    import pooch
+    import requests
 
     url = BASE_URL + rel
-    dest = root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    known = SHA256.get(rel)
+    fetcher = pooch.create(
+        path=root,
+        base_url=BASE_URL,
+        registry={rel: None if known is None else f"sha256:{known}"},
+        retry_if_failed=RETRIES,
+    )
+    downloader = pooch.HTTPDownloader(timeout=TIMEOUT, progressbar=settings.show_progress)
     logger.info(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-            while block := response.read(1 << 20):
-                fh.write(block)
-    except (urllib.error.URLError, OSError) as err:
-        tmp.unlink(missing_ok=True)
+        dest = Path(fetcher.fetch(rel, downloader=downloader))
+    except requests.exceptions.RequestException as err:
         raise ConnectionError(
-            f"could not download the HER2+ ST file {url} ({err}). Without internet, download the her2st data "
-            "folder (almaan/her2st, data/ or Zenodo 3957257) and pass her2st(path=...) or set STEXP_DATA_DIR "
-            "to the folder holding her2st/."
+            f"could not download the HER2+ ST file {url} ({type(err).__name__}: {err}). Without internet, "
+            "download the her2st data folder (almaan/her2st, data/ or Zenodo 3957257) and pass "
+            "her2st(path=...) or set STEXP_DATA_DIR to the folder holding her2st/."
         ) from err
-    digest = _sha256(tmp)
-    known = SHA256.get(rel)
-    if known is not None and digest != known:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"checksum mismatch for {url}: sha256 {digest}, expected {known}; the file was removed.")
-    tmp.replace(dest)
+    except ValueError as err:  # pooch's hash check; the temporary file is already gone
+        raise ValueError(f"checksum mismatch for {url}: {err} The file was not kept.") from err
     if known is None:
+        digest = pooch.file_hash(str(dest), alg="sha256")
         registry = root / "sha256.json"
         hashes = json.loads(registry.read_text()) if registry.is_file() else {}
         hashes[rel] = digest
@@ -144,7 +148,7 @@ def her2st(
     path: str | os.PathLike | None = None,
     download: bool | None = None,
     image_res: Literal["hires", "lowres"] | None = "hires",
-):
+) -> AnnData:
     """The HER2+ breast cancer legacy ST sections (Andersson et al. 2021) as one AnnData.
 
     Each section is read with :func:`stexp.io.read_st` (100 µm spots at 200 µm pitch, µm per pixel from
@@ -162,7 +166,9 @@ def her2st(
         ``ST-pat/lbl/``). Default: ``$STEXP_DATA_DIR/her2st``, then ``stexp.settings.cachedir / "her2st"``.
     download
         Download missing files from :data:`BASE_URL` (the almaan/her2st repository) into ``path`` or the
-        cache. ``None``: download only when ``path`` is not given; ``False``: never.
+        cache, with :mod:`pooch` (sha256 checked against :data:`SHA256` where known, else recorded in
+        ``sha256.json``; :data:`RETRIES` further attempts). ``None``: download only when ``path`` is
+        not given; ``False``: never. Files already in a searched folder are never downloaded again.
     image_res
         In-memory images kept per section: ``"hires"`` (~2000 px, plus ``"lowres"``), ``"lowres"`` (~600 px
         only), or ``None`` to skip the images (counts only). The full-resolution image path is kept in
@@ -181,7 +187,7 @@ def her2st(
     from stexp._layout import as_list, record
     from stexp.io._st import read_st
 
-    chosen = list(IMAGE_FILES) if sections is None else as_list(sections)
+    chosen = list(IMAGE_FILES) if sections is None else (as_list(sections) or [])
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
         raise ValueError(f"unknown HER2+ section(s) {unknown or chosen}; valid sections are {list(SECTIONS)}.")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from stexp._layout import PLATFORMS
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 #: H&E-like appearance of each tissue domain: (stroma RGB, nuclei RGB, nuclei density, nucleus radius px, fibre strength)
 _DOMAIN_STYLES = [
@@ -87,7 +92,7 @@ def synthetic(
     um_per_px: float = 2.0,
     n_patients: int | None = None,
     seed: int = 0,
-):
+) -> AnnData:
     """A small multi-slide, Visium-like dataset with H&E-like images and learnable expression.
 
     Each slide is a hexagonal grid of 55 µm spots at 100 µm pitch over a tissue whose domains

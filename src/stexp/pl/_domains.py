@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pandas as pd
 
 from stexp._layout import LIBRARY_KEY, as_list
 from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
+
+if TYPE_CHECKING:
+    import numpy as np
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MISSING_COLOUR = "#d3d3d3"
 
@@ -74,7 +81,7 @@ def _draw_categorical(ax, view, values: pd.Series, colours: dict[str, tuple], ti
 
 
 def domains(
-    adata,
+    adata: AnnData,
     *,
     key: str = "stexp_domain",
     truth_key: str | None = "label",
@@ -85,10 +92,10 @@ def domains(
     img: bool | str = True,
     spot_size: float | None = None,
     library_key: str = LIBRARY_KEY,
-    ax=None,
+    ax: Axes | Sequence[Axes] | np.ndarray | None = None,
     return_fig: bool = False,
     save: str | Path | None = None,
-):
+) -> Figure | None:
     """Spatial domains next to the reference annotation, on the tissue of one library.
 
     Parameters
@@ -161,10 +168,10 @@ def domains(
         axes = list(grid.ravel())
     else:
         axes = given_axes(ax, n_panels, "domains")
-        fig = axes[0].figure
+        fig = cast("Figure", axes[0].figure)
 
     title = f"domains: obs[{key!r}]"
-    if truth is not None and title_scores:
+    if truth is not None and truth_key is not None and title_scores:
         from stexp.tl._domains import score_domains
 
         sub = adata[view.mask]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 
 from stexp._layout import UNS_KEY, as_list
 from stexp.pl._utils import finish, new_axes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DEFAULT_MODEL = "prediction"
 
@@ -47,7 +53,7 @@ def _is_table(obj: Mapping) -> bool:
     return bool(obj) and all(np.ndim(v) == 1 and not isinstance(v, Mapping) for v in obj.values())
 
 
-def score_table(data, *, key: str | Sequence[str] | None = None, metric: str = "pcc") -> pd.DataFrame:
+def score_table(data: Any, *, key: str | Sequence[str] | None = None, metric: str = "pcc") -> pd.DataFrame:
     """Collect scores into one long DataFrame (a ``model`` column added when missing).
 
     ``data`` may be a DataFrame with one row per (gene, slide[, model]); a dict of such columns; an
@@ -99,16 +105,16 @@ def score_table(data, *, key: str | Sequence[str] | None = None, metric: str = "
 
 
 def scores(
-    data,
+    data: AnnData | pd.DataFrame | Mapping[str, Any] | Any,
     *,
     by: str = "model",
     metric: str = "pcc",
     key: str | Sequence[str] | None = None,
-    kind: str = "box",
-    ax=None,
+    kind: Literal["box", "violin"] = "box",
+    ax: Axes | None = None,
     return_fig: bool = False,
     save: str | Path | None = None,
-):
+) -> Figure | None:
     """Distribution of per-gene scores (Pearson r by default) per model or per slide.
 
     Each box (or violin) pools the per-gene scores of a group; NaN scores (genes constant on a
@@ -167,7 +173,7 @@ def scores(
         fig, grid = new_axes(1, 1, panel_size=(max(4.0, 0.9 * len(groups) * len(hues) + 1.5), 4.0))
         ax = grid[0, 0]
     else:
-        fig = ax.figure
+        fig = cast("Figure", ax.figure)
 
     from matplotlib import colormaps
     from matplotlib.patches import Patch
@@ -202,7 +208,7 @@ def scores(
                 box.set_alpha(0.8)
         else:
             parts = ax.violinplot(data_h, positions=pos, widths=0.85 * width, showmedians=True)
-            for body in parts["bodies"]:
+            for body in cast("list", parts["bodies"]):
                 body.set_facecolor(colours[h])
                 body.set_alpha(0.7)
             ax.scatter(pos, [v.mean() for v in data_h], marker="D", color="white", edgecolors="black", zorder=3)

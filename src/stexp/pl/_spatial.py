@@ -4,24 +4,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured
 from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 MEASURED_LABEL = "measured"
+SCALES = ("panel", "shared")
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation over the spots where both are finite; NaN when either is constant."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    """Pearson correlation over the spots where both are finite, as :func:`stexp.tl.evaluate` computes it.
+
+    The number comes from :func:`stexp.tl._evaluate.pearson_columns`, the per-gene Pearson of
+    ``tl.evaluate``, so a panel title and the evaluate table agree; NaN when either is constant or
+    fewer than two spots are finite. (``evaluate`` refuses partially predicted genes; the plot draws
+    their missing spots grey and scores the rest.)
+    """
+    from stexp.tl._evaluate import pearson_columns
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < 2:
         return float("nan")
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+    r, _ = pearson_columns(a[ok, None], b[ok, None])
+    return float(r[0])
 
 
 def _limit(pooled: np.ndarray, value: str | float | None, default: float, name: str) -> float:
@@ -37,7 +51,7 @@ def _limit(pooled: np.ndarray, value: str | float | None, default: float, name: 
 
 
 def colour_limits(values: list[np.ndarray], vmin: str | float | None, vmax: str | float | None) -> tuple[float, float]:
-    """Shared (vmin, vmax) of one gene over all its panels (NaN ignored)."""
+    """(vmin, vmax) over the pooled values of one or more panels (NaN ignored)."""
     pooled = np.concatenate([v[np.isfinite(v)] for v in values])
     lo = _limit(pooled, vmin, float(pooled.min()), "vmin")
     hi = _limit(pooled, vmax, float(pooled.max()), "vmax")
@@ -56,7 +70,7 @@ def _layer_values(adata, layer: str, mask: np.ndarray, idx: np.ndarray) -> np.nd
 
 
 def spatial_genes(
-    adata,
+    adata: AnnData,
     genes: str | Sequence[str],
     *,
     library_id: str | None = None,
@@ -66,20 +80,28 @@ def spatial_genes(
     cmap: str = "magma",
     vmax: str | float | None = "p99",
     vmin: str | float | None = None,
+    scale: Literal["panel", "shared"] = "panel",
     title_scores: bool = True,
-    ax=None,
+    ax: Axes | Sequence[Axes] | np.ndarray | None = None,
     return_fig: bool = False,
     save: str | Path | None = None,
     library_key: str = LIBRARY_KEY,
     spot_size: float | None = None,
-):
+) -> Figure | None:
     """Measured next to predicted expression of genes, spots drawn at their true size on the H&E.
 
     One row per gene and one panel per layer. The measured panel (layer ``None``) shows the
     prediction target computed from raw counts, ``ln(1 + 1e4 * counts / total)``
     (:func:`stexp.pp.normalize_target`), so it is on the scale of the predictions. Each spot is a
     circle of the spot's physical diameter (``spot_diameter_fullres x tissue_<res>_scalef`` pixels
-    of the displayed image). The panels of one gene share their colour scale and colour bar.
+    of the displayed image).
+
+    By default (``scale="panel"``) every panel has its own colour scale and colour bar, clipped at
+    percentiles of that panel's values (``vmax="p99"``), like ``squidpy.pl.spatial_scatter(...,
+    vmax="p99")``: a prediction usually spans a narrower range than the measurement (it regresses
+    to the mean), and on the measurement's scale it would look flat although its pattern may be
+    right. ``scale="shared"`` puts the panels of one gene on one scale (limits over all of them
+    pooled) with one colour bar, to compare magnitudes.
 
     Parameters
     ----------
@@ -99,13 +121,17 @@ def spatial_genes(
     cmap
         Colour map; spots with NaN values are grey.
     vmax
-        Top of each gene's colour scale: a percentile such as ``"p99"`` (over all its panels), a
-        number, or ``None`` for the maximum.
+        Top of the colour scale: a percentile such as ``"p99"`` (of the panel's values, or of all the
+        gene's panels pooled with ``scale="shared"``), a number, or ``None`` for the maximum.
     vmin
-        Bottom of each gene's colour scale, as ``vmax``; ``None``: the minimum over its panels.
+        Bottom of the colour scale, as ``vmax`` (e.g. ``"p1"``); ``None``: the minimum.
+    scale
+        ``"panel"``: each panel has its own colour scale and colour bar; ``"shared"``: the panels of
+        one gene share one scale and one colour bar.
     title_scores
         Put the Pearson correlation of each predicted layer with the measured target, over the
-        spots of this library, in the panel title.
+        spots of this library, in the panel title. It is the per-gene r of
+        :func:`stexp.tl.evaluate` for this gene and library.
     ax
         Axes to draw into, one per panel (``len(genes) * len(layers)``); default: a new figure.
     return_fig
@@ -126,7 +152,8 @@ def spatial_genes(
     KeyError
         If a gene, a layer or the library does not exist.
     ValueError
-        If several libraries are present and ``library_id`` is ``None``, if a gene has no
+        If ``scale`` is not ``"panel"`` or ``"shared"``, if a colour limit is not a number or a
+        percentile, if several libraries are present and ``library_id`` is ``None``, if a gene has no
         prediction (all NaN) in a layer for this library, or if measured expression is asked for
         on data without it.
     """
@@ -134,7 +161,7 @@ def spatial_genes(
 
     from stexp.pp._target import expression_target
 
-    genes = as_list(genes)
+    genes = as_list(genes) or []
     if not genes:
         raise ValueError("genes is empty: name at least one gene.")
     layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
@@ -146,6 +173,8 @@ def spatial_genes(
     for layer in layers:
         if layer is not None and layer not in adata.layers:
             raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}.")
     if ncols is not None and ncols < 1:
         raise ValueError(f"ncols must be at least 1, got {ncols}.")
     lib = resolve_library(adata, library_id, library_key)
@@ -170,13 +199,14 @@ def spatial_genes(
     values: dict[str | None, np.ndarray] = {}
     for layer in layers:
         if layer is None:
+            assert measured is not None  # computed above whenever None is among the layers
             values[None] = measured
             continue
         v = _layer_values(adata, layer, view.mask, idx)
         empty = ~np.isfinite(v).any(axis=0)
         if empty.any():
             raise ValueError(
-                f"gene(s) {[genes[i] for i in np.flatnonzero(empty)]} have no prediction in "
+                f"gene(s) {[genes[int(i)] for i in np.flatnonzero(empty)]} have no prediction in "
                 f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
             )
         values[layer] = v
@@ -193,22 +223,26 @@ def spatial_genes(
         axes = axes[:n_panels]
     else:
         axes = given_axes(ax, n_panels, "spatial_genes")
-        fig = axes[0].figure
+        fig = cast("Figure", axes[0].figure)
 
     colour_map = colormaps[cmap].with_extremes(bad="lightgrey")
     for g, gene in enumerate(genes):
         gene_axes = axes[g * n_layers : (g + 1) * n_layers]
-        vmin_g, vmax_g = colour_limits([values[layer][:, g] for layer in layers], vmin, vmax)
+        shared = colour_limits([values[layer][:, g] for layer in layers], vmin, vmax) if scale == "shared" else None
         coll = None
         for a, layer in zip(gene_axes, layers, strict=True):
+            lo, hi = shared or colour_limits([values[layer][:, g]], vmin, vmax)
             draw_tissue(a, view)
-            coll = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=vmin_g, vmax=vmax_g)
+            coll = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=lo, vmax=hi)
             a.add_collection(coll)
             label = MEASURED_LABEL if layer is None else layer
             title = f"{gene}: {label}"
             if layer is not None and title_scores and measured is not None:
                 title += f"\nPearson r = {pearson(measured[:, g], values[layer][:, g]):.3f}"
             a.set_title(title, fontsize=10)
-        fig.colorbar(coll, ax=gene_axes, shrink=0.8, label="log1p(cp10k)")
+            if shared is None:
+                fig.colorbar(coll, ax=a, shrink=0.8, label="log1p(cp10k)")
+        if shared is not None and coll is not None:
+            fig.colorbar(coll, ax=gene_axes, shrink=0.8, label="log1p(cp10k)")
     fig.suptitle(f"library {lib}" + (f" ({view.image_res} image)" if view.image_res else ""), fontsize=11)
     return finish(fig, save=save, return_fig=return_fig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,8 +21,14 @@ from stexp._layout import (
 from stexp._layout import um_per_px as _um_per_px
 from stexp._settings import logger
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
 
-def resolve_library(adata, library_id: str | None, library_key: str = LIBRARY_KEY) -> str:
+
+def resolve_library(adata: AnnData, library_id: str | None, library_key: str = LIBRARY_KEY) -> str:
     """The one library to draw.
 
     Raises
@@ -58,7 +64,7 @@ class TissueView:
     mask: np.ndarray  #: the library's spots among adata's obs
 
 
-def spot_diameter_fullres(adata, library_id: str) -> float:
+def spot_diameter_fullres(adata: AnnData, library_id: str) -> float:
     """Spot diameter of a library in full-resolution pixels (scale factors, else µm / µm-per-px)."""
     sf = scalefactors(adata, library_id)
     if "spot_diameter_fullres" in sf:
@@ -73,7 +79,7 @@ def _is_blank(image) -> bool:
 
 
 def tissue_view(
-    adata,
+    adata: AnnData,
     library_id: str,
     *,
     img: bool | str = True,
@@ -107,7 +113,7 @@ def tissue_view(
             )
         res = img
     elif img:
-        candidates = [r for r in ("hires", "lowres") if r in images] or list(images)
+        candidates: list[str] = [r for r in ("hires", "lowres") if r in images] or list(images)
         shown = [r for r in candidates if not _is_blank(images[r])]
         if shown:
             res = shown[0]
@@ -135,7 +141,7 @@ def tissue_view(
     return TissueView(library_id, image, res, scalef, xy, diameter * scalef / 2.0, mask)
 
 
-def draw_tissue(ax, view: TissueView, *, margin: float | None = None) -> None:
+def draw_tissue(ax: Axes, view: TissueView, *, margin: float | None = None) -> None:
     """Draw the background image and frame the axes on the spots (± ``margin`` displayed px)."""
     margin = 2.0 * view.radius if margin is None else margin
     if view.image is not None:
@@ -154,7 +160,16 @@ def draw_tissue(ax, view: TissueView, *, margin: float | None = None) -> None:
     ax.set_yticks([])
 
 
-def spot_collection(view: TissueView, *, values=None, colors=None, cmap=None, vmin=None, vmax=None, **kwargs):
+def spot_collection(
+    view: TissueView,
+    *,
+    values: Any = None,
+    colors: Any = None,
+    cmap: Any = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    **kwargs: Any,
+) -> PatchCollection:
     """A PatchCollection of one Circle per spot, radius in data units of the displayed image."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle
@@ -171,7 +186,7 @@ def spot_collection(view: TissueView, *, values=None, colors=None, cmap=None, vm
     return coll
 
 
-def new_axes(n_rows: int, n_cols: int, *, panel_size: tuple[float, float] = (4.0, 4.0)):
+def new_axes(n_rows: int, n_cols: int, *, panel_size: tuple[float, float] = (4.0, 4.0)) -> tuple[Figure, np.ndarray]:
     """A figure with an ``n_rows x n_cols`` grid of axes (constrained layout), axes as a 2-D array."""
     import matplotlib.pyplot as plt
 
@@ -185,7 +200,7 @@ def new_axes(n_rows: int, n_cols: int, *, panel_size: tuple[float, float] = (4.0
     return fig, axes
 
 
-def given_axes(ax, n_panels: int, what: str) -> list:
+def given_axes(ax: Any, n_panels: int, what: str) -> list[Axes]:
     """Flatten user-given axes and check there is one per panel."""
     axes = list(np.ravel(np.asarray(ax, dtype=object)))
     if len(axes) != n_panels:
@@ -193,7 +208,7 @@ def given_axes(ax, n_panels: int, what: str) -> list:
     return axes
 
 
-def finish(fig, *, save: str | Path | None, return_fig: bool):
+def finish(fig: Figure, *, save: str | Path | None, return_fig: bool) -> Figure | None:
     """Save the figure when asked; return it when ``return_fig``."""
     if save is not None:
         fig.savefig(save, dpi=150, bbox_inches="tight")
