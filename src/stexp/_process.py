@@ -1,11 +1,12 @@
-"""Leave the user's process as it was found: RNG states, torch threads, determinism flags, environment.
+"""Leave the user's process as it was found: RNG states, torch threads, determinism flags, environment, Ctrl+C.
 
 Training and embedding need seeded randomness, a thread count and (on CPU) deterministic kernels;
 Lightning sets all of these process-wide (``seed_everything`` reseeds every global RNG and writes
 ``PL_GLOBAL_SEED``/``PL_SEED_WORKERS``, ``deterministic=True`` switches torch's deterministic mode on and
-sets ``CUBLAS_WORKSPACE_CONFIG``). :func:`preserve_process_state` restores them when a stexp call returns
-or raises, so a user's ``np.random``/``torch`` streams, ``torch.get_num_threads()`` and
-``os.environ`` are what they were before the call.
+sets ``CUBLAS_WORKSPACE_CONFIG``; a Ctrl+C during ``Trainer.fit`` makes it ignore SIGINT for the rest
+of the process). :func:`preserve_process_state` restores them when a stexp call returns or raises, so a
+user's ``np.random``/``torch`` streams, ``torch.get_num_threads()``, ``os.environ`` and the SIGINT
+handler are what they were before the call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import contextlib
 import functools
 import os
 import random
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -33,6 +36,8 @@ def preserve_process_state() -> Iterator[None]:
     py_state = random.getstate()
     np_state = np.random.get_state()
     environ = dict(os.environ)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     torch = sys.modules.get("torch")
     torch_state = _torch_state(torch) if torch is not None else None
     try:
@@ -43,6 +48,8 @@ def preserve_process_state() -> Iterator[None]:
             _restore_torch(torch, torch_state)
         random.setstate(py_state)
         np.random.set_state(np_state)
+        if main_thread and sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
+            signal.signal(signal.SIGINT, sigint)
         for key in set(os.environ) - set(environ):
             del os.environ[key]
         for key, value in environ.items():

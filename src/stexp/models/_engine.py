@@ -288,7 +288,12 @@ def train(
                 )
                 # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
                 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+                try:
+                    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+                except SystemExit as err:  # Lightning turns Ctrl+C into sys.exit(1): give the user their interrupt back
+                    if trainer.interrupted:
+                        raise KeyboardInterrupt("training interrupted; nothing was fitted") from err
+                    raise
         finally:
             for lg, level in zip(lightning_loggers, levels, strict=True):
                 lg.setLevel(level)
