@@ -217,3 +217,35 @@ def test_hub_download_failure_names_the_local_alternative(monkeypatch):
         msg = str(exc.value)
         assert "Hugging Face hub" in msg and "encoder=<folder>" in msg and "config.json" in msg
     assert time.perf_counter() - t0 < 10  # no network wait
+
+
+@pytest.mark.slow
+def test_finetune_rebuilds_the_encoder_with_its_kwargs():
+    """finetune_encoder=True rebuilds the timm encoder from the spec, recorded kwargs included (max pooling here)."""
+    adata = stexp.datasets.synthetic(n_slides=2, n_spots=32, n_genes=10, seed=1)
+    stexp.pp.embed_images(
+        adata,
+        encoder="timm:test_resnet",
+        weights=None,
+        encoder_kwargs={"global_pool": "max"},
+        device="cpu",
+        cache=False,
+    )
+    key = "X_stexp_timm_test_resnet"
+    assert json.loads(adata.uns["stexp"]["features"][key]["encoder_kwargs"]) == {"global_pool": "max"}
+    est = stexp.tl.fit(
+        adata,
+        model="mclstexp",
+        features_key=key,
+        finetune_encoder=True,
+        max_epochs=1,
+        batch_size=32,
+        device="cpu",
+        projection_dim=16,
+        n_heads=2,
+        head_dim=8,
+        top_k=5,
+    )
+    assert est.encoder.kwargs_json == '{"global_pool":"max"}'
+    assert est.encoder.module.global_pool.pool_type == "max"
+    assert not est.encoder_spec.diff(adata.uns["stexp"]["features"][key])

@@ -11,6 +11,8 @@ from typing import Any
 MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
 #: Fields that decide whether stored features are up to date (the model's fields and the output width).
 FEATURE_FIELDS = (*MODEL_FIELDS, "out_dim")
+#: Fields recorded only when set (``None`` means "none given"; records older than the field lack it).
+OPTIONAL_FIELDS = ("encoder_kwargs",)
 
 
 def _none(value: Any) -> Any:
