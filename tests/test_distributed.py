@@ -127,3 +127,27 @@ def test_two_process_mclstexp_matches_one_process(split):
         results[name] = mse
         assert mse < 0.9 * base, (name, mse, base)
     assert results["two"] < 1.25 * results["one"]
+
+
+@pytest.mark.slow
+def test_notebook_strategy_forks_and_returns_the_history(split, monkeypatch):
+    """In Jupyter/IPython the workers are forked (ddp_notebook); the weights and history come back."""
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_engine, "is_interactive", lambda: True)
+    train, test = split
+    est = stexp.tl.fit(
+        train,
+        model="mlp",
+        features_key=STATS_KEY,
+        max_epochs=6,
+        batch_size=48,
+        lr=3e-3,
+        device="cpu",
+        devices=2,
+        seed=0,
+    )
+    losses = est.history["train_loss"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    mse, base = _mse(est, train, test.copy())
+    assert mse < base

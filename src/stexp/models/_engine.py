@@ -440,6 +440,8 @@ def train(
                 )
                 # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
                 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+                # Lightning's all_gather(sync_grads=True) under DDP: same (forked workers inherit these filters)
+                warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
                 with _sharing_strategy("file_system" if strategy == "ddp_spawn" else None):
                     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         finally:
