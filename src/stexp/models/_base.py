@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 
 
 #: Runtime options: arguments of fit/predict/load, never saved with a model (older folders that saved them are read).
-RUNTIME_OPTIONS = ("device", "num_workers")
+RUNTIME_OPTIONS = ("device", "num_workers", "devices")
 
 
 class ExpressionModel(ABC):
@@ -81,6 +81,7 @@ class ExpressionModel(ABC):
         self.n_features: int | None = None
         self.device = "auto"
         self.num_workers = 0
+        self.devices: int | list[int] | None = None
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -122,6 +123,7 @@ class ExpressionModel(ABC):
         *,
         device: str = "auto",
         num_workers: int = 0,
+        devices: int | list[int] | None = None,
     ) -> ExpressionModel:
         """Train the model; returns ``self``.
 
@@ -133,6 +135,10 @@ class ExpressionModel(ABC):
             ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...; the model also predicts there.
         num_workers
             DataLoader worker processes that cut and augment patches when the encoder is fine-tuned.
+        devices
+            Neural models: train with DDP on this many devices (GPUs with ``device="cuda"``, processes with
+            ``device="cpu"``) or these GPU indices; ``None``: one device (or the torchrun / SLURM layout).
+            Other models ignore it.
         """
         for what, data in (("training", train), ("validation", validation)):
             if data is None:
@@ -145,7 +151,7 @@ class ExpressionModel(ABC):
                 )
         if int(num_workers) != num_workers or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
-        self.device, self.num_workers = device, int(num_workers)
+        self.device, self.num_workers, self.devices = device, int(num_workers), devices
         self._fit(train, validation)
         self.is_fitted = True
         return self

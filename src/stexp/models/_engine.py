@@ -11,11 +11,20 @@ gets its own learning rate) and runs validation. :func:`train` chooses the accel
 available), mixed precision on GPU, progress bars by ``stexp.settings.verbosity``, seeding and
 determinism, early stopping on the validation loss, and returns the per-epoch history. It leaves the
 caller's process as it found it (RNG states, threads, flags, environment).
+
+Several devices (``devices=N``) train with Lightning DDP, one process per device (:func:`parallel_plan`):
+``"ddp_notebook"`` (fork) inside Jupyter/IPython, ``"ddp_spawn"`` from a plain script, ``"ddp"`` when a
+launcher started the processes (torchrun, SLURM ``srun``). With the fork/spawn launchers the trained
+weights (rank 0's) and the history come back to the calling process. On CPU the processes talk over gloo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -28,16 +37,133 @@ from stexp._process import preserve_process_state
 from stexp._settings import logger, settings
 
 
-def accelerator_for(device: str | None) -> tuple[str, Any]:
-    """Lightning ``(accelerator, devices)`` for a torch device string (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
+def launcher_layout() -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` when a launcher (torchrun, SLURM ``srun``) started several processes, else ``None``.
+
+    torchrun sets ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``; ``srun`` sets ``SLURM_NTASKS``,
+    ``SLURM_PROCID`` and ``SLURM_NNODES``. A SLURM allocation with one task (e.g. a notebook on a compute
+    node) is not a launcher.
+    """
+    env = os.environ
+    if "LOCAL_RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        world = int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+        return local, max(1, world // max(local, 1))
+    if (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        and "SLURM_PROCID" in env
+        and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    ):
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
+        return max(1, world // max(nodes, 1)), nodes
+    return None
+
+
+def is_interactive() -> bool:
+    """Running in Jupyter / IPython / a Python prompt, where processes must be forked, not spawned."""
+    if hasattr(sys, "ps1") or bool(sys.flags.interactive):
+        return True
+    ipython = sys.modules.get("IPython")
+    return bool(ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None)
+
+
+def parallel_plan(device: str | None, devices: int | list[int] | None = None) -> dict[str, Any]:
+    """How Lightning runs on ``device`` with ``devices``: ``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``world_size``.
+
+    Parameters
+    ----------
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    devices
+        ``None``: one device (the one ``device`` names), or the launcher's layout under torchrun / SLURM;
+        ``N``: N GPUs (or N CPU processes with ``device="cpu"``); a list: those GPU indices.
+
+    The strategy is ``"auto"`` for one process; for several: ``"ddp"`` under a launcher (torchrun,
+    ``srun``), ``"ddp_notebook"`` (fork) in Jupyter/IPython, else ``"ddp_spawn"``.
+    """
     device = settings.resolve_device(device)
-    if device.startswith("cuda"):
-        if ":" in device:
-            return "gpu", [int(device.split(":")[1])]
-        return "gpu", "auto"
-    if device == "mps":
-        return "mps", 1
-    return "cpu", 1
+    accelerator = "gpu" if device.startswith("cuda") else ("mps" if device == "mps" else "cpu")
+    layout = launcher_layout()
+    num_nodes = 1
+    if devices is None:
+        if layout is not None:
+            devices, num_nodes = layout
+        elif accelerator == "gpu" and ":" in device:
+            devices = [int(device.split(":")[1])]
+        else:
+            devices = 1
+    elif isinstance(devices, bool) or not isinstance(devices, (int, list, tuple)):
+        raise ValueError(f"devices must be a positive integer or a list of GPU indices, got {devices!r}.")
+    elif layout is not None:
+        num_nodes = layout[1]
+    if isinstance(devices, (list, tuple)):
+        if accelerator != "gpu" or not devices or not all(isinstance(d, int) and d >= 0 for d in devices):
+            raise ValueError(
+                f"devices={devices!r}: a list names GPU indices (with device='cuda'); on {accelerator} pass a count."
+            )
+        devices, count = list(devices), len(devices)
+    else:
+        count = int(devices)
+        if count < 1:
+            raise ValueError(f"devices must be at least 1, got {devices!r}.")
+    if accelerator == "mps" and count > 1:
+        raise ValueError("device='mps' has one device; pass devices=1.")
+    if accelerator == "gpu" and isinstance(devices, int) and layout is None:
+        available = torch.cuda.device_count()
+        if count > available:
+            raise ValueError(f"devices={count} but {available} CUDA device(s) are visible.")
+    world = count * num_nodes
+    if world == 1:
+        strategy = "auto"
+    elif layout is not None:
+        strategy = "ddp"
+    elif is_interactive():
+        strategy = "ddp_notebook"
+        if accelerator == "gpu" and torch.cuda.is_initialized():
+            raise RuntimeError(
+                "fit(devices=...) in a notebook forks one process per GPU, which CUDA forbids once it is initialised "
+                "in this process (e.g. by embed_images or predict on the GPU). Restart the kernel and train before "
+                "any GPU work (embed_images loads cached features without the GPU), or run the training as a script "
+                "(see the distributed-training docs)."
+            )
+    else:
+        strategy = "ddp_spawn"
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "strategy": strategy,
+        "world_size": world,
+    }
+
+
+@contextlib.contextmanager
+def _sharing_strategy(strategy: str | None):
+    """Use torch.multiprocessing's tensor ``strategy`` for the block (``None``: leave it), then restore it.
+
+    The spawn launcher pickles the module and its data to the workers; with the default ``file_descriptor``
+    strategy the workers failed to map some of them here ("unable to resize file ... Invalid argument"),
+    ``file_system`` works.
+    """
+    import torch.multiprocessing as tmp
+
+    before = tmp.get_sharing_strategy()
+    if strategy is None or strategy == before or strategy not in tmp.get_all_sharing_strategies():
+        yield
+        return
+    tmp.set_sharing_strategy(strategy)
+    try:
+        yield
+    finally:
+        tmp.set_sharing_strategy(before)
+
+
+def per_process_batch(n: int, batch_size: int, world_size: int) -> tuple[int, bool]:
+    """``(batch size, drop_last)`` of one process's loader when ``n`` spots are split over ``world_size`` processes."""
+    per_rank = math.ceil(n / max(int(world_size), 1))
+    size = min(int(batch_size), per_rank)
+    return size, per_rank > size
 
 
 def index_batch(items) -> dict[str, torch.Tensor]:
@@ -123,10 +249,11 @@ class TrainingPlan(L.LightningModule):
         losses = self.net.losses(batch, self.split_data(split), self._gather)
         total = sum(float(self.loss_weights.get(k, 1.0)) * v for k, v in losses.items())
         size = int(batch["index"].shape[0])
-        self.log(f"{split}_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        sync = self.trainer.world_size > 1  # epoch means over every process's batches
+        self.log(f"{split}_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
         if len(losses) > 1:
             for k, v in losses.items():
-                self.log(f"{split}_{k}", v, on_step=False, on_epoch=True, batch_size=size)
+                self.log(f"{split}_{k}", v, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
         return total
 
     def training_step(self, batch, batch_idx):
@@ -155,8 +282,16 @@ class TrainingPlan(L.LightningModule):
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
 
 
+_HISTORY_PREFIX = "stexp_history/"
+
+
 class _History(L.Callback):
-    """Collects the epoch-level metrics Lightning logged."""
+    """Collects the epoch-level metrics Lightning logged.
+
+    Under the fork/spawn DDP launchers the callback that collects lives in the worker processes; at the end
+    of training it stores the history in ``trainer.callback_metrics``, which Lightning sends back from rank 0
+    to the calling process (:meth:`recover`).
+    """
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
@@ -165,8 +300,21 @@ class _History(L.Callback):
         if trainer.sanity_checking:
             return
         for key, value in trainer.callback_metrics.items():
-            if not key.endswith("_step"):
+            if not key.endswith("_step") and not key.startswith(_HISTORY_PREFIX):
                 self.history.setdefault(key.removesuffix("_epoch"), []).append(float(value))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:
+            for key, values in self.history.items():
+                trainer.callback_metrics[_HISTORY_PREFIX + key] = torch.tensor(values, dtype=torch.float64)
+
+    def recover(self, trainer) -> dict[str, list[float]]:
+        """The history, from this process or (spawned workers) from what rank 0 sent back."""
+        if not self.history:
+            for key, value in trainer.callback_metrics.items():
+                if key.startswith(_HISTORY_PREFIX):
+                    self.history[key.removeprefix(_HISTORY_PREFIX)] = [float(v) for v in value.reshape(-1)]
+        return self.history
 
 
 class _EpochProgressBar(L.pytorch.callbacks.ProgressBar):
@@ -217,6 +365,7 @@ def train(
     precision: str | None = None,
     early_stopping_patience: int | None = None,
     gradient_clip_val: float | None = None,
+    devices: int | list[int] | None = None,
 ) -> dict[str, list[float]]:
     """Fit a LightningModule and return its per-epoch history (``{"train_loss": [...], ...}``).
 
@@ -239,8 +388,13 @@ def train(
         Stop when ``val_loss`` has not improved for this many epochs (needs ``val_loader``).
     gradient_clip_val
         Clip gradients to this norm.
+    devices
+        Number of devices (or GPU indices) to train on with DDP, one process each (see :func:`parallel_plan`);
+        ``None``: one. Each process draws ``batch_size`` spots per step from its share of the data. After
+        training, this process holds the trained weights (rank 0's, identical on every rank) and the history.
     """
-    accelerator, devices = accelerator_for(device)
+    plan = parallel_plan(device, devices)
+    accelerator, devices, strategy = plan["accelerator"], plan["devices"], plan["strategy"]
     if precision is None:
         precision = "bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true"
     history = _History()
@@ -249,9 +403,6 @@ def train(
         callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
     if settings.show_progress:
         callbacks.append(_EpochProgressBar())
-    strategy = "auto"
-    if accelerator == "gpu" and devices == "auto" and torch.cuda.device_count() > 1:
-        strategy = "ddp"
     # Lightning's banners ("GPU available...", tips) are printed while the Trainer is built: quiet them first.
     names = ["lightning", "lightning.pytorch", "lightning.fabric"]
     names += [f"{n}.utilities.rank_zero" for n in ("lightning.pytorch", "lightning.fabric")]
@@ -268,6 +419,7 @@ def train(
                 max_epochs=int(max_epochs),
                 accelerator=accelerator,
                 devices=devices,
+                num_nodes=plan["num_nodes"],
                 strategy=strategy,
                 precision=precision,
                 deterministic=accelerator == "cpu",
@@ -288,14 +440,20 @@ def train(
                 )
                 # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
                 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-                try:
-                    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-                except SystemExit as err:  # Lightning turns Ctrl+C into sys.exit(1): give the user their interrupt back
-                    if trainer.interrupted:
-                        raise KeyboardInterrupt("training interrupted; nothing was fitted") from err
-                    raise
+                # Lightning's all_gather(sync_grads=True) under DDP: same (forked workers inherit these filters)
+                warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
+                with _sharing_strategy("file_system" if strategy == "ddp_spawn" else None):
+                    try:
+                        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+                    except SystemExit as err:  # Lightning turns Ctrl+C into sys.exit(1): give the interrupt back
+                        if trainer.interrupted:
+                            raise KeyboardInterrupt("training interrupted; nothing was fitted") from err
+                        raise
         finally:
             for lg, level in zip(lightning_loggers, levels, strict=True):
                 lg.setLevel(level)
-    logger.debug(f"trained {trainer.current_epoch} epochs on {accelerator}, precision {precision}")
-    return history.history
+    logger.debug(
+        f"trained {trainer.current_epoch} epochs on {accelerator} ({plan['world_size']} process(es), strategy "
+        f"{strategy}), precision {precision}"
+    )
+    return history.recover(trainer)

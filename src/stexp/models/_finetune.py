@@ -54,7 +54,10 @@ def finetune_encoder(spec, *, pretrained: bool = True):
             "the images with a registry or timm encoder (stexp.pp.embed_images(adata, encoder='efficientnet_lite0')) "
             "and pass its features_key."
         )
-    return build_encoder(str(name), weights=spec.weights_arg if pretrained else None)
+    from stexp.images._encoders import encoder_kwargs_from_json
+
+    kwargs = encoder_kwargs_from_json(getattr(spec, "encoder_kwargs", None))
+    return build_encoder(str(name), weights=spec.weights_arg if pretrained else None, **kwargs)
 
 
 def training_encoder(model, n_features: int):

@@ -297,7 +297,7 @@ class MclSTExp(TorchExpressionModel):
         super()._fit(train, validation)
 
     def after_fit(self, train: SpotData) -> None:
-        batch_size = min(int(self.hparams["batch_size"]), train.n_spots)
+        batch_size = self.contrastive_batch_size(train.n_spots)  # negatives from every DDP process
         chance = math.log(batch_size)
         self.history = {
             "train_loss": self.history.get("train_loss", []),

@@ -78,6 +78,7 @@ class TorchExpressionModel(ExpressionModel):
             non_negative=("weight_decay",),
         )
         self.network: nn.Module | None = None
+        self._world_size = 1  # training processes of the current fit (DDP)
         self.encoder = None
         self.sizes: dict[str, int] = {}
 
@@ -147,10 +148,11 @@ class TorchExpressionModel(ExpressionModel):
 
     def loader(self, data: SpotData, tensors: dict[str, torch.Tensor], *, train: bool):
         """Batches of spot indices (shuffled for training); with the patches of the batch when fine-tuning."""
-        from stexp.models._engine import index_loader
+        from stexp.models._engine import index_loader, per_process_batch
 
         hp = self.hparams
-        batch_size = min(int(hp["batch_size"]), data.n_spots)
+        # under DDP each process loads its share of the spots; the batch size is per process
+        batch_size, drop_last = per_process_batch(data.n_spots, int(hp["batch_size"]), self._world_size)
         collate = None
         if self.encoder is not None:
             from stexp.models import _finetune
@@ -163,18 +165,25 @@ class TorchExpressionModel(ExpressionModel):
             batch_size=batch_size,
             shuffle=train,
             seed=int(hp["seed"]),
-            drop_last=train and data.n_spots > batch_size,
+            drop_last=train and drop_last,
             num_workers=self.num_workers if self.encoder is not None else 0,
             collate_fn=collate,
             order=None if train else self.validation_order(data.n_spots),
         )
 
+    def contrastive_batch_size(self, n_spots: int) -> int:
+        """Spots a contrastive loss compares per step: the per-process batch times the DDP processes (gathered)."""
+        from stexp.models._engine import per_process_batch
+
+        return per_process_batch(n_spots, int(self.hparams["batch_size"]), self._world_size)[0] * self._world_size
+
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         from stexp.models import _finetune
-        from stexp.models._engine import TrainingPlan
+        from stexp.models._engine import TrainingPlan, parallel_plan
         from stexp.models._engine import train as run_training
 
         hp = self.hparams
+        self._world_size = parallel_plan(self.device, self.devices)["world_size"]
         seed = int(hp["seed"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -206,6 +215,7 @@ class TorchExpressionModel(ExpressionModel):
             device=self.device,
             seed=seed,
             early_stopping_patience=int(hp["early_stopping_patience"]) or None,
+            devices=self.devices,
         )
         self.network = network.to("cpu").eval()
         self.after_fit(train)

@@ -21,18 +21,28 @@ def _is_encoder(obj) -> bool:
     return all(hasattr(obj, a) for a in ("module", "preprocess", "input_px", "out_dim", "weights_id", "weights_arg"))
 
 
-def _build_encoder(encoder, weights):
+def _build_encoder(encoder, weights, encoder_kwargs=None, encoder_id=None):
     """An :class:`stexp.images.Encoder` from the user's ``encoder`` / ``weights`` (a built one passes through)."""
     if _is_encoder(encoder):
+        if encoder_kwargs or encoder_id is not None:
+            raise ValueError(
+                "encoder_kwargs / encoder_id cannot change an already built Encoder; pass them to build_encoder."
+            )
         return encoder
     from stexp.images._encoders import build_encoder
 
-    return build_encoder(encoder, weights)
+    return build_encoder(encoder, weights, encoder_id=encoder_id, **dict(encoder_kwargs or {}))
 
 
 def default_key(name: str) -> str:
-    """``"X_stexp_<encoder>"`` with characters other than letters, digits, ``_.-`` replaced by ``_``."""
-    return "X_stexp_" + re.sub(r"[^0-9A-Za-z_.-]+", "_", str(name))
+    """``"X_stexp_<encoder>"`` with characters other than letters, digits, ``_.-`` replaced by ``_``.
+
+    A local model folder (``"local-dir:<path>"``) is named by the folder's name.
+    """
+    name = str(name)
+    if name.startswith("local-dir:"):
+        name = os.path.basename(os.path.normpath(name[len("local-dir:") :]))
+    return "X_stexp_" + re.sub(r"[^0-9A-Za-z_.-]+", "_", name)
 
 
 def _is_path(weights) -> bool:
@@ -98,8 +108,10 @@ def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
 def embed_images(
     adata,
     *,
-    encoder: str | Callable = DEFAULT_ENCODER,
+    encoder: str | os.PathLike | Callable = DEFAULT_ENCODER,
     weights: str | os.PathLike | None = "imagenet",
+    encoder_kwargs: Mapping[str, object] | None = None,
+    encoder_id: str | None = None,
     patch_um: float | Mapping[str, float] | None = None,
     batch_size: int = 64,
     device: str = "auto",
@@ -122,7 +134,12 @@ def embed_images(
     spec (encoder, weights, patch µm/px, normalisation, output dim), nothing is computed. Features are also
     cached on disk (``stexp.settings.cachedir / "features"``, one ``.npy`` per library keyed by the slide's
     content, its spot centres and the spec), so a new session loads them instead of recomputing. Callable /
-    module encoders cannot be identified across calls: they are always recomputed and never cached on disk.
+    module encoders cannot be identified across calls unless you name them with ``encoder_id``: without it
+    they are always recomputed and never cached on disk.
+
+    The disk cache also shards work: embed subsets of the libraries in separate processes or on separate
+    GPUs (``embed_images(adata[adata.obs.library_id.isin(part)].copy(), device="cuda:1")``), then one call on
+    the whole AnnData loads every library from the cache (see the distributed-training docs).
 
     Parameters
     ----------
@@ -132,9 +149,19 @@ def embed_images(
         weights install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a ``torch.nn.Module`` /
         callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
         :class:`stexp.images.Encoder` from :func:`stexp.images.build_encoder` (to choose another input size
-        or normalisation for a callable).
+        or normalisation for a callable), or a local model folder (``config.json`` + ``model.safetensors`` /
+        ``pytorch_model.bin`` as timm and the Hugging Face hub save them: UNI, H-optimus-0, Virchow2... you
+        downloaded; its own mean/std and input size are used).
     weights
-        ``"imagenet"``, ``None`` (explicit random init) or a local state-dict file; ignored for a built Encoder.
+        ``"imagenet"`` (pretrained; a local folder's own weights), ``None`` (explicit random init) or a local
+        state-dict file; ignored for a built Encoder.
+    encoder_kwargs
+        Extra arguments of ``timm.create_model`` for timm, hub and local-folder encoders (e.g. UNI:
+        ``{"init_values": 1e-5, "dynamic_img_size": True}``). Recorded in the spec (as JSON) and part of the
+        features' identity: features made with other arguments are neither reused nor loaded from the cache.
+    encoder_id
+        A name for a callable / module encoder (e.g. ``"my-uni-v1"``): its features are then cached on disk
+        and recognised as up to date. Change it when the callable changes.
     patch_um
         Patch side in µm: one number, a mapping library -> µm, or ``None``: 1.5 x each library's spot
         diameter (ST 100 µm spots -> 150 µm; Visium -> 82.5 µm). The spec records one number when all
@@ -183,17 +210,25 @@ def embed_images(
 
     # cheap check before building the encoder (a build may need a download): same name, weights, patch size
     if isinstance(encoder, str) and not _is_path(weights) and not overwrite:
+        from stexp.images._encoders import encoder_kwargs_to_json
+
         key = key_added or default_key(encoder)
         rec = stored.get(key)
         if key in adata.obsm and rec and np.shape(adata.obsm[key])[0] == adata.n_obs:
-            wanted = EncoderSpec(encoder=encoder, weights_arg=weights, patch_um=_recorded_patch_um(per_lib_um))
-            if not EncoderSpec.from_mapping(rec).diff(wanted, ("encoder", "weights_arg", "patch_um")):
+            wanted = EncoderSpec(
+                encoder=encoder,
+                weights_arg=weights,
+                patch_um=_recorded_patch_um(per_lib_um),
+                encoder_kwargs=encoder_kwargs_to_json(dict(encoder_kwargs or {})),
+            )
+            if not EncoderSpec.from_mapping(rec).diff(wanted, ("encoder", "weights_arg", "patch_um", "encoder_kwargs")):
                 logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
                 return adata if copy else None
 
-    enc = _build_encoder(encoder, weights)
+    enc = _build_encoder(encoder, weights, encoder_kwargs, encoder_id)
     key = key_added or default_key(enc.name)
-    is_callable = str(enc.name).startswith("callable:")
+    # a callable is identified across calls only by a user-given encoder_id ("id:<name>" weights)
+    is_callable = str(enc.name).startswith("callable:") and not str(enc.weights_id).startswith("id:")
     spec = EncoderSpec(
         encoder=enc.name,
         weights=enc.weights_id,
@@ -203,6 +238,7 @@ def embed_images(
         normalization=enc.normalization,
         out_dim=int(enc.out_dim),
         library_key=library_key,
+        encoder_kwargs=getattr(enc, "kwargs_json", None),
     )
     if key in adata.obsm and not overwrite:
         rec = stored.get(key)
@@ -244,7 +280,12 @@ def embed_images(
             n_outside[lib] = int((~plan.inside).sum())
             ckey = None
             if use_disk:
-                lib_spec = {k: spec.to_dict()[k] for k in FEATURE_FIELDS} | {
+                # encoder_kwargs enters the key only when set, so caches made before the field existed stay valid
+                lib_spec = {
+                    k: v
+                    for k, v in spec.to_dict().items()
+                    if k in FEATURE_FIELDS and (v is not None or k != "encoder_kwargs")
+                } | {
                     "patch_um": per_lib_um[lib],
                     "um_per_px": um_per_px(adata, lib),
                 }

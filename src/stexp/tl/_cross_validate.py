@@ -141,6 +141,7 @@ def cross_validate(
     keep_models: bool = False,
     model_params: dict[str, dict[str, Any]] | None = None,
     device: str = "auto",
+    devices: int | Sequence[int] | None = None,
     **fit_kwargs: Any,
 ) -> CVResult:
     """Cross-validate one or several models: train on all groups but one, predict the held-out group.
@@ -184,6 +185,8 @@ def cross_validate(
         Hyper-parameters per model name, e.g. ``{"mlp": {"hidden_dim": 128}}``.
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...: where the models train and predict.
+    devices
+        Train each fold's neural models with DDP over this many devices (see :func:`stexp.tl.fit`).
     **fit_kwargs
         Training options of every model (``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``;
         see :func:`stexp.tl.fit`) and hyper-parameters, given to the models that declare them.
@@ -309,7 +312,7 @@ def cross_validate(
             options = {"seed": settings.seed} | {k: kw[k] for k in TRAINING_OPTIONS if k in kw}
             params = {k: v for k, v in kw.items() if k not in TRAINING_OPTIONS}
             est = make_model(m, panel, features_key=features_key, encoder_spec=spec, options=options, **params)
-            est.fit(train, device=device)
+            est.fit(train, device=device, devices=devices)
             t1 = time.perf_counter()
             mean, spread = est.predict(test)
             t2 = time.perf_counter()

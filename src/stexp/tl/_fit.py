@@ -33,6 +33,7 @@ def fit(
     validation: str | Sequence[str] | None = None,
     device: str = "auto",
     num_workers: int = 0,
+    devices: int | Sequence[int] | None = None,
     **model_kwargs: Any,
 ):
     """Train an expression model on the slides of ``adata``.
@@ -60,6 +61,13 @@ def fit(
     {device}
     num_workers
         DataLoader worker processes that cut and augment patches when the image encoder is fine-tuned.
+    devices
+        Train a neural model with DDP over this many devices, one process each: GPUs with ``device="cuda"``
+        (or a list of GPU indices), CPU processes (gloo) with ``device="cpu"``. ``None``: one device, or
+        the layout of torchrun / SLURM ``srun`` when they launched the script. In Jupyter the processes are
+        forked (``"ddp_notebook"``), from a script spawned (``"ddp_spawn"``); the trained model and its
+        history come back to this process. ``batch_size`` is per process (contrastive models gather their
+        negatives from every process). A runtime choice, never saved with the model; see :doc:`/distributed`.
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
@@ -106,5 +114,5 @@ def fit(
         f"fitting {est.name} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
         + (f", validating on {val_libs}" if val_libs else "")
     )
-    est.fit(train, val, device=device, num_workers=num_workers)
+    est.fit(train, val, device=device, num_workers=num_workers, devices=devices)
     return est
