@@ -24,12 +24,14 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
             f"from its spec {spec} (a user-given module/callable is not stored with the model); embed the "
             "images with the same encoder as for training (stexp.pp.embed_images) and pass features_key=."
         )
+    from stexp.images._encoders import encoder_kwargs_from_json
     from stexp.pp import embed_images
 
     embed_images(
         adata,
         encoder=spec.encoder,
         weights=spec.weights_arg,
+        encoder_kwargs=encoder_kwargs_from_json(spec.encoder_kwargs),
         patch_um=spec.patch_um_value,
         library_key=library_key,
         key_added=features_key,
