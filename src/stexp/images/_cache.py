@@ -29,7 +29,7 @@ def cache_key(fingerprint: str, centres: np.ndarray, spec: dict[str, Any]) -> st
     h.update(f"stexp-features-v{CACHE_VERSION}\n{fingerprint}\n".encode())
     c = np.ascontiguousarray(np.asarray(centres, dtype=np.float64))
     h.update(f"{c.shape}".encode())
-    h.update(memoryview(c).cast("B"))
+    h.update(memoryview(c).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
     h.update(json.dumps(spec, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

@@ -423,6 +423,7 @@ def _file_id(path: str) -> str:
 def _read_state_dict(path: str) -> dict:
     import torch
 
+    sd: Any
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -114,7 +114,7 @@ def cut_patches(image, centres: np.ndarray, side: float, out_px: int) -> np.ndar
     for i, (cx, cy) in enumerate(np.asarray(centres, dtype=np.float64)):
         box = (cx - half, cy - half, cx + half, cy + half)
         if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
-            patch = image.resize((out_px, out_px), Image.BILINEAR, box=box)
+            patch = image.resize((out_px, out_px), Image.Resampling.BILINEAR, box=box)
         else:
             x0, y0 = math.floor(box[0]), math.floor(box[1])
             x1, y1 = math.ceil(box[2]), math.ceil(box[3])
@@ -123,7 +123,7 @@ def cut_patches(image, centres: np.ndarray, side: float, out_px: int) -> np.ndar
             if cx1 > cx0 and cy1 > cy0:
                 canvas.paste(image.crop((cx0, cy0, cx1, cy1)), (cx0 - x0, cy0 - y0))
             patch = canvas.resize(
-                (out_px, out_px), Image.BILINEAR, box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+                (out_px, out_px), Image.Resampling.BILINEAR, box=(box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
             )
         out[i] = np.asarray(patch)
     return out

@@ -161,7 +161,7 @@ class SlideView:
         else:
             a = np.ascontiguousarray(np.asarray(self.array))
             h.update(f"{a.shape}{a.dtype}".encode())
-            h.update(memoryview(a).cast("B"))
+            h.update(memoryview(a).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
         return h.hexdigest()
 
 

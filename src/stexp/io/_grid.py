@@ -145,8 +145,8 @@ def grid_spots(
     row_step = pitch_px * np.sqrt(3) / 2
     n_rows = int(np.floor(height / row_step)) + 1
     n_cols = int(np.floor(width / pitch_px)) + 1
-    rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    rr, cc = rr.ravel(), cc.ravel()
+    grid_r, grid_c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rr, cc = grid_r.reshape(-1), grid_c.reshape(-1)
     x = pitch_px / 2 + cc * pitch_px + (rr % 2) * pitch_px / 2
     y = row_step / 2 + rr * row_step
     inside = (x < width) & (y < height)

@@ -242,11 +242,13 @@ class TrainingPlan(L.LightningModule):
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size > 1:  # e.g. contrastive negatives from every device's batch
-            return self.all_gather(x, sync_grads=True).flatten(0, 1)
+            gathered = self.all_gather(x, sync_grads=True)
+            assert isinstance(gathered, torch.Tensor)
+            return gathered.flatten(0, 1)
         return x
 
     def _step(self, split: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = self.net.losses(batch, self.split_data(split), self._gather)
+        losses = self.net.losses(batch, self.split_data(split), self._gather)  # type: ignore[operator]
         total = sum(float(self.loss_weights.get(k, 1.0)) * v for k, v in losses.items())
         size = int(batch["index"].shape[0])
         sync = self.trainer.world_size > 1  # epoch means over every process's batches
@@ -362,7 +364,7 @@ def train(
     max_epochs: int,
     device: str | None = "auto",
     seed: int = 0,
-    precision: str | None = None,
+    precision: Any = None,
     early_stopping_patience: int | None = None,
     gradient_clip_val: float | None = None,
     devices: int | list[int] | None = None,

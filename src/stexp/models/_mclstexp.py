@@ -73,6 +73,9 @@ class MclSTExpNetwork(nn.Module):
         The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
     """
 
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(
         self,
         n_features: int,
@@ -347,6 +350,7 @@ class MclSTExp(TorchExpressionModel):
         return torch.cat(out).numpy()
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        assert self.bank_embeddings is not None and self.bank_expression is not None, "the model has no reference bank"
         self._check_top_k(self.bank_embeddings.shape[0])
         return retrieve(
             self.embed_images(data),

@@ -19,6 +19,9 @@ from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparam
 class MLPNetwork(nn.Module):
     """Standardise the features (training statistics, stored as buffers), then MLP to the gene panel."""
 
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+
     def __init__(self, n_features: int, n_genes: int, *, hidden_dim: int, n_hidden: int, dropout: float) -> None:
         super().__init__()
         self.register_buffer("feature_mean", torch.zeros(n_features))
@@ -79,7 +82,7 @@ class MLPModel(TorchExpressionModel):
             dropout=float(hp["dropout"]),
         )
 
-    def initialise(self, network: MLPNetwork, train) -> None:
+    def initialise(self, network: Any, train) -> None:
         super().initialise(network, train)
         network.layers[-1].bias.copy_(as_tensor(train.target).mean(0))  # the MSE starts at the variance
 

@@ -106,6 +106,10 @@ class NH2STNetwork(nn.Module):
         The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
     """
 
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    image_encoder: nn.Module | None
+
     def __init__(
         self,
         n_features: int,
@@ -144,6 +148,7 @@ class NH2STNetwork(nn.Module):
 
     def encode_nodes(self, patches: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """Features ``(B, m, D)`` of every neighbourhood node from the patches ``(U, 3, H, W)`` of the distinct nodes."""
+        assert self.image_encoder is not None, "encode_nodes needs the fine-tuned image encoder"
         return self.image_encoder(patches)[inverse]
 
     @staticmethod
@@ -157,7 +162,7 @@ class NH2STNetwork(nn.Module):
         self, image_tokens: torch.Tensor, image_nodes: torch.Tensor | None, mask: torch.Tensor
     ) -> torch.Tensor:
         target = image_tokens[:, 0]
-        if not self.use_neighbor_context:
+        if not self.use_neighbor_context or image_nodes is None:
             return self.regressor(target)
         return self.regressor(torch.cat([target, _masked_mean(image_nodes, mask)], dim=-1))
 
@@ -344,7 +349,7 @@ class NH2ST(TorchExpressionModel):
     def node_index(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return tensors["nodes"]
 
-    def initialise(self, network: NH2STNetwork, train: SpotData) -> None:
+    def initialise(self, network: Any, train: SpotData) -> None:
         super().initialise(network, train)
         # Start the regression head at the training mean: the MSE then starts at the variance.
         network.regressor[-1].bias.copy_(as_tensor(train.target).mean(0))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._base import ExpressionModel
 
 _REGISTRY: dict[str, type] = {}
 
@@ -31,7 +35,7 @@ def _load_builtins() -> None:
         _loaded = True
 
 
-def get_model_class(name: str) -> type:
+def get_model_class(name: str) -> type[ExpressionModel]:
     """The model class registered under ``name``.
 
     Raises

@@ -48,8 +48,10 @@ def training_hparams(
     }
 
 
-def as_tensor(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def as_tensor(array: np.ndarray | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A contiguous tensor of a numpy array (no copy when it already has the dtype)."""
+    if array is None:
+        raise ValueError("no array to turn into a tensor (a target is needed here, but the data have none).")
     np_dtype = {torch.float32: np.float32, torch.int64: np.int64}[dtype]
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np_dtype))
 
@@ -77,7 +79,7 @@ class TorchExpressionModel(ExpressionModel):
             positive=("lr",),
             non_negative=("weight_decay",),
         )
-        self.network: nn.Module | None = None
+        self.network: Any = None  # the nn.Module once fitted or loaded
         self._world_size = 1  # training processes of the current fit (DDP)
         self.encoder = None
         self.sizes: dict[str, int] = {}
@@ -102,7 +104,7 @@ class TorchExpressionModel(ExpressionModel):
             out["features"] = as_tensor(data.features)
         return out
 
-    def initialise(self, network: nn.Module, train: SpotData) -> None:
+    def initialise(self, network: Any, train: SpotData) -> None:
         """Set data-dependent starting values: by default the features' z-scoring statistics."""
         if hasattr(network, "feature_mean") and self.hparams.get("standardize_features", True):
             mean, std = feature_scaling(as_tensor(train.features))
@@ -129,7 +131,7 @@ class TorchExpressionModel(ExpressionModel):
 
     # -- shared machinery ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def on_device(self) -> Iterator[tuple[nn.Module, str]]:
+    def on_device(self) -> Iterator[tuple[Any, str]]:
         """The network on ``self.device`` in eval mode; back on the CPU afterwards, whatever happens."""
         device = settings.resolve_device(self.device)
         net = self.network.to(device).eval()

@@ -217,7 +217,7 @@ def embed_images(
         if key in adata.obsm and rec and np.shape(adata.obsm[key])[0] == adata.n_obs:
             wanted = EncoderSpec(
                 encoder=encoder,
-                weights_arg=weights,
+                weights_arg=None if weights is None else str(weights),
                 patch_um=_recorded_patch_um(per_lib_um),
                 encoder_kwargs=encoder_kwargs_to_json(dict(encoder_kwargs or {})),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -131,8 +132,7 @@ def select_hvg(
     n_slides = np.zeros(adata.n_vars, dtype=np.int64)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else list(genes)
-        seen: set = set()
-        twice = list(dict.fromkeys(g for g in genes if g in seen or seen.add(g)))
+        twice = list(dict.fromkeys(g for g, n in Counter(genes).items() if n > 1))
         if twice:
             raise ValueError(f"genes names {len(twice)} gene(s) more than once: {twice[:10]}.")
         idx = adata.var_names.get_indexer(genes)

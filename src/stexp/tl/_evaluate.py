@@ -215,7 +215,7 @@ def score_prediction(
     table = []
     for lib in slides:
         idx, panel = rows[lib], panels[lib]
-        truth = truth_all[np.ix_(idx, [col_of[g] for g in panel])].astype(np.float64)
+        truth = truth_all[np.ix_(idx, np.asarray([col_of[g] for g in panel], dtype=np.int64))].astype(np.float64)
         p = pred[np.ix_(idx, panel)].astype(np.float64)
         r, constant = pearson_columns(truth, p)
         pcc.loc[adata.var_names[panel], lib] = r
