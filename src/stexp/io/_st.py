@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
 from stexp._layout import PLATFORMS, check_um_per_px, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 #: Longest side (px) of the in-memory copies of the H&E kept for plotting.
 HIRES_PX = 2000
@@ -287,7 +290,7 @@ def read_st(
     labels: str | os.PathLike | pd.DataFrame | None = None,
     drop_unselected: bool = True,
     on_outside: Literal["raise", "drop"] = "raise",
-):
+) -> AnnData:
     """Read one legacy Spatial Transcriptomics section into stexp's AnnData layout.
 
     Parameters

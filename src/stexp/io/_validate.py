@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,9 @@ from stexp._layout import (
     um_per_px,
 )
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 
 def check_spots_in_image(
@@ -130,7 +133,7 @@ def _check_counts(adata, layer: str | None = None) -> None:
         )
 
 
-def validate(adata, *, library_key: str = LIBRARY_KEY, layer: str | None = None) -> pd.DataFrame:
+def validate(adata: AnnData, *, library_key: str = LIBRARY_KEY, layer: str | None = None) -> pd.DataFrame:
     """Check that ``adata`` follows stexp's layout and summarise each library.
 
     Checks: ``obsm["spatial"]`` exists with finite (x, y); every library in ``obs[library_key]`` has an

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stexp._layout import PLATFORMS, check_um_per_px, record
 from stexp._settings import logger
 
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
-def add_visium_units(adata, library_id: str, *, spot_diameter_um: float = PLATFORMS["visium"]["spot_diameter_um"]):
+
+def add_visium_units(
+    adata: AnnData, library_id: str, *, spot_diameter_um: float = PLATFORMS["visium"]["spot_diameter_um"]
+) -> None:
     """Add ``microns_per_pixel`` and ``spot_diameter_um`` to a Visium library's scale factors (in place).
 
     ``microns_per_pixel = spot_diameter_um / spot_diameter_fullres``; keys already present are kept.
@@ -36,7 +41,7 @@ def read_visium(
     load_images: bool = True,
     source_image_path: str | os.PathLike | None = None,
     **kwargs: Any,
-):
+) -> AnnData:
     """Read a 10x Visium Space Ranger output folder with :func:`squidpy.read.visium`.
 
     The result is squidpy's AnnData unchanged, plus ``obs["library_id"]`` (categorical) and, in

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stexp._layout import LIBRARY_KEY, library_labels, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 #: ``adata.var`` column of the gene panel that :func:`select_hvg` writes and ``stexp.tl.fit`` reads.
 PANEL_KEY = "stexp_panel"
@@ -53,7 +57,7 @@ def _slide_hvg(counts, n_top_genes: int, flavor: str, n_bins: int | None) -> np.
 
 
 def select_hvg(
-    adata,
+    adata: AnnData,
     *,
     n_top_genes: int = 1000,
     library_key: str = LIBRARY_KEY,
@@ -64,7 +68,7 @@ def select_hvg(
     n_bins: int | None = None,
     key_added: str = PANEL_KEY,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Select the gene panel as mclSTExp (and HisToGene/Hist2ST before it) did.
 
     For each slide, the ``n_top_genes`` most variable genes are found with

@@ -11,9 +11,13 @@ of a gene does not depend on which panel was chosen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 TARGET_SCALE = 1e4
 TARGET_DESCRIPTION = "log1p of counts per 10,000 (natural log), totals over all genes"
@@ -30,7 +34,7 @@ def _example(adata, X, mask: np.ndarray) -> str:
     return f"spot {str(adata.obs_names[r])!r}, gene {str(adata.var_names[c])!r}"
 
 
-def raw_counts(adata, layer: str | None = None):
+def raw_counts(adata: AnnData, layer: str | None = None):
     """Raw counts (``adata.X`` or ``adata.layers[layer]``), checked for NaN, infinite, negative and non-integer values.
 
     The checks allocate nothing of the matrix's size (min / max first; counting only on failure).
@@ -158,7 +162,7 @@ def panel_indices(var_names, genes: Sequence[str]) -> np.ndarray:
     return idx
 
 
-def expression_target(adata, genes: Sequence[str] | None = None, *, layer: str | None = None) -> np.ndarray:
+def expression_target(adata: AnnData, genes: Sequence[str] | None = None, *, layer: str | None = None) -> np.ndarray:
     """The target matrix ``(n_obs, len(genes))`` for the given genes (all genes when ``None``).
 
     Totals are taken over every gene from the (sparse) counts; only the requested genes are made dense.
@@ -180,7 +184,9 @@ def expression_target(adata, genes: Sequence[str] | None = None, *, layer: str |
     return log1p_cp10k(np.asarray(X)[:, idx], totals)
 
 
-def normalize_target(adata, *, layer: str | None = None, key_added: str = "log1p_cp10k", copy: bool = False):
+def normalize_target(
+    adata: AnnData, *, layer: str | None = None, key_added: str = "log1p_cp10k", copy: bool = False
+) -> AnnData | None:
     """Store the prediction target (log1p of counts per 10k) of every gene in ``adata.layers[key_added]``.
 
     The layer is sparse (CSR, same sparsity) when the counts are sparse, dense otherwise. The counts are not
