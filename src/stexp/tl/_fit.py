@@ -125,7 +125,8 @@ def fit(
         + (f", validating on {val_libs}" if val_libs else "")
     )
     est.fit(train, val, device=device, num_workers=num_workers)
-    if calibrate is None:  # neural models (their module is imported once one exists) cost minutes per refit
+    auto = calibrate is None
+    if auto:  # neural models (their module is imported once one exists) cost minutes per refit
         torch_module = sys.modules.get("stexp.models._torch")
         is_neural = torch_module is not None and isinstance(est, torch_module.TorchExpressionModel)
         calibrate = not is_neural and not est.reads_patches
@@ -133,11 +134,16 @@ def fit(
         from stexp.models._calibration import DEFAULT_SCORE
         from stexp.models._calibration import calibrate as calibrate_model
 
-        est.calibration = calibrate_model(
-            est,
-            train,
-            n_folds=calibration_folds,
-            score=calibration_score or DEFAULT_SCORE,
-            seed=int(options["seed"]),
-        )
+        try:
+            est.calibration = calibrate_model(
+                est,
+                train,
+                n_folds=calibration_folds,
+                score=calibration_score or DEFAULT_SCORE,
+                seed=int(options["seed"]),
+            )
+        except ValueError as err:  # e.g. an inner fold too small for the model (kNN's k); asked for: raise
+            if not auto:
+                raise
+            logger.warning(f"{est.name}: not calibrated ({err}); predict(coverage=) will refuse this model.")
     return est
