@@ -24,6 +24,7 @@ Writes ``benchmarks/results/uncertainty.json`` and ``uncertainty.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ MODELS = ("mclstexp", "ridge", "knn", "mean", "mlp", "nh2st")
 def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int | None, seed: int, device: str):
     import stexp
     from stexp.models import get_model_class
-    from stexp.models._calibration import SCORES, calibrate, out_of_fold
+    from stexp.models._calibration import QUANTILE_MODES, SCORES, calibrate, out_of_fold
     from stexp.pp._target import expression_target
     from stexp.tl._evaluate import interval_scores, pearson_columns, spearman
     from stexp.tl._inputs import make_model, spot_data
@@ -82,10 +83,11 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
                 continue
             t1 = time.perf_counter()
             cal = calibrate(est, train, score=score, oof=oof, seed=seed)
-            lo, hi = cal.intervals(mean, test.features, spread, COVERAGE)
+            bounds = {mode: cal.intervals(mean, test.features, spread, COVERAGE, mode) for mode in QUANTILE_MODES}
             t_score = time.perf_counter() - t1
             realised = []
-            for lib in dict.fromkeys(test_libs.tolist()):
+            for lib, mode in itertools.product(dict.fromkeys(test_libs.tolist()), QUANTILE_MODES):
+                lo, hi = bounds[mode]
                 r = np.flatnonzero(test_libs == lib)
                 pcc, _ = pearson_columns(truth[r], mean[r])
                 realised.append(pcc)
@@ -94,6 +96,7 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
                     {
                         "model": model,
                         "score": score,
+                        "quantile": mode,
                         "test_patient": test_patient,
                         "library_id": lib,
                         **s,
@@ -118,7 +121,7 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
 
 def report(table: pd.DataFrame, command: str, total: float) -> str:
     cols = ["coverage", "interval_width", "unc_spot_spearman", "expected_pcc_spearman", "ensemble_spot_spearman"]
-    agg = table.groupby(["model", "score"], sort=False)[cols].mean()
+    agg = table.groupby(["model", "score", "quantile"], sort=False)[cols].mean()
     cost = (
         table.drop_duplicates(["model", "test_patient"])
         .groupby("model", sort=False)[["fit_seconds", "calibration_seconds"]]
@@ -140,16 +143,22 @@ def report(table: pd.DataFrame, command: str, total: float) -> str:
         "models' disagreement vs error (diagnostic, not calibrated). `exp-PCC ρ (fold)`: expected vs realised "
         "per-gene PCC, realised averaged over the fold's test slides.",
         "",
-        "| model | score | coverage | width | unc_spot_spearman | exp-PCC ρ (slide) | exp-PCC ρ (fold) | ensemble |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | score | quantile | coverage | width | unc_spot_spearman | exp-PCC ρ (slide) | exp-PCC ρ (fold) "
+        "| ensemble |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (model, score), r in agg.iterrows():
+    for (model, score, mode), r in agg.iterrows():
         lines.append(
-            f"| {model} | {score} | {r['coverage']:.3f} | {r['interval_width']:.3f} | {r['unc_spot_spearman']:.3f} "
+            f"| {model} | {score} | {mode} | {r['coverage']:.3f} | {r['interval_width']:.3f} | {r['unc_spot_spearman']:.3f} "
             f"| {r['expected_pcc_spearman']:.3f} | {fold[(model, score)]:.3f} | {r['ensemble_spot_spearman']:.3f} |"
         )
     lines += ["", "Cost (s, both folds): fit and calibration (inner refits + scoring)", "", cost.round(1).to_markdown()]
-    lines += ["", "Per slide:", "", table[["model", "score", "library_id", *cols]].round(3).to_markdown(index=False)]
+    lines += [
+        "",
+        "Per slide:",
+        "",
+        table[["model", "score", "quantile", "library_id", *cols]].round(3).to_markdown(index=False),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -48,9 +48,12 @@ if TYPE_CHECKING:  # pragma: no cover
 #: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean).
 SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "model_spread")
 DEFAULT_SCORE = "neighbour_residual"
+#: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
+QUANTILE_MODES = ("group_max", "pooled")
+DEFAULT_QUANTILE_MODE = "group_max"
 #: Prefix of the calibration arrays in a model folder's weights file.
 STATE_PREFIX = "calibration."
-#: At most this many order statistics of the normalised residuals are stored per gene.
+#: At most this many calibration spots' normalised residuals are stored.
 MAX_QUANTILES = 2000
 #: At most this many training spots form the neighbour bank.
 MAX_BANK = 5000
@@ -64,10 +67,13 @@ class Calibration:
     ----------
     score
         The difficulty score (one of :data:`SCORES`).
-    sorted_scores
-        ``(m, n_genes)``: order statistics of the normalised calibration residuals of each gene, ascending.
+    scores
+        ``(m, n_genes)``: the normalised calibration residuals ``|y - ŷ| / d`` (a random subset of
+        :data:`MAX_QUANTILES` spots when there were more).
+    groups
+        ``(m,)``: the inner fold (held-out group of slides) of each row of ``scores``.
     n_calibration
-        Number of calibration spots (``m`` equals it unless it exceeded :data:`MAX_QUANTILES`).
+        Number of calibration spots.
     expected_pcc
         ``(n_genes,)``: the per-gene Pearson expected on a new slide (NaN where never defined).
     floor
@@ -81,7 +87,8 @@ class Calibration:
     """
 
     score: str
-    sorted_scores: np.ndarray
+    scores: np.ndarray
+    groups: np.ndarray
     n_calibration: int
     expected_pcc: np.ndarray
     floor: np.ndarray
@@ -89,17 +96,27 @@ class Calibration:
     info: dict[str, Any] = field(default_factory=dict)
 
     # -- prediction time ------------------------------------------------------------------------
-    def quantile(self, coverage: float) -> np.ndarray:
-        """Per-gene conformal quantile of the normalised residual at ``coverage`` (``inf`` when too few spots)."""
+    def quantile(self, coverage: float, mode: str | None = None) -> np.ndarray:
+        """Per-gene conformal quantile of the normalised residual at ``coverage`` (``inf`` when too few spots).
+
+        ``mode`` (default: the calibration's ``quantile_mode``): ``"pooled"`` takes the split-conformal
+        quantile over all calibration spots; ``"group_max"`` takes it within each held-out group (slide or
+        patient) and keeps the largest, so that the interval covers on every held-out group, not only on
+        average: the exchangeable unit of a new slide is the slide, whose shift moves all its spots at once.
+        """
         check_coverage(coverage)
-        n = self.n_calibration
-        level = np.ceil((n + 1) * coverage) / n
-        if level > 1:
-            return np.full(self.sorted_scores.shape[1], np.inf)
-        m = self.sorted_scores.shape[0]
-        if m == n:
-            return self.sorted_scores[max(int(np.ceil(level * n)) - 1, 0)].astype(np.float64)
-        return np.quantile(self.sorted_scores, level, axis=0, method="higher").astype(np.float64)
+        mode = mode or self.info.get("quantile_mode", "pooled")
+        if mode not in QUANTILE_MODES:
+            raise ValueError(f"quantile mode must be one of {QUANTILE_MODES}, got {mode!r}.")
+        parts = [self.scores] if mode == "pooled" else [self.scores[self.groups == g] for g in np.unique(self.groups)]
+        out = np.full(self.scores.shape[1], -np.inf)
+        for part in parts:
+            n = part.shape[0]
+            level = np.ceil((n + 1) * coverage) / n
+            if level > 1:
+                return np.full(self.scores.shape[1], np.inf)
+            out = np.maximum(out, np.quantile(part, level, axis=0, method="higher"))
+        return out.astype(np.float64)
 
     def difficulty(self, features: np.ndarray | None, spread: np.ndarray | None, n_genes: int) -> np.ndarray:
         """``d(x, g)`` for query spots, ``(n_spots, n_genes)`` (the floor included)."""
@@ -107,10 +124,15 @@ class Calibration:
         return (raw + self.floor) * _inflation(dist, self.info.get("distance_ref"))
 
     def intervals(
-        self, mean: np.ndarray, features: np.ndarray | None, spread: np.ndarray | None, coverage: float
+        self,
+        mean: np.ndarray,
+        features: np.ndarray | None,
+        spread: np.ndarray | None,
+        coverage: float,
+        mode: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds ``mean ∓ q_g(coverage) · d(x, g)``, float32."""
-        half = self.difficulty(features, spread, mean.shape[1]) * self.quantile(coverage)
+        half = self.difficulty(features, spread, mean.shape[1]) * self.quantile(coverage, mode)
         return (mean - half).astype(np.float32), (mean + half).astype(np.float32)
 
     # -- saving -----------------------------------------------------------------------------------
@@ -119,7 +141,8 @@ class Calibration:
 
     def state(self) -> dict[str, np.ndarray]:
         arrays = {
-            "sorted_scores": self.sorted_scores,
+            "scores": self.scores,
+            "groups": self.groups,
             "expected_pcc": self.expected_pcc,
             "floor": self.floor,
             **{f"bank.{k}": v for k, v in self.bank.items()},
@@ -129,14 +152,15 @@ class Calibration:
     @classmethod
     def from_saved(cls, config: dict[str, Any], state: dict[str, np.ndarray]) -> Calibration:
         arrays = {k[len(STATE_PREFIX) :]: np.asarray(v) for k, v in state.items() if k.startswith(STATE_PREFIX)}
-        missing = [k for k in ("sorted_scores", "expected_pcc", "floor") if k not in arrays]
+        missing = [k for k in ("scores", "groups", "expected_pcc", "floor") if k not in arrays]
         if missing:
             raise ValueError(f"the model's calibration lacks {missing}: the model folder is inconsistent.")
         info = {k: v for k, v in config.items() if k not in ("score", "n_calibration")}
         bank = {k[len("bank.") :]: v for k, v in arrays.items() if k.startswith("bank.")}
         return cls(
             score=config["score"],
-            sorted_scores=arrays["sorted_scores"],
+            scores=arrays["scores"],
+            groups=arrays["groups"].astype(np.int64),
             n_calibration=int(config["n_calibration"]),
             expected_pcc=arrays["expected_pcc"].astype(np.float64),
             floor=arrays["floor"],
@@ -337,6 +361,7 @@ def calibrate(
     n_components: int = 32,
     seed: int = 0,
     oof: dict[str, Any] | None = None,
+    quantile_mode: str = DEFAULT_QUANTILE_MODE,
 ) -> Calibration:
     """Calibrate a fitted ``model`` on its training spots ``train``; see the module docstring.
 
@@ -358,9 +383,13 @@ def calibrate(
         Seeds the subsampling of a bank larger than :data:`MAX_BANK`.
     oof
         Precomputed :func:`out_of_fold` result (to compare several scores on one set of refits).
+    quantile_mode
+        ``"group_max"`` or ``"pooled"``: see :meth:`Calibration.quantile`.
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
+    if quantile_mode not in QUANTILE_MODES:
+        raise ValueError(f"quantile_mode must be one of {QUANTILE_MODES}, got {quantile_mode!r}.")
     if model.reads_patches:
         raise NotImplementedError(
             "calibration of a model that fine-tunes its image encoder is not supported (it would fine-tune the "
@@ -409,9 +438,9 @@ def calibrate(
     floor = _floor(raw)
     distance_ref = None if dists is None else float(np.quantile(dists, 0.9))
     normalised = residual / ((raw + floor) * _inflation(dists, distance_ref))
-    sorted_scores = np.sort(normalised, axis=0)
-    if sorted_scores.shape[0] > MAX_QUANTILES:
-        sorted_scores = np.quantile(sorted_scores, np.linspace(0, 1, MAX_QUANTILES), axis=0)
+    keep = np.arange(normalised.shape[0])
+    if keep.size > MAX_QUANTILES:
+        keep = np.sort(rng.choice(keep, MAX_QUANTILES, replace=False))
     del bank["fold"]
     if score == "none":
         bank = {}
@@ -427,6 +456,7 @@ def calibrate(
         "k": int(k),
         "n_components": int(n_components),
         "distance_ref": distance_ref,
+        "quantile_mode": quantile_mode,
         "refit_seconds": round(t_fits, 2),
         "oof_pcc_mean": float(np.nanmean(expected)) if np.isfinite(expected).any() else None,
     }
@@ -441,7 +471,8 @@ def calibrate(
     )
     return Calibration(
         score=score,
-        sorted_scores=sorted_scores.astype(np.float32),
+        scores=normalised[keep].astype(np.float32),
+        groups=fold[keep].astype(np.int64),
         n_calibration=int(target.shape[0]),
         expected_pcc=expected,
         floor=floor.astype(np.float32),
