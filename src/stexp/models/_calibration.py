@@ -44,9 +44,10 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``"distance"``: mean distance of the spot to its ``k`` nearest training spots in (PCA-reduced, standardised)
 #: image-feature space; ``"neighbour_spread"``: standard deviation of the measured expression of those
 #: ``k`` training spots, per gene; ``"neighbour_residual"``: mean absolute out-of-fold residual of those
-#: ``k`` training spots, per gene; ``"model_spread"``: the model's own spread (retrieval spread for kNN and
+#: ``k`` training spots, per gene; ``"spot_residual"``: the same averaged over genes (one number per spot, less
+#: noisy); ``"model_spread"``: the model's own spread (retrieval spread for kNN and
 #: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean).
-SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "model_spread")
+SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread")
 DEFAULT_SCORE = "neighbour_residual"
 #: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
 QUANTILE_MODES = ("group_max", "pooled")
@@ -275,6 +276,9 @@ def _raw_difficulty(
         return np.asarray(spread, dtype=np.float64), mean_dist
     if score == "distance":
         return np.repeat(mean_dist[:, None], n_genes, axis=1), None
+    if score == "spot_residual":
+        spot = bank["residual"].astype(np.float64).mean(axis=1)
+        return np.repeat(spot[idx].mean(axis=1)[:, None], n_genes, axis=1), mean_dist
     values = bank["residual"] if score == "neighbour_residual" else bank["target"]
     out = np.empty((q.shape[0], n_genes))
     for s in range(0, q.shape[0], 256):
