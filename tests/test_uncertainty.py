@@ -112,7 +112,7 @@ def test_uncalibrated_model_refuses_coverage(tmp_path, split):
         stexp.tl.predict(test, loaded, coverage=1.5)
 
 
-@pytest.mark.parametrize("score", ["none", "distance", "neighbour_spread", "spot_residual", "model_spread"])
+@pytest.mark.parametrize("score", ["none", "neighbour_residual", "neighbour_spread", "spot_residual", "model_spread"])
 def test_every_score_calibrates(split, score):
     train, test = split
     model = stexp.tl.fit(train, model="knn", features_key="X_test_stats", k=5, calibrate=True, calibration_score=score)

@@ -10,8 +10,8 @@ optimistic and logged as such). From the out-of-fold predictions it learns
   probability (split-conformal; the out-of-fold residuals of the inner models stand in for those of the
   final model, as in CV+);
 - ``d(x, g)``, the **difficulty** of a spot (wider intervals where the model is less sure): by default the
-  mean absolute out-of-fold residual of the spot's nearest training spots in image-feature space
-  (``"neighbour_residual"``); see :data:`SCORES` for the others, compared in ``docs/uncertainty.md``.
+  spot's mean distance to its nearest training spots in image-feature space (``"distance"``, the best of
+  :data:`SCORES` measured on HER2+ leave-one-patient-out; the comparison is in ``docs/uncertainty.md``).
   Every score but ``"none"`` and ``"distance"`` is multiplied by ``max(1, distance / ref)``, where
   ``distance`` is the spot's mean distance to its nearest training spots in feature space and ``ref`` the
   90th percentile of that distance over the calibration spots, so that spots unlike any training spot
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: noisy); ``"model_spread"``: the model's own spread (retrieval spread for kNN and
 #: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean).
 SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread")
-DEFAULT_SCORE = "neighbour_residual"
+DEFAULT_SCORE = "distance"
 #: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
 QUANTILE_MODES = ("group_max", "pooled")
 DEFAULT_QUANTILE_MODE = "group_max"

@@ -76,8 +76,8 @@ def fit(
         Inner folds of the calibration (at most the number of training slides or patients).
     calibration_score
         Per-spot difficulty that scales the intervals, one of ``stexp.models._calibration.SCORES``
-        (default ``"neighbour_residual"``: the mean out-of-fold error of the spot's nearest training spots
-        in image-feature space).
+        (default ``"distance"``: the spot's mean distance to its nearest training spots in image-feature
+        space).
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
