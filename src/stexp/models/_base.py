@@ -82,6 +82,8 @@ class ExpressionModel(ABC):
         self.device = "auto"
         self.num_workers = 0
         self.devices: int | list[int] | None = None
+        #: Conformal intervals and expected per-gene PCC (:func:`stexp.tl.fit` with ``calibrate=True``), or None.
+        self.calibration: Any = None  # a stexp.models._calibration.Calibration once calibrated
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -193,6 +195,9 @@ class ExpressionModel(ABC):
             "versions": versions(),
         }
         state = {k: np.ascontiguousarray(v) for k, v in self._state().items()}
+        if getattr(self, "calibration", None) is not None:  # saved beside the weights, under "calibration."
+            config["calibration"] = self.calibration.config()
+            state.update(self.calibration.state())
         # model.json (with the weights' checksum) + weights.safetensors, renamed into place when complete
         write_model_dir(path, config, state, overwrite=overwrite)
         logger.info(f"saved {self.name} model to {path}")
@@ -262,7 +267,12 @@ def load(
     model.device = device
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})
+    from ._calibration import Calibration, split_state
+
+    state, calibration_state = split_state(state)  # folders saved before calibration existed have none
     model._load_state(state)
+    if config.get("calibration") is not None:
+        model.calibration = Calibration.from_saved(config["calibration"], calibration_state)
     model.is_fitted = True
     return model
 

@@ -69,6 +69,21 @@ def _layer_values(adata, layer: str, mask: np.ndarray, idx: np.ndarray) -> np.nd
     return X.astype(np.float64)
 
 
+def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
+    """The ``n`` genes with the highest expected PCC (``adata.var[f"{pred_key}_expected_pcc"]``), best first."""
+    key = f"{pred_key}_expected_pcc"
+    if key not in adata.var:
+        raise KeyError(
+            f"adata.var has no {key!r}: genes='best' ranks genes by a calibrated model's expected PCC; fit with "
+            "stexp.tl.fit(..., calibrate=True) and predict with stexp.tl.predict(adata, model)."
+        )
+    if int(n) != n or n < 1:
+        raise ValueError(f"n_best must be a positive integer, got {n!r}.")
+    expected = adata.var[key].to_numpy(dtype=np.float64)
+    order = [i for i in np.argsort(-np.nan_to_num(expected, nan=-np.inf), kind="stable") if np.isfinite(expected[i])]
+    return adata.var_names[order[: int(n)]].tolist()
+
+
 def spatial_genes(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -87,6 +102,8 @@ def spatial_genes(
     save: str | Path | None = None,
     library_key: str = LIBRARY_KEY,
     spot_size: float | None = None,
+    n_best: int = 6,
+    interval_width: bool = False,
 ) -> Figure | None:
     """Measured next to predicted expression of genes, spots drawn at their true size on the H&E.
 
@@ -108,7 +125,9 @@ def spatial_genes(
     adata
         AnnData in stexp's layout (also one converted by :func:`stexp.io.from_spatialdata`).
     genes
-        Gene name(s) in ``adata.var_names``.
+        Gene name(s) in ``adata.var_names``, or ``"best"``: the ``n_best`` genes the model predicts best,
+        by the expected PCC of a calibrated model (``adata.var[f"{layer}_expected_pcc"]`` of the first
+        predicted layer, written by :func:`stexp.tl.predict`).
     library_id
         The slide to draw; required when ``adata`` holds several.
     layers
@@ -142,6 +161,12 @@ def spatial_genes(
         ``obs`` column naming the slide of each spot.
     spot_size
         Spot diameter in full-resolution pixels, instead of the library's true spot diameter.
+    n_best
+        Number of genes drawn with ``genes="best"``.
+    interval_width
+        Add a panel with the width of the prediction interval (``hi - lo`` of the layers ``<layer>_lo`` and
+        ``<layer>_hi`` of the first predicted layer, from ``stexp.tl.predict(..., coverage=)``): wide where the
+        model is less sure. It always has its own colour scale.
 
     Returns
     -------
@@ -161,12 +186,25 @@ def spatial_genes(
 
     from stexp.pp._target import expression_target
 
-    genes = as_list(genes) or []
-    if not genes:
-        raise ValueError("genes is empty: name at least one gene.")
     layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty: name at least one layer (None for the measured target).")
+    predicted = [layer for layer in layers if layer is not None]
+    if isinstance(genes, str) and genes == "best":
+        genes = best_genes(adata, predicted[0] if predicted else "stexp_pred", n_best)
+    genes = as_list(genes) or []
+    if not genes:
+        raise ValueError("genes is empty: name at least one gene.")
+    width_bounds = None
+    if interval_width:
+        if not predicted:
+            raise ValueError("interval_width=True needs a predicted layer in layers=.")
+        width_bounds = (f"{predicted[0]}_lo", f"{predicted[0]}_hi")
+        if not all(b in adata.layers for b in width_bounds):
+            raise KeyError(
+                f"interval_width=True needs adata.layers {list(width_bounds)}: predict with a calibrated model and "
+                "coverage=, e.g. stexp.tl.predict(adata, model, coverage=0.9)."
+            )
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"gene(s) {missing[:10]} not in adata.var_names ({adata.n_vars} genes).")
@@ -210,6 +248,12 @@ def spatial_genes(
                 f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
             )
         values[layer] = v
+    expression_layers = list(layers)
+    if width_bounds is not None:
+        width_label = f"{predicted[0]} interval width"
+        lo_v, hi_v = (_layer_values(adata, b, view.mask, idx) for b in width_bounds)
+        values[width_label] = hi_v - lo_v
+        layers = [*layers, width_label]
 
     n_layers = len(layers)
     n_panels = len(genes) * n_layers
@@ -228,21 +272,31 @@ def spatial_genes(
     colour_map = colormaps[cmap].with_extremes(bad="lightgrey")
     for g, gene in enumerate(genes):
         gene_axes = axes[g * n_layers : (g + 1) * n_layers]
-        shared = colour_limits([values[layer][:, g] for layer in layers], vmin, vmax) if scale == "shared" else None
+        shared = (
+            colour_limits([values[layer][:, g] for layer in expression_layers], vmin, vmax)
+            if scale == "shared"
+            else None
+        )
         coll = None
         for a, layer in zip(gene_axes, layers, strict=True):
-            lo, hi = shared or colour_limits([values[layer][:, g]], vmin, vmax)
+            is_width = layer not in expression_layers
+            lo, hi = (shared if not is_width else None) or colour_limits([values[layer][:, g]], vmin, vmax)
             draw_tissue(a, view)
-            coll = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=lo, vmax=hi)
-            a.add_collection(coll)
+            panel = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=lo, vmax=hi)
+            a.add_collection(panel)
             label = MEASURED_LABEL if layer is None else layer
             title = f"{gene}: {label}"
-            if layer is not None and title_scores and measured is not None:
+            if layer is not None and not is_width and title_scores and measured is not None:
                 title += f"\nPearson r = {pearson(measured[:, g], values[layer][:, g]):.3f}"
             a.set_title(title, fontsize=10)
+            if is_width:
+                fig.colorbar(panel, ax=a, shrink=0.8, label="interval width")
+                continue
+            coll = panel
             if shared is None:
                 fig.colorbar(coll, ax=a, shrink=0.8, label="log1p(cp10k)")
         if shared is not None and coll is not None:
-            fig.colorbar(coll, ax=gene_axes, shrink=0.8, label="log1p(cp10k)")
+            expression_axes = [a for a, layer in zip(gene_axes, layers, strict=True) if layer in expression_layers]
+            fig.colorbar(coll, ax=expression_axes, shrink=0.8, label="log1p(cp10k)")
     fig.suptitle(f"library {lib}" + (f" ({view.image_res} image)" if view.image_res else ""), fontsize=11)
     return finish(fig, save=save, return_fig=return_fig)

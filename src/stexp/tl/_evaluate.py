@@ -12,6 +12,37 @@ from stexp._settings import logger
 
 #: Columns of the per-slide table, in order.
 SCORE_COLUMNS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae", "n_spots", "n_genes", "n_constant")
+#: Columns added when the prediction has intervals (``<pred_key>_lo`` / ``_hi``) and an expected PCC.
+UNCERTAINTY_COLUMNS = ("coverage", "interval_width", "unc_spot_spearman", "expected_pcc_spearman")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation over the entries where both are finite (NaN if fewer than 3 or constant)."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    r, _ = pearson_columns(rankdata(a[ok])[:, None], rankdata(b[ok])[:, None])
+    return float(r[0])
+
+
+def interval_scores(truth: np.ndarray, pred: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[str, float]:
+    """Coverage, mean width and the spot-level Spearman of width against error, on one slide.
+
+    ``coverage``: share of measured values with ``lo <= truth <= hi``; ``interval_width``: mean ``hi - lo``
+    (target scale); ``unc_spot_spearman``: Spearman, across spots, between a spot's mean interval width and its
+    mean absolute error (over genes).
+    """
+    truth, pred = np.asarray(truth, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    width = hi - lo
+    return {
+        "coverage": float(np.mean((truth >= lo) & (truth <= hi))),
+        "interval_width": float(np.mean(width)),
+        "unc_spot_spearman": spearman(width.mean(axis=1), np.abs(pred - truth).mean(axis=1)),
+    }
 
 
 def pearson_columns(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +100,14 @@ def _prediction_layer(adata, pred_key: str) -> np.ndarray:
     return pred
 
 
+def _interval_layers(adata, pred_key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``<pred_key>_lo`` and ``_hi`` bounds written by ``stexp.tl.predict(..., coverage=)``, if both exist."""
+    keys = (f"{pred_key}_lo", f"{pred_key}_hi")
+    if not all(k in adata.layers for k in keys):
+        return None
+    return _prediction_layer(adata, keys[0]), _prediction_layer(adata, keys[1])
+
+
 def evaluate(
     adata,
     *,
@@ -110,6 +149,14 @@ def evaluate(
     Also writes ``adata.uns["stexp"]["evaluate"][pred_key]`` (``"pcc"``: genes x slides DataFrame
     of per-gene Pearson; ``"per_slide"``: the returned table; the parameters) and
     ``adata.var[f"{pred_key}_pcc"]`` (per-gene Pearson averaged over slides; NaN outside the panel).
+
+    With intervals from ``stexp.tl.predict(..., coverage=)`` (layers ``<pred_key>_lo``, ``_hi``), the
+    table also has ``coverage`` (share of measured values inside the interval), ``interval_width`` (mean
+    width, target scale) and ``unc_spot_spearman`` (Spearman across the slide's spots between a spot's
+    mean interval width and its mean absolute error). With a calibrated model's
+    ``adata.var[f"{pred_key}_expected_pcc"]``, ``expected_pcc_spearman`` is the Spearman across genes
+    between expected and realised PCC on the slide; the record's ``"expected_pcc_spearman"`` is the same
+    against the PCC averaged over slides.
 
     Raises
     ------
@@ -210,6 +257,9 @@ def score_prediction(
             raise KeyError(f"the given target lacks {len(missing)} predicted genes, e.g. {missing[:5]}.")
         truth_all = np.asarray(target[1])[:, [column[g] for g in union_genes]]
     col_of = {g: j for j, g in enumerate(union)}
+    bounds = _interval_layers(adata, pred_key)
+    expected_key = f"{pred_key}_expected_pcc"
+    expected = adata.var[expected_key].to_numpy(dtype=np.float64) if expected_key in adata.var else None
 
     pcc = pd.DataFrame(np.nan, index=adata.var_names[union], columns=slides, dtype=np.float64)
     table = []
@@ -235,7 +285,17 @@ def score_prediction(
                 "n_constant": int(constant.sum()),
             }
         )
-    result = pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=list(SCORE_COLUMNS))
+        if bounds is not None:
+            lo, hi = (b[np.ix_(idx, panel)] for b in bounds)
+            table[-1].update(interval_scores(truth, p, lo, hi))
+        if expected is not None:
+            table[-1]["expected_pcc_spearman"] = spearman(expected[panel], r)
+    columns = list(SCORE_COLUMNS)
+    if bounds is not None:
+        columns += ["coverage", "interval_width", "unc_spot_spearman"]
+    if expected is not None:
+        columns += ["expected_pcc_spearman"]
+    result = pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=columns)
 
     var_key = f"{pred_key}_pcc"
     mean_pcc = np.full(adata.n_vars, np.nan)
@@ -255,6 +315,8 @@ def score_prediction(
             "top_n": top_n,
             "layer": layer,
             "target": "log1p of counts per 10,000",
+            # Spearman across genes of the expected PCC against the realised PCC averaged over slides
+            "expected_pcc_spearman": None if expected is None else spearman(expected, mean_pcc),
         },
     )
     n_const = int(result["n_constant"].sum())

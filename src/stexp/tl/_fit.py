@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ def fit(
     device: str = "auto",
     num_workers: int = 0,
     devices: int | Sequence[int] | None = None,
+    calibrate: bool | None = None,
+    calibration_folds: int = 3,
+    calibration_score: str | None = None,
     **model_kwargs: Any,
 ):
     """Train an expression model on the slides of ``adata``.
@@ -68,6 +72,20 @@ def fit(
         forked (``"ddp_notebook"``), from a script spawned (``"ddp_spawn"``); the trained model and its
         history come back to this process. ``batch_size`` is per process (contrastive models gather their
         negatives from every process). A runtime choice, never saved with the model; see :doc:`/distributed`.
+    calibrate
+        Calibrate the model's uncertainty on the training slides (see ``docs/uncertainty.md``): refit it on
+        ``calibration_folds`` inner folds that each leave out training slides (patients when there are
+        several; spatial blocks of a single slide), and keep, from the out-of-fold residuals, split-conformal
+        interval quantiles (``stexp.tl.predict(..., coverage=0.9)``) and each gene's expected PCC on a new
+        slide. Costs ``calibration_folds`` extra fits. ``None`` (default): on for the models that fit in
+        seconds (``"mean"``, ``"ridge"``, ``"knn"``), off for the neural ones (``"mlp"``, ``"mclstexp"``,
+        ``"nh2st"``; pass ``calibrate=True``). Validation slides are not used.
+    calibration_folds
+        Inner folds of the calibration (at most the number of training slides or patients).
+    calibration_score
+        Per-spot difficulty that scales the intervals, one of ``stexp.models._calibration.SCORES``
+        (default ``"distance"``: the spot's mean distance to its nearest training spots in image-feature
+        space).
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
@@ -115,4 +133,25 @@ def fit(
         + (f", validating on {val_libs}" if val_libs else "")
     )
     est.fit(train, val, device=device, num_workers=num_workers, devices=devices)
+    auto = calibrate is None
+    if auto:  # neural models (their module is imported once one exists) cost minutes per refit
+        torch_module = sys.modules.get("stexp.models._torch")
+        is_neural = torch_module is not None and isinstance(est, torch_module.TorchExpressionModel)
+        calibrate = not is_neural and not est.reads_patches
+    if calibrate:
+        from stexp.models._calibration import DEFAULT_SCORE
+        from stexp.models._calibration import calibrate as calibrate_model
+
+        try:
+            est.calibration = calibrate_model(
+                est,
+                train,
+                n_folds=calibration_folds,
+                score=calibration_score or DEFAULT_SCORE,
+                seed=int(options["seed"] or 0),
+            )
+        except ValueError as err:  # e.g. an inner fold too small for the model (kNN's k); asked for: raise
+            if not auto:
+                raise
+            logger.warning(f"{est.name}: not calibrated ({err}); predict(coverage=) will refuse this model.")
     return est

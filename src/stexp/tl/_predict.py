@@ -38,6 +38,31 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
     )
 
 
+def write_prediction(adata, key: str, genes, values: np.ndarray) -> str:
+    """Store one predicted quantity (prediction, spread, interval bound) of the model's ``genes`` under ``key``.
+
+    The one place that decides where predictions live (today ``adata.layers[key]``, ``n_obs x n_vars``
+    float32, NaN for genes outside ``genes``). ``values`` is ``(n_obs, len(genes))``; genes not in
+    ``adata.var_names`` are dropped. Returns where it was written, for the log.
+    """
+    var_idx = adata.var_names.get_indexer(list(genes))
+    present = var_idx >= 0
+    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    layer[:, var_idx[present]] = np.asarray(values)[:, present]
+    adata.layers[key] = layer
+    return f"adata.layers[{key!r}]"
+
+
+def _write_expected_pcc(adata, key: str, genes, expected: np.ndarray) -> str:
+    """``adata.var[f"{key}_expected_pcc"]``: each gene's expected PCC on a new slide (NaN outside the panel)."""
+    var_idx = adata.var_names.get_indexer(list(genes))
+    present = var_idx >= 0
+    column = np.full(adata.n_vars, np.nan)
+    column[var_idx[present]] = np.asarray(expected, dtype=np.float64)[present]
+    adata.var[f"{key}_expected_pcc"] = column
+    return f"adata.var[{key + '_expected_pcc'!r}]"
+
+
 @leaves_process_state
 @doc_params
 def predict(
@@ -48,6 +73,7 @@ def predict(
     library_key: str = LIBRARY_KEY,
     features_key: str | None = None,
     device: str | None = None,
+    coverage: float | None = None,
     copy: bool = False,
 ):
     """Predict expression for every spot of ``adata`` from its images.
@@ -55,7 +81,9 @@ def predict(
     Writes ``adata.layers[key_added]`` (float32, ``n_obs x n_vars``; genes outside the model's
     panel are NaN), ``adata.layers[key_added + "_std"]`` (the per-spot spread of the prediction,
     an uncertainty, where the model gives one) and a record in ``adata.uns["stexp"][key_added]``.
-    Measured expression is never used.
+    A calibrated model (``stexp.tl.fit(..., calibrate=True)``) also writes each gene's expected PCC on a
+    new slide to ``adata.var[key_added + "_expected_pcc"]`` and, with ``coverage=``, the interval bounds
+    ``key_added + "_lo"`` and ``key_added + "_hi"`` next to the prediction. Measured expression is never used.
 
     Parameters
     ----------
@@ -73,13 +101,29 @@ def predict(
         patches with its own encoder, at the patch size it was trained with.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for.
+    coverage
+        Write split-conformal intervals that contain a new spot's measured value (per gene) with this
+        probability, e.g. ``0.9``; their width follows the model's difficulty score (wider where the
+        model is less sure). Needs a calibrated model (see ``docs/uncertainty.md``).
     {copy}
 
     Raises
     ------
     ValueError
-        If the features were made with another encoder, weights or patch size than the model's.
+        If the features were made with another encoder, weights or patch size than the model's, or
+        ``coverage`` is given for a model without calibration.
     """
+    calibration = getattr(model, "calibration", None)
+    if coverage is not None:
+        from stexp.models._calibration import check_coverage
+
+        check_coverage(coverage)
+        if calibration is None:
+            raise ValueError(
+                f"this {model.name} model has no calibration, so it cannot give intervals with a stated coverage; "
+                f"refit it with stexp.tl.fit(..., model={model.name!r}, calibrate=True) (it refits the model on "
+                "inner folds of the training slides), or predict without coverage=."
+            )
     adata = adata.copy() if copy else adata
     library_ids(adata, library_key)
     features_key = features_key or model.features_key
@@ -104,15 +148,16 @@ def predict(
     )
     mean, spread = model.predict(data, device=device)
 
-    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    layer[:, var_idx[present]] = mean[:, present]
-    adata.layers[key_added] = layer
-    added = [f"adata.layers[{key_added!r}]"]
+    added = [write_prediction(adata, key_added, model.genes, mean)]
     if spread is not None:
-        std = np.full_like(layer, np.nan)
-        std[:, var_idx[present]] = spread[:, present]
-        adata.layers[f"{key_added}_std"] = std
-        added.append(f"adata.layers[{key_added + '_std'!r}]")
+        added.append(write_prediction(adata, f"{key_added}_std", model.genes, spread))
+    if calibration is not None:
+        added.append(_write_expected_pcc(adata, key_added, model.genes, calibration.expected_pcc))
+    if coverage is not None:
+        assert calibration is not None  # refused above without one
+        lo, hi = calibration.intervals(mean, data.features, spread, float(coverage))
+        added.append(write_prediction(adata, f"{key_added}_lo", model.genes, lo))
+        added.append(write_prediction(adata, f"{key_added}_hi", model.genes, hi))
     n_missing = int((~present).sum())
     record(
         adata,
@@ -125,6 +170,8 @@ def predict(
             "n_model_genes_missing_from_var": n_missing,
             "target": "log1p of counts per 10,000",
             "hparams": model.hparams,
+            "coverage": None if coverage is None else float(coverage),
+            "calibration": None if calibration is None else calibration.config(),
         },
     )
     if n_missing:

@@ -1,0 +1,493 @@
+"""Calibrated uncertainty for any model: slide-grouped split-conformal intervals and per-gene expected PCC.
+
+:func:`calibrate` refits a copy of a fitted model on inner folds of its training spots, grouped so that
+every calibration spot is predicted by a model that never saw its slide (by patient when there are
+several, else by slide; with a single training slide, by contiguous spatial blocks of it, which is
+optimistic and logged as such). From the out-of-fold predictions it learns
+
+- the **per-gene conformal quantiles** of the normalised residual ``|y - ŷ| / d(x, g)``, so that at
+  prediction time ``ŷ ± q_g(coverage) · d(x, g)`` covers a new spot's measured value with the stated
+  probability (split-conformal; the out-of-fold residuals of the inner models stand in for those of the
+  final model, as in CV+);
+- ``d(x, g)``, the **difficulty** of a spot (wider intervals where the model is less sure): by default the
+  spot's mean distance to its nearest training spots in image-feature space (``"distance"``, the best of
+  :data:`SCORES` measured on HER2+ leave-one-patient-out; the comparison is in ``docs/uncertainty.md``).
+  Every score but ``"none"`` and ``"distance"`` is multiplied by ``max(1, distance / ref)``, where
+  ``distance`` is the spot's mean distance to its nearest training spots in feature space and ``ref`` the
+  90th percentile of that distance over the calibration spots, so that spots unlike any training spot
+  (another stain, another tissue) get wider intervals;
+- the **expected PCC** of each gene on a new slide: the per-gene Pearson of the out-of-fold predictions on
+  each held-out group's slides, averaged over slides.
+
+Everything is plain numpy arrays (:meth:`Calibration.state`), saved in the model folder next to the weights.
+No AnnData, no query data: only the training spots are used.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stexp._settings import logger
+
+from ._data import SpotData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._base import ExpressionModel
+
+#: Difficulty scores ``d(x, g)`` that normalise the conformal residuals.
+#: ``"none"``: 1 everywhere (plain per-gene split conformal, constant width per gene);
+#: ``"distance"``: mean distance of the spot to its ``k`` nearest training spots in (PCA-reduced, standardised)
+#: image-feature space; ``"neighbour_spread"``: standard deviation of the measured expression of those
+#: ``k`` training spots, per gene; ``"neighbour_residual"``: mean absolute out-of-fold residual of those
+#: ``k`` training spots, per gene; ``"spot_residual"``: the same averaged over genes (one number per spot, less
+#: noisy); ``"model_spread"``: the model's own spread (retrieval spread for kNN and
+#: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean).
+SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread")
+DEFAULT_SCORE = "distance"
+#: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
+QUANTILE_MODES = ("group_max", "pooled")
+DEFAULT_QUANTILE_MODE = "group_max"
+#: Prefix of the calibration arrays in a model folder's weights file.
+STATE_PREFIX = "calibration."
+#: At most this many calibration spots' normalised residuals are stored.
+MAX_QUANTILES = 2000
+#: At most this many training spots form the neighbour bank.
+MAX_BANK = 5000
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` learnt; see the module docstring.
+
+    Attributes
+    ----------
+    score
+        The difficulty score (one of :data:`SCORES`).
+    scores
+        ``(m, n_genes)``: the normalised calibration residuals ``|y - ŷ| / d`` (a random subset of
+        :data:`MAX_QUANTILES` spots when there were more).
+    groups
+        ``(m,)``: the inner fold (held-out group of slides) of each row of ``scores``.
+    n_calibration
+        Number of calibration spots.
+    expected_pcc
+        ``(n_genes,)``: the per-gene Pearson expected on a new slide (NaN where never defined).
+    floor
+        ``(n_genes,)``: added to the raw difficulty so that no interval has zero width.
+    bank
+        Neighbour bank: ``proj_mean``, ``proj_scale``, ``proj_components`` (the feature projection),
+        ``features`` (projected bank spots), ``target``/``residual`` (their measured expression and
+        absolute out-of-fold residuals, for the neighbour scores).
+    info
+        JSON-serialisable description: folds, grouping, timing, k, per-fold expected PCC.
+    """
+
+    score: str
+    scores: np.ndarray
+    groups: np.ndarray
+    n_calibration: int
+    expected_pcc: np.ndarray
+    floor: np.ndarray
+    bank: dict[str, np.ndarray] = field(repr=False)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # -- prediction time ------------------------------------------------------------------------
+    def quantile(self, coverage: float, mode: str | None = None) -> np.ndarray:
+        """Per-gene conformal quantile of the normalised residual at ``coverage`` (``inf`` when too few spots).
+
+        ``mode`` (default: the calibration's ``quantile_mode``): ``"pooled"`` takes the split-conformal
+        quantile over all calibration spots; ``"group_max"`` takes it within each held-out group (slide or
+        patient) and keeps the largest, so that the interval covers on every held-out group, not only on
+        average: the exchangeable unit of a new slide is the slide, whose shift moves all its spots at once.
+        """
+        check_coverage(coverage)
+        mode = mode or self.info.get("quantile_mode", "pooled")
+        if mode not in QUANTILE_MODES:
+            raise ValueError(f"quantile mode must be one of {QUANTILE_MODES}, got {mode!r}.")
+        parts = [self.scores] if mode == "pooled" else [self.scores[self.groups == g] for g in np.unique(self.groups)]
+        out = np.full(self.scores.shape[1], -np.inf)
+        for part in parts:
+            n = part.shape[0]
+            level = np.ceil((n + 1) * coverage) / n
+            if level > 1:
+                return np.full(self.scores.shape[1], np.inf)
+            out = np.maximum(out, np.quantile(part, level, axis=0, method="higher"))
+        return out.astype(np.float64)
+
+    def difficulty(self, features: np.ndarray | None, spread: np.ndarray | None, n_genes: int) -> np.ndarray:
+        """``d(x, g)`` for query spots, ``(n_spots, n_genes)`` (the floor included)."""
+        raw, dist = _raw_difficulty(self.score, self.bank, features, spread, n_genes, k=int(self.info["k"]))
+        return (raw + self.floor) * _inflation(dist, self.info.get("distance_ref"))
+
+    def intervals(
+        self,
+        mean: np.ndarray,
+        features: np.ndarray | None,
+        spread: np.ndarray | None,
+        coverage: float,
+        mode: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds ``mean ∓ q_g(coverage) · d(x, g)``, float32."""
+        half = self.difficulty(features, spread, mean.shape[1]) * self.quantile(coverage, mode)
+        return (mean - half).astype(np.float32), (mean + half).astype(np.float32)
+
+    # -- saving -----------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"score": self.score, "n_calibration": int(self.n_calibration), **self.info}
+
+    def state(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "scores": self.scores,
+            "groups": self.groups,
+            "expected_pcc": self.expected_pcc,
+            "floor": self.floor,
+            **{f"bank.{k}": v for k, v in self.bank.items()},
+        }
+        return {STATE_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], state: dict[str, np.ndarray]) -> Calibration:
+        arrays = {k[len(STATE_PREFIX) :]: np.asarray(v) for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        missing = [k for k in ("scores", "groups", "expected_pcc", "floor") if k not in arrays]
+        if missing:
+            raise ValueError(f"the model's calibration lacks {missing}: the model folder is inconsistent.")
+        info = {k: v for k, v in config.items() if k not in ("score", "n_calibration")}
+        bank = {k[len("bank.") :]: v for k, v in arrays.items() if k.startswith("bank.")}
+        return cls(
+            score=config["score"],
+            scores=arrays["scores"],
+            groups=arrays["groups"].astype(np.int64),
+            n_calibration=int(config["n_calibration"]),
+            expected_pcc=arrays["expected_pcc"].astype(np.float64),
+            floor=arrays["floor"],
+            bank=bank,
+            info=info,
+        )
+
+
+def check_coverage(coverage: float) -> None:
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, np.number)) or not 0 < coverage < 1:
+        raise ValueError(f"coverage must be a number in (0, 1), e.g. 0.9, got {coverage!r}.")
+
+
+def split_state(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The model's own arrays and the calibration arrays of a saved state."""
+    own = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+    cal = {k: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+    return own, cal
+
+
+# -- inner folds ------------------------------------------------------------------------------------
+def inner_groups(train: SpotData, n_folds: int) -> tuple[np.ndarray, str]:
+    """A group label per training spot: patients (>= 2), else slides (>= 2), else spatial blocks of one slide."""
+    if train.patient is not None and len(set(np.asarray(train.patient).astype(str))) >= 2:
+        return np.asarray(train.patient).astype(str), "patient"
+    libs = np.asarray(train.library).astype(str)
+    if len(set(libs)) >= 2:
+        return libs, "slide"
+    # One slide: contiguous stripes along its longer axis (optimistic: the blocks share the slide's staining).
+    xy = np.asarray(train.coords_um, dtype=np.float64)
+    axis = int(np.argmax(xy.max(axis=0) - xy.min(axis=0)))
+    ranks = np.argsort(np.argsort(xy[:, axis], kind="stable"), kind="stable")
+    blocks = (ranks * n_folds // max(len(ranks), 1)).astype(int)
+    return np.asarray([f"block_{b}" for b in blocks]), "spatial blocks of the single training slide"
+
+
+def inner_splits(train: SpotData, n_folds: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """Inner (fit, calibrate) index pairs, grouped as :func:`inner_groups` says."""
+    groups, how = inner_groups(train, n_folds)
+    names = list(dict.fromkeys(groups.tolist()))
+    k = min(n_folds, len(names))
+    # Deterministic balanced assignment of groups to folds, largest groups first.
+    sizes = {g: int((groups == g).sum()) for g in names}
+    load = [0] * k
+    fold_of: dict[str, int] = {}
+    for g in sorted(names, key=lambda g: (-sizes[g], g)):
+        f = int(np.argmin(load))
+        fold_of[g] = f
+        load[f] += sizes[g]
+    fold = np.asarray([fold_of[g] for g in groups])
+    splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+    return splits, f"{k} folds by {how}"
+
+
+# -- difficulty -------------------------------------------------------------------------------------
+def _project(bank: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+    Z = (np.asarray(X, dtype=np.float32) - bank["proj_mean"]) / bank["proj_scale"]
+    return Z @ bank["proj_components"].T
+
+
+def _fit_projection(X: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
+    X = np.asarray(X, dtype=np.float64)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    Z = (X - mean) / scale
+    n = int(max(1, min(n_components, Z.shape[0] - 1, Z.shape[1])))
+    _, _, vt = np.linalg.svd(Z - Z.mean(axis=0), full_matrices=False)
+    return {
+        "proj_mean": mean.astype(np.float32),
+        "proj_scale": scale.astype(np.float32),
+        "proj_components": vt[:n].astype(np.float32),
+    }
+
+
+def _neighbours(query: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and Euclidean distances of the ``k`` nearest bank rows of every query row (blocked)."""
+    k = min(k, bank.shape[0])
+    idx = np.empty((query.shape[0], k), dtype=np.int64)
+    dist = np.empty((query.shape[0], k), dtype=np.float64)
+    b2 = np.einsum("ij,ij->i", bank, bank)
+    for s in range(0, query.shape[0], 1024):
+        q = query[s : s + 1024]
+        d2 = np.einsum("ij,ij->i", q, q)[:, None] + b2[None, :] - 2 * q @ bank.T
+        top = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        idx[s : s + 1024] = top
+        dist[s : s + 1024] = np.sqrt(np.maximum(np.take_along_axis(d2, top, axis=1), 0))
+    return idx, dist
+
+
+def _raw_difficulty(
+    score: str,
+    bank: dict[str, np.ndarray],
+    features: np.ndarray | None,
+    spread: np.ndarray | None,
+    n_genes: int,
+    *,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw ``d(x, g)`` before the floor, and each spot's mean distance to its ``k`` nearest bank spots (or None)."""
+    if score == "none":
+        n = features.shape[0] if features is not None else np.asarray(spread).shape[0]
+        return np.zeros((n, n_genes)), None
+    if features is None:
+        raise ValueError(f"score={score!r} needs the spots' image features.")
+    q = _project(bank, features)
+    idx, dist = _neighbours(q, bank["features"], k)
+    mean_dist = dist.mean(axis=1)
+    if score == "model_spread":
+        if spread is None:
+            raise ValueError("the model gives no spread; its calibration cannot use score='model_spread'.")
+        return np.asarray(spread, dtype=np.float64), mean_dist
+    if score == "distance":
+        return np.repeat(mean_dist[:, None], n_genes, axis=1), None
+    if score == "spot_residual":
+        spot = bank["residual"].astype(np.float64).mean(axis=1)
+        return np.repeat(spot[idx].mean(axis=1)[:, None], n_genes, axis=1), mean_dist
+    values = bank["residual"] if score == "neighbour_residual" else bank["target"]
+    out = np.empty((q.shape[0], n_genes))
+    for s in range(0, q.shape[0], 256):
+        nb = values[idx[s : s + 256]].astype(np.float64)  # (chunk, k, genes)
+        out[s : s + 256] = nb.mean(axis=1) if score == "neighbour_residual" else nb.std(axis=1)
+    return out, mean_dist
+
+
+def _inflation(mean_dist: np.ndarray | None, ref: float | None) -> np.ndarray | float:
+    """``max(1, distance / ref)`` per spot, ``ref`` the 90th percentile of the calibration spots' distances.
+
+    Intervals widen for spots farther from the training spots than almost every calibration spot was.
+    """
+    if mean_dist is None or ref is None:
+        return 1.0
+    return np.maximum(1.0, mean_dist / ref)[:, None]
+
+
+def _oof_difficulty(
+    score: str, bank: dict[str, np.ndarray], features: np.ndarray, spread: np.ndarray | None, fold: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``d`` of every calibration spot, computed against the bank spots of the *other* inner folds only."""
+    n_genes = bank["target"].shape[1]
+    out = np.empty((features.shape[0], n_genes))
+    dists = np.full(features.shape[0], np.nan)
+    bank_fold = bank["fold"]
+    for f in np.unique(fold):
+        rows = np.flatnonzero(fold == f)
+        keep = bank_fold != f
+        sub = {**bank, "features": bank["features"][keep], "target": bank["target"][keep]}
+        sub["residual"] = bank["residual"][keep]
+        out[rows], d = _raw_difficulty(
+            score, sub, features[rows], None if spread is None else spread[rows], n_genes, k=k
+        )
+        if d is not None:
+            dists[rows] = d
+    return out, (None if np.isnan(dists).all() else dists)
+
+
+def _pearson_per_gene(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    from stexp.tl._evaluate import pearson_columns
+
+    r, _ = pearson_columns(truth, pred)
+    return r
+
+
+def clone(model: ExpressionModel) -> ExpressionModel:
+    """A new, unfitted model with the same class, genes, features and hyper-parameters."""
+    new = type(model)(
+        model.genes, features_key=model.features_key, encoder_spec=model.encoder_spec.to_dict(), **model.hparams
+    )
+    new.device, new.num_workers = model.device, model.num_workers
+    return new
+
+
+def out_of_fold(model: ExpressionModel, train: SpotData, n_folds: int) -> dict[str, Any]:
+    """Refit clones of ``model`` on inner folds of ``train``; out-of-fold mean, spread and fold of every spot."""
+    splits, how = inner_splits(train, n_folds)
+    n, g = train.n_spots, len(model.genes)
+    mean = np.full((n, g), np.nan, dtype=np.float32)
+    spread = None
+    fold = np.full(n, -1, dtype=np.int64)
+    inner_models = []
+    for f, (fit_idx, cal_idx) in enumerate(splits):
+        inner = clone(model)
+        inner.fit(train.subset(fit_idx), device=model.device, num_workers=model.num_workers)
+        m, s = inner.predict(train.subset(cal_idx))
+        mean[cal_idx] = m
+        if s is not None:
+            spread = np.full((n, g), np.nan, dtype=np.float32) if spread is None else spread
+            spread[cal_idx] = s
+        fold[cal_idx] = f
+        inner_models.append(inner)
+    return {"mean": mean, "spread": spread, "fold": fold, "how": how, "models": inner_models}
+
+
+def calibrate(
+    model: ExpressionModel,
+    train: SpotData,
+    *,
+    n_folds: int = 3,
+    score: str = DEFAULT_SCORE,
+    k: int = 20,
+    n_components: int = 32,
+    seed: int = 0,
+    oof: dict[str, Any] | None = None,
+    quantile_mode: str = DEFAULT_QUANTILE_MODE,
+) -> Calibration:
+    """Calibrate a fitted ``model`` on its training spots ``train``; see the module docstring.
+
+    Parameters
+    ----------
+    model
+        The fitted model (it is not changed; clones of it are refit on the inner folds).
+    train
+        The spots it was trained on, with their target.
+    n_folds
+        Inner folds (at most the number of groups).
+    score
+        The difficulty score, one of :data:`SCORES`.
+    k
+        Neighbours of the neighbour scores.
+    n_components
+        Dimensions of the feature projection the neighbours are searched in.
+    seed
+        Seeds the subsampling of a bank larger than :data:`MAX_BANK`.
+    oof
+        Precomputed :func:`out_of_fold` result (to compare several scores on one set of refits).
+    quantile_mode
+        ``"group_max"`` or ``"pooled"``: see :meth:`Calibration.quantile`.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
+    if quantile_mode not in QUANTILE_MODES:
+        raise ValueError(f"quantile_mode must be one of {QUANTILE_MODES}, got {quantile_mode!r}.")
+    if model.reads_patches:
+        raise NotImplementedError(
+            "calibration of a model that fine-tunes its image encoder is not supported (it would fine-tune the "
+            "encoder once per inner fold); calibrate a model on frozen features."
+        )
+    if train.target is None:
+        raise ValueError("calibration needs the training spots' measured expression.")
+    t0 = time.perf_counter()
+    oof = oof or out_of_fold(model, train, n_folds)
+    t_fits = time.perf_counter() - t0
+    if score == "model_spread" and oof["spread"] is None:
+        raise ValueError(f"the {model.name} model gives no spread; choose another score among {SCORES}.")
+    target = np.asarray(train.target, dtype=np.float64)
+    mean, fold = oof["mean"].astype(np.float64), oof["fold"]
+    residual = np.abs(target - mean)
+
+    # Expected PCC: per held-out slide, per gene, then averaged over slides.
+    libs = np.asarray(train.library).astype(str)
+    per_slide = []
+    for lib in dict.fromkeys(libs.tolist()):
+        rows = np.flatnonzero(libs == lib)
+        if rows.size >= 3:
+            per_slide.append(_pearson_per_gene(target[rows], mean[rows]))
+    if oof["how"].endswith("single training slide"):  # one slide: per block
+        per_slide = []
+        for f in np.unique(fold):
+            rows = np.flatnonzero(fold == f)
+            if rows.size >= 3:
+                per_slide.append(_pearson_per_gene(target[rows], mean[rows]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every held-out slide: NaN
+        expected = np.nanmean(np.vstack(per_slide), axis=0) if per_slide else np.full(target.shape[1], np.nan)
+
+    # Neighbour bank: every training spot (subsampled beyond MAX_BANK), in a projected feature space.
+    rng = np.random.default_rng(seed)
+    rows = np.arange(train.n_spots)
+    if rows.size > MAX_BANK:
+        rows = np.sort(rng.choice(rows, MAX_BANK, replace=False))
+    features = np.asarray(train.features, dtype=np.float32)
+    bank = _fit_projection(features[rows], n_components)
+    bank["features"] = _project(bank, features[rows]).astype(np.float32)
+    bank["target"] = target[rows].astype(np.float32)
+    bank["residual"] = residual[rows].astype(np.float32)
+    bank["fold"] = fold[rows]
+    raw, dists = _oof_difficulty(score, bank, features, oof["spread"], fold, k)
+    floor = _floor(raw)
+    distance_ref = None if dists is None else float(np.quantile(dists, 0.9))
+    normalised = residual / ((raw + floor) * _inflation(dists, distance_ref))
+    keep = np.arange(normalised.shape[0])
+    if keep.size > MAX_QUANTILES:
+        keep = np.sort(rng.choice(keep, MAX_QUANTILES, replace=False))
+    del bank["fold"]
+    if score == "none":
+        bank = {}
+    elif score in ("distance", "model_spread"):
+        bank = {k_: v for k_, v in bank.items() if k_ not in ("target", "residual")}
+    elif score == "neighbour_spread":
+        bank.pop("residual")
+    else:
+        bank.pop("target")
+    info = {
+        "folds": oof["how"],
+        "n_folds": int(fold.max() + 1),
+        "k": int(k),
+        "n_components": int(n_components),
+        "distance_ref": distance_ref,
+        "quantile_mode": quantile_mode,
+        "refit_seconds": round(t_fits, 2),
+        "oof_pcc_mean": float(np.nanmean(expected)) if np.isfinite(expected).any() else None,
+    }
+    if oof["how"].endswith("single training slide"):
+        logger.warning(
+            "calibration: a single training slide, so the inner folds are spatial blocks of it; intervals and "
+            "expected PCC are likely optimistic for other slides. Train on several slides (patients) to calibrate."
+        )
+    logger.info(
+        f"calibrated {model.name}: {info['folds']}, score {score!r}, {target.shape[0]} calibration spots, "
+        f"mean expected PCC {info['oof_pcc_mean']}, refits {t_fits:.1f} s"
+    )
+    return Calibration(
+        score=score,
+        scores=normalised[keep].astype(np.float32),
+        groups=fold[keep].astype(np.int64),
+        n_calibration=int(target.shape[0]),
+        expected_pcc=expected,
+        floor=floor.astype(np.float32),
+        bank=bank,
+        info=info,
+    )
+
+
+def _floor(raw: np.ndarray) -> np.ndarray:
+    """Per-gene floor added to the raw difficulty: a quarter of its median (a small positive number if that is 0)."""
+    med = np.median(raw, axis=0)
+    pos = raw[raw > 0]
+    tiny = float(np.median(pos)) * 1e-3 if pos.size else 1.0
+    return np.where(med > 0, 0.25 * med, 0.0) + max(tiny, 1e-6)

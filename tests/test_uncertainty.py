@@ -1,0 +1,142 @@
+"""Calibrated uncertainty: conformal intervals with a stated coverage and per-gene expected PCC (issue 16)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from _features import stat_features
+
+import stexp
+
+NOISE_GENE = "noise_gene"
+
+
+@pytest.fixture(scope="module")
+def _uncertainty_data():
+    """Four synthetic slides (four patients) plus a gene with no image signal (Poisson around a constant)."""
+    import anndata as ad
+    from scipy import sparse
+
+    adata = stexp.datasets.synthetic(n_slides=4, n_spots=144, n_genes=40, seed=3)
+    rng = np.random.default_rng(0)
+    noise = rng.poisson(20.0, size=(adata.n_obs, 1))
+    X = sparse.hstack([sparse.csr_matrix(adata.X), sparse.csr_matrix(noise)]).tocsr()
+    var = pd.DataFrame(index=[*adata.var_names, NOISE_GENE])
+    out = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, obsm=dict(adata.obsm), uns=adata.uns)
+    stat_features(out)
+    return out
+
+
+@pytest.fixture
+def split(_uncertainty_data):
+    adata = _uncertainty_data
+    test_lib = adata.obs["library_id"].unique()[-1]
+    is_test = (adata.obs["library_id"] == test_lib).to_numpy()
+    return adata[~is_test].copy(), adata[is_test].copy()
+
+
+@pytest.fixture(scope="module")
+def _ridge(_uncertainty_data):
+    adata = _uncertainty_data
+    test_lib = adata.obs["library_id"].unique()[-1]
+    train = adata[(adata.obs["library_id"] != test_lib).to_numpy()].copy()
+    return stexp.tl.fit(train, model="ridge", features_key="X_test_stats", genes=list(adata.var_names))
+
+
+def test_coverage_met_on_held_out_slide(split, _ridge):
+    _, test = split
+    stexp.tl.predict(test, _ridge, coverage=0.9)
+    for key in ("stexp_pred_lo", "stexp_pred_hi"):
+        assert test.layers[key].shape == test.shape
+    lo, pred, hi = (test.layers[k] for k in ("stexp_pred_lo", "stexp_pred", "stexp_pred_hi"))
+    assert np.all(lo <= pred) and np.all(pred <= hi)
+    scores = stexp.tl.evaluate(test)
+    row = scores.iloc[0]
+    assert abs(row["coverage"] - 0.9) <= 0.07, row["coverage"]
+    assert row["interval_width"] > 0
+    assert np.isfinite(row["unc_spot_spearman"])
+    assert "expected_pcc_spearman" in scores
+    assert test.uns["stexp"]["stexp_pred"]["coverage"] == 0.9
+    # a wider nominal coverage gives wider intervals
+    wide = stexp.tl.predict(test, _ridge, coverage=0.99, copy=True)
+    assert (wide.layers["stexp_pred_hi"] - wide.layers["stexp_pred_lo"]).mean() > row["interval_width"]
+
+
+def test_intervals_widen_on_unlike_slides(split, _ridge):
+    _, test = split
+    shifted = test.copy()
+    feats = np.asarray(shifted.obsm["X_test_stats"], dtype=np.float32)
+    # a colour shift of the images: every colour statistic moves by several training standard deviations
+    shifted.obsm["X_test_stats"] = feats + 4 * feats.std(axis=0)
+    stexp.tl.predict(test, _ridge, coverage=0.9)
+    stexp.tl.predict(shifted, _ridge, coverage=0.9)
+    width = lambda a: float(np.mean(a.layers["stexp_pred_hi"] - a.layers["stexp_pred_lo"]))
+    assert width(shifted) > 1.5 * width(test)
+
+
+def test_gene_without_signal_expects_no_pcc(split, _ridge):
+    _, test = split
+    stexp.tl.predict(test, _ridge)
+    expected = test.var["stexp_pred_expected_pcc"]
+    assert abs(expected[NOISE_GENE]) < 0.15
+    assert expected.drop(NOISE_GENE).max() > 0.5
+    assert "stexp_pred_lo" not in test.layers  # no coverage asked: no interval
+
+
+def test_calibration_saved_and_loaded(tmp_path, split, _ridge):
+    _, test = split
+    path = _ridge.save(tmp_path / "m")
+    assert "calibration" in json.loads((path / "model.json").read_text())
+    loaded = stexp.models.load(path)
+    a = stexp.tl.predict(test, _ridge, coverage=0.8, copy=True)
+    b = stexp.tl.predict(test, loaded, coverage=0.8, copy=True)
+    for key in ("stexp_pred_lo", "stexp_pred_hi"):
+        np.testing.assert_allclose(a.layers[key], b.layers[key], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.var["stexp_pred_expected_pcc"], b.var["stexp_pred_expected_pcc"], atol=1e-6)
+
+
+def test_uncalibrated_model_refuses_coverage(tmp_path, split):
+    train, test = split
+    model = stexp.tl.fit(train, model="knn", features_key="X_test_stats", calibrate=False, k=5)
+    with pytest.raises(ValueError, match=r"calibrate=True"):
+        stexp.tl.predict(test, model, coverage=0.9)
+    # a folder saved without calibration (as every older folder) loads and predicts as before
+    loaded = stexp.models.load(model.save(tmp_path / "old"))
+    assert loaded.calibration is None
+    stexp.tl.predict(test, loaded)
+    assert "stexp_pred_expected_pcc" not in test.var
+    with pytest.raises(ValueError, match="coverage"):
+        stexp.tl.predict(test, loaded, coverage=1.5)
+
+
+@pytest.mark.parametrize("score", ["none", "neighbour_residual", "neighbour_spread", "spot_residual", "model_spread"])
+def test_every_score_calibrates(split, score):
+    train, test = split
+    model = stexp.tl.fit(train, model="knn", features_key="X_test_stats", k=5, calibrate=True, calibration_score=score)
+    stexp.tl.predict(test, model, coverage=0.9)
+    cov = stexp.tl.evaluate(test)["coverage"].iloc[0]
+    assert 0.75 <= cov <= 0.99
+    assert model.calibration.score == score
+
+
+def test_best_genes_and_width_panel(split, _ridge):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    _, test = split
+    stexp.tl.predict(test, _ridge, coverage=0.9)
+    from stexp.pl._spatial import best_genes
+
+    best = best_genes(test, n=3)
+    expected = test.var["stexp_pred_expected_pcc"]
+    assert best == expected.sort_values(ascending=False).index[:3].tolist()
+    fig = stexp.pl.spatial_genes(test, "best", n_best=2, interval_width=True, img=False, return_fig=True)
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert any("interval width" in t for t in titles)
+    assert sum(t.startswith(best[0]) for t in titles) == 3  # measured, predicted, width
+    plt.close(fig)
