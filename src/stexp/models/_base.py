@@ -60,9 +60,12 @@ class ExpressionModel(ABC):
         *,
         features_key: str | None = None,
         encoder_spec: EncoderSpec | dict[str, Any] | None = None,
+        smoothing: float | str | None = None,
         **hparams: Any,
     ) -> None:
         from stexp.images._spec import EncoderSpec
+
+        from ._smoothing import smoothing_option
 
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
@@ -81,6 +84,8 @@ class ExpressionModel(ABC):
         self.n_features: int | None = None
         self.device = "auto"
         self.num_workers = 0
+        #: Spatial smoothing of predictions (``stexp.models._smoothing``): the option and, once fitted, its σ.
+        self.smoothing: dict[str, Any] = {"option": smoothing_option(smoothing), "sigma_um": 0.0}
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -148,16 +153,31 @@ class ExpressionModel(ABC):
         self.device, self.num_workers = device, int(num_workers)
         self._fit(train, validation)
         self.is_fitted = True
+        if self.smoothing.get("option") is not None:
+            from ._smoothing import fit_smoothing
+
+            self.smoothing = fit_smoothing(self, train, validation)
         return self
 
-    def predict(self, data: SpotData, *, device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's)."""
+    def predict(
+        self, data: SpotData, *, device: str | None = None, smooth: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's).
+
+        With ``smooth`` (default), the mean is averaged over neighbouring spots of the same slide with
+        the fitted smoothing σ (``self.smoothing["sigma_um"]``; 0: unchanged).
+        """
         if not self.is_fitted:
             raise RuntimeError(f"this {self.name} model is not fitted yet; call stexp.tl.fit first.")
         if device is not None:
             self.device = device
         self.check_features(data)
         mean, spread = self._predict(data)
+        sigma = float(self.smoothing.get("sigma_um") or 0.0)
+        if smooth and sigma > 0:
+            from ._smoothing import smooth as smooth_values
+
+            mean = smooth_values(np.asarray(mean, dtype=np.float32), data.coords_um, data.library, sigma)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -183,6 +203,7 @@ class ExpressionModel(ABC):
             "encoder_spec": self.encoder_spec.to_dict(),
             "hparams": self.hparams,
             "history": self.history,
+            "smoothing": self.smoothing,
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
@@ -256,6 +277,8 @@ def load(
     model.device = device
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})
+    # folders saved before smoothing existed have none: no smoothing
+    model.smoothing = dict(config.get("smoothing") or {"option": None, "sigma_um": 0.0})
     model._load_state(state)
     model.is_fitted = True
     return model
