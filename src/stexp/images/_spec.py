@@ -7,8 +7,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-#: Fields a model's features and the query's features must share.
+#: What ``embed_images`` did to the patches besides cutting them (absent in records older than these options).
+VIEW_FIELDS = ("mpp", "stain_norm", "tta")
+#: Fields a model's features and the query's features must share (and the view options, :data:`CHECKED_FIELDS`).
 MODEL_FIELDS = ("encoder", "weights", "patch_um", "patch_px", "normalization")
+#: What :meth:`EncoderSpec.diff` compares by default.
+CHECKED_FIELDS = (*MODEL_FIELDS, *VIEW_FIELDS)
 #: Fields that decide whether stored features are up to date (the model's fields and the output width).
 FEATURE_FIELDS = (*MODEL_FIELDS, "out_dim")
 
@@ -55,6 +59,12 @@ class EncoderSpec:
         Feature width.
     library_key
         The ``obs`` column of the libraries the features were computed for.
+    mpp
+        µm per pixel every slide was resampled to before cutting patches (``None``: its own).
+    stain_norm
+        Stain normalisation of the patches (``None`` or ``"reinhard"``).
+    tta
+        Whether the features are averaged over the 8 flips/rotations of each patch.
     """
 
     encoder: str | None = None
@@ -65,6 +75,9 @@ class EncoderSpec:
     normalization: str | None = None
     out_dim: int | None = None
     library_key: str | None = None
+    mpp: float | None = None
+    stain_norm: str | None = None
+    tta: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -80,6 +93,9 @@ class EncoderSpec:
         for key in ("patch_px", "out_dim"):
             if values[key] is not None:
                 values[key] = int(values[key])
+        # records written before the view options existed lack them: the defaults
+        values["mpp"] = None if values["mpp"] is None else float(values["mpp"])
+        values["tta"] = bool(values["tta"]) if values["tta"] is not None else False
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +117,7 @@ class EncoderSpec:
     def diff(
         self,
         other: EncoderSpec | Mapping[str, Any] | None,
-        fields: tuple[str, ...] = MODEL_FIELDS,
+        fields: tuple[str, ...] = CHECKED_FIELDS,
         names: tuple[str, str] = ("model", "data"),
     ) -> list[str]:
         """``"field: <names[0]> value vs <names[1]> value"`` for each of ``fields`` in which the two specs differ."""
