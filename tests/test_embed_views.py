@@ -126,3 +126,17 @@ def test_view_options_are_recorded_checked_and_cached_apart(synth):
     for bad in ({"mpp": 0}, {"mpp": "1"}, {"stain_norm": "macenko?"}, {"tta": "yes"}):
         with pytest.raises(ValueError):
             stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", key_added="bad", **bad)
+
+
+def test_multilevel_encoder_ends_with_the_plain_features():
+    import torch
+
+    from stexp.images import build_encoder
+
+    ml, plain = build_encoder("efficientnet_lite0_ml", "imagenet"), build_encoder("efficientnet_lite0", "imagenet")
+    assert ml.out_dim == 1704 and ml.input_px == plain.input_px
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y, y0 = ml.module(x), plain.module(x)
+    assert y.shape == (2, 1704)
+    torch.testing.assert_close(y[:, -1280:], y0)
