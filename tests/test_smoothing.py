@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _features import stat_features
 
 from stexp.models import SpotData, load
 from stexp.models._smoothing import choose_smoothing, mean_gene_pearson, smooth, smoothing_matrix
@@ -120,3 +121,21 @@ def test_fixed_smoothing_and_bad_values():
     for bad in (-1.0, "strong", True, float("nan")):
         with pytest.raises(ValueError, match="smoothing"):
             cls(["a"], smoothing=bad)
+
+
+def test_fit_without_options_is_the_default_pipeline(synth):
+    import stexp
+    from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_SMOOTHING
+
+    key = stat_features(synth)
+    model = stexp.tl.fit(synth, features_key=key, validation="slide_2")
+    assert model.name == DEFAULT_MODEL
+    assert model.smoothing["option"] == DEFAULT_SMOOTHING
+    if DEFAULT_SMOOTHING == "auto":
+        assert model.smoothing["inner_cv"] == "the validation slides"
+    # an explicit model has no smoothing unless asked for
+    assert stexp.tl.fit(synth, model="ridge", features_key=key).smoothing["option"] is None
+    ridge = stexp.tl.fit(synth, model="ridge", features_key=key, smoothing=80.0)
+    assert ridge.smoothing == {"option": 80.0, "sigma_um": 80.0}
+    stexp.tl.predict(synth, ridge)
+    assert np.isfinite(synth.layers["stexp_pred"]).all()
