@@ -217,10 +217,12 @@ def fit_smoothing(model, train, validation=None) -> dict[str, Any]:
         result = {"sigma_um": grid[best], "pitch_um": pitch, "grid_um": grid, "inner_pcc": scores}
         result["inner_cv"] = "the validation slides"
     else:
+        # a model may fix, for these inner fits, what it already chose on all training slides (e.g. a penalty)
+        inner_hparams = {**model.hparams, **getattr(model, "smoothing_inner_hparams", dict)()}
 
         def fit_predict(tr: np.ndarray, va: np.ndarray) -> np.ndarray:
             inner = type(model)(
-                model.genes, features_key=model.features_key, encoder_spec=model.encoder_spec, **model.hparams
+                model.genes, features_key=model.features_key, encoder_spec=model.encoder_spec, **inner_hparams
             )
             inner.fit(train.subset(tr), device=model.device, num_workers=model.num_workers)
             return inner.predict(train.subset(va), smooth=False)[0]
