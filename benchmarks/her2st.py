@@ -462,6 +462,14 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
         *ablation_table(summary),
         "",
     ]
+    if info.get("not_run"):
+        lines += [f"Not run (no kept run; `--report-only`): {', '.join(info['not_run'])}.", ""]
+    commits = sorted({str(r.get("commit", "")) for r in runs})
+    lines += [
+        f"Runs: {len(runs)}, their fit+predict wall time {info.get('run_seconds', 0) / 60:.1f} min in all; "
+        f"commits: {'; '.join(commits)}.",
+        "",
+    ]
     for protocol in dict.fromkeys(summary["protocol"]):
         split_by, title, _ = PROTOCOLS[protocol]
         s = summary[summary["protocol"] == protocol]
@@ -531,6 +539,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs of every neural model")
     parser.add_argument("--quick", action="store_true", help="3 sections, 2 epochs: a smoke run of minutes")
     parser.add_argument("--reuse", action="store_true", help="reuse matching runs kept under --runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="with --reuse: skip (and list) the runs not kept, compute nothing"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -577,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         h5ad = Path(tmp) / "her2st_features.h5ad"
         info = prepare(_data_dir(args.data_dir), sections, h5ad, needs)
         print(f"prepared {sum(info['n_spots'].values())} spots, {info['n_genes']} genes", flush=True)
-        runs = []
+        runs, not_run = [], []
         for protocol, variant, shuffled in jobs:
             model = parse_variant(variant)["model"]
             epochs = 2 if args.quick else (args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(model))
@@ -589,6 +600,10 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {run.get('commit')})", flush=True)
                     runs.append(run)
                     continue
+            if args.report_only:
+                print(f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else ''} not run (no kept run)", flush=True)
+                not_run.append(f"{protocol}: {variant}{' (shuffled)' if shuffled else ''}")
+                continue
             cmd = [sys.executable, __file__, "--worker", "--input", str(h5ad), "--output", str(part)]
             cmd += ["--variant", variant, "--protocol", protocol, "--device", args.device, "--seed", str(args.seed)]
             cmd += (["--epochs", str(epochs)] if epochs is not None else []) + (["--shuffle"] if shuffled else [])
@@ -607,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
     if not runs:
         sys.exit("no run succeeded")
+    info["not_run"] = not_run
+    info["run_seconds"] = sum(r["wall_seconds"] for r in runs)
     text = write_report(info, runs, out_dir, command, time.perf_counter() - t_start)
     print(text)
 
