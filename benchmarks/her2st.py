@@ -10,18 +10,36 @@ Protocols
     ``lopo``  leave-one-patient-out: train on patient B, predict patient C, and the reverse.
     ``loso``  leave-one-section-out: six folds; optimistic, because the serial sections of patient C
               stay in training when one of them is held out.
-    Shuffled-image control (``--controls``): the same cross-validation with the features permuted
-    among the spots of each slide; a model that still scores above zero learns something other
-    than the image.
+    ``xres``  cross-resolution: the LOPO folds, but the held-out patient's slides are embedded from
+              their in-memory ~2000-px image only (about 3.6 µm/px; ``source_image_path`` removed),
+              the training slides from the full-resolution file (0.69 µm/px): a new patient scanned
+              at another resolution.
+    ``stain`` stain shift: the LOPO folds, but the held-out slides' full-resolution images get a
+              fixed H&E perturbation before embedding (haematoxylin x1.3, eosin x0.75 + 0.02 in HED
+              optical density, ``stexp.images._stain.BENCHMARK_HED_SHIFT``): a new patient from
+              another lab.
+    Shuffled-image control (``--controls``): the same protocol with the features permuted among the
+    spots of each slide; a model that still scores above zero learns something other than the image.
 
-Each (protocol, model) runs in its own process so that its peak memory (``VmHWM``) is its
-own. Results go to ``benchmarks/results/her2st.json`` and ``her2st.md``.
+Variants (``--variants``): ``<model>[@<features>][+smooth]``, e.g. ``ridge``, ``knn200@p75+smooth``.
+    model     a registered model; ``knn200``: kNN with k=200.
+    features  ``p150`` (default: 150 µm patches), ``p100``, ``p75``, ``ms`` (p75 and p150 features
+              concatenated), ``p75tta`` (8 flips/rotations averaged), ``p75rh`` (Reinhard stain
+              normalisation), ``default`` (whatever ``stexp.pp.embed_images`` does without options).
+    +smooth   spatial smoothing of predictions, σ chosen on the training slides only (``smoothing="auto"``).
+    ``pipeline`` is the default pipeline: ``stexp.pp.embed_images(adata)`` + ``stexp.tl.fit(adata)``
+    with no options (the variant the defaults resolve to).
+
+Each (protocol, variant) runs in its own process so that its peak memory (``VmHWM``) is its own.
+Each run's JSON is kept under ``--runs`` (``results/her2st_runs``); ``--reuse`` takes a run from
+there instead of recomputing it when its variant, protocol, epochs and sections match. Results go
+to ``benchmarks/results/her2st.json`` and ``her2st.md``.
 
 Usage::
 
     STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py            # full run
     STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py --quick    # minutes: 3 sections, 2 epochs
-    python benchmarks/her2st.py --models mean,ridge,knn --protocols lopo
+    python benchmarks/her2st.py --variants ridge,ridge+smooth --protocols lopo,xres
 """
 
 from __future__ import annotations
@@ -46,12 +64,26 @@ QUICK_SECTIONS = ["B4", "C2", "C3"]
 ENCODER = "efficientnet_lite0"
 FEATURES_KEY = f"X_stexp_{ENCODER}"
 PROTOCOLS = {
-    "lopo": ("patient", "leave-one-patient-out"),
-    "loso": ("library_id", "leave-one-section-out"),
+    "lopo": ("patient", "leave-one-patient-out", "clean"),
+    "loso": ("library_id", "leave-one-section-out", "clean"),
+    "xres": ("patient", "cross-resolution (LOPO folds, held-out slides from their ~3.6 µm/px image)", "lowres"),
+    "stain": ("patient", "stain shift (LOPO folds, held-out slides with a fixed HED perturbation)", "stain"),
 }
-#: Epoch caps that keep the full run under ~30 min on 2 CPU cores (``--epochs`` overrides; ``None``: model default).
+#: Feature configurations: keyword arguments of ``stexp.pp.embed_images`` (``parts``: concatenated configs).
+FEATURE_CONFIGS: dict[str, dict] = {
+    "p150": {"patch_um": 150.0},
+    "p100": {"patch_um": 100.0},
+    "p75": {"patch_um": 75.0},
+    "ms": {"parts": ["p75", "p150"]},
+    "p75tta": {"patch_um": 75.0, "tta": True},
+    "p75rh": {"patch_um": 75.0, "stain_norm": "reinhard"},
+    "default": {},
+}
+#: Model aliases: registered name and hyper-parameters.
+MODEL_ALIASES = {"knn200": ("knn", {"k": 200})}
+#: Epoch caps that keep the full run within budget on 2 CPU cores (``--epochs`` overrides; ``None``: model default).
 DEFAULT_EPOCHS: dict[str, int | None] = {"mlp": 50, "mclstexp": 90, "nh2st": 60}
-CONTROL_MODELS = ("ridge", "mclstexp")
+CONTROL_VARIANTS = ("ridge", "mclstexp")
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 #: Published numbers, for context only (different sections, genes, features and protocols).
 PUBLISHED = (
@@ -59,6 +91,35 @@ PUBLISHED = (
     "PCC(ACG) 0.232, PCC(HEG) 0.392, MSE 0.58, MAE 0.57 (their target scale differs). HEST-benchmark "
     "(patient splits, ridge on frozen features): ImageNet ResNet-50 0.326 averaged over 9 tasks."
 )
+
+
+# -- variants ----------------------------------------------------------------------------------
+def parse_variant(name: str) -> dict:
+    """``{"model", "params", "features", "smoothing"}`` of a variant name (see the module doc)."""
+    if name == "pipeline":
+        from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_MODEL_PARAMS, DEFAULT_SMOOTHING
+
+        return {
+            "model": DEFAULT_MODEL,
+            "params": dict(DEFAULT_MODEL_PARAMS),
+            "features": "default",
+            "smoothing": DEFAULT_SMOOTHING,
+        }
+    body, smooth = (name[: -len("+smooth")], "auto") if name.endswith("+smooth") else (name, None)
+    model, _, features = body.partition("@")
+    features = features or "p150"
+    if features not in FEATURE_CONFIGS:
+        raise ValueError(f"variant {name!r}: unknown features {features!r}; choose from {sorted(FEATURE_CONFIGS)}")
+    registered, params = MODEL_ALIASES.get(model, (model, {}))
+    return {"model": registered, "params": dict(params), "features": features, "smoothing": smooth}
+
+
+def _leaf_configs(features: str) -> list[str]:
+    return FEATURE_CONFIGS[features].get("parts", [features])
+
+
+def _key(features: str, image: str) -> str:
+    return f"X_{features}_{image}"
 
 
 # -- preparation (parent process) -------------------------------------------------------------
@@ -70,16 +131,70 @@ def _data_dir(arg: str | None) -> Path:
     return path / "her2st" if (path / "her2st").is_dir() else path
 
 
-def prepare(her2st_dir: Path, sections: list[str], out: Path) -> dict:
-    """Read the sections, embed their images (cached), pick the panel; write a slim h5ad for the workers."""
+def _stained_copy(src: Path, section: str) -> Path:
+    """The full-resolution image with the benchmark's HED shift, written once (JPEG q95) under the cache dir."""
+    import hashlib
+
+    from PIL import Image
+
+    import stexp
+    from stexp.images._slide import decode_image
+    from stexp.images._stain import BENCHMARK_HED_SHIFT, hed_shift
+
+    tag = hashlib.sha256(json.dumps([str(src), os.path.getsize(src), BENCHMARK_HED_SHIFT]).encode()).hexdigest()[:12]
+    out = Path(stexp.settings.cachedir) / "benchmark_images" / f"{section}_hed_{tag}.jpg"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = np.asarray(decode_image(src)[0])
+        tmp = out.with_suffix(".tmp.jpg")
+        Image.fromarray(hed_shift(image)).save(tmp, quality=95)
+        tmp.rename(out)
+    return out
+
+
+def _image_variant(adata, image: str):
+    """A copy of ``adata`` whose slides are read as the protocol's test slides are: clean, lowres or stain."""
+    if image == "clean":
+        return adata
+    a = adata.copy()
+    for lib, entry in a.uns["spatial"].items():
+        meta = entry.setdefault("metadata", {})
+        if image == "lowres":
+            meta.pop("source_image_path", None)
+        elif image == "stain":
+            meta["source_image_path"] = str(_stained_copy(Path(meta["source_image_path"]), lib))
+        else:
+            raise ValueError(image)
+    return a
+
+
+def prepare(her2st_dir: Path, sections: list[str], out: Path, needs: set[tuple[str, str]]) -> dict:
+    """Read the sections, embed every (feature config, image variant) needed (cached), pick the panel; write a slim h5ad."""
     import stexp
 
     t0 = time.perf_counter()
     adata = stexp.datasets.her2st(sections, path=her2st_dir)
     t_read = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stexp.pp.embed_images(adata, encoder=ENCODER, weights="imagenet")
-    t_embed = time.perf_counter() - t0
+    embed_seconds: dict[str, float] = {}
+    specs: dict[str, dict] = {}
+    obsm: dict[str, np.ndarray] = {}
+    leaves = sorted({(leaf, image) for features, image in needs for leaf in _leaf_configs(features)})
+    for leaf, image in leaves:
+        t0 = time.perf_counter()
+        a = _image_variant(adata, image)
+        key = _key(leaf, image)
+        stexp.pp.embed_images(a, key_added=key, **FEATURE_CONFIGS[leaf])
+        obsm[key] = np.asarray(a.obsm[key])
+        specs[key] = dict(a.uns["stexp"]["features"][key])
+        embed_seconds[key] = round(time.perf_counter() - t0, 1)
+        print(f"embedded {key} in {embed_seconds[key]} s", flush=True)
+    for features, image in needs:
+        parts = _leaf_configs(features)
+        if len(parts) > 1:
+            key = _key(features, image)
+            obsm[key] = np.concatenate([obsm[_key(p, image)] for p in parts], axis=1)
+            specs[key] = {**specs[_key(parts[0], image)], "encoder": f"{ENCODER} [{'+'.join(parts)}]"}
+            specs[key].pop("patch_um", None)
     panel_file = her2st_dir / "her2st_785_genes.txt"
     panel = [g.strip() for g in panel_file.read_text().split() if g.strip()]
     genes = [g for g in panel if g in adata.var_names]
@@ -87,13 +202,10 @@ def prepare(her2st_dir: Path, sections: list[str], out: Path) -> dict:
     for lib in list(slim.uns["spatial"]):
         entry = slim.uns["spatial"][lib]
         slim.uns["spatial"][lib] = {"scalefactors": dict(entry["scalefactors"])}
-    keep = {k: v for k, v in slim.uns.items() if k in ("spatial",)}
-    keep["stexp"] = {"features": {FEATURES_KEY: dict(adata.uns["stexp"]["features"][FEATURES_KEY])}}
-    slim.uns = keep
-    slim.obsm = {k: slim.obsm[k] for k in ("spatial", FEATURES_KEY)}
+    slim.uns = {"spatial": slim.uns["spatial"], "stexp": {"features": specs}}
+    slim.obsm = {"spatial": slim.obsm["spatial"], **obsm}
     slim.uns["benchmark_genes"] = np.asarray(genes, dtype=object)
     slim.write_h5ad(out)
-    spec = adata.uns["stexp"]["features"][FEATURES_KEY]
     return {
         "sections": sections,
         "n_spots": {lib: int(n) for lib, n in adata.obs["library_id"].value_counts(sort=False).items()},
@@ -101,22 +213,68 @@ def prepare(her2st_dir: Path, sections: list[str], out: Path) -> dict:
         "n_genes_data": int(adata.n_vars),
         "n_panel_genes": len(panel),
         "n_genes": len(genes),
-        "features": {k: spec.get(k) for k in ("encoder", "weights", "patch_um", "patch_px", "normalization")},
-        "feature_dim": int(adata.obsm[FEATURES_KEY].shape[1]),
+        "features": {
+            k: {
+                f: v.get(f)
+                for f in ("encoder", "weights", "patch_um", "patch_px", "normalization", "tta", "stain_norm")
+            }
+            for k, v in specs.items()
+        },
+        "feature_dims": {k: int(v.shape[1]) for k, v in obsm.items()},
         "read_seconds": round(t_read, 1),
-        "embed_seconds": round(t_embed, 1),
+        "embed_seconds": embed_seconds,
     }
 
 
-# -- one (protocol, model) run (child process) ---------------------------------------------------
-def _shuffle_within_slides(adata, key: str, seed: int) -> None:
+# -- one (protocol, variant) run (child process) -------------------------------------------------
+def _shuffle_within_slides(adata, keys: list[str], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    feats = np.asarray(adata.obsm[key]).copy()
     libs = adata.obs["library_id"].astype(str).to_numpy()
+    perm = np.arange(adata.n_obs)
     for lib in np.unique(libs):
         idx = np.flatnonzero(libs == lib)
-        feats[idx] = feats[rng.permutation(idx)]
-    adata.obsm[key] = feats
+        perm[idx] = idx[rng.permutation(idx.size)]
+    for key in keys:  # the same permutation for a slide's clean and shifted features
+        adata.obsm[key] = np.asarray(adata.obsm[key])[perm]
+
+
+def shifted_cv(adata, *, model: str, params: dict, train_key: str, test_key: str, genes: list[str], device: str):
+    """Leave-one-patient-out where training slides read ``train_key`` features and held-out slides ``test_key``."""
+    from stexp._settings import settings
+    from stexp.pp._target import expression_target
+    from stexp.tl._evaluate import score_prediction
+    from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, spot_data
+
+    patients = adata.obs["patient"].astype(str).to_numpy()
+    target = expression_target(adata, genes)
+    train_data = spot_data(adata, features_key=train_key, library_key="library_id")
+    train_data.target = target
+    test_data = spot_data(adata, features_key=test_key, library_key="library_id")
+    spec = features_spec(adata, train_key)
+    var_idx = adata.var_names.get_indexer(genes)
+    pred = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    options = {"seed": settings.seed} | {k: params[k] for k in TRAINING_OPTIONS if k in params}
+    hparams = {k: v for k, v in params.items() if k not in TRAINING_OPTIONS}
+    timing, order = {}, list(dict.fromkeys(patients.tolist()))
+    for fold, patient in enumerate(order):
+        is_test = patients == patient
+        t0 = time.perf_counter()
+        est = make_model(model, genes, features_key=train_key, encoder_spec=spec, options=options, **hparams)
+        est.fit(train_data.subset(~is_test), device=device)
+        t1 = time.perf_counter()
+        mean, _ = est.predict(test_data.subset(is_test))
+        timing[fold] = (t1 - t0, time.perf_counter() - t1)
+        pred[np.ix_(np.flatnonzero(is_test), var_idx)] = mean
+    adata.layers["bench_pred"] = pred
+    scores = score_prediction(adata, pred_key="bench_pred", library_key="library_id", top_n=50, target=(genes, target))
+    scores = scores.reset_index(names="library_id")
+    lib_patient = dict(zip(adata.obs["library_id"].astype(str), patients, strict=False))
+    scores.insert(0, "model", model)
+    scores.insert(1, "fold", scores["library_id"].map(lambda lib: order.index(lib_patient[lib])))
+    scores.insert(2, "test_group", scores["library_id"].map(lib_patient))
+    scores["fit_seconds"] = scores["fold"].map(lambda f: timing[f][0])
+    scores["predict_seconds"] = scores["fold"].map(lambda f: timing[f][1])
+    return scores
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -130,9 +288,13 @@ def worker(args: argparse.Namespace) -> None:
     stexp.settings.verbosity = 1
     adata = ad.read_h5ad(args.input)
     genes = list(adata.uns["benchmark_genes"])
+    variant = parse_variant(args.variant)
+    split_by, _, image = PROTOCOLS[args.protocol]
+    train_key, test_key = _key(variant["features"], "clean"), _key(variant["features"], image)
     if args.shuffle:
-        _shuffle_within_slides(adata, FEATURES_KEY, seed=args.seed)
-    cls = get_model_class(args.model)
+        _shuffle_within_slides(adata, sorted({train_key, test_key}), seed=args.seed)
+    model = variant["model"]
+    cls = get_model_class(model)
     # Import what the fits need before timing them (importing Lightning alone takes seconds).
     import lightning.pytorch  # noqa: F401
     import sklearn.decomposition
@@ -141,37 +303,60 @@ def worker(args: argparse.Namespace) -> None:
 
     # Each model's own lr/weight_decay/batch_size, recorded in the results.
     params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
+    params.update(variant["params"])
     if "max_epochs" in cls.default_hparams and args.epochs is not None:
         params["max_epochs"] = args.epochs
     if "seed" in cls.default_hparams:
         params["seed"] = args.seed
+    if variant["smoothing"] is not None:
+        params["smoothing"] = variant["smoothing"]
     rss_before = peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
-    res = stexp.tl.cross_validate(
-        adata,
-        model=args.model,
-        split_by=PROTOCOLS[args.protocol][0],
-        features_key=FEATURES_KEY,
-        genes=genes,
-        model_params={args.model: params},
-        device=args.device,
-    )
+    if image == "clean":
+        res = stexp.tl.cross_validate(
+            adata,
+            model=model,
+            split_by=split_by,
+            features_key=train_key,
+            genes=genes,
+            model_params={model: params},
+            device=args.device,
+        )
+        per_fold = res.per_fold
+    else:
+        per_fold = shifted_cv(
+            adata, model=model, params=params, train_key=train_key, test_key=test_key, genes=genes, device=args.device
+        )
     wall = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out = {
         "protocol": args.protocol,
-        "model": args.model,
+        "variant": args.variant,
+        "model": model,
+        "features": variant["features"],
         "shuffled": bool(args.shuffle),
         "params": params,
+        "sections": list(dict.fromkeys(adata.obs["library_id"].astype(str))),
+        "epochs_arg": args.epochs,
+        "commit": _commit(),
         "wall_seconds": wall,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": rss_before,
         "tracemalloc_peak_mb": traced_peak / 2**20,
-        "per_fold": json.loads(res.per_fold.to_json(orient="records")),
+        "per_fold": json.loads(per_fold.to_json(orient="records")),
     }
     Path(args.output).write_text(json.dumps(out, indent=1))
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        return ""
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -181,23 +366,34 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}" if not np.isnan(std) else f"{mean:.3f}"
 
 
+def _run_name(run: dict) -> str:
+    return run["variant"] + (" (shuffled images)" if run["shuffled"] else "")
+
+
 def _summary_rows(runs: list[dict]) -> pd.DataFrame:
     rows = []
     for run in runs:
         pf = pd.DataFrame(run["per_fold"])
-        name = run["model"] + (" (shuffled images)" if run["shuffled"] else "")
-        row = {"protocol": run["protocol"], "model": name}
+        row = {
+            "protocol": run["protocol"],
+            "model": _run_name(run),
+            "variant": run["variant"],
+            "shuffled": run["shuffled"],
+        }
         for m in METRICS:
             row[m] = pf[m].mean()
             row[f"{m}_std"] = pf[m].std(ddof=1) if len(pf) > 1 else np.nan
         row["n_slides"] = len(pf)
-        row["n_constant"] = int(pf["n_constant"].sum())
+        row["n_constant"] = int(pf["n_constant"].sum()) if "n_constant" in pf else 0
         folds = pf.drop_duplicates("fold")
         row["fit_seconds"] = folds["fit_seconds"].sum()
         row["predict_seconds"] = folds["predict_seconds"].sum()
         row["peak_rss_mb"] = run["peak_rss_mb"]
         epochs = run["params"].get("max_epochs")  # no validation slide in cross-validation: every epoch runs
-        row["seconds_per_epoch"] = row["fit_seconds"] / (len(folds) * epochs) if epochs else np.nan
+        smoothing = run["params"].get("smoothing")
+        row["seconds_per_epoch"] = (
+            row["fit_seconds"] / (len(folds) * epochs) if epochs and smoothing is None else np.nan
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -208,9 +404,9 @@ def verdict(summary: pd.DataFrame, protocol: str, runs: list[dict]) -> str:
     if "mclstexp" not in s.index or "ridge" not in s.index:
         return "Verdict: mclSTExp or ridge was not run, no comparison."
     per_slide = {
-        r["model"]: pd.DataFrame(r["per_fold"]).set_index("library_id")["pcc_acg"]
+        r["variant"]: pd.DataFrame(r["per_fold"]).set_index("library_id")["pcc_acg"]
         for r in runs
-        if r["protocol"] == protocol and not r["shuffled"] and r["model"] in ("mclstexp", "ridge")
+        if r["protocol"] == protocol and not r["shuffled"] and r["variant"] in ("mclstexp", "ridge")
     }
     diff = per_slide["mclstexp"] - per_slide["ridge"].reindex(per_slide["mclstexp"].index)
     wins = int((diff > 0).sum())
@@ -227,33 +423,63 @@ def verdict(summary: pd.DataFrame, protocol: str, runs: list[dict]) -> str:
     )
 
 
+def ablation_table(summary: pd.DataFrame) -> list[str]:
+    """PCC(ACG) of every variant (rows) under every protocol (columns), mean ± std over test slides."""
+    protocols = list(dict.fromkeys(summary["protocol"]))
+    lines = [
+        "| variant | " + " | ".join(protocols) + " |",
+        "|---|" + "---|" * len(protocols),
+    ]
+    for name in dict.fromkeys(summary["model"]):
+        cells = []
+        for p in protocols:
+            r = summary[(summary["model"] == name) & (summary["protocol"] == p)]
+            cells.append(_fmt(r["pcc_acg"].iloc[0], r["pcc_acg_std"].iloc[0]) if len(r) else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, total_seconds: float) -> str:
     summary = _summary_rows(runs)
+    embed = info["embed_seconds"]
     lines = [
         "# HER2+ benchmark",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {os.cpu_count()}; "
-        f"total {total_seconds / 60:.1f} min (embedding {info['embed_seconds']:.0f} s, cached after the first run).  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch threads {os.cpu_count()}; "
+        f"total {total_seconds / 60:.1f} min (embedding {sum(embed.values()):.0f} s, cached after the first run).  ",
         f"Sections: {', '.join(f'{k} ({v} spots)' for k, v in info['n_spots'].items())}; patients {info['patients']}.  ",
         f"Genes: {info['n_genes']} of the {info['n_panel_genes']}-gene HER2+ panel present in every section.  ",
-        f"Features: {info['features']['encoder']} ({info['features']['weights']}), {info['feature_dim']}-d, "
-        f"patch {info['features']['patch_um']} µm resampled to {info['features']['patch_px']} px.  ",
+        f"Features: {ENCODER} (imagenet); feature sets {', '.join(f'{k} ({d}-d)' for k, d in info['feature_dims'].items())}.  ",
         "Scores per test slide (Pearson across the slide's spots, per gene), then mean ± std over test slides; "
         "MSE/MAE on log1p(counts per 10k). The mean baseline predicts a constant, so its Pearson is undefined (n/a). "
-        "Time: fit + predict over all folds; s/epoch: training seconds per epoch of one fold. Memory: peak RSS of the process running that model (data included).",
+        "Time: fit + predict over all folds (with `+smooth`, the inner folds that choose σ included); s/epoch: training "
+        "seconds per epoch of one fold. Memory: peak RSS of the process running that model (data included). "
+        "Variants: `<model>[@<features>][+smooth]`, see the script's docstring.",
+        "",
+        "## PCC(ACG) of every variant under every protocol",
+        "",
+        *ablation_table(summary),
+        "",
+    ]
+    if info.get("not_run"):
+        lines += [f"Not run (no kept run; `--report-only`): {', '.join(info['not_run'])}.", ""]
+    commits = sorted({str(r.get("commit", "")) for r in runs})
+    lines += [
+        f"Runs: {len(runs)}, their fit+predict wall time {info.get('run_seconds', 0) / 60:.1f} min in all; "
+        f"commits: {'; '.join(commits)}.",
         "",
     ]
     for protocol in dict.fromkeys(summary["protocol"]):
-        split_by, title = PROTOCOLS[protocol]
+        split_by, title, _ = PROTOCOLS[protocol]
         s = summary[summary["protocol"] == protocol]
         lines += [f"## {title} (`split_by={split_by!r}`)", ""]
-        if protocol == "lopo":
-            lines += ["Train on patient B (B4), predict patient C (C2-C6), and the reverse.", ""]
-        else:
+        if protocol == "loso":
             lines += ["Optimistic: serial sections of the held-out section's patient stay in training.", ""]
+        else:
+            lines += ["Train on patient B (B4), predict patient C (C2-C6), and the reverse.", ""]
         lines += [
-            "| model | PCC(ACG) | PCC(HEG) | PCC(HVG) | MSE | MAE | fit+predict (s) | s/epoch | peak RSS (MB) |",
+            "| variant | PCC(ACG) | PCC(HEG) | PCC(HVG) | MSE | MAE | fit+predict (s) | s/epoch | peak RSS (MB) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for _, r in s.iterrows():
@@ -262,14 +488,13 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
             per_epoch = "" if np.isnan(r["seconds_per_epoch"]) else f"{r['seconds_per_epoch']:.2f}"
             lines.append(f"| {r['model']} | {' | '.join(cells)} | {t:.1f} | {per_epoch} | {r['peak_rss_mb']:.0f} |")
         lines += ["", verdict(summary, protocol, runs), ""]
-    # Per-slide breakdown.
     lines += ["## Per-slide PCC(ACG)", ""]
     per = []
     for run in runs:
         pf = pd.DataFrame(run["per_fold"])
-        col = f"{run['protocol']}: {run['model']}" + (" (shuffled)" if run["shuffled"] else "")
+        col = f"{run['protocol']}: {run['variant']}" + (" (shuffled)" if run["shuffled"] else "")
         per.append(pf.set_index("library_id")["pcc_acg"].rename(col))
-    table = pd.concat(per, axis=1)
+    table = pd.concat(per, axis=1).T
     lines += [table.to_markdown(floatfmt=".3f"), ""]
     lines += ["## Published numbers (context only, not comparable)", "", PUBLISHED, ""]
     text = "\n".join(lines)
@@ -285,22 +510,47 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
     return text
 
 
+#: The variants of a full run: every registered model on the default-before-issue-14 features, then one lever at a time.
+LEVER_VARIANTS = (
+    "knn200",
+    "ridge+smooth",
+    "knn200+smooth",
+    "mclstexp+smooth",
+    "ridge@p100",
+    "ridge@p75",
+    "knn200@p75",
+    "mclstexp@p75",
+    "ridge@ms",
+    "pipeline",
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="her2st folder or its parent (default: $STEXP_DATA_DIR)")
-    parser.add_argument("--models", default=None, help="comma-separated (default: every registered model)")
-    parser.add_argument("--protocols", default="lopo,loso")
-    parser.add_argument("--controls", default=",".join(CONTROL_MODELS), help="models also run on shuffled images")
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated (default: every registered model, then LEVER_VARIANTS)"
+    )
+    parser.add_argument("--models", default=None, help="alias of --variants")
+    parser.add_argument("--protocols", default="lopo,loso,xres,stain")
+    parser.add_argument(
+        "--controls", default=",".join(CONTROL_VARIANTS) + ",pipeline", help="variants also run on shuffled images"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs of every neural model")
     parser.add_argument("--quick", action="store_true", help="3 sections, 2 epochs: a smoke run of minutes")
+    parser.add_argument("--reuse", action="store_true", help="reuse matching runs kept under --runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="with --reuse: skip (and list) the runs not kept, compute nothing"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    # internal: one (protocol, model) run in a child process
+    parser.add_argument("--runs", default=None, help="where each run's JSON is kept (default: <out>/her2st_runs)")
+    # internal: one (protocol, variant) run in a child process
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--protocol", help=argparse.SUPPRESS)
     parser.add_argument("--shuffle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -311,56 +561,69 @@ def main(argv: list[str] | None = None) -> None:
     import stexp
 
     t_start = time.perf_counter()
-    models = args.models.split(",") if args.models else stexp.models.available_models()
+    names = args.variants or args.models
+    variants = names.split(",") if names else [*stexp.models.available_models(), *LEVER_VARIANTS]
     available = []
-    for m in models:
+    for v in variants:
         try:
-            stexp.models.get_model_class(m)
-            available.append(m)
-        except (KeyError, ImportError) as err:
-            print(f"skipping model {m!r}: {err}", flush=True)
+            stexp.models.get_model_class(parse_variant(v)["model"])
+            available.append(v)
+        except (KeyError, ImportError, ValueError) as err:
+            print(f"skipping variant {v!r}: {err}", flush=True)
     protocols = [p for p in args.protocols.split(",") if p]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         sys.exit(f"unknown protocol(s) {unknown}; choose from {sorted(PROTOCOLS)}")
-    controls = [m for m in args.controls.split(",") if m in available]
+    controls = [v for v in args.controls.split(",") if v in available]
     sections = QUICK_SECTIONS if args.quick else SECTIONS
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.runs) if args.runs else out_dir / "her2st_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/her2st.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    jobs = [(p, v, False) for p in protocols for v in available] + [(p, v, True) for p in protocols for v in controls]
+    needs = {(parse_variant(v)["features"], image) for p, v, _ in jobs for image in ("clean", PROTOCOLS[p][2])}
 
     with tempfile.TemporaryDirectory() as tmp:
         h5ad = Path(tmp) / "her2st_features.h5ad"
-        info = prepare(_data_dir(args.data_dir), sections, h5ad)
-        print(
-            f"prepared {sum(info['n_spots'].values())} spots, {info['n_genes']} genes in {info['embed_seconds']} s",
-            flush=True,
-        )
-        jobs = [(p, m, False) for p in protocols for m in available] + [
-            (p, m, True) for p in protocols[:1] for m in controls
-        ]
-        runs = []
-        for protocol, model, shuffled in jobs:
+        info = prepare(_data_dir(args.data_dir), sections, h5ad, needs)
+        print(f"prepared {sum(info['n_spots'].values())} spots, {info['n_genes']} genes", flush=True)
+        runs, not_run = [], []
+        for protocol, variant, shuffled in jobs:
+            model = parse_variant(variant)["model"]
             epochs = 2 if args.quick else (args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(model))
-            part = Path(tmp) / f"{protocol}_{model}_{int(shuffled)}.json"
+            tag = f"{'quick_' if args.quick else ''}{protocol}_{variant.replace('@', '-').replace('+', '_')}_{int(shuffled)}"
+            part = runs_dir / f"{tag}.json"
+            if args.reuse and part.is_file():
+                run = json.loads(part.read_text())
+                if run.get("epochs_arg") == epochs and run.get("sections") == sections:
+                    print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {run.get('commit')})", flush=True)
+                    runs.append(run)
+                    continue
+            if args.report_only:
+                print(f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else ''} not run (no kept run)", flush=True)
+                not_run.append(f"{protocol}: {variant}{' (shuffled)' if shuffled else ''}")
+                continue
             cmd = [sys.executable, __file__, "--worker", "--input", str(h5ad), "--output", str(part)]
-            cmd += ["--model", model, "--protocol", protocol, "--device", args.device, "--seed", str(args.seed)]
+            cmd += ["--variant", variant, "--protocol", protocol, "--device", args.device, "--seed", str(args.seed)]
             cmd += (["--epochs", str(epochs)] if epochs is not None else []) + (["--shuffle"] if shuffled else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"{protocol} {model} failed:\n{proc.stderr[-3000:]}", flush=True)
+                print(f"{protocol} {variant} failed:\n{proc.stderr[-3000:]}", flush=True)
                 continue
             run = json.loads(part.read_text())
             pf = pd.DataFrame(run["per_fold"])
             print(
-                f"{protocol:5s} {model:9s}{' shuffled' if shuffled else '':9s} ACG {pf['pcc_acg'].mean():.3f} "
+                f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else '':9s} ACG {pf['pcc_acg'].mean():.3f} "
                 f"MSE {pf['mse'].mean():.3f} ({time.perf_counter() - t0:.0f} s, peak {run['peak_rss_mb']:.0f} MB)",
                 flush=True,
             )
             runs.append(run)
     if not runs:
         sys.exit("no run succeeded")
+    info["not_run"] = not_run
+    info["run_seconds"] = sum(r["wall_seconds"] for r in runs)
     text = write_report(info, runs, out_dir, command, time.perf_counter() - t_start)
     print(text)
 

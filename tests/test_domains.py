@@ -185,3 +185,19 @@ def test_nan_counts_refused_for_measured_target(synth):
     synth.X.data[0] = np.nan
     with pytest.raises(ValueError, match="adata.X contains 1 NaN"):
         stexp.tl.domains(synth, layer=None, n_domains=3)
+
+
+def test_spatial_mode_follows_the_tissue_on_noisy_predictions(synth):
+    target = expression_target(synth)
+    rng = np.random.default_rng(3)
+    synth.layers["stexp_pred"] = (target + rng.normal(0, 4.0, target.shape)).astype(np.float32)
+    n_true = synth.obs["domain"].nunique()
+    alone = stexp.tl.domains(synth, n_domains=n_true, copy=True)
+    spatial = stexp.tl.domains(synth, n_domains=n_true, spatial=0.8, copy=True)
+    ari_alone = stexp.tl.score_domains(alone, truth_key="domain")["ari"].mean()
+    ari_spatial = stexp.tl.score_domains(spatial, truth_key="domain")["ari"].mean()
+    assert ari_spatial > ari_alone + 0.3, (ari_alone, ari_spatial)  # ~0.11 -> ~0.56
+    assert spatial.uns["stexp"]["stexp_domain"]["spatial"] == 0.8
+    for bad in (-0.1, 1.0, True, "0.5"):
+        with pytest.raises(ValueError, match="spatial"):
+            stexp.tl.domains(synth, n_domains=2, spatial=bad, copy=True)

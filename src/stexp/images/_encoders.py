@@ -547,6 +547,28 @@ def _resnet50(pretrained: bool):
 register_encoder("efficientnet_lite0", out_dim=1280, mean=_LITE_MEAN, std=_LITE_STD)(_efficientnet_lite0)
 
 
+#: Blocks of EfficientNet-Lite0 whose outputs ``efficientnet_lite0_ml`` pools (the last block of the 40-, 80-,
+#: 112- and 192-channel stages), besides the final 1280-d head.
+LITE0_ML_BLOCKS = (4, 7, 10, 14)
+
+
+def _efficientnet_lite0_ml(pretrained: bool):
+    """EfficientNet-Lite0 pooled at several depths, from one forward pass (1704-d).
+
+    The mean of the outputs of blocks :data:`LITE0_ML_BLOCKS` (40 + 80 + 112 + 192 channels) and of the
+    head (1280), concatenated.
+
+    Mid-level features describe texture and cell morphology, which transfer to histology better than
+    the ImageNet-specific last layer alone.
+    """
+    from ._multilevel import MultiLevel
+
+    return MultiLevel(_efficientnet_lite0(pretrained), LITE0_ML_BLOCKS)
+
+
+register_encoder("efficientnet_lite0_ml", out_dim=1704, mean=_LITE_MEAN, std=_LITE_STD)(_efficientnet_lite0_ml)
+
+
 def _build_registry(name: str, weights: str | None) -> Encoder:
     entry = _REGISTRY[name]
     pretrained = weights == "imagenet"

@@ -7,8 +7,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-#: Fields a model's features and the query's features must share.
+#: What ``embed_images`` did to the patches besides cutting them (absent in records older than these options).
+VIEW_FIELDS = ("mpp", "stain_norm", "tta")
+#: Fields a model's features and the query's features must share (and the view options, :data:`CHECKED_FIELDS`).
 MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
+#: What :meth:`EncoderSpec.diff` compares by default.
+CHECKED_FIELDS = (*MODEL_FIELDS, *VIEW_FIELDS)
 #: Fields that decide whether stored features are up to date (the model's fields and the output width).
 FEATURE_FIELDS = (*MODEL_FIELDS, "out_dim")
 #: Fields recorded only when set (``None`` means "none given"; records older than the field lack it).
@@ -61,6 +65,12 @@ class EncoderSpec:
         Extra ``timm.create_model`` arguments as canonical JSON (a string, so ``uns`` can hold it in h5ad;
         classes are written as ``{"__import__": "<module>.<qualname>"}``); ``None`` when there were none
         (records written before the field existed read back as ``None``).
+    mpp
+        µm per pixel every slide was resampled to before cutting patches (``None``: its own).
+    stain_norm
+        Stain normalisation of the patches (``None`` or ``"reinhard"``).
+    tta
+        Whether the features are averaged over the 8 flips/rotations of each patch.
     """
 
     encoder: str | None = None
@@ -72,6 +82,9 @@ class EncoderSpec:
     out_dim: int | None = None
     library_key: str | None = None
     encoder_kwargs: str | None = None
+    mpp: float | None = None
+    stain_norm: str | None = None
+    tta: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -92,6 +105,9 @@ class EncoderSpec:
         for key in ("patch_px", "out_dim"):
             if values[key] is not None:
                 values[key] = int(values[key])
+        # records written before the view options existed lack them: the defaults
+        values["mpp"] = None if values["mpp"] is None else float(values["mpp"])
+        values["tta"] = bool(values["tta"]) if values["tta"] is not None else False
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +129,7 @@ class EncoderSpec:
     def diff(
         self,
         other: EncoderSpec | Mapping[str, Any] | None,
-        fields: tuple[str, ...] = MODEL_FIELDS,
+        fields: tuple[str, ...] = CHECKED_FIELDS,
         names: tuple[str, str] = ("model", "data"),
     ) -> list[str]:
         """``"field: <names[0]> value vs <names[1]> value"`` for each of ``fields`` in which the two specs differ."""

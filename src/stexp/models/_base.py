@@ -60,9 +60,12 @@ class ExpressionModel(ABC):
         *,
         features_key: str | None = None,
         encoder_spec: EncoderSpec | dict[str, Any] | None = None,
+        smoothing: float | str | None = None,
         **hparams: Any,
     ) -> None:
         from stexp.images._spec import EncoderSpec
+
+        from ._smoothing import smoothing_option
 
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
@@ -84,6 +87,8 @@ class ExpressionModel(ABC):
         self.devices: int | list[int] | None = None
         #: Conformal intervals and expected per-gene PCC (:func:`stexp.tl.fit` with ``calibrate=True``), or None.
         self.calibration: Any = None  # a stexp.models._calibration.Calibration once calibrated
+        #: Spatial smoothing of predictions (``stexp.models._smoothing``): the option and, once fitted, its σ.
+        self.smoothing: dict[str, Any] = {"option": smoothing_option(smoothing), "sigma_um": 0.0}
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -156,16 +161,31 @@ class ExpressionModel(ABC):
         self.device, self.num_workers, self.devices = device, int(num_workers), devices
         self._fit(train, validation)
         self.is_fitted = True
+        if self.smoothing.get("option") is not None:
+            from ._smoothing import fit_smoothing
+
+            self.smoothing = fit_smoothing(self, train, validation)
         return self
 
-    def predict(self, data: SpotData, *, device: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's)."""
+    def predict(
+        self, data: SpotData, *, device: str | None = None, smooth: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's).
+
+        With ``smooth`` (default), the mean is averaged over neighbouring spots of the same slide with
+        the fitted smoothing σ (``self.smoothing["sigma_um"]``; 0: unchanged).
+        """
         if not self.is_fitted:
             raise RuntimeError(f"this {self.name} model is not fitted yet; call stexp.tl.fit first.")
         if device is not None:
             self.device = device
         self.check_features(data)
         mean, spread = self._predict(data)
+        sigma = float(self.smoothing.get("sigma_um") or 0.0)
+        if smooth and sigma > 0:
+            from ._smoothing import smooth as smooth_values
+
+            mean = smooth_values(np.asarray(mean, dtype=np.float32), data.coords_um, data.library, sigma)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -191,6 +211,7 @@ class ExpressionModel(ABC):
             "encoder_spec": self.encoder_spec.to_dict(),
             "hparams": self.hparams,
             "history": self.history,
+            "smoothing": self.smoothing,
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
@@ -270,6 +291,8 @@ def load(
     from ._calibration import Calibration, split_state
 
     state, calibration_state = split_state(state)  # folders saved before calibration existed have none
+    # folders saved before smoothing existed have none: no smoothing
+    model.smoothing = dict(config.get("smoothing") or {"option": None, "sigma_um": 0.0})
     model._load_state(state)
     if config.get("calibration") is not None:
         model.calibration = Calibration.from_saved(config["calibration"], calibration_state)

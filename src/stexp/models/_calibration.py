@@ -327,8 +327,14 @@ def _pearson_per_gene(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 def clone(model: ExpressionModel) -> ExpressionModel:
     """A new, unfitted model with the same class, genes, features and hyper-parameters."""
+    # the fitted smoothing σ is kept (not searched again): the intervals are calibrated on the predictor used
+    sigma = float((getattr(model, "smoothing", None) or {}).get("sigma_um") or 0.0)
     new = type(model)(
-        model.genes, features_key=model.features_key, encoder_spec=model.encoder_spec.to_dict(), **model.hparams
+        model.genes,
+        features_key=model.features_key,
+        encoder_spec=model.encoder_spec.to_dict(),
+        smoothing=sigma or None,
+        **model.hparams,
     )
     new.device, new.num_workers = model.device, model.num_workers
     return new

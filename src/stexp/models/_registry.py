@@ -12,7 +12,13 @@ _REGISTRY: dict[str, type] = {}
 
 #: Modules that define the built-in models; each registers its models with :func:`register_model` when
 #: imported. They are imported on the first look-up of a name not registered yet (``import stexp`` stays fast).
-_BUILTIN_MODULES = ("stexp.models._baselines", "stexp.models._mlp", "stexp.models._mclstexp", "stexp.models._nh2st")
+_BUILTIN_MODULES = (
+    "stexp.models._baselines",
+    "stexp.models._mlp",
+    "stexp.models._mclstexp",
+    "stexp.models._nh2st",
+    "stexp.models._ensemble",
+)
 _loaded = False
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,7 +67,9 @@ def _autocast(device: str):
     return contextlib.nullcontext()
 
 
-def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
+def _embed_plan(
+    enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False
+) -> np.ndarray:
     """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan` (its slide decoded once).
 
     Patches of batch i+1 are cut in a background thread while batch i runs through the encoder. Spots
@@ -82,14 +84,19 @@ def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    image = plan.view.decode()
+    from stexp.images._views import encode, resample_slide, stain_normalizer
+
+    image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
+    normalize = stain_normalizer(image, stain_norm)
     with torch.inference_mode():
         for start, patches in plan.batches(image, int(enc.input_px), batch_size):
+            if normalize is not None:
+                patches = normalize(patches)
             x = enc.preprocess(patches, device=device)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                y = module(x)
+                y = encode(module, x, tta=tta)
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(patches), enc.out_dim):
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(
@@ -121,6 +128,9 @@ def embed_images(
     on_outside: Literal["raise", "drop"] = "raise",
     cache: bool = True,
     copy: bool = False,
+    mpp: float | None = None,
+    stain_norm: Literal["reinhard"] | None = None,
+    tta: bool = False,
 ):
     """Embed the H&E patch around every spot with an image encoder.
 
@@ -183,6 +193,16 @@ def embed_images(
     cache
         Read and write the disk cache.
     {copy}
+    mpp
+        Resample every slide to this many µm per pixel before cutting patches (``None``: each slide's own
+        resolution). Scans of different resolution then reach the encoder alike; a value at least as
+        coarse as the coarsest scan expected makes finer scans look like it.
+    stain_norm
+        ``"reinhard"``: map each slide's colour statistics (CIELAB, tissue pixels of a thumbnail) onto a
+        fixed H&E target before embedding (:class:`stexp.images._stain.ReinhardNormalizer`); ``None``: none.
+    tta
+        Test-time augmentation: average the features of the 8 flips/rotations of each patch (8x the
+        encoder's work); the features are then invariant to the patch's orientation.
 
     Returns
     -------
@@ -194,7 +214,9 @@ def embed_images(
     """
     from stexp.images._cache import cache_key, load_features, save_features
     from stexp.images._patches import plan_patches, resolve_patch_um
-    from stexp.images._spec import FEATURE_FIELDS, EncoderSpec
+    from stexp.images._slide import image_um_per_px
+    from stexp.images._spec import FEATURE_FIELDS, VIEW_FIELDS, EncoderSpec
+    from stexp.images._views import check_options
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -202,6 +224,8 @@ def embed_images(
         raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
     if adata.n_obs == 0:
         raise ValueError("the AnnData has no spots.")
+    checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
+    views: dict[str, Any] = {"mpp": checked_mpp, "stain_norm": checked_norm, "tta": checked_tta}
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
@@ -220,8 +244,10 @@ def embed_images(
                 weights_arg=None if weights is None else str(weights),
                 patch_um=_recorded_patch_um(per_lib_um),
                 encoder_kwargs=encoder_kwargs_to_json(dict(encoder_kwargs or {})),
+                **views,
             )
-            if not EncoderSpec.from_mapping(rec).diff(wanted, ("encoder", "weights_arg", "patch_um", "encoder_kwargs")):
+            fields = ("encoder", "weights_arg", "patch_um", "encoder_kwargs", *VIEW_FIELDS)
+            if not EncoderSpec.from_mapping(rec).diff(wanted, fields):
                 logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
                 return adata if copy else None
 
@@ -239,6 +265,7 @@ def embed_images(
         out_dim=int(enc.out_dim),
         library_key=library_key,
         encoder_kwargs=getattr(enc, "kwargs_json", None),
+        **views,
     )
     if key in adata.obsm and not overwrite:
         rec = stored.get(key)
@@ -247,7 +274,7 @@ def embed_images(
                 f"adata.obsm[{key!r}] exists but was not written by embed_images (no spec in "
                 f"adata.uns['stexp']['features']); pass overwrite=True to replace it or key_added= to keep it."
             )
-        diffs = EncoderSpec.from_mapping(rec).diff(spec, FEATURE_FIELDS, names=("stored", "requested"))
+        diffs = EncoderSpec.from_mapping(rec).diff(spec, (*FEATURE_FIELDS, *VIEW_FIELDS), names=("stored", "requested"))
         if diffs:
             raise ValueError(
                 f"adata.obsm[{key!r}] holds features of another spec ({'; '.join(diffs)}). "
@@ -289,6 +316,8 @@ def embed_images(
                     "patch_um": per_lib_um[lib],
                     "um_per_px": um_per_px(adata, lib),
                 }
+                # the view options enter the key only when set, so features cached before they existed still match
+                lib_spec |= {k: v for k, v in views.items() if v}
                 ckey = cache_key(plan.view.fingerprint(), spot_coords(adata)[rows], lib_spec)
                 hit = load_features(ckey, (len(rows), enc.out_dim))
                 if hit is not None:
@@ -297,7 +326,15 @@ def embed_images(
                     if pbar is not None:
                         pbar.update(len(rows))
                     continue
-            feats[rows] = _embed_plan(enc, plan, batch_size=int(batch_size), device=device, pbar=pbar)
+            feats[rows] = _embed_plan(
+                enc,
+                plan,
+                batch_size=int(batch_size),
+                device=device,
+                pbar=pbar,
+                image_um_per_px=image_um_per_px(adata, plan.view),
+                **views,
+            )
             if pbar is not None and n_outside[lib]:
                 pbar.update(n_outside[lib])
             if ckey is not None:

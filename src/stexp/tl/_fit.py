@@ -15,13 +15,18 @@ from stexp._settings import logger, settings
 
 from ._inputs import features_spec, make_model, resolve_features, resolve_genes, spot_data
 
+#: What ``fit`` trains without options: the model, its hyper-parameters and the smoothing of its predictions.
+DEFAULT_MODEL = "ridge_knn"
+DEFAULT_MODEL_PARAMS: dict[str, Any] = {}
+DEFAULT_SMOOTHING: float | str | None = "auto"
+
 
 @leaves_process_state
 @doc_params
 def fit(
     adata,
     *,
-    model: str = "mclstexp",
+    model: str | None = None,
     genes: str | Sequence[str] | None = None,
     features_key: str | None = None,
     library_key: str = LIBRARY_KEY,
@@ -38,6 +43,7 @@ def fit(
     calibrate: bool | None = None,
     calibration_folds: int = 3,
     calibration_score: str | None = None,
+    smoothing: float | str | None = None,
     **model_kwargs: Any,
 ):
     """Train an expression model on the slides of ``adata``.
@@ -51,7 +57,9 @@ def fit(
         AnnData in stexp's layout with raw counts and image features (or images to embed).
     model
         Name of a registered model (see :func:`stexp.models.available_models`): ``"mclstexp"``,
-        ``"nh2st"``, or the baselines ``"mean"``, ``"ridge"``, ``"knn"``, ``"mlp"``.
+        ``"nh2st"``, ``"ridge_knn"``, or the baselines ``"mean"``, ``"ridge"``, ``"knn"``, ``"mlp"``.
+        ``None``: the default pipeline, the best measured on the HER2+ benchmark (``docs/benchmarks.md``):
+        :data:`DEFAULT_MODEL` with :data:`DEFAULT_MODEL_PARAMS` and ``smoothing=`` :data:`DEFAULT_SMOOTHING`.
     {genes}
     {features_key}
     {library_key}
@@ -86,6 +94,13 @@ def fit(
         Per-spot difficulty that scales the intervals, one of ``stexp.models._calibration.SCORES``
         (default ``"distance"``: the spot's mean distance to its nearest training spots in image-feature
         space).
+    smoothing
+        Spatial smoothing of the model's predictions over neighbouring spots of the same slide (a
+        Gaussian of σ µm; ``stexp.models._smoothing``), saved with the model and applied by
+        :func:`stexp.tl.predict`. ``"auto"`` chooses σ on training slides only: on the ``validation``
+        slides when given, else by an inner cross-validation over the training slides (up to 3 extra
+        fits; costly for neural models). A number is σ in µm; ``0``: none. ``None``: none, or with
+        ``model=None`` the default pipeline's :data:`DEFAULT_SMOOTHING`.
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
@@ -96,6 +111,12 @@ def fit(
     -------
     The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
     """
+    if model is None:
+        model = DEFAULT_MODEL
+        model_kwargs = {**DEFAULT_MODEL_PARAMS, **model_kwargs}
+        smoothing = DEFAULT_SMOOTHING if smoothing is None else smoothing
+    if smoothing is not None:
+        model_kwargs["smoothing"] = smoothing
     libs = library_ids(adata, library_key)
     genes = resolve_genes(adata, genes)
     features_key = resolve_features(adata, features_key, library_key=library_key)

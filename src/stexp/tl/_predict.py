@@ -35,6 +35,9 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
         patch_um=spec.patch_um_value,
         library_key=library_key,
         key_added=features_key,
+        mpp=spec.mpp,
+        stain_norm=spec.stain_norm,
+        tta=spec.tta,
     )
 
 

@@ -1,0 +1,85 @@
+"""What ``stexp.pp.embed_images`` may do to the patches: resample, stain-normalise, flip and rotate.
+
+Resampling every slide to one µm/px, stain normalisation and test-time augmentation over the 8
+flips/rotations of each patch.
+
+Kept apart from ``_embed`` so that the embedding loop only calls three hooks:
+:func:`resample_slide` (the decoded slide and its patch plan, at ``mpp`` µm/px), :func:`stain_normalizer`
+(a per-slide patch transform, or ``None``) and :func:`encode` (the encoder's output, averaged over the
+dihedral group with ``tta``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+#: ``stain_norm`` values of ``embed_images``.
+STAIN_NORMS = (None, "reinhard")
+#: Longest side of the thumbnail a slide's stain statistics are taken from.
+THUMBNAIL_PX = 1024
+
+
+def check_options(mpp, stain_norm, tta) -> tuple[float | None, str | None, bool]:
+    """Validated ``mpp`` (µm/px > 0 or None), ``stain_norm`` and ``tta``."""
+    if mpp is not None:
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not math.isfinite(mpp) or mpp <= 0:
+            raise ValueError(f"mpp must be a positive number of µm per pixel or None, got {mpp!r}.")
+        mpp = float(mpp)
+    if stain_norm not in STAIN_NORMS:
+        raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
+    if not isinstance(tta, (bool, np.bool_)):
+        raise ValueError(f"tta must be True or False, got {tta!r}.")
+    return mpp, stain_norm, bool(tta)
+
+
+def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):
+    """The decoded slide ``image`` (PIL) and its :class:`~stexp.images._patches.PatchPlan` at ``mpp`` µm/px.
+
+    ``None`` leaves both as they are. Resampling the whole slide first (Lanczos) means every slide, whatever
+    its scanner's resolution, reaches the encoder through the same pixel size: a coarser ``mpp`` than the
+    finest scan removes detail the coarser scans do not have.
+    """
+    if mpp is None:
+        return image, plan
+    from PIL import Image
+
+    factor = float(image_um_per_px) / float(mpp)
+    if math.isclose(factor, 1.0, rel_tol=1e-3):
+        return image, plan
+    w, h = image.size
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    fx, fy = size[0] / w, size[1] / h
+    centres = np.asarray(plan.centres, dtype=np.float64) * np.array([fx, fy])
+    return resized, dataclasses.replace(plan, centres=centres, side=float(plan.side) * fx)
+
+
+def stain_normalizer(image, stain_norm: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A transform of uint8 patches fitted on the slide's thumbnail, or ``None`` without ``stain_norm``."""
+    if stain_norm is None:
+        return None
+    from ._stain import ReinhardNormalizer
+
+    thumb = image.copy()
+    thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return ReinhardNormalizer.fit(np.asarray(thumb.convert("RGB")))
+
+
+def encode(module, x, *, tta: bool):
+    """``module(x)``, or with ``tta`` its mean over the 8 flips/rotations of the ``(B, C, H, W)`` batch."""
+    if not tta:
+        return module(x)
+    import torch
+
+    total: torch.Tensor | None = None
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(2, 3))
+        for view in (r, torch.flip(r, dims=(3,))):
+            y = module(view).float()
+            total = y if total is None else total + y
+    assert total is not None
+    return total / 8.0

@@ -1,0 +1,100 @@
+"""``ridge_knn``: the average of the ridge probe and kNN retrieval on the same frozen features."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stexp.models._base import ExpressionModel, check_hparams
+from stexp.models._baselines import KNNModel, RidgeModel
+from stexp.models._data import SpotData
+from stexp.models._registry import register_model
+
+_RIDGE_KEYS = ("n_components", "alphas", "cv_folds", "standardize", "seed")
+
+
+@register_model("ridge_knn")
+class RidgeKNNModel(ExpressionModel):
+    """Average of a ridge probe and a kNN retrieval, both on the same frozen features.
+
+    The two err differently: ridge is a linear map of the whole feature space, kNN copies the measured
+    expression of the most similar training spots (their real co-expression, bounded to observed
+    values). The prediction is ``ridge_weight * ridge + (1 - ridge_weight) * knn``; the spread is the
+    kNN neighbours' weighted standard deviation. Each part is exactly the registered ``"ridge"`` /
+    ``"knn"`` model (its penalty chosen by grouped inner cross-validation over training slides).
+
+    Hyper-parameters (``default_hparams``)
+        the ridge's (``n_components=256``, ``alphas``, ``cv_folds=5``, ``standardize=True``, ``seed=0``),
+        ``k=200`` and ``temperature=0.1`` of the kNN, ``ridge_weight=0.5``.
+    """
+
+    default_hparams: ClassVar[dict[str, Any]] = {
+        **{k: RidgeModel.default_hparams[k] for k in _RIDGE_KEYS},
+        "k": 200,
+        "temperature": 0.1,
+        "ridge_weight": 0.5,
+    }
+
+    def __init__(self, genes: list[str], **kwargs: Any) -> None:
+        super().__init__(genes, **kwargs)
+        hp = self.hparams
+        w = hp["ridge_weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+            raise ValueError(f"ridge_knn: ridge_weight must be a number in [0, 1], got {w!r}.")
+        check_hparams(self.name, hp, positive_int=("k",))
+        common = {"features_key": self.features_key, "encoder_spec": self.encoder_spec}
+        self.ridge = RidgeModel(self.genes, **common, **{k: hp[k] for k in _RIDGE_KEYS})
+        self.knn = KNNModel(self.genes, **common, k=hp["k"], temperature=hp["temperature"])
+
+    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        k = min(int(self.hparams["k"]), train.n_spots)  # a small training set: every spot is a neighbour
+        self.knn.hparams["k"] = k
+        alphas = list(np.asarray(self.hparams["alphas"], dtype=np.float64).ravel())
+        if len(alphas) == 1:  # one penalty: nothing to choose, no inner cross-validation
+            self._fit_ridge(train, float(alphas[0]))
+        else:
+            self.ridge.fit(train, device=self.device)
+        self.knn.fit(train, device=self.device)
+        self.n_features = self.ridge.n_features
+        self.history = {"ridge": self.ridge.history, "k": k}
+
+    def _fit_ridge(self, train: SpotData, alpha: float) -> None:
+        """The ridge part with a fixed penalty (the same transform and arrays as :class:`RidgeModel`)."""
+        from sklearn.linear_model import Ridge
+
+        X = np.asarray(train.features, dtype=np.float64)
+        arrays, Z = self.ridge._fit_transform(X)
+        final = Ridge(alpha=alpha).fit(Z, np.asarray(train.target, dtype=np.float64))
+        self.ridge.arrays_ = {
+            **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()},
+            "coef": final.coef_.astype(np.float32),
+            "intercept": np.asarray(final.intercept_, dtype=np.float32).reshape(-1),
+            "alpha": np.asarray([alpha], dtype=np.float32),
+        }
+        self.ridge.n_features = X.shape[1]
+        self.ridge.is_fitted = True
+        self.ridge.history = {"alpha": alpha, "inner_cv": "none (one alpha given)"}
+
+    def smoothing_inner_hparams(self) -> dict[str, Any]:
+        """Hyper-parameters of the inner fits that choose the smoothing: the penalty already chosen (no nested CV)."""
+        return {"alphas": [float(self.ridge.history["alpha"])]}
+
+    def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
+        w = float(self.hparams["ridge_weight"])
+        ridge, _ = self.ridge._predict(data)
+        knn, spread = self.knn._predict(data)
+        return w * np.asarray(ridge) + (1.0 - w) * np.asarray(knn), spread
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"ridge.{k}": v for k, v in self.ridge._state().items()},
+            **{f"knn.{k}": v for k, v in self.knn._state().items()},
+        }
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        for prefix, part in (("ridge.", self.ridge), ("knn.", self.knn)):
+            part._load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            part.is_fitted = True
+        self.knn.hparams["k"] = int(self.history.get("k", self.knn.hparams["k"]))
+        self.n_features = self.ridge.n_features
