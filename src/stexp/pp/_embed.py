@@ -58,7 +58,7 @@ def _autocast(device: str):
 
 
 def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
-    """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan` (its slide decoded once).
+    """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan` (:meth:`~stexp.images._patches.PatchPlan.stream`).
 
     Patches of batch i+1 are cut in a background thread while batch i runs through the encoder. Spots
     outside the image get NaN features.
@@ -72,9 +72,8 @@ def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    image = plan.view.decode()
-    with torch.inference_mode():
-        for start, patches in plan.batches(image, int(enc.input_px), batch_size):
+    with torch.inference_mode():  # a JPEG is decoded once; a whole-slide file is read region by region
+        for rows, patches in plan.stream(int(enc.input_px), batch_size):
             x = enc.preprocess(patches, device=device)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -86,7 +85,7 @@ def _embed_plan(enc, plan, *, batch_size: int, device: str, pbar) -> np.ndarray:
                     f"encoder {enc.name!r} returned {shape} for a batch of {len(patches)} patches; "
                     f"expected ({len(patches)}, {enc.out_dim})."
                 )
-            out[start : start + len(patches)] = y.float().cpu().numpy()
+            out[rows] = y.float().cpu().numpy()
             if pbar is not None:
                 pbar.update(len(patches))
     out[~plan.inside] = np.nan
