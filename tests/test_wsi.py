@@ -273,3 +273,15 @@ def test_cli_predict_and_exit_codes(tmp_path, image, pool_encoder, capsys):
     with pytest.raises(SystemExit) as err:
         main(["predict", str(slide), *base, "--mpp", "-1"])
     assert err.value.code == 2
+
+
+def test_openslide_backend_when_installed(tmp_path, image, monkeypatch):
+    """The OpenSlide path (MRXS and other non-TIFF formats), exercised on a TIFF when openslide is installed."""
+    pytest.importorskip("openslide")
+    monkeypatch.setattr("stexp.images._slide.OPENSLIDE_ONLY", (".tif",))
+    path = write_pyramid(tmp_path / "s.tif", image, mpp=0.5)
+    with RegionReader(path) as r:
+        assert r.kind == "openslide"
+        assert r.um_per_px() == pytest.approx(0.5)
+        np.testing.assert_array_equal(r.read(0, 100, 50, 30, 20), image[50:70, 100:130])
+        assert (r.read(0, 790, 590, 20, 20)[10:] == 255).all()  # transparent outside -> white
