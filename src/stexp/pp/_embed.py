@@ -112,7 +112,9 @@ def embed_images(
     """Embed the H&E patch around every spot with an image encoder.
 
     Each library's slide (the image :func:`stexp.images.slide_view` chooses: the full-resolution file when
-    available) is decoded once; a square patch of ``patch_um`` µm around each spot centre is resampled to
+    available) is decoded once (a whole-slide file: SVS, NDPI, pyramidal TIFF..., is instead read region by
+    region at the pyramid level the patch size needs, never whole); a square patch of ``patch_um`` µm
+    around each spot centre is resampled to
     the encoder's input size (parts beyond the image border are white), normalised as the encoder
     declares and embedded in batches under ``torch.inference_mode`` (patches of the next batch are cut in
     a background thread; on CUDA with channels-last and bf16/fp16 autocast).
