@@ -69,8 +69,12 @@ def main() -> None:
     out = expression_target(adata, panel)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"expression_target(panel): time {min(times):.3f} s (best of {args.repeat}), peak extra memory {peak / 2**20:.0f} MiB")
-    print(f"output: {out.shape} {out.dtype} ({out.nbytes / 2**20:.0f} MiB), checksum {float(out.sum(dtype=np.float64)):.6e}")
+    print(
+        f"expression_target(panel): time {min(times):.3f} s (best of {args.repeat}), peak extra memory {peak / 2**20:.0f} MiB"
+    )
+    print(
+        f"output: {out.shape} {out.dtype} ({out.nbytes / 2**20:.0f} MiB), checksum {float(out.sum(dtype=np.float64)):.6e}"
+    )
 
 
 if __name__ == "__main__":
