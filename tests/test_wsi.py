@@ -154,6 +154,17 @@ def test_read_wsi_layout(tmp_path, image):
     assert np.quantile(inside, 0.95) < 1.1
     view = slide_view(lazy, lib)
     assert view.lazy and view.size == (800, 600)
+    # the same pixels as a PNG (decoded whole, at reduced scale for the thumbnail): the same grid spots
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "slide.png")
+    with pytest.raises(ValueError, match="pass mpp="):
+        stexp.io.read_wsi(tmp_path / "slide.png")
+    png = stexp.io.read_wsi(tmp_path / "slide.png", mpp=UM_PER_PX, spacing_um=60, spot_diameter_um=40)
+    common = png.obs_names.intersection(lazy.obs_names)
+    assert len(common) >= 0.95 * max(png.n_obs, lazy.n_obs)
+    np.testing.assert_allclose(png[common].obsm["spatial"], lazy[common].obsm["spatial"])
+    assert png.uns["spatial"][lib]["metadata"]["source_image_path"].endswith("slide.png")
 
 
 def test_patches_from_pyramid_match_decoded_image(tmp_path, image):

@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from stexp._layout import check_um_per_px, record
 from stexp._settings import logger
 
@@ -91,7 +93,7 @@ def read_wsi(
     ValueError
         If the file cannot be read, has no usable pixel size (pass ``mpp=``), or no tissue is found.
     """
-    from stexp.images._slide import RegionReader, is_region_file
+    from stexp.images._slide import RegionReader, decode_image, is_region_file
 
     from ._grid import grid_spots
 
@@ -100,35 +102,29 @@ def read_wsi(
         raise FileNotFoundError(f"slide file {str(path)!r} does not exist.")
     library_id = str(library_id or path.name.split(".")[0])
     um_per_px = slide_um_per_px(path, mpp)
-    if not is_region_file(path):
-        adata = grid_spots(
-            path, um_per_px=um_per_px, spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, genes=genes,
-            tissue_threshold=tissue_threshold, library_id=library_id, min_tissue_fraction=min_tissue_fraction,
-        )  # fmt: skip
-        reader_name = "pillow"
-        levels: list = [list(adata.uns["spatial"][library_id]["metadata"].get("image_size", []))]
-    else:
+    if is_region_file(path):
         with RegionReader(path) as reader:
             thumb, _ = reader.thumbnail(THUMBNAIL_PX)
             width, height = reader.dimensions
             levels = [list(d) for d in reader.level_dimensions]
             reader_name = reader.kind
-        f = width / thumb.shape[1]  # level-0 px per thumbnail px
-        adata = grid_spots(
-            thumb, um_per_px=um_per_px * f, spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, genes=genes,
-            tissue_threshold=tissue_threshold, library_id=library_id, min_tissue_fraction=min_tissue_fraction,
-        )  # fmt: skip
-        adata.obsm["spatial"] = adata.obsm["spatial"] * f
-        entry = adata.uns["spatial"][library_id]
-        sf = entry["scalefactors"]
-        for res in entry["images"]:
-            sf[f"tissue_{res}_scalef"] = float(sf[f"tissue_{res}_scalef"]) / f
-        sf["spot_diameter_fullres"] = spot_diameter_um / um_per_px
-        sf["microns_per_pixel"] = um_per_px
-        adata.uns["stexp"]["grid_spots"]["um_per_px"] = um_per_px  # of the slide, not of the thumbnail
-        entry["metadata"].update(
-            {"source_image_path": str(path), "image_width": int(width), "image_height": int(height)}
-        )
+    else:  # JPEG / PNG: decoded once at reduced scale, then the same steps as a slide's thumbnail
+        image, (width, height) = decode_image(path, max_px=THUMBNAIL_PX, resample="BILINEAR")
+        thumb, levels, reader_name = np.asarray(image), [[width, height]], "pillow"
+    f = width / thumb.shape[1]  # level-0 px per thumbnail px
+    adata = grid_spots(
+        thumb, um_per_px=um_per_px * f, spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, genes=genes,
+        tissue_threshold=tissue_threshold, library_id=library_id, min_tissue_fraction=min_tissue_fraction,
+    )  # fmt: skip
+    adata.obsm["spatial"] = adata.obsm["spatial"] * f
+    entry = adata.uns["spatial"][library_id]
+    sf = entry["scalefactors"]
+    for res in entry["images"]:
+        sf[f"tissue_{res}_scalef"] = float(sf[f"tissue_{res}_scalef"]) / f
+    sf["spot_diameter_fullres"] = spot_diameter_um / um_per_px
+    sf["microns_per_pixel"] = um_per_px
+    adata.uns["stexp"]["grid_spots"]["um_per_px"] = um_per_px  # of the slide, not of the thumbnail
+    entry["metadata"].update({"source_image_path": str(path), "image_width": int(width), "image_height": int(height)})
     adata.uns["spatial"][library_id]["metadata"]["platform"] = "wsi"
     record(
         adata,
