@@ -67,13 +67,13 @@ def test_leave_one_patient_out_never_trains_on_the_test_patient(four):
 def test_out_of_fold_predictions_are_those_of_the_fold_model(four):
     genes = four.var_names[:20].tolist()
     res = stexp.tl.cross_validate(four, model="ridge", features_key=FEATURES, genes=genes, key_added="cv")
-    oof = four.layers["cv"]
+    oof = stexp.tl.get_prediction(four, "cv", four.var_names).to_numpy()
     assert np.isfinite(oof[:, :20]).all() and np.isnan(oof[:, 20:]).all()
     # Refit the fold that holds out patient_1 by hand: same predictions on its slides.
     is_test = (four.obs["patient"] == "patient_1").to_numpy()
     train, test = four[~is_test].copy(), four[is_test].copy()
     stexp.tl.predict(test, stexp.tl.fit(train, model="ridge", features_key=FEATURES, genes=genes))
-    np.testing.assert_allclose(oof[is_test], test.layers["stexp_pred"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(oof[is_test], stexp.tl.get_prediction(test, genes=four.var_names), rtol=1e-5, atol=1e-6)
     # The per-fold scores are evaluate's scores of the out-of-fold layer.
     scores = stexp.tl.evaluate(four, pred_key="cv")
     np.testing.assert_allclose(res.per_fold.set_index("library_id").loc[scores.index, "pcc_acg"], scores["pcc_acg"])
@@ -144,7 +144,7 @@ def test_planted_test_only_variable_gene_stays_out_of_its_fold_panel():
     test_fold = res.folds.index[res.folds["test_group"] == "slide_2"][0]
     assert "gene_000" not in res.panels[test_fold]
     assert all("gene_000" in res.panels[f] for f in res.folds.index if f != test_fold)
-    assert np.isnan(adata.layers["stexp_cv"][in_test, planted]).all()
+    assert np.isnan(stexp.tl.get_prediction(adata, "stexp_cv", ["gene_000"]).to_numpy()[in_test]).all()
 
 
 def test_bad_inputs(four):

@@ -81,7 +81,7 @@ def test_learns_from_images_beyond_a_shuffled_image_control(featured, fitted):
     train, test = _split(featured)
     truth = expression_target(test, fitted.genes)
     stexp.tl.predict(test, fitted)
-    pred = test.layers["stexp_pred"][:, test.var_names.get_indexer(fitted.genes)]
+    pred = stexp.tl.get_prediction(test, "stexp_pred", fitted.genes).to_numpy()
     real = mean_pcc(pred, truth)
 
     shuffled = train.copy()
@@ -89,7 +89,7 @@ def test_learns_from_images_beyond_a_shuffled_image_control(featured, fitted):
     shuffled.obsm[STATS_KEY] = shuffled.obsm[STATS_KEY][perm]
     control = _fit(shuffled, max_epochs=30, seed=0)
     stexp.tl.predict(test, control, key_added="control")
-    ctrl = mean_pcc(test.layers["control"][:, test.var_names.get_indexer(fitted.genes)], truth)
+    ctrl = mean_pcc(stexp.tl.get_prediction(test, "control", fitted.genes).to_numpy(), truth)
     assert real > 0.2
     assert real > ctrl + 0.15, (real, ctrl)
     # the loss went below chance on real features
@@ -100,8 +100,9 @@ def test_learns_from_images_beyond_a_shuffled_image_control(featured, fitted):
 def test_prediction_layers_and_spread(featured, fitted):
     _, test = _split(featured)
     stexp.tl.predict(test, fitted)
-    pred, std = test.layers["stexp_pred"], test.layers["stexp_pred_std"]
-    assert pred.dtype == np.float32 and pred.shape == test.shape
+    pred = stexp.tl.get_prediction(test, "stexp_pred").to_numpy()
+    std = stexp.tl.get_prediction(test, "stexp_pred_std").to_numpy()
+    assert pred.dtype == np.float32 and pred.shape == (test.n_obs, len(fitted.genes))
     assert np.isfinite(pred).all() and (std >= 0).all()
     # the prediction is a weighted average of training expression: within its per-gene range
     bank = fitted.bank_expression
@@ -113,10 +114,10 @@ def test_prediction_layers_and_spread(featured, fitted):
 def test_prediction_ignores_measured_expression(featured, fitted):
     _, test = _split(featured)
     stexp.tl.predict(test, fitted)
-    before = test.layers["stexp_pred"].copy()
+    before = stexp.tl.get_prediction(test).to_numpy()
     test.X = np.ones(test.shape, dtype=np.float32)  # every count replaced
     stexp.tl.predict(test, fitted)
-    np.testing.assert_array_equal(before, test.layers["stexp_pred"])
+    np.testing.assert_array_equal(before, stexp.tl.get_prediction(test).to_numpy())
 
 
 def test_chance_warning_when_loss_does_not_drop(featured, caplog):

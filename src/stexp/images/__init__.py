@@ -8,6 +8,7 @@ __getattr__, __dir__, __all__ = lazy_namespace(
         "SlideView": "._slide",
         "slide_view": "._slide",
         "open_image": "._slide",
+        "RegionReader": "._slide",
         "read_patches": "._patches",
         "default_patch_um": "._patches",
         "PatchSource": "._patches",

@@ -9,7 +9,7 @@ patches from such a plan.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +21,8 @@ from ._slide import SlideView, slide_view
 
 #: Default patch side as a multiple of the spot diameter (ST 100 µm -> 150 µm; Visium 55 µm -> 82.5 µm).
 PATCH_DIAMETERS = 1.5
+#: Side (level px) of the regions a lazily read slide is read in (see :meth:`PatchPlan.stream`).
+BLOCK_PX = 2048
 #: Fill colour of the parts of a patch that lie outside the image (white, like glass on an H&E slide).
 PAD_RGB = (255, 255, 255)
 
@@ -164,6 +166,91 @@ class PatchPlan:
             out[inside] = cut_patches(image, centres[inside], self.side, int(out_px))
         return out
 
+    def subset(self, sel: slice | np.ndarray) -> PatchPlan:
+        """The plan of the selected spots (same image and patch size)."""
+        return PatchPlan(self.view, self.centres[sel], self.inside[sel], self.side, self.patch_um)
+
+    def read(self, out_px: int, sel: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """uint8 ``(n, out_px, out_px, 3)`` patches of the selected spots, read as :meth:`stream` reads them."""
+        sub = self.subset(sel)
+        out = np.empty((len(sub), out_px, out_px, 3), dtype=np.uint8)
+        for idx, patches in sub.stream(out_px, max(len(sub), 1)):
+            out[idx] = patches
+        return out
+
+    def stream(
+        self, out_px: int, batch_size: int, *, block_px: int = BLOCK_PX
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, patches)`` batches of every spot of the plan (``rows``: positions in the plan).
+
+        Batches are made ahead in a background thread while the consumer uses the previous one.
+
+        A JPEG / PNG slide (or an in-memory image) is decoded once and patches are cut in plan order. A
+        lazily read slide (:attr:`SlideView.lazy`: a slide file, a lazy multiscale image) is read at the
+        coarsest pyramid level that still has at least ``out_px`` pixels across a patch, in regions of about
+        ``block_px`` level pixels: spots are visited block by block (serpentine), so each tile of the file
+        is decoded about once, and only one region is held at a time. Spots outside the image get white
+        patches. Memory: two batches and one region, whatever the slide's size.
+        """
+        out_px, batch_size = int(out_px), int(batch_size)
+        if not len(self):
+            return
+        if not self.view.lazy:
+            image = self.view.decode()
+            for start, patches in self.batches(image, out_px, batch_size):
+                yield np.arange(start, start + len(patches)), patches
+            return
+        yield from _prefetch(lambda: self._region_batches(out_px, batch_size, block_px))
+
+    def _region_batches(self, out_px: int, batch_size: int, block_px: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        from PIL import Image
+
+        pending_idx: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        n_pending = 0
+
+        def flush(force: bool):
+            nonlocal pending_idx, pending, n_pending
+            while n_pending >= batch_size or (force and n_pending):
+                idx, patches = np.concatenate(pending_idx), np.concatenate(pending)
+                take = min(batch_size, len(idx))
+                yield idx[:take], patches[:take]
+                pending_idx, pending = [idx[take:]], [patches[take:]]
+                n_pending = len(idx) - take
+
+        outside = np.flatnonzero(~self.inside)
+        if len(outside):
+            pending_idx.append(outside)
+            pending.append(np.full((len(outside), out_px, out_px, 3), 255, dtype=np.uint8))
+            n_pending += len(outside)
+        inside = np.flatnonzero(self.inside)
+        with self.view.reader() as reader:
+            level = reader.best_level(self.side / out_px)
+            ds = reader.level_downsamples[level]
+            xy = self.centres[inside] / ds
+            side = self.side / ds
+            half, margin = side / 2.0, math.ceil(side / out_px) + 2  # margin: the resampling filter's support
+            order = _block_order(xy, block_px)
+            inside, xy = inside[order], xy[order]
+            bx = np.floor(xy[:, 0] / block_px).astype(np.int64)
+            by = np.floor(xy[:, 1] / block_px).astype(np.int64)
+            cuts = np.flatnonzero((np.diff(bx) != 0) | (np.diff(by) != 0)) + 1
+            for group in np.split(np.arange(len(inside)), cuts):
+                if not len(group):
+                    continue
+                g = xy[group]
+                x0 = math.floor(g[:, 0].min() - half) - margin
+                y0 = math.floor(g[:, 1].min() - half) - margin
+                x1 = math.ceil(g[:, 0].max() + half) + margin
+                y1 = math.ceil(g[:, 1].max() + half) + margin
+                region = Image.fromarray(reader.read(level, x0, y0, x1 - x0, y1 - y0))
+                pending_idx.append(inside[group])
+                pending.append(cut_patches(region, g - (x0, y0), side, out_px))
+                n_pending += len(group)
+                del region
+                yield from flush(False)
+        yield from flush(True)
+
     def batches(self, image, out_px: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, patches)`` of consecutive batches; batch i+1 is cut in a background thread while i is used."""
         from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +266,62 @@ class PatchPlan:
                 if j + 1 < len(starts):
                     future = pool.submit(cut, starts[j + 1])
                 yield s, patches
+
+
+def _prefetch(produce: Callable[[], Iterator], depth: int = 2) -> Iterator:
+    """The items of ``produce()``, made in a background thread up to ``depth`` items ahead of the consumer.
+
+    Errors of the producer are raised in the consumer; when the consumer stops early the thread stops too.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in produce():
+                if not put((None, item)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put((err, None))
+            return
+        put((None, done))
+
+    thread = threading.Thread(target=run, name="stexp-regions", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _block_order(xy: np.ndarray, block: float) -> np.ndarray:
+    """Order of points by ``block`` x ``block`` cell, rows top to bottom, serpentine columns (tile locality)."""
+    bx = np.floor(xy[:, 0] / block).astype(np.int64)
+    by = np.floor(xy[:, 1] / block).astype(np.int64)
+    bx -= bx.min(initial=0)
+    nbx = int(bx.max(initial=0)) + 1
+    col = np.where(by % 2 == 0, bx, nbx - 1 - bx)
+    return np.lexsort((xy[:, 0], col, by))
 
 
 def plan_patches(
@@ -250,7 +393,8 @@ def read_patches(
         Output side in pixels.
     image
         The library's image already decoded (``stexp.images.slide_view(adata, lib).decode()``), to avoid
-        decoding it again.
+        decoding it again. By default a JPEG / PNG is decoded once; a whole-slide file (pyramidal TIFF,
+        SVS, ...) is read region by region at the pyramid level the patches need (never decoded whole).
     on_outside
         Spots whose centre lies outside the image: ``"raise"`` a ValueError, or ``"drop"``: warn and
         return white patches for them (see :func:`stexp.io._validate.check_spots_in_image`).
@@ -263,8 +407,8 @@ def read_patches(
     """
     plan = plan_patches(adata, library_id, indices, patch_um=patch_um, on_outside=on_outside, library_key=library_key)
     if image is None:
-        image = plan.view.decode()
-    elif tuple(image.size) != tuple(plan.view.size):
+        return plan.read(int(out_px))
+    if tuple(image.size) != tuple(plan.view.size):
         raise ValueError(
             f"image= is {image.size[0]} x {image.size[1]} px, but the image of library {library_id!r} is "
             f"{plan.view.size[0]} x {plan.view.size[1]} px ({plan.view.source})."
@@ -277,7 +421,7 @@ class PatchSource:
 
     Built by ``stexp.tl`` from an AnnData (:meth:`from_adata`), it holds per spot its library and patch
     centre, and per library the image view and patch side: models read patches through it without
-    seeing the AnnData. Each read decodes one slide at a time.
+    seeing the AnnData. Each read decodes one slide at a time (whole-slide files: one region at a time).
 
     Parameters
     ----------
@@ -331,24 +475,19 @@ class PatchSource:
         out = np.empty((len(self), out_px, out_px, 3), dtype=np.uint8)
         for lib in self.libraries:
             sel = np.flatnonzero(self.library == lib)
-            plan = self.plans[lib]
-            image = plan.view.decode()
-            out[sel] = plan.cut(image, out_px, self.local[sel])
-            del image
+            out[sel] = self.plans[lib].read(out_px, self.local[sel])
         return out
 
     def batches(self, out_px: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(spots, patches)`` batches, library by library, each slide decoded once (memory: one slide)."""
+        """``(spots, patches)`` batches, library by library (memory: at most one decoded JPEG slide).
+
+        Each library's patches come from :meth:`PatchPlan.stream`: a JPEG is decoded once, a whole-slide file
+        read region by region.
+        """
         for lib in self.libraries:
             sel = np.flatnonzero(self.library == lib)
-            plan = self.plans[lib]
-            sub = PatchPlan(
-                plan.view, plan.centres[self.local[sel]], plan.inside[self.local[sel]], plan.side, plan.patch_um
-            )
-            image = plan.view.decode()
-            for start, patches in sub.batches(image, out_px, batch_size):
-                yield sel[start : start + len(patches)], patches
-            del image
+            for idx, patches in self.plans[lib].subset(self.local[sel]).stream(out_px, batch_size):
+                yield sel[idx], patches
 
     def __repr__(self) -> str:
         return f"PatchSource({len(self)} spots of {len(self.libraries)} librar{'y' if len(self.libraries) == 1 else 'ies'})"

@@ -1,4 +1,4 @@
-"""Readers and writers: legacy ST folders, SpatialData, pseudo-spots over H&E-only slides."""
+"""Readers and writers: legacy ST folders, SpatialData, pseudo-spots over H&E-only and whole-slide images."""
 
 from stexp._lazy import lazy_namespace
 
@@ -10,6 +10,7 @@ __getattr__, __dir__, __all__ = lazy_namespace(
         "from_spatialdata": "._spatialdata",
         "to_spatialdata": "._spatialdata",
         "grid_spots": "._grid",
+        "read_wsi": "._wsi",
         "validate": "._validate",
     },
 )

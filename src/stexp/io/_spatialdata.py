@@ -9,8 +9,10 @@ import numpy as np
 from stexp._layout import PLATFORMS, check_um_per_px, record
 from stexp._settings import logger
 
-#: Longest side (px) of an in-memory image taken from a multiscale SpatialData image.
-MAX_IMAGE_PX = 4000
+#: Longest side (px) of the in-memory copy of a multiscale image kept for plots (a thumbnail).
+THUMBNAIL_PX = 2000
+#: Encoder input side (px) assumed when choosing the level patches are read from (the default encoders' 224).
+PATCH_INPUT_PX = 224
 
 
 def _get(container, key: str, what: str):
@@ -37,24 +39,40 @@ def _pure_scale(matrix: np.ndarray, what: str) -> float:
     return float(sx)
 
 
-def _image_array(element) -> tuple[np.ndarray, float]:
-    """(H, W, C) numpy image and its downscale factor vs the element's full resolution."""
+def _levels(element) -> list:
+    """The levels of an image element, finest first, each an xarray ``(c, y, x)`` (lazy: dask-backed)."""
     import xarray as xr
 
     if isinstance(element, xr.DataArray):
-        arr, factor = element, 1.0
-    else:  # multiscale DataTree: the coarsest level whose longest side is still >= MAX_IMAGE_PX, else scale0
-        levels = [element[name]["image"] for name in sorted(element.children)]
-        full = max(levels[0].shape[1:])
-        arr = levels[0]
-        for level in levels[1:]:
-            if max(level.shape[1:]) >= MAX_IMAGE_PX:
-                arr = level
-        factor = full / max(arr.shape[1:])
-    img = np.moveaxis(np.asarray(arr.transpose("c", "y", "x").values), 0, -1)
+        return [element.transpose("c", "y", "x")]
+    return [element[name]["image"].transpose("c", "y", "x") for name in sorted(element.children)]
+
+
+def _level_rgb(level) -> np.ndarray:
+    """One level computed into memory as ``(H, W, C)`` (RGBA -> RGB)."""
+    img = np.moveaxis(np.asarray(level.values), 0, -1)
     if img.shape[-1] == 4:  # RGBA (e.g. Space Ranger hires png): keep the colour channels
         img = img[..., :3]
-    return img, float(factor)
+    return img
+
+
+def _element_store(sdata, key: str):
+    """The on-disk OME-Zarr folder of image ``key`` when its data are read from it (not changed in memory)."""
+    from pathlib import Path
+
+    root = getattr(sdata, "path", None)
+    if root is None:
+        return None
+    path = (Path(root) / "images" / key).resolve()
+    if not path.is_dir():
+        return None
+    try:
+        from spatialdata import get_dask_backing_files
+
+        backing = [Path(f).resolve() for f in get_dask_backing_files(sdata.images[key])]
+    except Exception:  # noqa: BLE001 - an older spatialdata: trust the store
+        return path
+    return path if any(b == path or path in b.parents for b in backing) else None
 
 
 def _res_name(key: str) -> str:
@@ -73,15 +91,27 @@ def from_spatialdata(
     library_id: str | None = None,
     coordinate_system: str | None = None,
     spot_diameter_um: float = PLATFORMS["visium"]["spot_diameter_um"],
+    um_per_px: float | None = None,
 ):
     """Turn a SpatialData (e.g. from ``spatialdata_io.visium``) into an AnnData in stexp's layout.
 
-    Spot centres come from the circles of ``shapes_key``, expressed through spatialdata's transformations
-    in the pixel frame of ``coordinate_system`` (for ``spatialdata_io.visium``, the dataset's system, whose
-    frame is the full-resolution image), i.e. ``obsm["spatial"]`` in full-resolution pixels. Each image
-    with an isotropic scale into that frame is kept in ``uns["spatial"][library_id]["images"]`` with its
-    ``tissue_<res>_scalef``; µm per pixel comes from the circle diameter (``spot_diameter_um``, 55 µm
-    for Visium).
+    Spot centres come from the shapes of ``shapes_key`` (circles' centres, polygons' centroids), expressed
+    through spatialdata's transformations in the pixel frame of ``coordinate_system`` (for
+    ``spatialdata_io.visium``, the dataset's system, whose frame is the full-resolution image), i.e.
+    ``obsm["spatial"]`` in full-resolution pixels.
+
+    Spot size and µm per pixel: for **circles** (Visium spots) µm per pixel comes from the circle diameter
+    (``spot_diameter_um``, 55 µm for Visium) unless ``um_per_px`` is given. For **other shapes** (Visium HD
+    squares, Xenium / segmentation polygons) the spot is measured from the geometry: its diameter is that
+    of the circle of the same area (median over spots), in µm through ``um_per_px`` (or the table's
+    ``uns["spatial"][...]["scalefactors"]["microns_per_pixel"]``), never a 55 µm circle.
+
+    Images: each image with an isotropic scale into that frame is kept in
+    ``uns["spatial"][library_id]["images"]`` with its ``tissue_<res>_scalef``. A multiscale image is not
+    computed whole: a thumbnail of about 2,000 px is kept for plots, and the patches are read region by
+    region at the pyramid level they need, from the image's OME-Zarr folder (when ``sdata`` is backed by a
+    zarr store: ``metadata["source_image_path"]``) or else from the finest level whose µm per pixel a
+    patch of 1.5 spot diameters at 224 px still needs.
 
     Parameters
     ----------
@@ -99,7 +129,10 @@ def from_spatialdata(
         Coordinate system of the full-resolution pixel frame; default: one where the shapes have an
         identity transformation, else the first shared by the shapes and images.
     spot_diameter_um
-        Physical spot diameter (µm) used to derive µm per pixel from the circle radius.
+        Physical spot diameter (µm) used to derive µm per pixel from the circle radius (circles only).
+    um_per_px
+        µm per pixel of the coordinate system's frame. Required for non-circle shapes when the table does
+        not record ``microns_per_pixel``; for circles it overrides the value from ``spot_diameter_um``.
 
     Returns
     -------
@@ -153,29 +186,67 @@ def from_spatialdata(
         )
     geo = shapes.loc[inst]
     matrix = _affine(shapes, cs)
-    if (geo.geometry.geom_type == "Point").all():
+    circles = bool((geo.geometry.geom_type == "Point").all())
+    if circles:
         xy = np.column_stack([geo.geometry.x, geo.geometry.y])
         if "radius" not in geo:
             raise KeyError(f"shapes {shapes_key!r} are points without a 'radius' column; cannot size the spots.")
         diameter = 2 * np.asarray(geo["radius"], dtype=float)
-    else:
+    else:  # squares (Visium HD bins), cell polygons (Xenium): the diameter of the circle of equal area
         cent = geo.geometry.centroid
         xy = np.column_stack([cent.x, cent.y])
         diameter = 2 * np.sqrt(np.asarray(geo.geometry.area, dtype=float) / np.pi)
     xy = xy @ matrix[:2, :2].T + matrix[:2, 2]
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
     diameter_px = float(np.median(diameter)) * scale
-    mpp = check_um_per_px(spot_diameter_um / diameter_px, what=f"µm per pixel of library {lib!r} from the spot radius")
+    if um_per_px is None and not circles:
+        old_sf = ((table.uns.get("spatial") or {}).get(shapes_key) or {}).get("scalefactors") or {}
+        um_per_px = old_sf.get("microns_per_pixel")
+        if um_per_px is None:
+            raise ValueError(
+                f"shapes {shapes_key!r} are {geo.geometry.geom_type.iloc[0]}s, not circles of a known size: pass "
+                "um_per_px= (µm per pixel of the coordinate system; e.g. 1.0 when it is in µm, as Xenium's "
+                "'global') so the spot size can be measured from the geometry."
+            )
+    if um_per_px is not None:
+        mpp = check_um_per_px(um_per_px, what="um_per_px")
+        if not circles:
+            spot_diameter_um = diameter_px * mpp
+    else:
+        mpp = check_um_per_px(
+            spot_diameter_um / diameter_px, what=f"µm per pixel of library {lib!r} from the spot radius"
+        )
 
     images, scalefs = {}, {}
+    source = None
+    patch_um_per_px = 1.5 * float(spot_diameter_um) / PATCH_INPUT_PX  # what the default patches need
     for key in image_keys:
         element = sdata.images[key]
         if cs not in get_transformation(element, get_all=True):
             continue
         s = _pure_scale(_affine(element, cs), f"image {key!r}")
-        img, factor = _image_array(element)
+        levels = _levels(element)
+        full = max(levels[0].shape[1:])
         res = _res_name(key)
-        images[res] = img
+        if len(levels) == 1:  # a single-scale image (e.g. Space Ranger's hires / lowres PNG): in memory
+            images[res], factor = _level_rgb(levels[0]), 1.0
+        else:
+            store = _element_store(sdata, key)
+            if store is not None and source is None and np.isclose(s, 1.0, rtol=1e-4):
+                source = store  # the full-resolution frame itself, read lazily from the zarr store
+            if store is None or not np.isclose(s, 1.0, rtol=1e-4):
+                # no store to read lazily: the coarsest level that still has the µm/px the patches need
+                level_mpp = [mpp * s * full / max(lv.shape[1:]) for lv in levels]
+                ok = [i for i, m in enumerate(level_mpp) if m <= patch_um_per_px * (1 + 1e-3)] or [0]
+                chosen = levels[max(ok)]
+                images[res] = _level_rgb(chosen)
+                scalefs[f"tissue_{res}_scalef"] = max(chosen.shape[1:]) / full / s
+            # a thumbnail for plots: the coarsest level that is still >= THUMBNAIL_PX (computed alone)
+            thumb = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= THUMBNAIL_PX), levels[0])
+            res_thumb = f"{res}_thumbnail" if res in images else res
+            images[res_thumb] = _level_rgb(thumb)
+            scalefs[f"tissue_{res_thumb}_scalef"] = max(thumb.shape[1:]) / full / s
+            continue
         scalefs[f"tissue_{res}_scalef"] = 1.0 / (s * factor)
     if image_key is not None and not images:
         raise KeyError(f"image(s) {image_keys} are not in coordinate system {cs!r}.")
@@ -185,6 +256,8 @@ def from_spatialdata(
 
     old = (table.uns.get("spatial") or {}).get(shapes_key) or {}
     metadata = {**dict(old.get("metadata") or {}), "has_image": bool(images), "coordinate_system": cs}
+    if source is not None:
+        metadata["source_image_path"] = str(source)
     adata.uns["spatial"] = {lib: {"images": images, "scalefactors": scalefs, "metadata": metadata}}
     adata.obsm["spatial"] = xy.astype(np.float64)
     adata.obs["library_id"] = pd.Categorical([lib] * adata.n_obs)
@@ -203,9 +276,11 @@ def from_spatialdata(
 def to_spatialdata(adata, sdata, *, table_key: str = "table", layers: Sequence[str] | None = None) -> None:
     """Write stexp's results from ``adata`` back into a SpatialData table, matching spots by ``obs_names``.
 
-    Written: ``layers`` (default: every layer whose name starts with ``"stexp"``), ``obsm`` keys starting
-    with ``"X_stexp"``, ``obs`` columns starting with ``"stexp_"`` and ``uns["stexp"]``. Table rows absent
-    from ``adata`` get NaN; genes of the table absent from ``adata`` get NaN in the written layers.
+    Written: the predictions ``layers`` (default: every prediction whose key starts with ``"stexp"``: a
+    layer, or a panel-only ``obsm`` gene DataFrame (see :func:`stexp.tl.predict`), written as the same
+    DataFrame), ``obsm`` keys starting with ``"X_stexp"``, ``obs`` columns starting with ``"stexp_"`` and
+    ``uns["stexp"]``. Table rows absent from ``adata`` get NaN; genes of the table absent from ``adata``
+    get NaN in the written layers.
 
     Parameters
     ----------
@@ -216,7 +291,7 @@ def to_spatialdata(adata, sdata, *, table_key: str = "table", layers: Sequence[s
     table_key
         Table to write into.
     layers
-        Layers to write; default: the ``"stexp*"`` layers.
+        Predictions to write (layer or ``obsm`` DataFrame keys); default: the ``"stexp*"`` ones.
     """
     import pandas as pd
     from scipy import sparse
@@ -235,14 +310,23 @@ def to_spatialdata(adata, sdata, *, table_key: str = "table", layers: Sequence[s
         )
     ok = pos >= 0
     rows = pos[ok]
+    from stexp.tl._storage import has_prediction
+
+    frames = [k for k in adata.obsm if isinstance(adata.obsm[k], pd.DataFrame)]
     if layers is None:
-        layers = [k for k in adata.layers if k.startswith("stexp")]
-    missing = [k for k in layers if k not in adata.layers]
+        layers = [k for k in [*adata.layers, *frames] if k.startswith("stexp")]
+    missing = [k for k in layers if not has_prediction(adata, k)]
     if missing:
         raise KeyError(f"layer(s) {missing} not in adata.layers (it has {list(adata.layers)}).")
     written = []
     gene_pos = table.var_names.get_indexer(adata.var_names)
-    for key in layers:
+    for key in [k for k in layers if k in frames]:  # panel-only predictions: an obsm gene DataFrame, as is
+        frame = adata.obsm[key]
+        out = pd.DataFrame(np.nan, index=table.obs_names.copy(), columns=frame.columns, dtype=np.float32)
+        out.iloc[rows] = frame.to_numpy()[ok]
+        table.obsm[key] = out
+        written.append(f"obsm[{key!r}]")
+    for key in [k for k in layers if k not in frames]:
         values = adata.layers[key]
         values = values.toarray() if sparse.issparse(values) else np.asarray(values)
         out = np.full(table.shape, np.nan, dtype=np.float32)

@@ -60,13 +60,11 @@ def colour_limits(values: list[np.ndarray], vmin: str | float | None, vmax: str 
     return lo, hi
 
 
-def _layer_values(adata, layer: str, mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    from scipy import sparse
+def _layer_values(adata, layer: str, mask: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+    """Predicted values of ``genes`` at the spots of ``mask`` (a layer or an obsm gene DataFrame; NaN: not predicted)."""
+    from stexp.tl._storage import prediction_columns
 
-    X = adata.layers[layer]
-    X = X[np.flatnonzero(mask)][:, idx]
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    return X.astype(np.float64)
+    return prediction_columns(adata, layer, genes, rows=np.flatnonzero(mask)).astype(np.float64)
 
 
 def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
@@ -131,7 +129,8 @@ def spatial_genes(
     library_id
         The slide to draw; required when ``adata`` holds several.
     layers
-        Layers drawn side by side; ``None`` is the measured target.
+        Predictions drawn side by side (keys of :func:`stexp.tl.predict`: a layer or an ``obsm`` gene
+        DataFrame); ``None`` is the measured target.
     img
         ``True``: draw on the ``"hires"`` image (else ``"lowres"``); a string names the image;
         ``False``: no image.
@@ -189,6 +188,8 @@ def spatial_genes(
     layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty: name at least one layer (None for the measured target).")
+    from stexp.tl._storage import has_prediction, read_prediction
+
     predicted = [layer for layer in layers if layer is not None]
     if isinstance(genes, str) and genes == "best":
         genes = best_genes(adata, predicted[0] if predicted else "stexp_pred", n_best)
@@ -200,24 +201,29 @@ def spatial_genes(
         if not predicted:
             raise ValueError("interval_width=True needs a predicted layer in layers=.")
         width_bounds = (f"{predicted[0]}_lo", f"{predicted[0]}_hi")
-        if not all(b in adata.layers for b in width_bounds):
+        if not all(has_prediction(adata, b) for b in width_bounds):
             raise KeyError(
-                f"interval_width=True needs adata.layers {list(width_bounds)}: predict with a calibrated model and "
+                f"interval_width=True needs the predictions {list(width_bounds)}: predict with a calibrated model and "
                 "coverage=, e.g. stexp.tl.predict(adata, model, coverage=0.9)."
             )
-    missing = [g for g in genes if g not in adata.var_names]
+    for layer in layers:
+        if layer is not None and not has_prediction(adata, layer):
+            raise KeyError(
+                f"prediction {layer!r} not found in adata.layers ({list(adata.layers)}) or adata.obsm ({list(adata.obsm)})."
+            )
+    known = set(adata.var_names)
+    for layer in layers:  # a panel-only prediction (obsm gene DataFrame) may hold genes var lacks
+        if layer is not None and layer not in adata.layers:
+            known |= set(read_prediction(adata, layer)[0])
+    missing = [g for g in genes if g not in known]
     if missing:
         raise KeyError(f"gene(s) {missing[:10]} not in adata.var_names ({adata.n_vars} genes).")
-    for layer in layers:
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}.")
     if ncols is not None and ncols < 1:
         raise ValueError(f"ncols must be at least 1, got {ncols}.")
     lib = resolve_library(adata, library_id, library_key)
     view = tissue_view(adata, lib, img=img, library_key=library_key, spot_size=spot_size)
-    idx = adata.var_names.get_indexer(genes)
 
     unmeasured = is_unmeasured(adata)
     measured = None
@@ -240,7 +246,7 @@ def spatial_genes(
             assert measured is not None  # computed above whenever None is among the layers
             values[None] = measured
             continue
-        v = _layer_values(adata, layer, view.mask, idx)
+        v = _layer_values(adata, layer, view.mask, genes)
         empty = ~np.isfinite(v).any(axis=0)
         if empty.any():
             raise ValueError(
@@ -251,7 +257,7 @@ def spatial_genes(
     expression_layers = list(layers)
     if width_bounds is not None:
         width_label = f"{predicted[0]} interval width"
-        lo_v, hi_v = (_layer_values(adata, b, view.mask, idx) for b in width_bounds)
+        lo_v, hi_v = (_layer_values(adata, b, view.mask, genes) for b in width_bounds)
         values[width_label] = hi_v - lo_v
         layers = [*layers, width_label]
 

@@ -70,7 +70,11 @@ def _autocast(device: str):
 def _embed_plan(
     enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False
 ) -> np.ndarray:
-    """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan` (its slide decoded once).
+    """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan`.
+
+    Patches come from :meth:`~stexp.images._patches.PatchPlan.stream` (a JPEG decoded once, a whole-slide
+    file read region by region); with ``mpp`` the decoded slide is first resampled to that µm/px, which
+    needs the whole image (refused for a slide read by region). ``stain_norm`` is fitted on a thumbnail.
 
     Patches of batch i+1 are cut in a background thread while batch i runs through the encoder. Spots
     outside the image get NaN features.
@@ -84,12 +88,28 @@ def _embed_plan(
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    from stexp.images._views import encode, resample_slide, stain_normalizer
+    from stexp.images._views import THUMBNAIL_PX, encode, resample_slide, stain_normalizer
 
-    image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
-    normalize = stain_normalizer(image, stain_norm)
-    with torch.inference_mode():
-        for start, patches in plan.batches(image, int(enc.input_px), batch_size):
+    if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
+        if mpp is not None:
+            raise ValueError(
+                f"library {plan.view.library_id!r}: mpp= resamples the whole decoded slide, but this slide is read "
+                "region by region (a whole-slide file); embed it without mpp= (patches are resampled to the "
+                "encoder's input size from the pyramid level nearest the patch's µm/px)."
+            )
+        batches = plan.stream(int(enc.input_px), batch_size)
+        normalize = None
+        if stain_norm is not None:
+            from PIL import Image
+
+            thumb = Image.fromarray(plan.view.reader().thumbnail(THUMBNAIL_PX)[0])
+            normalize = stain_normalizer(thumb, stain_norm)
+    else:  # decoded once; resampled to mpp first when asked
+        image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
+        normalize = stain_normalizer(image, stain_norm)
+        batches = ((np.arange(s, s + len(p)), p) for s, p in plan.batches(image, int(enc.input_px), batch_size))
+    with torch.inference_mode():  # a JPEG is decoded once; a whole-slide file is read region by region
+        for rows, patches in batches:
             if normalize is not None:
                 patches = normalize(patches)
             x = enc.preprocess(patches, device=device)
@@ -103,7 +123,7 @@ def _embed_plan(
                     f"encoder {enc.name!r} returned {shape} for a batch of {len(patches)} patches; "
                     f"expected ({len(patches)}, {enc.out_dim})."
                 )
-            out[start : start + len(patches)] = y.float().cpu().numpy()
+            out[rows] = y.float().cpu().numpy()
             if pbar is not None:
                 pbar.update(len(patches))
     out[~plan.inside] = np.nan
@@ -135,7 +155,9 @@ def embed_images(
     """Embed the H&E patch around every spot with an image encoder.
 
     Each library's slide (the image :func:`stexp.images.slide_view` chooses: the full-resolution file when
-    available) is decoded once; a square patch of ``patch_um`` µm around each spot centre is resampled to
+    available) is decoded once (a whole-slide file: SVS, NDPI, pyramidal TIFF..., is instead read region by
+    region at the pyramid level the patch size needs, never whole); a square patch of ``patch_um`` µm
+    around each spot centre is resampled to
     the encoder's input size (parts beyond the image border are white), normalised as the encoder
     declares and embedded in batches under ``torch.inference_mode`` (patches of the next batch are cut in
     a background thread; on CUDA with channels-last and bf16/fp16 autocast).

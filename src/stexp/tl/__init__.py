@@ -11,5 +11,6 @@ __getattr__, __dir__, __all__ = lazy_namespace(
         "cross_validate": "._cross_validate",
         "domains": "._domains",
         "score_domains": "._domains",
+        "get_prediction": "._storage",
     },
 )

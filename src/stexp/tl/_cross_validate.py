@@ -38,7 +38,8 @@ class CVResult:
     panels
         The gene panel of each fold (fixed from its training slides only).
     layers
-        The ``adata.layers`` key of each model's out-of-fold prediction.
+        The key of each model's out-of-fold prediction (``adata.layers[key]`` when the fold panels cover
+        every gene of ``var``, else the gene DataFrame ``adata.obsm[key]``; see :func:`stexp.tl.predict`).
     models
         With ``keep_models=True``, the fitted model of each fold, by model name; else ``None``.
     """
@@ -174,9 +175,11 @@ def cross_validate(
     layer
         Layer with raw counts (``None``: ``adata.X``).
     key_added
-        Layer of the out-of-fold predictions (NaN outside the fold's panel): ``key_added`` for a
-        single model name, ``f"{key_added}_{model}"`` for each model of a list. A ``"_std"`` layer
-        follows where the model gives a spread.
+        Key of the out-of-fold predictions (NaN outside the fold's panel), stored over the union of
+        the fold panels as :func:`stexp.tl.predict` stores predictions (a layer when that union is all
+        of ``var``, else an ``obsm`` gene DataFrame): ``key_added`` for a single model name,
+        ``f"{key_added}_{model}"`` for each model of a list. A ``"_std"`` key follows where the model
+        gives a spread.
     top_n
         Number of highest-expressed and most variable genes of the HEG and HVG scores.
     keep_models
@@ -290,14 +293,15 @@ def cross_validate(
     )
     data.target = expression_target(adata, union, layer=layer)
 
-    oof = {m: np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32) for m in models}
+    # out-of-fold predictions over the union of the fold panels only (never n_obs x n_vars)
+    oof = {m: np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32) for m in models}
     oof_std: dict[str, np.ndarray] = {}
     timing: dict[tuple[str, int], tuple[float, float]] = {}
     fitted: dict[str, list] = {m: [] for m in models}
     for fold, group in enumerate(order):
         is_test = groups == group
         panel = panels[fold]
-        var_idx = adata.var_names.get_indexer(panel)
+        var_idx = np.asarray([column[g] for g in panel])  # columns of the union
         train = data.subset(~is_test).with_genes(np.asarray([column[g] for g in panel]))
         test = data.subset(is_test)
         test.target = None
@@ -324,13 +328,16 @@ def cross_validate(
             if keep_models:
                 fitted[m].append(est)
 
+    from ._storage import write_prediction
+
     tables = []
+    where_of: dict[str, str] = {}
     target = (union, data.target)
     for m in models:
         name = layer_of[m]
-        adata.layers[name] = oof[m]
+        where_of[m] = write_prediction(adata, name, union, oof[m])
         if m in oof_std:
-            adata.layers[f"{name}_std"] = oof_std[m]
+            write_prediction(adata, f"{name}_std", union, oof_std[m])
         scores = score_prediction(
             adata, pred_key=name, library_key=library_key, top_n=top_n, layer=layer, target=target
         )
@@ -365,7 +372,7 @@ def cross_validate(
             "per_fold": per_fold,
         },
     )
-    added = ", ".join(f"adata.layers[{v!r}]" for v in layer_of.values())
+    added = ", ".join(where_of.values())
     logger.info(f"added {added}, adata.uns['stexp'][{key_added!r}]")
     return CVResult(
         per_fold=per_fold,

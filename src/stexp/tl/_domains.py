@@ -17,8 +17,6 @@ N_DOMAINS_RANGE = (2, 10)
 
 def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
     """Spots x genes matrix to cluster, with the all-NaN genes (outside the model's panel) dropped."""
-    from scipy import sparse
-
     from stexp.pp._target import expression_target
 
     genes = as_list(genes)
@@ -28,7 +26,19 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
             raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
         if not genes:
             raise ValueError("genes is empty.")
-    names = list(adata.var_names) if genes is None else genes
+    if layer is not None:  # a prediction: its own genes (a layer, or an obsm gene DataFrame of the panel)
+        from ._storage import has_prediction, prediction_columns, read_prediction
+
+        if not has_prediction(adata, layer):
+            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+        names: list[str]
+        if genes is None:
+            read_names, X = read_prediction(adata, layer)
+            names = [str(g) for g in read_names]
+        else:
+            names, X = list(genes), prediction_columns(adata, layer, genes)
+    else:
+        names = list(adata.var_names) if genes is None else list(genes)
     if layer is None:
         if is_unmeasured(adata):
             raise ValueError(
@@ -37,12 +47,6 @@ def _expression(adata, layer: str | None, genes: Sequence[str] | None) -> tuple[
             )
         X = expression_target(adata, names)
     else:
-        if layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
-        X = adata.layers[layer]
-        if genes is not None:
-            X = X[:, adata.var_names.get_indexer(genes)]
-        X = X.toarray() if sparse.issparse(X) else np.asarray(X)
         X = X.astype(np.float32, copy=False)
     keep = ~np.isnan(X).all(axis=0)  # all-NaN genes lie outside the model's panel; +-inf is refused below
     if not keep.any():

@@ -78,32 +78,34 @@ def _nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if x.size else float("nan")
 
 
-def _prediction_layer(adata, pred_key: str) -> np.ndarray:
-    if pred_key not in adata.layers:
-        raise KeyError(
-            f"prediction layer {pred_key!r} not in adata.layers (it has {list(adata.layers)}); "
-            "run stexp.tl.predict (key_added=...) or pass pred_key= naming the prediction layer."
-        )
-    pred = adata.layers[pred_key]
-    if hasattr(pred, "toarray"):
-        pred = pred.toarray()
-    pred = np.asarray(pred)
-    if pred.shape != (adata.n_obs, adata.n_vars):
-        raise ValueError(
-            f"adata.layers[{pred_key!r}] has shape {pred.shape}, expected (n_obs, n_vars) = "
-            f"{(adata.n_obs, adata.n_vars)}."
-        )
-    if not np.issubdtype(pred.dtype, np.number):
-        raise ValueError(f"adata.layers[{pred_key!r}] is not numeric (dtype {pred.dtype}).")
-    if np.isinf(pred).any():
-        raise ValueError(f"adata.layers[{pred_key!r}] contains {int(np.isinf(pred).sum())} infinite values.")
-    return pred
+def _prediction_layer(adata, pred_key: str):
+    """``take(rows, var_cols)``: the prediction at those spots and ``var`` columns (NaN where not predicted).
+
+    Reads through :mod:`stexp.tl._storage` (a layer or an ``obsm`` gene DataFrame); nothing n_obs x n_vars
+    is allocated.
+    """
+    from ._storage import prediction_columns, read_prediction
+
+    genes, _ = read_prediction(adata, pred_key)  # raises KeyError naming the key; checks numeric and shape
+    del _
+    var = adata.var_names
+
+    def take(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        values = prediction_columns(adata, pred_key, var[np.asarray(cols)], rows=np.asarray(rows))
+        if np.isinf(values).any():
+            raise ValueError(f"prediction {pred_key!r} contains {int(np.isinf(values).sum())} infinite values.")
+        return values
+
+    take.genes = genes  # type: ignore[attr-defined]
+    return take
 
 
-def _interval_layers(adata, pred_key: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _interval_layers(adata, pred_key: str):
     """The ``<pred_key>_lo`` and ``_hi`` bounds written by ``stexp.tl.predict(..., coverage=)``, if both exist."""
+    from ._storage import has_prediction
+
     keys = (f"{pred_key}_lo", f"{pred_key}_hi")
-    if not all(k in adata.layers for k in keys):
+    if not all(has_prediction(adata, k) for k in keys):
         return None
     return _prediction_layer(adata, keys[0]), _prediction_layer(adata, keys[1])
 
@@ -128,7 +130,8 @@ def evaluate(
     Parameters
     ----------
     adata
-        AnnData with raw counts (``X`` or ``layer``) and the prediction in ``adata.layers[pred_key]``.
+        AnnData with raw counts (``X`` or ``layer``) and the prediction ``pred_key`` (``adata.layers[pred_key]``
+        or the gene DataFrame ``adata.obsm[pred_key]``, as :func:`stexp.tl.predict` writes it).
     pred_key
         The prediction layer (from :func:`stexp.tl.predict` or :func:`stexp.tl.cross_validate`).
     genes
@@ -209,8 +212,9 @@ def score_prediction(
         if missing:
             raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
         cand = adata.var_names.get_indexer(genes)
-    else:
-        cand = np.arange(adata.n_vars)
+    else:  # the predicted genes of var (all of var for a layer)
+        cand = adata.var_names.get_indexer(pred.genes)
+        cand = np.sort(cand[cand >= 0])
 
     # Panel per slide: genes predicted on every spot of the slide.
     rows: dict[str, np.ndarray] = {}
@@ -222,7 +226,7 @@ def score_prediction(
                 f"slide {lib!r} has {idx.size} spot: a per-gene Pearson across spots needs at least two; "
                 "drop the slide or merge it."
             )
-        finite = np.isfinite(pred[np.ix_(idx, cand)])
+        finite = np.isfinite(pred(idx, cand))
         n_pred = finite.sum(axis=0)
         partial = (n_pred > 0) & (n_pred < idx.size)
         if partial.any():
@@ -234,16 +238,16 @@ def score_prediction(
         if genes is not None and (n_pred == 0).any():
             bad = adata.var_names[cand[n_pred == 0]].tolist()
             raise ValueError(
-                f"slide {lib!r}: {len(bad)} of the given genes have no prediction (NaN in "
-                f"adata.layers[{pred_key!r}]), e.g. {bad[:5]}; they are not in the model's panel."
+                f"slide {lib!r}: {len(bad)} of the given genes have no prediction (not in or NaN in "
+                f"prediction {pred_key!r}), e.g. {bad[:5]}; they are not in the model's panel."
             )
         rows[lib] = idx
         panels[lib] = cand[n_pred == idx.size]
     empty = [lib for lib in slides if panels[lib].size == 0]
     if len(empty) == len(slides):
-        raise ValueError(f"adata.layers[{pred_key!r}] is NaN everywhere: no gene was predicted.")
+        raise ValueError(f"prediction {pred_key!r} is NaN everywhere: no gene of var was predicted.")
     for lib in empty:
-        logger.warning(f"slide {lib!r} has no predicted gene in adata.layers[{pred_key!r}]; it is not scored.")
+        logger.warning(f"slide {lib!r} has no predicted gene in prediction {pred_key!r}; it is not scored.")
         slides.remove(lib)
 
     union = np.unique(np.concatenate([panels[lib] for lib in slides]))
@@ -266,7 +270,7 @@ def score_prediction(
     for lib in slides:
         idx, panel = rows[lib], panels[lib]
         truth = truth_all[np.ix_(idx, np.asarray([col_of[g] for g in panel], dtype=np.int64))].astype(np.float64)
-        p = pred[np.ix_(idx, panel)].astype(np.float64)
+        p = pred(idx, panel).astype(np.float64)
         r, constant = pearson_columns(truth, p)
         pcc.loc[adata.var_names[panel], lib] = r
         k = min(top_n, panel.size)
@@ -286,7 +290,7 @@ def score_prediction(
             }
         )
         if bounds is not None:
-            lo, hi = (b[np.ix_(idx, panel)] for b in bounds)
+            lo, hi = (b(idx, panel) for b in bounds)
             table[-1].update(interval_scores(truth, p, lo, hi))
         if expected is not None:
             table[-1]["expected_pcc_spearman"] = spearman(expected[panel], r)

@@ -1,4 +1,4 @@
-"""``stexp.tl.predict``: write a model's predicted expression into ``adata.layers``."""
+"""``stexp.tl.predict``: write a model's predicted expression into the AnnData (``tl._storage``)."""
 
 from __future__ import annotations
 
@@ -41,21 +41,6 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
     )
 
 
-def write_prediction(adata, key: str, genes, values: np.ndarray) -> str:
-    """Store one predicted quantity (prediction, spread, interval bound) of the model's ``genes`` under ``key``.
-
-    The one place that decides where predictions live (today ``adata.layers[key]``, ``n_obs x n_vars``
-    float32, NaN for genes outside ``genes``). ``values`` is ``(n_obs, len(genes))``; genes not in
-    ``adata.var_names`` are dropped. Returns where it was written, for the log.
-    """
-    var_idx = adata.var_names.get_indexer(list(genes))
-    present = var_idx >= 0
-    layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    layer[:, var_idx[present]] = np.asarray(values)[:, present]
-    adata.layers[key] = layer
-    return f"adata.layers[{key!r}]"
-
-
 def _write_expected_pcc(adata, key: str, genes, expected: np.ndarray) -> str:
     """``adata.var[f"{key}_expected_pcc"]``: each gene's expected PCC on a new slide (NaN outside the panel)."""
     var_idx = adata.var_names.get_indexer(list(genes))
@@ -81,12 +66,21 @@ def predict(
 ):
     """Predict expression for every spot of ``adata`` from its images.
 
-    Writes ``adata.layers[key_added]`` (float32, ``n_obs x n_vars``; genes outside the model's
-    panel are NaN), ``adata.layers[key_added + "_std"]`` (the per-spot spread of the prediction,
-    an uncertainty, where the model gives one) and a record in ``adata.uns["stexp"][key_added]``.
+    Writes the prediction of the model's genes that are in ``adata.var_names`` under ``key_added``
+    (float32), its per-spot spread (an uncertainty, where the model gives one) under
+    ``key_added + "_std"``, and a record in ``adata.uns["stexp"][key_added]``. Measured expression is
+    never used.
+
+    Where: when the model's panel is all of ``adata.var_names``, ``adata.layers[key_added]``
+    (``n_obs x n_vars``); when ``var`` holds more genes than the panel, ``adata.obsm[key_added]``, a
+    ``pandas.DataFrame`` (index ``obs_names``, one column per panel gene), so that a 785-gene panel on
+    100,000 spots x 18,000 genes takes 0.3 GB instead of two dense NaN-padded 7 GB layers. Read either
+    with ``adata.obsm[key_added]["ERBB2"]`` / ``adata.layers[key_added]``; every ``stexp.tl`` / ``stexp.pl``
+    function that takes a prediction key accepts both (see ``docs/layout.md``).
+
     A calibrated model (``stexp.tl.fit(..., calibrate=True)``) also writes each gene's expected PCC on a
     new slide to ``adata.var[key_added + "_expected_pcc"]`` and, with ``coverage=``, the interval bounds
-    ``key_added + "_lo"`` and ``key_added + "_hi"`` next to the prediction. Measured expression is never used.
+    ``key_added + "_lo"`` and ``key_added + "_hi"`` next to the prediction, in the same storage.
 
     Parameters
     ----------
@@ -95,7 +89,7 @@ def predict(
         Slides without measured expression (e.g. from :func:`stexp.io.grid_spots`) are fine.
     {model}
     key_added
-        Name of the prediction layer.
+        Key of the prediction (a layer or an ``obsm`` DataFrame, see above).
     {library_key}
     features_key
         ``obsm`` key of the image features (default: the key the model was trained on). When it is
@@ -151,16 +145,19 @@ def predict(
     )
     mean, spread = model.predict(data, device=device)
 
-    added = [write_prediction(adata, key_added, model.genes, mean)]
+    from ._storage import write_prediction
+
+    panel = np.asarray(model.genes)[present]  # storage: layers when panel == var, else an obsm gene DataFrame
+    added = [write_prediction(adata, key_added, panel, np.asarray(mean)[:, present])]
     if spread is not None:
-        added.append(write_prediction(adata, f"{key_added}_std", model.genes, spread))
+        added.append(write_prediction(adata, f"{key_added}_std", panel, np.asarray(spread)[:, present]))
     if calibration is not None:
         added.append(_write_expected_pcc(adata, key_added, model.genes, calibration.expected_pcc))
     if coverage is not None:
         assert calibration is not None  # refused above without one
         lo, hi = calibration.intervals(mean, data.features, spread, float(coverage))
-        added.append(write_prediction(adata, f"{key_added}_lo", model.genes, lo))
-        added.append(write_prediction(adata, f"{key_added}_hi", model.genes, hi))
+        added.append(write_prediction(adata, f"{key_added}_lo", panel, np.asarray(lo)[:, present]))
+        added.append(write_prediction(adata, f"{key_added}_hi", panel, np.asarray(hi)[:, present]))
     n_missing = int((~present).sum())
     record(
         adata,
