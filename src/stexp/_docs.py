@@ -44,6 +44,14 @@ model
     "ax": """\
 ax
     Matplotlib axes to draw on (``None``: a new figure).""",
+    "return_fig": """\
+return_fig
+    Return the figure.""",
+    "save": """\
+save
+    Save the figure to this path.""",
+    "returns_figure": """\
+The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.""",
 }
 
 

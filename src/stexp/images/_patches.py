@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_labels, library_mask, spot_coords, spot_diameter_um, um_per_px
 
 from ._slide import SlideView, slide_view
@@ -361,6 +362,7 @@ def plan_patches(
     return PatchPlan(view, spot_coords(adata)[indices] * view.scale, inside[indices], side, patch_um)
 
 
+@doc_params
 def read_patches(
     adata,
     library_id: str,
@@ -398,8 +400,7 @@ def read_patches(
     on_outside
         Spots whose centre lies outside the image: ``"raise"`` a ValueError, or ``"drop"``: warn and
         return white patches for them (see :func:`stexp.io._validate.check_spots_in_image`).
-    library_key
-        Column of ``adata.obs`` with the library ids.
+    {library_key}
 
     Returns
     -------

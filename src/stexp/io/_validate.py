@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import (
     LIBRARY_KEY,
     SPATIAL_KEY,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 
+@doc_params
 def check_spots_in_image(
     adata,
     library_id: str,
@@ -45,8 +47,7 @@ def check_spots_in_image(
         ``"raise"``: a :class:`ValueError` names the library, the number of spots outside and their
         coordinate range. ``"drop"``: log a warning saying how many spots are outside and return the mask
         (the caller drops them; ``adata`` is not modified).
-    library_key
-        Column of ``adata.obs`` with the library ids.
+    {library_key}
     view
         The library's :class:`stexp.images.SlideView` when the caller already has it.
 
@@ -133,6 +134,7 @@ def _check_counts(adata, layer: str | None = None) -> None:
         )
 
 
+@doc_params
 def validate(adata: AnnData, *, library_key: str = LIBRARY_KEY, layer: str | None = None) -> pd.DataFrame:
     """Check that ``adata`` follows stexp's layout and summarise each library.
 
@@ -146,8 +148,7 @@ def validate(adata: AnnData, *, library_key: str = LIBRARY_KEY, layer: str | Non
     ----------
     adata
         AnnData to check.
-    library_key
-        Column of ``adata.obs`` with the library ids.
+    {library_key}
     layer
         A layer of raw counts to check as well as ``X``.
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list
 from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
 
@@ -63,6 +64,7 @@ def match_colours(domains: pd.Series, truth: pd.Series | None, truth_colours: di
     return colours
 
 
+@doc_params
 def _draw_categorical(ax, view, values: pd.Series, colours: dict[str, tuple], title: str) -> None:
     from matplotlib.patches import Patch
 
@@ -80,6 +82,7 @@ def _draw_categorical(ax, view, values: pd.Series, colours: dict[str, tuple], ti
     ax.set_title(title, fontsize=10)
 
 
+@doc_params
 def domains(
     adata: AnnData,
     *,
@@ -120,18 +123,15 @@ def domains(
         ``False``: no image.
     spot_size
         Spot diameter in full-resolution pixels, instead of the library's true spot diameter.
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {library_key}
     ax
         Axes to draw into, one per panel (2 with an annotation, else 1); default: a new figure.
-    return_fig
-        Return the figure.
-    save
-        Save the figure to this path.
+    {return_fig}
+    {save}
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.
+    {returns_figure}
 
     Raises
     ------

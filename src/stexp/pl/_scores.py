@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import UNS_KEY, as_list
 from stexp.pl._utils import finish, new_axes
 
@@ -104,6 +105,7 @@ def score_table(data: Any, *, key: str | Sequence[str] | None = None, metric: st
     return pd.concat(frames, ignore_index=True)
 
 
+@doc_params
 def scores(
     data: AnnData | pd.DataFrame | Mapping[str, Any] | Any,
     *,
@@ -140,14 +142,12 @@ def scores(
         ``"box"`` or ``"violin"``.
     ax
         Axes to draw into; default: a new figure.
-    return_fig
-        Return the figure.
-    save
-        Save the figure to this path.
+    {return_fig}
+    {save}
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.
+    {returns_figure}
 
     Raises
     ------

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured
 from stexp.pl._utils import draw_tissue, finish, given_axes, new_axes, resolve_library, spot_collection, tissue_view
 
@@ -82,6 +83,7 @@ def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
     return adata.var_names[order[: int(n)]].tolist()
 
 
+@doc_params
 def spatial_genes(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -152,12 +154,9 @@ def spatial_genes(
         :func:`stexp.tl.evaluate` for this gene and library.
     ax
         Axes to draw into, one per panel (``len(genes) * len(layers)``); default: a new figure.
-    return_fig
-        Return the figure.
-    save
-        Save the figure to this path.
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {return_fig}
+    {save}
+    {library_key}
     spot_size
         Spot diameter in full-resolution pixels, instead of the library's true spot diameter.
     n_best
@@ -169,7 +168,7 @@ def spatial_genes(
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.
+    {returns_figure}
 
     Raises
     ------

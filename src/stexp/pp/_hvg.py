@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_labels, record
 from stexp._settings import logger
 
@@ -56,6 +57,7 @@ def _slide_hvg(counts, n_top_genes: int, flavor: str, n_bins: int | None) -> np.
     return sub.var["highly_variable"].to_numpy(dtype=bool) & detected
 
 
+@doc_params
 def select_hvg(
     adata: AnnData,
     *,
@@ -83,16 +85,14 @@ def select_hvg(
         AnnData with raw counts, one or more slides.
     n_top_genes
         Highly variable genes per slide.
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {library_key}
     min_spots
         Keep genes detected in at least this many spots over all slides; a float in (0, 1) is a
         fraction of spots. ``None``: the paper's 1000, or 10% of the spots when that is smaller
         (1000 spots would remove every gene of a small data set).
     genes
         A fixed panel; every gene must be in ``adata.var_names``.
-    layer
-        Layer with raw counts (``None``: ``adata.X``).
+    {layer}
     flavor
         ``flavor`` of :func:`scanpy.pp.highly_variable_genes` (``"seurat"`` works on log data).
     n_bins
@@ -103,8 +103,7 @@ def select_hvg(
         ``adata.var[key_added]`` (bool) marks the panel; ``var[key_added + "_n_slides"]`` counts the
         slides in which a gene was highly variable, ``var[key_added + "_n_spots"]`` the spots in
         which it was detected.
-    copy
-        Return a copy instead of writing in place.
+    {copy}
 
     Raises
     ------

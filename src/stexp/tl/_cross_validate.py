@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, library_labels, record
 from stexp._process import leaves_process_state
 from stexp._settings import logger
@@ -126,6 +127,7 @@ def _fold_panel(adata, rows: np.ndarray, *, library_key: str, layer: str | None,
 
 
 @leaves_process_state
+@doc_params
 def cross_validate(
     adata,
     *,
@@ -170,10 +172,8 @@ def cross_validate(
     n_top_genes, min_spots
         Passed to :func:`stexp.pp.select_hvg` when the panel is selected per fold (``min_spots=None``
         keeps its default).
-    library_key
-        ``obs`` column naming the slide of each spot.
-    layer
-        Layer with raw counts (``None``: ``adata.X``).
+    {library_key}
+    {layer}
     key_added
         Key of the out-of-fold predictions (NaN outside the fold's panel), stored over the union of
         the fold panels as :func:`stexp.tl.predict` stores predictions (a layer when that union is all

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
 
@@ -70,6 +71,7 @@ def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
     return np.array([mapping[v] for v in labels], dtype=int)
 
 
+@doc_params
 def domains(
     adata,
     *,
@@ -119,8 +121,7 @@ def domains(
         Genes to use (default: every gene with a prediction).
     seed
         Random seed of PCA, k-means and Leiden.
-    copy
-        Return a copy instead of writing in place.
+    {copy}
     spatial
         Weight ``λ`` in [0, 1) of each spot's neighbourhood (BANKSY-style, Singhal et al., Nat. Genet.
         2024): the standardised expression ``X`` is joined by its Gaussian average over spots of the same
@@ -215,6 +216,7 @@ def _n_distinct_rows(X: np.ndarray) -> int:
     return len(np.unique(Xc.view(np.dtype((np.void, Xc.dtype.itemsize * Xc.shape[1]))).ravel()))
 
 
+@doc_params
 def _too_few_profiles(n_found: int, n_domains: int | None, n_spots: int, what: str = "the expression has") -> str:
     asked = f"n_domains={n_domains}" if n_domains is not None else "n_domains=None (2 or more)"
     return (
@@ -271,6 +273,7 @@ def _leiden(pcs: np.ndarray, resolution: float, seed: int) -> np.ndarray:
     return tmp.obs["leiden"].astype(int).to_numpy()
 
 
+@doc_params
 def score_domains(
     adata,
     *,
@@ -293,8 +296,7 @@ def score_domains(
         ``obs`` column of the reference annotation (e.g. pathologist labels).
     ignore
         Annotation values left out (case-insensitive).
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {library_key}
 
     Returns
     -------

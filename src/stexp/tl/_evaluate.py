@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
 
@@ -110,6 +111,7 @@ def _interval_layers(adata, pred_key: str):
     return _prediction_layer(adata, keys[0]), _prediction_layer(adata, keys[1])
 
 
+@doc_params
 def evaluate(
     adata,
     *,
@@ -137,13 +139,11 @@ def evaluate(
     genes
         Genes to score. Default: the panel, i.e. the genes with predictions (not NaN) on each slide.
         Given genes must be predicted on every slide.
-    library_key
-        ``obs`` column naming the slide of each spot.
+    {library_key}
     top_n
         Number of highest-expressed (HEG, by mean measured target on the slide) and most variable
         (HVG, by variance of the measured target on the slide) panel genes to average over.
-    layer
-        Layer with raw counts (``None``: ``adata.X``).
+    {layer}
 
     Returns
     -------
