@@ -44,13 +44,14 @@ model
     "ax": """\
 ax
     Matplotlib axes to draw on (``None``: a new figure).""",
-    "return_fig": """\
+    "figure_output": """\
 return_fig
-    Return the figure.""",
-    "save": """\
+    Return the figure.
 save
-    Save the figure to this path.""",
-    "returns_figure": """\
+    Save the figure to this path.
+
+Returns
+-------
 The :class:`~matplotlib.figure.Figure` when ``return_fig`` is true, else ``None``.""",
 }
 

@@ -183,6 +183,21 @@ def record(adata, step: str | tuple[str, ...], params: Mapping[str, Any]) -> Non
     node[path[-1]] = {**_jsonable(dict(params)), "versions": versions()}
 
 
+def counts_matrix(adata, layer: str | None = None) -> tuple[Any, str]:
+    """The raw-count matrix (``adata.X`` or ``adata.layers[layer]``) and how to name it in messages.
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not a layer of ``adata``.
+    """
+    if layer is None:
+        return adata.X, "adata.X"
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+    return adata.layers[layer], f"adata.layers[{layer!r}]"
+
+
 def mark_unmeasured(adata) -> None:
     """Flag ``adata`` as holding no measured expression (pseudo-spots of an H&E-only slide)."""
     adata.uns.setdefault(UNS_KEY, {})["unmeasured"] = True

@@ -232,9 +232,7 @@ class RegionReader:
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 RGB ``(h, w, 3)`` of the region at ``(x, y)`` (level pixels); outside the slide is white."""
-        lw, lh = self.level_dimensions[level]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        out, (x0, y0, x1, y1) = _blank_region(self.level_dimensions[level], x, y, w, h)
         if x1 <= x0 or y1 <= y0:
             return out
         ds = self.level_downsamples[level]
@@ -369,9 +367,7 @@ class ArrayPyramid:
     thumbnail = RegionReader.thumbnail
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        lw, lh = self.level_dimensions[level]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        out, (x0, y0, x1, y1) = _blank_region(self.level_dimensions[level], x, y, w, h)
         if x1 <= x0 or y1 <= y0:
             return out
         a = self.levels[level]
@@ -398,6 +394,12 @@ def _source_path(entry: dict) -> Path | None:
     if source is None or str(source) in ("", "None"):
         return None
     return Path(str(source))
+
+
+def _blank_region(level_size: tuple[int, int], x: int, y: int, w: int, h: int):
+    """A white ``(h, w, 3)`` region and the part ``(x0, y0, x1, y1)`` of it that lies on a level of ``level_size``."""
+    lw, lh = level_size
+    return np.full((h, w, 3), 255, dtype=np.uint8), (max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh))
 
 
 @dataclass(frozen=True)

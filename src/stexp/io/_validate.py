@@ -12,6 +12,7 @@ from stexp._docs import doc_params
 from stexp._layout import (
     LIBRARY_KEY,
     SPATIAL_KEY,
+    counts_matrix,
     library_ids,
     library_mask,
     scalefactors,
@@ -99,12 +100,7 @@ def _check_counts(adata, layer: str | None = None) -> None:
     """Counts of ``X`` (or ``layers[layer]``): numeric, finite, >= 0; the message names how many and an example."""
     from scipy import sparse
 
-    if layer is None:
-        x, where = adata.X, "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
-        x, where = adata.layers[layer], f"adata.layers[{layer!r}]"
+    x, where = counts_matrix(adata, layer)
     if x is None:
         return
     values = x.data if sparse.issparse(x) else np.asarray(x)

@@ -126,12 +126,7 @@ def domains(
     {library_key}
     ax
         Axes to draw into, one per panel (2 with an annotation, else 1); default: a new figure.
-    {return_fig}
-    {save}
-
-    Returns
-    -------
-    {returns_figure}
+    {figure_output}
 
     Raises
     ------

@@ -142,12 +142,7 @@ def scores(
         ``"box"`` or ``"violin"``.
     ax
         Axes to draw into; default: a new figure.
-    {return_fig}
-    {save}
-
-    Returns
-    -------
-    {returns_figure}
+    {figure_output}
 
     Raises
     ------

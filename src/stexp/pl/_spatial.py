@@ -154,8 +154,6 @@ def spatial_genes(
         :func:`stexp.tl.evaluate` for this gene and library.
     ax
         Axes to draw into, one per panel (``len(genes) * len(layers)``); default: a new figure.
-    {return_fig}
-    {save}
     {library_key}
     spot_size
         Spot diameter in full-resolution pixels, instead of the library's true spot diameter.
@@ -166,9 +164,7 @@ def spatial_genes(
         ``<layer>_hi`` of the first predicted layer, from ``stexp.tl.predict(..., coverage=)``): wide where the
         model is less sure. It always has its own colour scale.
 
-    Returns
-    -------
-    {returns_figure}
+    {figure_output}
 
     Raises
     ------

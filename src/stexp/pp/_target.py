@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
+from stexp._layout import counts_matrix
+
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
@@ -48,12 +50,7 @@ def raw_counts(adata: AnnData, layer: str | None = None):
         and an example spot and gene), or are not integers (normalised or log data were given where raw
         counts are expected).
     """
-    if layer is None:
-        X, where = adata.X, "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
-        X, where = adata.layers[layer], f"adata.layers[{layer!r}]"
+    X, where = counts_matrix(adata, layer)
     if X is None:
         raise ValueError(f"{where} is empty: raw counts are needed.")
     values = X.data if sparse.issparse(X) else np.asarray(X)
