@@ -19,30 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from stexp.models._neighbors import radius_pairs, spot_pitch
+
 #: The σ grid of ``smoothing="auto"``, in multiples of the slide's spot pitch (median nearest-neighbour distance).
 PITCH_MULTIPLES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 #: Inner folds of ``smoothing="auto"`` (at most the number of training slides).
 INNER_FOLDS = 3
-
-
-def spot_pitch(coords_um: np.ndarray, library: np.ndarray) -> float:
-    """Median distance (µm) from a spot to its nearest spot of the same slide (``nan`` with no pair)."""
-    from scipy.spatial import cKDTree
-
-    coords = np.asarray(coords_um, dtype=np.float64)
-    library = np.asarray(library).astype(str)
-    dists = []
-    for lib in np.unique(library):
-        pts = coords[library == lib]
-        if len(pts) < 2:
-            continue
-        d, _ = cKDTree(pts).query(pts, k=2)
-        dists.append(d[:, 1])
-    if not dists:
-        return float("nan")
-    d = np.concatenate(dists)
-    d = d[d > 0]
-    return float(np.median(d)) if d.size else float("nan")
 
 
 def smoothing_matrix(coords_um: np.ndarray, library: np.ndarray, sigma_um: float):
@@ -51,7 +33,6 @@ def smoothing_matrix(coords_um: np.ndarray, library: np.ndarray, sigma_um: float
     ``sigma_um <= 0`` gives the identity (every spot keeps its own value).
     """
     import scipy.sparse as sp
-    from scipy.spatial import cKDTree
 
     coords = np.asarray(coords_um, dtype=np.float64)
     library = np.asarray(library).astype(str)
@@ -65,16 +46,11 @@ def smoothing_matrix(coords_um: np.ndarray, library: np.ndarray, sigma_um: float
         raise ValueError(f"sigma_um must be a finite number >= 0, got {sigma_um!r}.")
     if sigma == 0 or n == 0:
         return sp.identity(n, format="csr", dtype=np.float64)
-    rows, cols, vals = [], [], []
-    for lib in np.unique(library):
-        idx = np.flatnonzero(library == lib)
-        pairs = cKDTree(coords[idx]).query_pairs(3.0 * sigma, output_type="ndarray")
-        d2 = ((coords[idx[pairs[:, 0]]] - coords[idx[pairs[:, 1]]]) ** 2).sum(axis=1)
-        w = np.exp(-d2 / (2.0 * sigma * sigma))
-        i, j = idx[pairs[:, 0]], idx[pairs[:, 1]]
-        rows += [i, j, idx]
-        cols += [j, i, idx]
-        vals += [w, w, np.ones(idx.size)]
+    pairs = radius_pairs(coords, library, 3.0 * sigma)
+    i, j = pairs[:, 0], pairs[:, 1]
+    w = np.exp(-((coords[i] - coords[j]) ** 2).sum(axis=1) / (2.0 * sigma * sigma))
+    diag = np.arange(n)
+    rows, cols, vals = [i, j, diag], [j, i, diag], [w, w, np.ones(n)]
     W = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
     norm = np.asarray(W.sum(axis=1)).ravel()
     return sp.diags(1.0 / norm) @ W

@@ -20,7 +20,8 @@ def spot_coords_um(adata, library_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def with_neighbourhood(adata, Z: np.ndarray, lam: float, *, library_key: str) -> np.ndarray:
     """``[sqrt(1 - λ) Z, sqrt(λ) W Z]`` with ``W`` the Gaussian average over same-slide spots, σ = the spot pitch."""
-    from stexp.models._smoothing import smooth, spot_pitch
+    from stexp.models._neighbors import spot_pitch
+    from stexp.models._smoothing import smooth
 
     coords, libs = spot_coords_um(adata, library_key)
     pitch = spot_pitch(coords, libs)
