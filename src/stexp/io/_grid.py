@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stexp._layout import check_um_per_px, mark_unmeasured, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
 
 #: Pixel size (µm) of the downsampled image the tissue mask is computed on.
 MASK_UM_PER_PX = 8.0
@@ -86,7 +91,7 @@ def grid_spots(
     tissue_threshold: float | None = None,
     library_id: str = "slide",
     min_tissue_fraction: float = 0.5,
-):
+) -> AnnData:
     """Pseudo-spots on a hexagonal grid over the tissue of an H&E-only image.
 
     Tissue is found on a copy downsampled to ~8 µm/px: saturation (HSV) above ``tissue_threshold``

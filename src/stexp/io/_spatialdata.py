@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stexp._layout import PLATFORMS, check_um_per_px, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
 
 #: Longest side (px) of the in-memory copy of a multiscale image kept for plots (a thumbnail).
 THUMBNAIL_PX = 2000
@@ -83,7 +89,7 @@ def _res_name(key: str) -> str:
 
 
 def from_spatialdata(
-    sdata,
+    sdata: SpatialData,
     *,
     table_key: str = "table",
     image_key: str | Sequence[str] | None = None,
@@ -92,7 +98,7 @@ def from_spatialdata(
     coordinate_system: str | None = None,
     spot_diameter_um: float = PLATFORMS["visium"]["spot_diameter_um"],
     um_per_px: float | None = None,
-):
+) -> AnnData:
     """Turn a SpatialData (e.g. from ``spatialdata_io.visium``) into an AnnData in stexp's layout.
 
     Spot centres come from the shapes of ``shapes_key`` (circles' centres, polygons' centroids), expressed
@@ -273,7 +279,9 @@ def from_spatialdata(
     return adata
 
 
-def to_spatialdata(adata, sdata, *, table_key: str = "table", layers: Sequence[str] | None = None) -> None:
+def to_spatialdata(
+    adata: AnnData, sdata: SpatialData, *, table_key: str = "table", layers: Sequence[str] | None = None
+) -> None:
     """Write stexp's results from ``adata`` back into a SpatialData table, matching spots by ``obs_names``.
 
     Written: the predictions ``layers`` (default: every prediction whose key starts with ``"stexp"``: a

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stexp._layout import check_um_per_px, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
 
 #: Longest side (px) of the thumbnail kept in memory (``images["hires"]``) and used to find the tissue.
 THUMBNAIL_PX = 2000
@@ -54,7 +59,7 @@ def read_wsi(
     genes: Sequence[str] | None = None,
     tissue_threshold: float | None = None,
     min_tissue_fraction: float = 0.5,
-):
+) -> AnnData:
     """Pseudo-spots on a hexagonal grid over the tissue of a whole-slide image, for :func:`stexp.tl.predict`.
 
     The slide (SVS, NDPI, SCN, pyramidal or plain TIFF, OME-TIFF; MRXS with OpenSlide installed; also JPEG /

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from stexp._layout import LIBRARY_KEY, UNS_KEY, library_ids, library_mask, recor
 from stexp._process import leaves_process_state
 from stexp._settings import logger, settings
 from stexp.images._encoders import DEFAULT_ENCODER
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
 
 
 def _is_encoder(obj) -> bool:
@@ -133,7 +136,7 @@ def _embed_plan(
 @leaves_process_state
 @doc_params
 def embed_images(
-    adata,
+    adata: AnnData,
     *,
     encoder: str | os.PathLike | Callable = DEFAULT_ENCODER,
     weights: str | os.PathLike | None = "imagenet",
@@ -151,7 +154,7 @@ def embed_images(
     mpp: float | None = None,
     stain_norm: Literal["reinhard"] | None = None,
     tta: bool = False,
-):
+) -> AnnData | None:
     """Embed the H&E patch around every spot with an image encoder.
 
     Each library's slide (the image :func:`stexp.images.slide_view` chooses: the full-resolution file when

@@ -6,7 +6,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,10 @@ from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, library_labels, record
 from stexp._process import leaves_process_state
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
 
 #: Scores averaged over test slides in :attr:`CVResult.summary`.
 SUMMARY_METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
@@ -129,7 +133,7 @@ def _fold_panel(adata, rows: np.ndarray, *, library_key: str, layer: str | None,
 @leaves_process_state
 @doc_params
 def cross_validate(
-    adata,
+    adata: AnnData,
     *,
     model: str | Sequence[str] = "mclstexp",
     split_by: str = "patient",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,10 @@ import pandas as pd
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
 
 #: Candidate numbers of domains tried by the silhouette search when ``n_domains`` is None.
 N_DOMAINS_RANGE = (2, 10)
@@ -73,7 +78,7 @@ def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
 
 @doc_params
 def domains(
-    adata,
+    adata: AnnData,
     *,
     layer: str | None = "stexp_pred",
     method: str = "kmeans",
@@ -86,7 +91,7 @@ def domains(
     seed: int = 0,
     copy: bool = False,
     spatial: float = 0.0,
-):
+) -> AnnData | None:
     """Cluster spots into spatial domains on their (predicted) expression.
 
     The expression of the chosen genes (genes that are NaN for every spot, i.e. outside the
@@ -275,7 +280,7 @@ def _leiden(pcs: np.ndarray, resolution: float, seed: int) -> np.ndarray:
 
 @doc_params
 def score_domains(
-    adata,
+    adata: AnnData,
     *,
     key: str = "stexp_domain",
     truth_key: str = "label",

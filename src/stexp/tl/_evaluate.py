@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,10 @@ import pandas as pd
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
 from stexp._settings import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
 
 #: Columns of the per-slide table, in order.
 SCORE_COLUMNS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae", "n_spots", "n_genes", "n_constant")
@@ -113,7 +118,7 @@ def _interval_layers(adata, pred_key: str):
 
 @doc_params
 def evaluate(
-    adata,
+    adata: AnnData,
     *,
     pred_key: str = "stexp_pred",
     genes: str | Sequence[str] | None = None,
@@ -174,7 +179,7 @@ def evaluate(
 
 
 def score_prediction(
-    adata,
+    adata: AnnData,
     *,
     pred_key: str,
     genes: str | Sequence[str] | None = None,

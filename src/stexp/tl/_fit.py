@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,12 @@ from stexp._settings import logger, settings
 
 from ._inputs import features_spec, make_model, resolve_features, resolve_genes, spot_data
 
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from stexp.models._base import ExpressionModel
+
+
 #: What ``fit`` trains without options: the model, its hyper-parameters and the smoothing of its predictions.
 DEFAULT_MODEL = "ridge_knn"
 DEFAULT_MODEL_PARAMS: dict[str, Any] = {}
@@ -24,7 +30,7 @@ DEFAULT_SMOOTHING: float | str | None = "auto"
 @leaves_process_state
 @doc_params
 def fit(
-    adata,
+    adata: AnnData,
     *,
     model: str | None = None,
     genes: str | Sequence[str] | None = None,
@@ -45,7 +51,7 @@ def fit(
     calibration_score: str | None = None,
     smoothing: float | str | None = None,
     **model_kwargs: Any,
-):
+) -> ExpressionModel:
     """Train an expression model on the slides of ``adata``.
 
     The caller's process is left as it was: global RNG states, torch's thread count, deterministic

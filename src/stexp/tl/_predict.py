@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from stexp._docs import doc_params
@@ -11,6 +13,11 @@ from stexp._settings import logger
 from stexp.images._spec import check_encoder_spec
 
 from ._inputs import features_spec, spot_data
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from stexp.models._base import ExpressionModel
 
 
 def _ensure_features(adata, model, *, features_key: str, library_key: str) -> None:
@@ -54,8 +61,8 @@ def _write_expected_pcc(adata, key: str, genes, expected: np.ndarray) -> str:
 @leaves_process_state
 @doc_params
 def predict(
-    adata,
-    model,
+    adata: AnnData,
+    model: ExpressionModel,
     *,
     key_added: str = "stexp_pred",
     library_key: str = LIBRARY_KEY,
@@ -63,7 +70,7 @@ def predict(
     device: str | None = None,
     coverage: float | None = None,
     copy: bool = False,
-):
+) -> AnnData | None:
     """Predict expression for every spot of ``adata`` from its images.
 
     Writes the prediction of the model's genes that are in ``adata.var_names`` under ``key_added``
@@ -127,6 +134,8 @@ def predict(
     if model.reads_patches:  # a fine-tuned encoder embeds the patches itself; obsm features are not used
         features_key = None
     else:
+        if features_key is None:
+            raise ValueError(f"the {model.name} model records no features key; pass features_key= naming adata.obsm.")
         _ensure_features(adata, model, features_key=features_key, library_key=library_key)
         check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
 

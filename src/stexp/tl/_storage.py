@@ -18,9 +18,13 @@ an all-genes layer from older versions of stexp with NaN outside the panel.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from anndata import AnnData
 
 
 def write_prediction(adata, key: str, genes: Sequence[str], values) -> str:
@@ -149,7 +153,7 @@ def _numeric(values, adata, key: str, *, n_rows: int | None = None) -> np.ndarra
     return values.astype(np.float32, copy=False)
 
 
-def get_prediction(adata, key: str = "stexp_pred", genes: Sequence[str] | None = None):
+def get_prediction(adata: AnnData, key: str = "stexp_pred", genes: Sequence[str] | None = None) -> pd.DataFrame:
     """A prediction as a ``pandas.DataFrame`` (spots x genes), wherever it is stored.
 
     Parameters
