@@ -49,8 +49,6 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = "stexp"
 html_theme_options = {
-    "repository_url": "https://github.com/stexp/stexp",
-    "use_repository_button": True,
     "show_toc_level": 2,
 }
 
