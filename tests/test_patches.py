@@ -181,3 +181,15 @@ def test_real_patches_on_tissue_and_resolution_independent(b4):
     low = read_patches(hires, lib, idx, out_px=32).astype(float)
     assert np.abs(full - low).mean() < 12.0
     assert np.corrcoef(full.ravel(), low.ravel())[0, 1] > 0.9
+
+
+def test_patch_dataset_drops_spots_outside_their_image(synth):
+    from stexp.images import PatchDataset
+
+    rows = _rows(synth)
+    synth.obsm["spatial"][rows[0]] = (-500.0, -500.0)
+    with pytest.raises(ValueError, match="outside"):
+        PatchDataset.from_adata(synth, rows, out_px=8)
+    ds = PatchDataset.from_adata(synth, rows, out_px=8, on_outside="drop", augment=False)
+    assert len(ds) == len(rows) - 1 and rows[0] not in ds.positions
+    assert ds[0][1] == rows[1]  # positions follow the kept spots

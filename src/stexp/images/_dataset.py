@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from stexp._layout import LIBRARY_KEY, library_labels
+from stexp._layout import LIBRARY_KEY
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,25 +154,21 @@ class PatchDataset(torch.utils.data.Dataset):
             ``encoder``, ``out_px``, ``augment``, ``color_jitter`` of :class:`PatchDataset`.
         """
         from stexp.images._patches import PatchSource
-        from stexp.io._validate import check_spots_in_image
 
         if on_outside not in ("raise", "drop"):
             raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
         positions = _positions(adata, obs_index)
         if len(positions) == 0:
             raise ValueError("obs_index selects no spots: the PatchDataset would be empty.")
-        labels = library_labels(adata, library_key)
-        inside = np.ones(adata.n_obs, dtype=bool)
-        for lib in dict.fromkeys(labels[positions]):
-            lib_rows = np.flatnonzero(labels == lib)
-            inside[lib_rows] = check_spots_in_image(adata, lib, on_outside=on_outside, library_key=library_key)
-        keep = inside[positions]
+        source = PatchSource.from_adata(
+            adata, patch_um=patch_um, library_key=library_key, rows=positions, on_outside=on_outside
+        )
+        keep = source.inside
         if not keep.all():
             logger.warning(f"PatchDataset: dropped {int((~keep).sum())} of {len(keep)} spots outside their image.")
-            positions = positions[keep]
-            if len(positions) == 0:
+            if not keep.any():
                 raise ValueError("every selected spot lies outside its image: the PatchDataset would be empty.")
-        source = PatchSource.from_adata(adata, patch_um=patch_um, library_key=library_key, rows=positions)
+            positions, source = positions[keep], source.subset(keep)
         return cls(source, positions=positions, **kwargs)
 
     def __len__(self) -> int:

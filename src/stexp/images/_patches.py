@@ -447,8 +447,13 @@ class PatchSource:
         patch_um: float | Mapping[str, float] | None = None,
         library_key: str = LIBRARY_KEY,
         rows: np.ndarray | None = None,
+        on_outside: Literal["raise", "drop"] = "raise",
     ) -> PatchSource:
-        """The patches of the spots ``rows`` of ``adata`` (default all), every spot inside its image."""
+        """The patches of the spots ``rows`` of ``adata`` (default all).
+
+        Spots outside their image raise a ValueError, or with ``on_outside="drop"`` are flagged in
+        :attr:`inside` (their patches are white).
+        """
         labels = library_labels(adata, library_key)
         rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
         libs = list(dict.fromkeys(labels[rows].tolist()))
@@ -456,12 +461,23 @@ class PatchSource:
         plans, local = {}, np.empty(len(rows), dtype=np.int64)
         for lib in libs:
             sel = np.flatnonzero(labels[rows] == lib)
-            plans[lib] = plan_patches(adata, lib, rows[sel], patch_um=per_lib_um[lib], library_key=library_key)
+            plans[lib] = plan_patches(
+                adata, lib, rows[sel], patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
+            )
             local[sel] = np.arange(len(sel))
         return cls(plans, labels[rows], local)
 
     def __len__(self) -> int:
         return len(self.library)
+
+    @property
+    def inside(self) -> np.ndarray:
+        """``(n,)`` whether each spot's centre lies inside its image."""
+        out = np.ones(len(self), dtype=bool)
+        for lib in self.libraries:
+            sel = np.flatnonzero(self.library == lib)
+            out[sel] = self.plans[lib].inside[self.local[sel]]
+        return out
 
     @property
     def libraries(self) -> list[str]:
