@@ -78,6 +78,20 @@ def _slide(args) -> Path:
     return path
 
 
+def _load_model(args):
+    """The model to predict with and its encoder spec, with stexp quiet and torch on ``--threads``."""
+    import torch
+
+    import stexp
+
+    stexp.settings.verbosity = 1
+    if args.threads:
+        stexp.settings.n_jobs = args.threads
+    torch.set_num_threads(stexp.settings.n_jobs)
+    model = stexp.models.load(args.model, device="cpu")
+    return model, model.encoder_spec
+
+
 def _pipeline(args) -> dict:
     """read_wsi -> embed -> predict -> write, in this process."""
     import torch
@@ -85,12 +99,7 @@ def _pipeline(args) -> dict:
     import stexp
     from stexp.images._encoders import build_encoder
 
-    stexp.settings.verbosity = 1
-    if args.threads:
-        stexp.settings.n_jobs = args.threads
-    torch.set_num_threads(stexp.settings.n_jobs)
-    model = stexp.models.load(args.model, device="cpu")
-    spec = model.encoder_spec
+    model, spec = _load_model(args)
     t = {}
     t0 = time.perf_counter()
     adata = stexp.io.read_wsi(args.slide, genes=list(model.genes), spacing_um=args.spacing_um)
@@ -169,12 +178,7 @@ def _rate(args) -> dict:
     import stexp
     from stexp.images._encoders import build_encoder
 
-    stexp.settings.verbosity = 1
-    if args.threads:
-        stexp.settings.n_jobs = args.threads
-    torch.set_num_threads(stexp.settings.n_jobs)
-    model = stexp.models.load(args.model, device="cpu")
-    spec = model.encoder_spec
+    model, spec = _load_model(args)
     adata = stexp.io.read_wsi(args.slide, genes=list(model.genes), spacing_um=args.spacing_um)
     enc = build_encoder(spec.encoder, spec.weights_arg)
     bs, n = args.batch_size, 2 * args.batch_size
