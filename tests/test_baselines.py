@@ -87,6 +87,35 @@ def test_ridge_chooses_alpha_by_slide_grouped_inner_cv(split):
     assert model.arrays_["pca_components"].shape == (4, train.obsm[FEATURES].shape[1])
 
 
+def test_ridge_path_solves_the_same_problem_as_sklearn():
+    from sklearn.linear_model import Ridge
+
+    from stexp.models._baselines import ridge_coef, ridge_path
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(60, 20)) + 3.0, rng.normal(size=(60, 5)) + 1.0
+    path = ridge_path(X, Y)
+    for alpha in (0.1, 10.0, 1e4):
+        coef, intercept = ridge_coef(path, alpha)
+        ref = Ridge(alpha=alpha).fit(X, Y)
+        np.testing.assert_allclose(coef.T, ref.coef_, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-8, atol=1e-10)
+
+
+def test_ridge_without_pca_saves_no_projection(split, tmp_path):
+    train, test = split
+    model = stexp.tl.fit(train, model="ridge", features_key=FEATURES, n_components=None, alphas=[1.0, 100.0])
+    assert "pca_components" not in model.arrays_
+    assert model.arrays_["coef"].shape == (train.n_vars, train.obsm[FEATURES].shape[1])
+    a = stexp.tl.predict(test, model, copy=True)
+    b = stexp.tl.predict(test, stexp.models.load(model.save(tmp_path / "m")), copy=True)
+    np.testing.assert_allclose(a.layers["stexp_pred"], b.layers["stexp_pred"], rtol=1e-5, atol=1e-5)
+    single = stexp.tl.fit(train, model="ridge", features_key=FEATURES, alphas=[10.0])
+    assert single.history["inner_cv"].startswith("none") and "inner_cv_mse" not in single.history
+    with pytest.raises(ValueError, match="n_components"):
+        stexp.tl.fit(train, model="ridge", features_key=FEATURES, n_components=0)
+
+
 def test_knn_retrieves_the_nearest_training_spot(split):
     train, _ = split
     model = stexp.tl.fit(train, model="knn", features_key=FEATURES, k=1)

@@ -63,13 +63,33 @@ class MeanModel(ExpressionModel):
         _check_panel(self, self.mean_.shape[0], "mean")
 
 
+def ridge_path(Z: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One SVD of the centred design for every penalty: ``(V, s, UᵀY_c, Z mean, Y mean)``.
+
+    The ridge coefficients for penalty ``a`` are ``V diag(s / (s² + a)) UᵀY_c`` (what
+    :class:`sklearn.linear_model.Ridge` with an intercept solves), so a grid of penalties costs one
+    decomposition instead of one solve each.
+    """
+    z_mean, y_mean = Z.mean(axis=0), Y.mean(axis=0)
+    U, s, Vt = np.linalg.svd(Z - z_mean, full_matrices=False)
+    return Vt.T, s, U.T @ (Y - y_mean), z_mean, y_mean
+
+
+def ridge_coef(path: tuple, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients ``(n_features, n_targets)`` and intercept of penalty ``alpha`` on a :func:`ridge_path`."""
+    V, s, uty, z_mean, y_mean = path
+    coef = V @ ((s / (s**2 + alpha))[:, None] * uty)
+    return coef, y_mean - z_mean @ coef
+
+
 @register_model("ridge")
 class RidgeModel(ExpressionModel):
     """Linear probe on frozen features (the HEST-benchmark recipe): standardise, PCA, ridge.
 
     Features are standardised with the training mean and standard deviation, projected on the
     first ``n_components`` principal components of the training spots (fewer when there are fewer
-    spots or features), and regressed on the target with :class:`sklearn.linear_model.Ridge`.
+    spots or features; ``n_components=None``: no projection, ridge on every standardised feature), and
+    regressed on the target by ridge regression (one SVD per fit serves every penalty of the grid).
     The penalty is chosen among ``alphas`` by an inner cross-validation on the training spots
     only, grouped by slide (:class:`~sklearn.model_selection.GroupKFold` over the training slides,
     so the chosen penalty is the one that transfers across slides); with a single training slide
@@ -78,9 +98,9 @@ class RidgeModel(ExpressionModel):
     inner fold. The chosen alpha and the inner scores are in :attr:`history`.
 
     Hyper-parameters (``default_hparams``)
-        ``n_components=256``, ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (at most the number
-        of training slides when grouping), ``standardize=True``, ``seed=0`` (inner KFold shuffling
-        and randomised PCA).
+        ``n_components=256`` (or ``None``), ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (at most
+        the number of training slides when grouping), ``standardize=True``, ``seed=0`` (inner KFold
+        shuffling and randomised PCA).
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {
@@ -94,8 +114,9 @@ class RidgeModel(ExpressionModel):
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
         hp = self.hparams
-        if int(hp["n_components"]) != hp["n_components"] or hp["n_components"] < 1:
-            raise ValueError(f"ridge: n_components must be a positive integer, got {hp['n_components']!r}.")
+        n_comp = hp["n_components"]
+        if n_comp is not None and (int(n_comp) != n_comp or n_comp < 1):
+            raise ValueError(f"ridge: n_components must be a positive integer or None, got {n_comp!r}.")
         alphas = np.asarray(hp["alphas"], dtype=np.float64).ravel()
         if alphas.size == 0 or not (alphas > 0).all():
             raise ValueError(f"ridge: alphas must be a non-empty list of positive numbers, got {hp['alphas']!r}.")
@@ -104,22 +125,27 @@ class RidgeModel(ExpressionModel):
 
     # -- the transform, on plain arrays (so a loaded model needs no sklearn object) ------------
     def _fit_transform(self, X: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Scaler and PCA fitted on ``X``; returns their arrays and the transformed ``X``."""
-        from sklearn.decomposition import PCA
-
+        """Scaler (and PCA) fitted on ``X``; returns their arrays and the transformed ``X``."""
         mean = X.mean(axis=0)
         scale = X.std(axis=0) if self.hparams["standardize"] else np.ones(X.shape[1])
         scale = np.where(scale > 1e-12, scale, 1.0)
         Z = (X - mean) / scale
+        arrays = {"scaler_mean": mean, "scaler_scale": scale}
+        if self.hparams["n_components"] is None:
+            return arrays, Z
+        from sklearn.decomposition import PCA
+
         n_comp = int(min(self.hparams["n_components"], X.shape[0] - 1, X.shape[1]))
         n_comp = max(n_comp, 1)
         pca = PCA(n_components=n_comp, random_state=int(self.hparams["seed"])).fit(Z)
-        arrays = {"scaler_mean": mean, "scaler_scale": scale, "pca_mean": pca.mean_, "pca_components": pca.components_}
+        arrays |= {"pca_mean": pca.mean_, "pca_components": pca.components_}
         return arrays, pca.transform(Z)
 
     @staticmethod
     def _transform(arrays: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
         Z = (X - arrays["scaler_mean"]) / arrays["scaler_scale"]
+        if "pca_components" not in arrays:
+            return Z
         return (Z - arrays["pca_mean"]) @ arrays["pca_components"].T
 
     def _inner_splits(self, train: SpotData) -> tuple[list, str]:
@@ -135,8 +161,6 @@ class RidgeModel(ExpressionModel):
         return list(cv.split(train.features)), f"KFold({min(folds, train.n_spots)}) over spots of one slide"
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        from sklearn.linear_model import Ridge
-
         X = np.asarray(train.features, dtype=np.float64)
         Y = np.asarray(train.target, dtype=np.float64)
         if train.n_spots < 4:
@@ -144,31 +168,39 @@ class RidgeModel(ExpressionModel):
                 f"ridge: needs at least 4 training spots for its inner cross-validation, got {train.n_spots}."
             )
         alphas = [float(a) for a in np.asarray(self.hparams["alphas"], dtype=np.float64).ravel()]
-        splits, how = self._inner_splits(train)
+        # one penalty: nothing to choose, no inner cross-validation
+        splits, how = self._inner_splits(train) if len(alphas) > 1 else ([], "none (one alpha given)")
         scores = np.zeros(len(alphas))
         for inner_train, inner_val in splits:
             arrays, Z = self._fit_transform(X[inner_train])
             Zv = self._transform(arrays, X[inner_val])
+            path = ridge_path(Z, Y[inner_train])
             for a, alpha in enumerate(alphas):
-                fitted = Ridge(alpha=alpha).fit(Z, Y[inner_train])
-                scores[a] += np.mean((fitted.predict(Zv) - Y[inner_val]) ** 2) * len(inner_val)
+                coef, intercept = ridge_coef(path, alpha)
+                scores[a] += np.mean((Zv @ coef + intercept - Y[inner_val]) ** 2) * len(inner_val)
         scores /= train.n_spots
-        best = int(np.argmin(scores))
+        best = int(np.argmin(scores)) if splits else 0
         arrays, Z = self._fit_transform(X)
-        final = Ridge(alpha=alphas[best]).fit(Z, Y)
+        coef, intercept = ridge_coef(ridge_path(Z, Y), alphas[best])
         self.arrays_ = {
             **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()},
-            "coef": final.coef_.astype(np.float32),
-            "intercept": np.asarray(final.intercept_, dtype=np.float32).reshape(-1),
+            "coef": coef.T.astype(np.float32),
+            "intercept": np.asarray(intercept, dtype=np.float32).reshape(-1),
             "alpha": np.asarray([alphas[best]], dtype=np.float32),
         }
         self.n_features = X.shape[1]
-        self.history = {"alpha": alphas[best], "alphas": alphas, "inner_cv_mse": scores.tolist(), "inner_cv": how}
+        self.history = {"alpha": alphas[best], "alphas": alphas, "inner_cv": how}
+        if splits:
+            self.history["inner_cv_mse"] = scores.tolist()
         if best in (0, len(alphas) - 1) and len(alphas) > 1:
             logger.warning(
                 f"ridge: the chosen alpha {alphas[best]:g} is at the edge of the grid {alphas}; widen alphas=."
             )
-        logger.debug(f"ridge: alpha {alphas[best]:g} by {how}, {Z.shape[1]} components")
+        logger.debug(f"ridge: alpha {alphas[best]:g} by {how}, {Z.shape[1]} inputs")
+
+    def smoothing_inner_hparams(self) -> dict[str, Any]:
+        """Hyper-parameters of the inner fits that choose the smoothing: the penalty already chosen (no nested CV)."""
+        return {"alphas": [float(self.history["alpha"])]}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         X = np.asarray(data.features, dtype=np.float64)
@@ -180,7 +212,9 @@ class RidgeModel(ExpressionModel):
         return dict(self.arrays_)
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
-        keys = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "alpha")
+        keys = ["scaler_mean", "scaler_scale", "coef", "intercept", "alpha"]
+        if "pca_components" in state or self.hparams["n_components"] is not None:
+            keys += ["pca_mean", "pca_components"]
         self.arrays_ = {k: _state_array(state, k, self.name).astype(np.float32) for k in keys}
         self.n_features = int(self.arrays_["scaler_mean"].shape[0])
         _check_panel(self, self.arrays_["coef"].shape[0], "coef")

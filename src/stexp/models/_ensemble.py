@@ -50,31 +50,10 @@ class RidgeKNNModel(ExpressionModel):
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         k = min(int(self.hparams["k"]), train.n_spots)  # a small training set: every spot is a neighbour
         self.knn.hparams["k"] = k
-        alphas = list(np.asarray(self.hparams["alphas"], dtype=np.float64).ravel())
-        if len(alphas) == 1:  # one penalty: nothing to choose, no inner cross-validation
-            self._fit_ridge(train, float(alphas[0]))
-        else:
-            self.ridge.fit(train, device=self.device)
+        self.ridge.fit(train, device=self.device)  # a single alpha: fit without inner cross-validation
         self.knn.fit(train, device=self.device)
         self.n_features = self.ridge.n_features
         self.history = {"ridge": self.ridge.history, "k": k}
-
-    def _fit_ridge(self, train: SpotData, alpha: float) -> None:
-        """The ridge part with a fixed penalty (the same transform and arrays as :class:`RidgeModel`)."""
-        from sklearn.linear_model import Ridge
-
-        X = np.asarray(train.features, dtype=np.float64)
-        arrays, Z = self.ridge._fit_transform(X)
-        final = Ridge(alpha=alpha).fit(Z, np.asarray(train.target, dtype=np.float64))
-        self.ridge.arrays_ = {
-            **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()},
-            "coef": final.coef_.astype(np.float32),
-            "intercept": np.asarray(final.intercept_, dtype=np.float32).reshape(-1),
-            "alpha": np.asarray([alpha], dtype=np.float32),
-        }
-        self.ridge.n_features = X.shape[1]
-        self.ridge.is_fitted = True
-        self.ridge.history = {"alpha": alpha, "inner_cv": "none (one alpha given)"}
 
     def smoothing_inner_hparams(self) -> dict[str, Any]:
         """Hyper-parameters of the inner fits that choose the smoothing: the penalty already chosen (no nested CV)."""
