@@ -40,33 +40,48 @@ sys.path.insert(0, str(Path(__file__).parent))
 import her2st  # (data loading and settings shared with the main benchmark)
 
 COVERAGE = 0.9
-MODELS = ("mclstexp", "ridge", "knn", "mean", "mlp", "nh2st")
+MODELS = ("pipeline", "mclstexp", "ridge", "knn", "mean", "mlp", "nh2st")
 
 
-def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int | None, seed: int, device: str):
+def run_model(
+    adata,
+    genes: list[str],
+    variant: str,
+    *,
+    n_folds: int,
+    epochs: int | None,
+    seed: int,
+    device: str,
+    scores: tuple[str, ...],
+):
+    """Rows of the table for one variant (``her2st.py`` notation: ``ridge``, ``knn200+smooth``, ``pipeline``)."""
     import stexp
     from stexp.models import get_model_class
-    from stexp.models._calibration import QUANTILE_MODES, SCORES, calibrate, out_of_fold
-    from stexp.pp._target import expression_target
+    from stexp.models._calibration import QUANTILE_MODES, calibrate, out_of_fold
     from stexp.tl._evaluate import interval_scores, pearson_columns, spearman
     from stexp.tl._inputs import make_model, spot_data
 
+    parsed = her2st.parse_variant(variant)
+    model = parsed["model"]
+    features_key = her2st._key(parsed["features"], "clean")
     cls = get_model_class(model)
     params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
+    params.update(parsed["params"])
     if "max_epochs" in cls.default_hparams and epochs is not None:
         params["max_epochs"] = epochs
     if "seed" in cls.default_hparams:
         params["seed"] = seed
-    data = spot_data(adata, features_key=her2st.FEATURES_KEY, library_key="library_id")
-    data.target = expression_target(adata, genes)
-    spec = stexp.tl._inputs.features_spec(adata, her2st.FEATURES_KEY)
+    if parsed["smoothing"] is not None:
+        params["smoothing"] = parsed["smoothing"]
+    data = spot_data(adata, features_key=features_key, library_key="library_id", genes=genes)
+    spec = stexp.tl._inputs.features_spec(adata, features_key)
     patients = adata.obs["patient"].astype(str).to_numpy()
     libs = adata.obs["library_id"].astype(str).to_numpy()
     rows = []
     for test_patient in dict.fromkeys(patients.tolist()):
         is_test = patients == test_patient
         train, test = data.subset(~is_test), data.subset(is_test)
-        est = make_model(model, genes, features_key=her2st.FEATURES_KEY, encoder_spec=spec, options={}, **params)
+        est = make_model(model, genes, features_key=features_key, encoder_spec=spec, options={}, **params)
         t0 = time.perf_counter()
         est.fit(train, device=device)
         t_fit = time.perf_counter() - t0
@@ -78,7 +93,7 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
         ensemble = inner.std(axis=0)
         truth = test.target.astype(np.float64)
         test_libs = libs[is_test]
-        for score in SCORES:
+        for score in scores:
             if score == "model_spread" and spread is None:
                 continue
             t1 = time.perf_counter()
@@ -94,7 +109,7 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
                 s = interval_scores(truth[r], mean[r], lo[r], hi[r])
                 rows.append(
                     {
-                        "model": model,
+                        "model": variant,
                         "score": score,
                         "quantile": mode,
                         "test_patient": test_patient,
@@ -115,7 +130,7 @@ def run_model(adata, genes: list[str], model: str, *, n_folds: int, epochs: int 
                 gene_realised = np.nanmean(np.vstack(realised), axis=0)
             for row in rows[-len(realised) :]:
                 row["expected_pcc_spearman_fold"] = spearman(cal.expected_pcc, gene_realised)
-        print(f"{model} test {test_patient}: fit {t_fit:.1f} s, inner refits {t_cal:.1f} s", flush=True)
+        print(f"{variant} test {test_patient}: fit {t_fit:.1f} s, inner refits {t_cal:.1f} s", flush=True)
     return rows
 
 
@@ -166,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="her2st folder or its parent (default: $STEXP_DATA_DIR)")
     parser.add_argument("--input", help="a h5ad written by her2st.prepare (skips reading and embedding)")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="variants, in her2st.py notation (e.g. pipeline)")
+    parser.add_argument("--scores", default=None, help="difficulty scores to compare (default: all)")
     parser.add_argument("--folds", type=int, default=3, help="inner calibration folds")
     parser.add_argument("--epochs", type=int, default=None, help="max_epochs of every neural model")
     parser.add_argument("--device", default="cpu")
@@ -183,16 +199,31 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/uncertainty.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         h5ad = Path(args.input) if args.input else Path(tmp) / "her2st_features.h5ad"
+        variants = args.models.split(",")
         if not args.input:
-            her2st.prepare(her2st._data_dir(args.data_dir), her2st.SECTIONS, h5ad)
+            needs = {(her2st.parse_variant(v)["features"], "clean") for v in variants}
+            her2st.prepare(her2st._data_dir(args.data_dir), her2st.SECTIONS, h5ad, needs)
         adata = ad.read_h5ad(h5ad)
+    from stexp.models._calibration import SCORES
+
+    scores = tuple(args.scores.split(",")) if args.scores else SCORES
     genes = list(adata.uns["benchmark_genes"])
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for model in args.models.split(","):  # the report is rewritten after every model
+    for variant in variants:  # the report is rewritten after every variant
+        model = her2st.parse_variant(variant)["model"]
         epochs = args.epochs if args.epochs is not None else her2st.DEFAULT_EPOCHS.get(model)
-        rows += run_model(adata, genes, model, n_folds=args.folds, epochs=epochs, seed=args.seed, device=args.device)
+        rows += run_model(
+            adata,
+            genes,
+            variant,
+            n_folds=args.folds,
+            epochs=epochs,
+            seed=args.seed,
+            device=args.device,
+            scores=scores,
+        )
         table = pd.DataFrame(rows)
         total = time.perf_counter() - t_start
         text = report(table, command, total)

@@ -140,3 +140,65 @@ def test_best_genes_and_width_panel(split, _ridge):
     assert any("interval width" in t for t in titles)
     assert sum(t.startswith(best[0]) for t in titles) == 3  # measured, predicted, width
     plt.close(fig)
+
+
+def _depth_spots(n_slides: int, n_spots: int, seed: int):
+    """Spots whose sequencing depth varies 30-fold and is visible in one image feature (e.g. cell density)."""
+    from stexp.models._data import SpotData
+    from stexp.pp._target import log1p_cp10k
+
+    profile = np.random.default_rng(99).dirichlet(np.ones(30)) * 0.5  # 30 genes, half of every spot's counts
+    rng = np.random.default_rng(seed)
+    n = n_slides * n_spots
+    log_depth = rng.uniform(np.log(200), np.log(6000), n)
+    counts = rng.poisson(np.exp(log_depth)[:, None] * profile[None, :])
+    counts = np.c_[counts, rng.poisson(np.exp(log_depth) * 0.5)]  # every other gene, lumped
+    depth = counts.sum(axis=1).astype(np.float64)
+    features = np.c_[log_depth + rng.normal(0, 0.3, n), rng.normal(size=(n, 7))].astype(np.float32)
+    library = np.repeat([f"s{i}" for i in range(n_slides)], n_spots).astype(object)
+    xy = np.c_[np.tile(np.arange(n_spots) % 12, n_slides), np.tile(np.arange(n_spots) // 12, n_slides)] * 100.0
+    return SpotData(
+        features=features,
+        library=library,
+        array_rc=(xy[:, ::-1] / 100).astype(np.int64),
+        coords_um=xy,
+        target=log1p_cp10k(counts[:, :30], depth),
+        patient=library.copy(),
+        depth=depth,
+    )
+
+
+def test_depth_score_widens_intervals_where_counts_are_few():
+    from stexp.models import get_model_class
+    from stexp.models._calibration import calibrate
+    from stexp.tl._evaluate import interval_scores
+
+    train, test = _depth_spots(4, 144, seed=0), _depth_spots(1, 400, seed=1)
+    genes = [f"g{i}" for i in range(30)]
+    model = get_model_class("mean")(genes)
+    model.fit(train)
+    mean, _ = model.predict(test)
+    truth = test.target.astype(np.float64)
+    rows = {}
+    for score in ("depth", "distance"):
+        cal = calibrate(model, train, score=score)
+        lo, hi = cal.intervals(mean, test.features, None, 0.9)
+        rows[score] = interval_scores(truth, mean, lo, hi)
+    depth = rows["depth"]
+    assert abs(depth["coverage"] - 0.9) <= 0.05, depth
+    # the error of a spot is its counting noise: the depth score ranks spots by it, the feature distance hardly
+    assert depth["unc_spot_spearman"] > 0.5, rows
+    assert depth["unc_spot_spearman"] > rows["distance"]["unc_spot_spearman"] + 0.2, rows
+    assert depth["interval_width"] < rows["distance"]["interval_width"]
+
+
+def test_depth_score_needs_counts():
+    from stexp.models import get_model_class
+    from stexp.models._calibration import calibrate
+
+    train = _depth_spots(2, 50, seed=0)
+    train.depth = None
+    model = get_model_class("mean")([f"g{i}" for i in range(30)])
+    model.fit(train)
+    with pytest.raises(ValueError, match="total counts"):
+        calibrate(model, train, score="depth")

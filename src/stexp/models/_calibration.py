@@ -10,9 +10,10 @@ optimistic and logged as such). From the out-of-fold predictions it learns
   probability (split-conformal; the out-of-fold residuals of the inner models stand in for those of the
   final model, as in CV+);
 - ``d(x, g)``, the **difficulty** of a spot (wider intervals where the model is less sure): by default the
-  spot's mean distance to its nearest training spots in image-feature space (``"distance"``, the best of
-  :data:`SCORES` measured on HER2+ leave-one-patient-out; the comparison is in ``docs/uncertainty.md``).
-  Every score but ``"none"`` and ``"distance"`` is multiplied by ``max(1, distance / ref)``, where
+  spot's sequencing depth predicted from its image (``"depth"``: fewer counts, noisier log-expression; the
+  best of :data:`SCORES` measured on HER2+ leave-one-patient-out, the comparison is in
+  ``docs/uncertainty.md``). Every score but ``"none"`` and ``"distance"`` is multiplied by
+  ``max(1, distance / ref)``, where
   ``distance`` is the spot's mean distance to its nearest training spots in feature space and ``ref`` the
   90th percentile of that distance over the calibration spots, so that spots unlike any training spot
   (another stain, another tissue) get wider intervals;
@@ -46,9 +47,12 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``k`` training spots, per gene; ``"neighbour_residual"``: mean absolute out-of-fold residual of those
 #: ``k`` training spots, per gene; ``"spot_residual"``: the same averaged over genes (one number per spot, less
 #: noisy); ``"model_spread"``: the model's own spread (retrieval spread for kNN and
-#: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean).
-SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread")
-DEFAULT_SCORE = "distance"
+#: mclSTExp, MC dropout for NH2ST; not available for ridge, MLP, mean); ``"depth"``: the spot's sequencing depth
+#: predicted from its image features, as ``exp(-0.5 * predicted centred log depth)`` (a ridge regression fit on
+#: the training spots' total counts, centred within each slide): counting noise on the log scale shrinks with
+#: depth, and on HER2+ the depth explains most of which spots are mispredicted.
+SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread", "depth")
+DEFAULT_SCORE = "depth"
 #: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
 QUANTILE_MODES = ("group_max", "pooled")
 DEFAULT_QUANTILE_MODE = "group_max"
@@ -276,6 +280,8 @@ def _raw_difficulty(
         return np.asarray(spread, dtype=np.float64), mean_dist
     if score == "distance":
         return np.repeat(mean_dist[:, None], n_genes, axis=1), None
+    if score == "depth":
+        return np.repeat(_depth_difficulty(bank, features)[:, None], n_genes, axis=1), mean_dist
     if score == "spot_residual":
         spot = bank["residual"].astype(np.float64).mean(axis=1)
         return np.repeat(spot[idx].mean(axis=1)[:, None], n_genes, axis=1), mean_dist
@@ -285,6 +291,39 @@ def _raw_difficulty(
         nb = values[idx[s : s + 256]].astype(np.float64)  # (chunk, k, genes)
         out[s : s + 256] = nb.mean(axis=1) if score == "neighbour_residual" else nb.std(axis=1)
     return out, mean_dist
+
+
+#: Penalties among which the depth regression's is chosen (generalised cross-validation).
+DEPTH_ALPHAS = tuple(float(a) for a in np.logspace(-1, 6, 15))
+
+
+def _fit_depth_model(features: np.ndarray, depth: np.ndarray, library: np.ndarray) -> dict[str, np.ndarray]:
+    """Ridge from standardised features to ``log1p(depth)`` centred within each slide (the arrays of ``"depth"``)."""
+    from sklearn.linear_model import RidgeCV
+
+    X = np.asarray(features, dtype=np.float64)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    y = np.log1p(np.asarray(depth, dtype=np.float64))
+    library = np.asarray(library).astype(str)
+    for lib in np.unique(library):  # depth differs between slides for technical reasons the image cannot show
+        rows = library == lib
+        y[rows] -= y[rows].mean()
+    fitted = RidgeCV(alphas=DEPTH_ALPHAS).fit((X - mean) / scale, y)
+    return {
+        "depth_mean": mean.astype(np.float32),
+        "depth_scale": scale.astype(np.float32),
+        "depth_coef": np.asarray(fitted.coef_, dtype=np.float32).ravel(),
+        "depth_intercept": np.asarray([fitted.intercept_], dtype=np.float32),
+    }
+
+
+def _depth_difficulty(bank: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """``exp(-0.5 * predicted centred log depth)`` of every spot: larger where fewer counts are expected."""
+    Z = (np.asarray(features, dtype=np.float64) - bank["depth_mean"]) / bank["depth_scale"]
+    predicted = Z @ bank["depth_coef"].astype(np.float64) + float(bank["depth_intercept"][0])
+    return np.exp(-0.5 * np.clip(predicted, -20.0, 20.0))
 
 
 def _inflation(mean_dist: np.ndarray | None, ref: float | None) -> np.ndarray | float:
@@ -298,9 +337,15 @@ def _inflation(mean_dist: np.ndarray | None, ref: float | None) -> np.ndarray | 
 
 
 def _oof_difficulty(
-    score: str, bank: dict[str, np.ndarray], features: np.ndarray, spread: np.ndarray | None, fold: np.ndarray, k: int
+    score: str,
+    bank: dict[str, np.ndarray],
+    train: SpotData,
+    spread: np.ndarray | None,
+    fold: np.ndarray,
+    k: int,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``d`` of every calibration spot, computed against the bank spots of the *other* inner folds only."""
+    """``d`` of every calibration spot, computed from the training spots of the *other* inner folds only."""
+    features = np.asarray(train.features, dtype=np.float32)
     n_genes = bank["target"].shape[1]
     out = np.empty((features.shape[0], n_genes))
     dists = np.full(features.shape[0], np.nan)
@@ -310,6 +355,10 @@ def _oof_difficulty(
         keep = bank_fold != f
         sub = {**bank, "features": bank["features"][keep], "target": bank["target"][keep]}
         sub["residual"] = bank["residual"][keep]
+        if score == "depth":
+            assert train.depth is not None  # checked by calibrate()
+            others = fold != f
+            sub.update(_fit_depth_model(features[others], train.depth[others], train.library[others]))
         out[rows], d = _raw_difficulty(
             score, sub, features[rows], None if spread is None else spread[rows], n_genes, k=k
         )
@@ -407,6 +456,11 @@ def calibrate(
         )
     if train.target is None:
         raise ValueError("calibration needs the training spots' measured expression.")
+    if score == "depth" and train.depth is None:
+        raise ValueError(
+            "calibration score 'depth' needs the training spots' total counts (SpotData.depth, filled by "
+            "stexp.tl.fit from the counts); choose another score among " + str(SCORES) + "."
+        )
     t0 = time.perf_counter()
     oof = oof or out_of_fold(model, train, n_folds)
     t_fits = time.perf_counter() - t0
@@ -444,7 +498,10 @@ def calibrate(
     bank["target"] = target[rows].astype(np.float32)
     bank["residual"] = residual[rows].astype(np.float32)
     bank["fold"] = fold[rows]
-    raw, dists = _oof_difficulty(score, bank, features, oof["spread"], fold, k)
+    raw, dists = _oof_difficulty(score, bank, train, oof["spread"], fold, k)
+    if score == "depth":
+        assert train.depth is not None  # checked above
+        bank.update(_fit_depth_model(features, train.depth, train.library))
     floor = _floor(raw)
     distance_ref = None if dists is None else float(np.quantile(dists, 0.9))
     normalised = residual / ((raw + floor) * _inflation(dists, distance_ref))
@@ -454,7 +511,7 @@ def calibrate(
     del bank["fold"]
     if score == "none":
         bank = {}
-    elif score in ("distance", "model_spread"):
+    elif score in ("distance", "model_spread", "depth"):
         bank = {k_: v for k_, v in bank.items() if k_ not in ("target", "residual")}
     elif score == "neighbour_spread":
         bank.pop("residual")

@@ -29,6 +29,9 @@ class SpotData:
         Patient of each spot, when known.
     obs_names
         Spot ids, for messages.
+    depth
+        Total counts of each spot over every measured gene (its sequencing depth), when measured; the
+        calibration's ``"depth"`` difficulty score learns to predict it from the image.
     patches
         The spots' image patches (a :class:`stexp.images.PatchSource`, rows -> uint8 patches), for
         models that fine-tune the image encoder; ``None`` on frozen features.
@@ -41,11 +44,12 @@ class SpotData:
     target: np.ndarray | None = None
     patient: np.ndarray | None = None
     obs_names: np.ndarray | None = None
+    depth: np.ndarray | None = None
     patches: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
-        for name in ("library", "array_rc", "coords_um", "target", "patient", "obs_names"):
+        for name in ("library", "array_rc", "coords_um", "target", "patient", "obs_names", "depth"):
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"SpotData.{name} has {value.shape[0]} rows, features have {n}.")
@@ -72,6 +76,7 @@ class SpotData:
             target=take(self.target),
             patient=take(self.patient),
             obs_names=take(self.obs_names),
+            depth=take(self.depth),
             patches=None if self.patches is None else self.patches.subset(mask),
         )
 

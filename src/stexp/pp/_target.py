@@ -171,14 +171,21 @@ def expression_target(adata: AnnData, genes: Sequence[str] | None = None, *, lay
     ValueError
         Bad counts (see :func:`raw_counts`), or a requested gene that appears more than once in ``var_names``.
     """
+    return expression_target_and_depth(adata, genes, layer=layer)[0]
+
+
+def expression_target_and_depth(
+    adata: AnnData, genes: Sequence[str] | None = None, *, layer: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expression_target` and the total counts of every spot (over all genes), from one read of the counts."""
     X = raw_counts(adata, layer)
-    if genes is None:
-        return log1p_cp10k(X, _totals(X))
-    idx = panel_indices(adata.var_names, genes)
     totals = _totals(X)
+    if genes is None:
+        return log1p_cp10k(X, totals), totals
+    idx = panel_indices(adata.var_names, genes)
     if sparse.issparse(X):
-        return log1p_cp10k(sparse.csr_matrix(X)[:, idx], totals)
-    return log1p_cp10k(np.asarray(X)[:, idx], totals)
+        return log1p_cp10k(sparse.csr_matrix(X)[:, idx], totals), totals
+    return log1p_cp10k(np.asarray(X)[:, idx], totals), totals
 
 
 def normalize_target(

@@ -214,7 +214,6 @@ def cross_validate(
         (a checkpoint chosen on held-out slides would leak).
     """
     from stexp._settings import settings
-    from stexp.pp._target import expression_target
     from stexp.tl._evaluate import score_prediction
     from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, resolve_features, resolve_genes, spot_data
 
@@ -293,9 +292,10 @@ def cross_validate(
         adata,
         features_key=features_key,
         library_key=library_key,
+        genes=union,
+        layer=layer,
         patches=spec if reads_patches else None,
     )
-    data.target = expression_target(adata, union, layer=layer)
 
     # out-of-fold predictions over the union of the fold panels only (never n_obs x n_vars)
     oof = {m: np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32) for m in models}
@@ -336,6 +336,7 @@ def cross_validate(
 
     tables = []
     where_of: dict[str, str] = {}
+    assert data.target is not None  # spot_data(genes=union) computed it
     target = (union, data.target)
     for m in models:
         name = layer_of[m]

@@ -98,8 +98,8 @@ def fit(
         Inner folds of the calibration (at most the number of training slides or patients).
     calibration_score
         Per-spot difficulty that scales the intervals, one of ``stexp.models._calibration.SCORES``
-        (default ``"distance"``: the spot's mean distance to its nearest training spots in image-feature
-        space).
+        (default ``"depth"``: the spot's sequencing depth predicted from its image features, widened for
+        spots far from every training spot in image-feature space).
     smoothing
         Spatial smoothing of the model's predictions over neighbouring spots of the same slide (a
         Gaussian of σ µm; ``stexp.models._smoothing``), saved with the model and applied by

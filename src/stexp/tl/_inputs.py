@@ -100,7 +100,7 @@ def spot_data(
     layer: str | None = None,
     patches: EncoderSpec | None = None,
 ) -> SpotData:
-    """Collect features, target (when ``genes`` is given), array and physical coordinates of every spot.
+    """Collect features, target and depth (when ``genes`` is given), array and physical coordinates of every spot.
 
     ``features_key=None`` gives ``(n_spots, 0)`` features. ``patches``: the spec of a fine-tuned image
     encoder; the spots then carry their patches (a :class:`stexp.images.PatchSource` at the spec's patch
@@ -111,7 +111,7 @@ def spot_data(
     ValueError
         If the features contain NaN or have the wrong number of rows, or the AnnData is empty.
     """
-    from stexp.pp._target import expression_target
+    from stexp.pp._target import expression_target_and_depth
 
     if adata.n_obs == 0:
         raise ValueError("the AnnData has no spots.")
@@ -137,7 +137,7 @@ def spot_data(
         array_rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.int64)
     else:  # no array grid: derive one from the spot pitch
         array_rc = np.round(coords_um[:, ::-1] / 50.0).astype(np.int64)
-    target = None if genes is None else expression_target(adata, genes, layer=layer)
+    target, depth = (None, None) if genes is None else expression_target_and_depth(adata, genes, layer=layer)
     patient = adata.obs["patient"].astype(str).to_numpy() if "patient" in adata.obs else None
     return SpotData(
         features=feats,
@@ -147,6 +147,7 @@ def spot_data(
         target=target,
         patient=patient,
         obs_names=adata.obs_names.to_numpy(),
+        depth=None if depth is None else np.asarray(depth, dtype=np.float64),
         patches=None if patches is None else _patch_source(adata, patches, library_key),
     )
 
