@@ -202,3 +202,12 @@ def test_depth_score_needs_counts():
     model.fit(train)
     with pytest.raises(ValueError, match="total counts"):
         calibrate(model, train, score="depth")
+
+
+def test_knn_with_more_neighbours_than_an_inner_fold_calibrates(split):
+    train, test = split
+    k = train.n_obs - 10  # more than any inner fold (which leaves out a slide) holds
+    model = stexp.tl.fit(train, model="knn", features_key="X_test_stats", k=k)
+    assert model.calibration is not None and model.hparams["k"] == k
+    stexp.tl.predict(test, model, coverage=0.9)
+    assert 0.75 <= stexp.tl.evaluate(test)["coverage"].iloc[0] <= 0.99

@@ -224,6 +224,20 @@ class ExpressionModel(ABC):
         logger.info(f"saved {self.name} model to {path}")
         return path
 
+    def inner_copy(self, n_train: int, **overrides: Any) -> ExpressionModel:
+        """A new, unfitted model like this one, for an inner fit on ``n_train`` spots (smoothing, calibration).
+
+        Same class, genes, features and hyper-parameters (``overrides`` replace some); a retrieval model
+        uses at most ``n_train`` neighbours (an inner fold can hold fewer spots than ``k``). The runtime
+        ``device`` and ``num_workers`` are kept.
+        """
+        hparams = {**self.hparams, **overrides}
+        if isinstance(hparams.get("k"), (int, np.integer)):
+            hparams["k"] = min(int(hparams["k"]), int(n_train))
+        new = type(self)(self.genes, features_key=self.features_key, encoder_spec=self.encoder_spec, **hparams)
+        new.device, new.num_workers = self.device, self.num_workers
+        return new
+
     def __repr__(self) -> str:
         status = "fitted" if self.is_fitted else "not fitted"
         enc = self.encoder_spec.encoder or "?"

@@ -374,19 +374,11 @@ def _pearson_per_gene(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return r
 
 
-def clone(model: ExpressionModel) -> ExpressionModel:
-    """A new, unfitted model with the same class, genes, features and hyper-parameters."""
+def clone(model: ExpressionModel, n_train: int) -> ExpressionModel:
+    """A new, unfitted model like ``model`` for an inner fit on ``n_train`` spots, with its fitted smoothing σ."""
     # the fitted smoothing σ is kept (not searched again): the intervals are calibrated on the predictor used
     sigma = float((getattr(model, "smoothing", None) or {}).get("sigma_um") or 0.0)
-    new = type(model)(
-        model.genes,
-        features_key=model.features_key,
-        encoder_spec=model.encoder_spec.to_dict(),
-        smoothing=sigma or None,
-        **model.hparams,
-    )
-    new.device, new.num_workers = model.device, model.num_workers
-    return new
+    return model.inner_copy(n_train, smoothing=sigma or None)
 
 
 def out_of_fold(model: ExpressionModel, train: SpotData, n_folds: int) -> dict[str, Any]:
@@ -398,7 +390,7 @@ def out_of_fold(model: ExpressionModel, train: SpotData, n_folds: int) -> dict[s
     fold = np.full(n, -1, dtype=np.int64)
     inner_models = []
     for f, (fit_idx, cal_idx) in enumerate(splits):
-        inner = clone(model)
+        inner = clone(model, len(fit_idx))
         inner.fit(train.subset(fit_idx), device=model.device, num_workers=model.num_workers)
         m, s = inner.predict(train.subset(cal_idx))
         mean[cal_idx] = m

@@ -197,12 +197,7 @@ def fit_smoothing(model, train, validation=None) -> dict[str, Any]:
         inner_hparams = {**model.hparams, **getattr(model, "smoothing_inner_hparams", dict)()}
 
         def fit_predict(tr: np.ndarray, va: np.ndarray) -> np.ndarray:
-            hparams = dict(inner_hparams)
-            if isinstance(hparams.get("k"), (int, np.integer)):  # retrieval: no more neighbours than inner spots
-                hparams["k"] = min(int(hparams["k"]), len(tr))
-            inner = type(model)(
-                model.genes, features_key=model.features_key, encoder_spec=model.encoder_spec, **hparams
-            )
+            inner = model.inner_copy(len(tr), **inner_hparams)
             inner.fit(train.subset(tr), device=model.device, num_workers=model.num_workers)
             return inner.predict(train.subset(va), smooth=False)[0]
 
