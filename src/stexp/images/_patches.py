@@ -16,12 +16,25 @@ from typing import Literal
 import numpy as np
 
 from stexp._docs import doc_params
-from stexp._layout import LIBRARY_KEY, library_labels, library_mask, spot_coords, spot_diameter_um, um_per_px
+from stexp._layout import (
+    LIBRARY_KEY,
+    PLATFORMS,
+    library_labels,
+    library_mask,
+    spot_coords,
+    spot_diameter_um,
+    um_per_px,
+)
 
 from ._slide import SlideView, slide_view
 
-#: Default patch side as a multiple of the spot diameter (ST 100 µm -> 150 µm; Visium 55 µm -> 82.5 µm).
-PATCH_DIAMETERS = 1.5
+#: Default patch side as a multiple of the spot diameter, per platform. Legacy ST (spots of at least
+#: :data:`ST_MIN_DIAMETER_UM`, 100 µm): 0.75 -> 75 µm, the spot's own area, the best of 75 / 100 / 150 µm measured
+#: on HER2+ (``docs/benchmarks.md``). Smaller spots (Visium, 55 µm; not measured here): 1.5 -> 82.5 µm, the spot
+#: and a ring of context.
+PATCH_DIAMETERS = {"st": 0.75, "small_spots": 1.5}
+#: Spots at least this wide (µm) are legacy ST spots for :func:`default_patch_um`.
+ST_MIN_DIAMETER_UM = 0.9 * PLATFORMS["st"]["spot_diameter_um"]
 #: Side (level px) of the regions a lazily read slide is read in (see :meth:`PatchPlan.stream`).
 BLOCK_PX = 2048
 #: Fill colour of the parts of a patch that lie outside the image (white, like glass on an H&E slide).
@@ -29,12 +42,18 @@ PAD_RGB = (255, 255, 255)
 
 
 def default_patch_um(adata, library_id: str) -> float:
-    """Default patch side in µm: 1.5 x the spot diameter of the library.
+    """Default patch side in µm of a library: :func:`patch_um_for_spots` of its spot diameter."""
+    return patch_um_for_spots(spot_diameter_um(adata, library_id))
 
-    ST (100 µm spots) -> 150 µm, about the 224 px at ~0.69 µm/px used by mclSTExp on HER2+;
-    Visium (55 µm) -> 82.5 µm. The margin gives the encoder the context around the spot.
+
+def patch_um_for_spots(diameter_um: float) -> float:
+    """Default patch side in µm for spots of ``diameter_um``: legacy ST 100 µm -> 75 µm, Visium 55 µm -> 82.5 µm.
+
+    See :data:`PATCH_DIAMETERS`: 0.75 x the diameter for ST spots (measured best on HER2+), 1.5 x for
+    smaller spots (unmeasured; the spot and its surroundings).
     """
-    return PATCH_DIAMETERS * spot_diameter_um(adata, library_id)
+    platform = "st" if float(diameter_um) >= ST_MIN_DIAMETER_UM else "small_spots"
+    return PATCH_DIAMETERS[platform] * float(diameter_um)
 
 
 def resolve_patch_um(adata, libs: Sequence[str], patch_um: float | Mapping[str, float] | None) -> dict[str, float]:
@@ -390,7 +409,7 @@ def read_patches(
     indices
         Integer positions (rows of ``adata``) of spots of ``library_id``; ``None``: all its spots.
     patch_um
-        Patch side in µm; ``None``: :func:`default_patch_um` (1.5 x the spot diameter).
+        Patch side in µm; ``None``: :func:`default_patch_um` (ST 75 µm, Visium 82.5 µm).
     out_px
         Output side in pixels.
     image

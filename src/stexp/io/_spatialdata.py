@@ -223,9 +223,11 @@ def from_spatialdata(
             spot_diameter_um / diameter_px, what=f"µm per pixel of library {lib!r} from the spot radius"
         )
 
+    from stexp.images._patches import patch_um_for_spots
+
     images, scalefs = {}, {}
     source = None
-    patch_um_per_px = 1.5 * float(spot_diameter_um) / PATCH_INPUT_PX  # what the default patches need
+    patch_um_per_px = patch_um_for_spots(spot_diameter_um) / PATCH_INPUT_PX  # what the default patches need
     for key in image_keys:
         element = sdata.images[key]
         if cs not in get_transformation(element, get_all=True):

@@ -76,7 +76,7 @@ def read_wsi(
         µm per level-0 pixel; default: from the file (OpenSlide / Aperio ``mpp``, OME ``PhysicalSizeX/Y``,
         TIFF resolution tags). Required when the file does not say, or says it inconsistently.
     spot_diameter_um
-        Diameter of each pseudo-spot (µm; 55 = Visium). Patches are 1.5 x this by default.
+        Diameter of each pseudo-spot (µm; 55 = Visium). Patches are 1.5 x this by default (0.75 x for spots of 90 µm and more).
     spacing_um
         Centre-to-centre distance of the hexagonal grid (µm).
     library_id

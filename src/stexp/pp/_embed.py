@@ -198,8 +198,9 @@ def embed_images(
         A name for a callable / module encoder (e.g. ``"my-uni-v1"``): its features are then cached on disk
         and recognised as up to date. Change it when the callable changes.
     patch_um
-        Patch side in µm: one number, a mapping library -> µm, or ``None``: 1.5 x each library's spot
-        diameter (ST 100 µm spots -> 150 µm; Visium -> 82.5 µm). The spec records one number when all
+        Patch side in µm: one number, a mapping library -> µm, or ``None``: each library's default
+        (:func:`stexp.images.default_patch_um`: ST 100 µm spots -> 75 µm, the best measured on HER2+;
+        Visium 55 µm spots -> 82.5 µm). The spec records one number when all
         libraries share it, else the per-library mapping.
     batch_size
         Patches per forward pass.
