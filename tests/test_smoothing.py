@@ -125,7 +125,7 @@ def test_fixed_smoothing_and_bad_values():
 
 def test_fit_without_options_is_the_default_pipeline(synth):
     import stexp
-    from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_SMOOTHING
+    from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_MODEL_PARAMS, DEFAULT_SMOOTHING
 
     key = stat_features(synth)
     model = stexp.tl.fit(synth, features_key=key, validation="slide_2")
@@ -133,6 +133,12 @@ def test_fit_without_options_is_the_default_pipeline(synth):
     assert model.smoothing["option"] == DEFAULT_SMOOTHING
     if DEFAULT_SMOOTHING == "auto":
         assert model.smoothing["inner_cv"] == "the validation slides"
+    # a training set smaller than the default k: every spot is a neighbour, the smoothing is kept
+    small = synth[synth.obs["library_id"].isin(["slide_0", "slide_1"]).to_numpy()][:150].copy()
+    few = stexp.tl.fit(small, features_key=key)
+    if "k" in DEFAULT_MODEL_PARAMS:
+        assert few.hparams["k"] == min(DEFAULT_MODEL_PARAMS["k"], small.n_obs)
+    assert few.smoothing["option"] == DEFAULT_SMOOTHING and few.calibration is not None
     # an explicit model has no smoothing unless asked for
     assert stexp.tl.fit(synth, model="ridge", features_key=key).smoothing["option"] is None
     ridge = stexp.tl.fit(synth, model="ridge", features_key=key, smoothing=80.0)

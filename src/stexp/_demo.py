@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 
 from stexp._settings import logger
+from stexp.images._encoders import DEFAULT_ENCODER
 
 #: Models the demo compares: the training mean (chance), the ridge probe and mclSTExp.
 DEMO_MODELS = ("mean", "ridge", "mclstexp")
-#: The encoder of the demo: real ImageNet weights that install offline from the package registry.
-DEMO_ENCODER = "efficientnet_lite0"
+#: The encoder of the demo: the default (real ImageNet weights that install offline from the package registry).
+DEMO_ENCODER = DEFAULT_ENCODER
 #: Annotation values that are not a tissue class (left out of domain counts and scores).
 IGNORED_LABELS = ("undetermined",)
 

@@ -49,7 +49,7 @@ _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 
 #: The default encoder of ``embed_images``, ``build_encoder`` and ``fit``: its ImageNet weights install offline.
-DEFAULT_ENCODER = "efficientnet_lite0"
+DEFAULT_ENCODER = "efficientnet_lite0_ml"
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,10 @@ def build_encoder(
     Parameters
     ----------
     encoder
-        A name from :func:`list_encoders` (``"efficientnet_lite0"``, the default: 1280-d, ImageNet weights
-        available offline; ``"densenet121"``: 1024-d, the mclSTExp encoder; ``"resnet50"``: 2048-d; or any
-        name added with :func:`register_encoder`),
+        A name from :func:`list_encoders` (``"efficientnet_lite0_ml"``, the default: EfficientNet-Lite0 pooled
+        at four intermediate blocks and its head, 1704-d, ImageNet weights available offline;
+        ``"efficientnet_lite0"``: the head alone, 1280-d; ``"densenet121"``: 1024-d, the mclSTExp encoder;
+        ``"resnet50"``: 2048-d; or any name added with :func:`register_encoder`),
         ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"`` (needs ``timm``; input size and mean/std come from
         the model's data config), a local model folder (a path, or ``"local-dir:<path>"``: ``config.json``
         plus ``model.safetensors`` / ``pytorch_model.bin`` as timm and the Hugging Face hub save them; its
