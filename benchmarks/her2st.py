@@ -22,10 +22,13 @@ Protocols
     spots of each slide; a model that still scores above zero learns something other than the image.
 
 Variants (``--variants``): ``<model>[@<features>][+smooth]``, e.g. ``ridge``, ``knn200@p75+smooth``.
-    model     a registered model; ``knn200``: kNN with k=200.
+    model     a registered model; ``knn200``: kNN with k=200; ``ridge_full``: ridge on every standardised
+              feature (no PCA), alpha 1 ... 1e7.
     features  ``p150`` (default: 150 µm patches), ``p100``, ``p75``, ``ms`` (p75 and p150 features
               concatenated), ``p75tta`` (8 flips/rotations averaged), ``p75rh`` (Reinhard stain
-              normalisation), ``default`` (whatever ``stexp.pp.embed_images`` does without options).
+              normalisation), ``p75ml`` (multi-level pooling of
+              EfficientNet-Lite0's intermediate blocks), ``p75mpp`` (slides resampled to 1 µm/px first),
+              ``p75mlrh`` (both), ``p150ml``, ``msml`` (p75ml and p150ml concatenated), ``default`` (whatever ``stexp.pp.embed_images`` does without options).
     +smooth   spatial smoothing of predictions, σ chosen on the training slides only (``smoothing="auto"``).
     ``pipeline`` is the default pipeline: ``stexp.pp.embed_images(adata)`` + ``stexp.tl.fit(adata)``
     with no options (the variant the defaults resolve to).
@@ -77,10 +80,18 @@ FEATURE_CONFIGS: dict[str, dict] = {
     "ms": {"parts": ["p75", "p150"]},
     "p75tta": {"patch_um": 75.0, "tta": True},
     "p75rh": {"patch_um": 75.0, "stain_norm": "reinhard"},
+    "p75ml": {"patch_um": 75.0, "encoder": "efficientnet_lite0_ml"},
+    "p75mpp": {"patch_um": 75.0, "mpp": 1.0},
+    "p75mlrh": {"patch_um": 75.0, "encoder": "efficientnet_lite0_ml", "stain_norm": "reinhard"},
+    "p150ml": {"patch_um": 150.0, "encoder": "efficientnet_lite0_ml"},
+    "msml": {"parts": ["p75ml", "p150ml"]},
     "default": {},
 }
 #: Model aliases: registered name and hyper-parameters.
-MODEL_ALIASES = {"knn200": ("knn", {"k": 200})}
+MODEL_ALIASES = {
+    "knn200": ("knn", {"k": 200}),
+    "ridge_full": ("ridge", {"n_components": None, "alphas": [float(10**e) for e in range(0, 8)]}),
+}
 #: Epoch caps that keep the full run within budget on 2 CPU cores (``--epochs`` overrides; ``None``: model default).
 DEFAULT_EPOCHS: dict[str, int | None] = {"mlp": 50, "mclstexp": 90, "nh2st": 60}
 CONTROL_VARIANTS = ("ridge", "mclstexp")
@@ -510,17 +521,24 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
     return text
 
 
-#: The variants of a full run: every registered model on the default-before-issue-14 features, then one lever at a time.
+#: The variants of a full run: every registered model on the 150 µm features (before issue 14), then one lever at a time.
 LEVER_VARIANTS = (
     "knn200",
     "ridge+smooth",
     "knn200+smooth",
+    "ridge_knn+smooth",
     "mclstexp+smooth",
     "ridge@p100",
     "ridge@p75",
-    "knn200@p75",
-    "mclstexp@p75",
     "ridge@ms",
+    "ridge@p75tta",
+    "ridge@p75rh",
+    "ridge@p75mpp",
+    "ridge@p75ml",
+    "ridge_full@p75ml",
+    "knn200@p75ml+smooth",
+    "ridge_knn@p75ml+smooth",
+    "mclstexp@p75ml",
     "pipeline",
 )
 
