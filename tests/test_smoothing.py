@@ -145,3 +145,14 @@ def test_fit_without_options_is_the_default_pipeline(synth):
     assert ridge.smoothing == {"option": 80.0, "sigma_um": 80.0}
     stexp.tl.predict(synth, ridge)
     assert np.isfinite(synth.layers["stexp_pred"]).all()
+
+
+def test_inner_fits_use_no_more_neighbours_than_they_have_spots():
+    from stexp.models import get_model_class
+
+    for name, key in (("knn", "k"), ("ridge_knn", "k"), ("mclstexp", "top_k")):
+        cls = get_model_class(name)
+        assert key in cls.bank_size_hparams
+        model = cls(["a", "b"], **{key: 200})
+        assert model.inner_copy(141).hparams[key] == 141
+        assert model.inner_copy(500).hparams[key] == 200

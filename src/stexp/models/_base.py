@@ -53,6 +53,8 @@ class ExpressionModel(ABC):
 
     name: ClassVar[str] = "base"
     default_hparams: ClassVar[dict[str, Any]] = {}
+    #: Hyper-parameters that count training spots to retrieve (kNN's ``k``): an inner fit on fewer spots uses fewer.
+    bank_size_hparams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -228,12 +230,13 @@ class ExpressionModel(ABC):
         """A new, unfitted model like this one, for an inner fit on ``n_train`` spots (smoothing, calibration).
 
         Same class, genes, features and hyper-parameters (``overrides`` replace some); a retrieval model
-        uses at most ``n_train`` neighbours (an inner fold can hold fewer spots than ``k``). The runtime
-        ``device`` and ``num_workers`` are kept.
+        uses at most ``n_train`` neighbours (an inner fold can hold fewer spots than ``k``; see
+        :attr:`bank_size_hparams`). The runtime ``device`` and ``num_workers`` are kept.
         """
         hparams = {**self.hparams, **overrides}
-        if isinstance(hparams.get("k"), (int, np.integer)):
-            hparams["k"] = min(int(hparams["k"]), int(n_train))
+        for key in self.bank_size_hparams:
+            if isinstance(hparams.get(key), (int, np.integer)):
+                hparams[key] = min(int(hparams[key]), int(n_train))
         new = type(self)(self.genes, features_key=self.features_key, encoder_spec=self.encoder_spec, **hparams)
         new.device, new.num_workers = self.device, self.num_workers
         return new

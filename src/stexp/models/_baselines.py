@@ -237,6 +237,7 @@ class KNNModel(ExpressionModel):
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {"k": 50, "temperature": 0.1, "standardize": True, "chunk_size": 256}
+    bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)

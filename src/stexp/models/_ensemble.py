@@ -36,6 +36,8 @@ class RidgeKNNModel(ExpressionModel):
         "ridge_weight": 0.5,
     }
 
+    bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
+
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
         hp = self.hparams

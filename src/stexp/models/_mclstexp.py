@@ -226,6 +226,8 @@ class MclSTExp(TorchExpressionModel):
         **FINETUNE_HPARAMS,
     }
 
+    bank_size_hparams: ClassVar[tuple[str, ...]] = ("top_k",)
+
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
         hp = self.hparams

@@ -120,7 +120,7 @@ def fit(
     The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
     """
     default_pipeline = model is None
-    if default_pipeline:
+    if model is None:
         model = DEFAULT_MODEL
         model_kwargs = {**DEFAULT_MODEL_PARAMS, **model_kwargs}
         smoothing = DEFAULT_SMOOTHING if smoothing is None else smoothing
@@ -158,8 +158,9 @@ def fit(
     )
     is_val = np.isin(data.library, val_libs)
     train, val = data.subset(~is_val), (data.subset(is_val) if is_val.any() else None)
-    if default_pipeline and int(est.hparams.get("k", 0)) > train.n_spots:  # a small training set
-        logger.info(f"{est.name}: k={est.hparams['k']} > {train.n_spots} training spots; every spot is a neighbour")
+    too_many = [k for k in est.bank_size_hparams if int(est.hparams.get(k) or 0) > train.n_spots]
+    if default_pipeline and too_many:  # a small training set: every spot is a neighbour
+        logger.info(f"{est.name}: {too_many} > {train.n_spots} training spots; every training spot is a neighbour")
         est = est.inner_copy(train.n_spots, smoothing=est.smoothing["option"])
     logger.info(
         f"fitting {est.name} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
