@@ -72,18 +72,19 @@ PROTOCOLS = {
     "xres": ("patient", "cross-resolution (LOPO folds, held-out slides from their ~3.6 µm/px image)", "lowres"),
     "stain": ("patient", "stain shift (LOPO folds, held-out slides with a fixed HED perturbation)", "stain"),
 }
-#: Feature configurations: keyword arguments of ``stexp.pp.embed_images`` (``parts``: concatenated configs).
+#: Feature configurations: keyword arguments of ``stexp.pp.embed_images`` (``parts``: concatenated configs). Each
+#: names its encoder, so that a change of the package's default encoder does not change what a config means.
 FEATURE_CONFIGS: dict[str, dict] = {
-    "p150": {"patch_um": 150.0},
-    "p100": {"patch_um": 100.0},
-    "p75": {"patch_um": 75.0},
+    "p150": {"patch_um": 150.0, "encoder": ENCODER},
+    "p100": {"patch_um": 100.0, "encoder": ENCODER},
+    "p75": {"patch_um": 75.0, "encoder": ENCODER},
     "ms": {"parts": ["p75", "p150"]},
-    "p75tta": {"patch_um": 75.0, "tta": True},
-    "p75rh": {"patch_um": 75.0, "stain_norm": "reinhard"},
-    "p75ml": {"patch_um": 75.0, "encoder": "efficientnet_lite0_ml"},
-    "p75mpp": {"patch_um": 75.0, "mpp": 1.0},
-    "p75mlrh": {"patch_um": 75.0, "encoder": "efficientnet_lite0_ml", "stain_norm": "reinhard"},
-    "p150ml": {"patch_um": 150.0, "encoder": "efficientnet_lite0_ml"},
+    "p75tta": {"patch_um": 75.0, "encoder": ENCODER, "tta": True},
+    "p75rh": {"patch_um": 75.0, "encoder": ENCODER, "stain_norm": "reinhard"},
+    "p75ml": {"patch_um": 75.0, "encoder": f"{ENCODER}_ml"},
+    "p75mpp": {"patch_um": 75.0, "encoder": ENCODER, "mpp": 1.0},
+    "p75mlrh": {"patch_um": 75.0, "encoder": f"{ENCODER}_ml", "stain_norm": "reinhard"},
+    "p150ml": {"patch_um": 150.0, "encoder": f"{ENCODER}_ml"},
     "msml": {"parts": ["p75ml", "p150ml"]},
     "default": {},
 }
