@@ -462,7 +462,13 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
         f"total {total_seconds / 60:.1f} min (embedding {sum(embed.values()):.0f} s, cached after the first run).  ",
         f"Sections: {', '.join(f'{k} ({v} spots)' for k, v in info['n_spots'].items())}; patients {info['patients']}.  ",
         f"Genes: {info['n_genes']} of the {info['n_panel_genes']}-gene HER2+ panel present in every section.  ",
-        f"Features: {ENCODER} (imagenet); feature sets {', '.join(f'{k} ({d}-d)' for k, d in info['feature_dims'].items())}.  ",
+        "Features (ImageNet weights; `stexp.pp.embed_images` options): "
+        + "; ".join(
+            f"`{f}` {FEATURE_CONFIGS[f] or 'the defaults'}"
+            for f in dict.fromkeys(r["features"] for r in runs)
+            if f in FEATURE_CONFIGS
+        )
+        + ".  ",
         "Scores per test slide (Pearson across the slide's spots, per gene), then mean ± std over test slides; "
         "MSE/MAE on log1p(counts per 10k). The mean baseline predicts a constant, so its Pearson is undefined (n/a). "
         "Time: fit + predict over all folds (with `+smooth`, the inner folds that choose σ included); s/epoch: training "
@@ -601,7 +607,26 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/her2st.py " + " ".join(argv if argv is not None else sys.argv[1:])
     jobs = [(p, v, False) for p in protocols for v in available] + [(p, v, True) for p in protocols for v in controls]
-    needs = {(parse_variant(v)["features"], image) for p, v, _ in jobs for image in ("clean", PROTOCOLS[p][2])}
+
+    def epochs_of(variant: str) -> int | None:
+        model = parse_variant(variant)["model"]
+        return 2 if args.quick else (args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(model))
+
+    def kept_run(protocol: str, variant: str, shuffled: bool) -> tuple[Path, dict | None]:
+        """The run's JSON path, and its content when ``--reuse`` can take it."""
+        tag = (
+            f"{'quick_' if args.quick else ''}{protocol}_{variant.replace('@', '-').replace('+', '_')}_{int(shuffled)}"
+        )
+        part = runs_dir / f"{tag}.json"
+        if args.reuse and part.is_file():
+            run = json.loads(part.read_text())
+            if run.get("epochs_arg") == epochs_of(variant) and run.get("sections") == sections:
+                return part, run
+        return part, None
+
+    # embed only what the runs still to compute need (nothing with --report-only)
+    to_compute = [] if args.report_only else [job for job in jobs if kept_run(*job)[1] is None]
+    needs = {(parse_variant(v)["features"], image) for p, v, _ in to_compute for image in ("clean", PROTOCOLS[p][2])}
 
     with tempfile.TemporaryDirectory() as tmp:
         h5ad = Path(tmp) / "her2st_features.h5ad"
@@ -609,16 +634,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"prepared {sum(info['n_spots'].values())} spots, {info['n_genes']} genes", flush=True)
         runs, not_run = [], []
         for protocol, variant, shuffled in jobs:
-            model = parse_variant(variant)["model"]
-            epochs = 2 if args.quick else (args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(model))
-            tag = f"{'quick_' if args.quick else ''}{protocol}_{variant.replace('@', '-').replace('+', '_')}_{int(shuffled)}"
-            part = runs_dir / f"{tag}.json"
-            if args.reuse and part.is_file():
-                run = json.loads(part.read_text())
-                if run.get("epochs_arg") == epochs and run.get("sections") == sections:
-                    print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {run.get('commit')})", flush=True)
-                    runs.append(run)
-                    continue
+            epochs = epochs_of(variant)
+            part, kept = kept_run(protocol, variant, shuffled)
+            if kept is not None:
+                print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {kept.get('commit')})", flush=True)
+                runs.append(kept)
+                continue
             if args.report_only:
                 print(f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else ''} not run (no kept run)", flush=True)
                 not_run.append(f"{protocol}: {variant}{' (shuffled)' if shuffled else ''}")

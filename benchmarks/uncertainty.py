@@ -121,6 +121,9 @@ def run_model(
                         "ensemble_spot_spearman": spearman(
                             ensemble[r].mean(axis=1), np.abs(mean[r] - truth[r]).mean(axis=1)
                         ),
+                        # diagnostic: how much of a spot's error its measured depth explains (not known at
+                        # prediction time; the "depth" score predicts it from the image)
+                        "depth_error_spearman": spearman(test.depth[r], np.abs(mean[r] - truth[r]).mean(axis=1)),
                         "inner_folds": cal.info["folds"],
                         "fit_seconds": t_fit,
                         "calibration_seconds": t_cal + t_score,
