@@ -624,8 +624,9 @@ def main(argv: list[str] | None = None) -> None:
                 return part, run
         return part, None
 
+    kept_runs = {job: kept_run(*job) for job in jobs}
     # embed only what the runs still to compute need (nothing with --report-only)
-    to_compute = [] if args.report_only else [job for job in jobs if kept_run(*job)[1] is None]
+    to_compute = [] if args.report_only else [job for job in jobs if kept_runs[job][1] is None]
     needs = {(parse_variant(v)["features"], image) for p, v, _ in to_compute for image in ("clean", PROTOCOLS[p][2])}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -635,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         runs, not_run = [], []
         for protocol, variant, shuffled in jobs:
             epochs = epochs_of(variant)
-            part, kept = kept_run(protocol, variant, shuffled)
+            part, kept = kept_runs[(protocol, variant, shuffled)]
             if kept is not None:
                 print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {kept.get('commit')})", flush=True)
                 runs.append(kept)

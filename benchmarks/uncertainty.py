@@ -93,6 +93,13 @@ def run_model(
         ensemble = inner.std(axis=0)
         truth = test.target.astype(np.float64)
         test_libs = libs[is_test]
+        slide_rows = {lib: np.flatnonzero(test_libs == lib) for lib in dict.fromkeys(test_libs.tolist())}
+        # realised per-gene PCC of each test slide (the same for every score and quantile)
+        realised = {lib: pearson_columns(truth[r], mean[r])[0] for lib, r in slide_rows.items()}
+        with np.errstate(invalid="ignore"):
+            gene_realised = np.nanmean(np.vstack(list(realised.values())), axis=0)
+        # the ceiling of any expected PCC: how well one test slide's realised per-gene PCC ranks another's
+        retest = [spearman(a, b) for a, b in itertools.combinations(realised.values(), 2)]
         for score in scores:
             if score == "model_spread" and spread is None:
                 continue
@@ -100,12 +107,10 @@ def run_model(
             cal = calibrate(est, train, score=score, oof=oof, seed=seed)
             bounds = {mode: cal.intervals(mean, test.features, spread, COVERAGE, mode) for mode in QUANTILE_MODES}
             t_score = time.perf_counter() - t1
-            realised = []
-            for lib, mode in itertools.product(dict.fromkeys(test_libs.tolist()), QUANTILE_MODES):
+            n_before = len(rows)
+            for lib, mode in itertools.product(slide_rows, QUANTILE_MODES):
                 lo, hi = bounds[mode]
-                r = np.flatnonzero(test_libs == lib)
-                pcc, _ = pearson_columns(truth[r], mean[r])
-                realised.append(pcc)
+                r, pcc = slide_rows[lib], realised[lib]
                 s = interval_scores(truth[r], mean[r], lo[r], hi[r])
                 rows.append(
                     {
@@ -129,12 +134,7 @@ def run_model(
                         "calibration_seconds": t_cal + t_score,
                     }
                 )
-            with np.errstate(invalid="ignore"):
-                gene_realised = np.nanmean(np.vstack(realised), axis=0)
-            per_slide = realised[:: len(QUANTILE_MODES)]  # one per test slide
-            # the ceiling of any expected PCC: how well one test slide's realised per-gene PCC ranks another's
-            retest = [spearman(a, b) for a, b in itertools.combinations(per_slide, 2)]
-            for row in rows[-len(realised) :]:
+            for row in rows[n_before:]:
                 row["expected_pcc_spearman_fold"] = spearman(cal.expected_pcc, gene_realised)
                 row["realised_retest_spearman"] = float(np.mean(retest)) if retest else float("nan")
         print(f"{variant} test {test_patient}: fit {t_fit:.1f} s, inner refits {t_cal:.1f} s", flush=True)

@@ -63,6 +63,13 @@ class MeanModel(ExpressionModel):
         _check_panel(self, self.mean_.shape[0], "mean")
 
 
+def feature_scaling(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation of ``X`` (1 where a feature is constant), for standardising."""
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    return mean, np.where(scale > 1e-12, scale, 1.0)
+
+
 def ridge_path(Z: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One SVD of the centred design for every penalty: ``(V, s, UᵀY_c, Z mean, Y mean)``.
 
@@ -126,9 +133,9 @@ class RidgeModel(ExpressionModel):
     # -- the transform, on plain arrays (so a loaded model needs no sklearn object) ------------
     def _fit_transform(self, X: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Scaler (and PCA) fitted on ``X``; returns their arrays and the transformed ``X``."""
-        mean = X.mean(axis=0)
-        scale = X.std(axis=0) if self.hparams["standardize"] else np.ones(X.shape[1])
-        scale = np.where(scale > 1e-12, scale, 1.0)
+        mean, scale = feature_scaling(X)
+        if not self.hparams["standardize"]:
+            scale = np.ones(X.shape[1])
         Z = (X - mean) / scale
         arrays = {"scaler_mean": mean, "scaler_scale": scale}
         if self.hparams["n_components"] is None:
@@ -257,9 +264,8 @@ class KNNModel(ExpressionModel):
         if int(self.hparams["k"]) > train.n_spots:
             raise ValueError(f"knn: k={self.hparams['k']} is larger than the {train.n_spots} training spots.")
         if self.hparams["standardize"]:
-            self.feature_mean_ = X.mean(axis=0)
-            scale = X.std(axis=0)
-            self.feature_scale_ = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
+            mean, scale = feature_scaling(X)
+            self.feature_mean_, self.feature_scale_ = mean.astype(np.float32), scale.astype(np.float32)
         else:
             self.feature_mean_ = np.zeros(X.shape[1], dtype=np.float32)
             self.feature_scale_ = np.ones(X.shape[1], dtype=np.float32)

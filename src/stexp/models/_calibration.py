@@ -35,6 +35,7 @@ import numpy as np
 
 from stexp._settings import logger
 
+from ._baselines import feature_scaling
 from ._data import SpotData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,9 +229,7 @@ def _project(bank: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
 
 def _fit_projection(X: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
     X = np.asarray(X, dtype=np.float64)
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    mean, scale = feature_scaling(X)
     Z = (X - mean) / scale
     n = int(max(1, min(n_components, Z.shape[0] - 1, Z.shape[1])))
     _, _, vt = np.linalg.svd(Z - Z.mean(axis=0), full_matrices=False)
@@ -302,9 +301,7 @@ def _fit_depth_model(features: np.ndarray, depth: np.ndarray, library: np.ndarra
     from sklearn.linear_model import RidgeCV
 
     X = np.asarray(features, dtype=np.float64)
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    mean, scale = feature_scaling(X)
     y = np.log1p(np.asarray(depth, dtype=np.float64))
     library = np.asarray(library).astype(str)
     for lib in np.unique(library):  # depth differs between slides for technical reasons the image cannot show
