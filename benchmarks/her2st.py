@@ -22,7 +22,8 @@ Protocols
     spots of each slide; a model that still scores above zero learns something other than the image.
 
 Variants (``--variants``): ``<model>[@<features>][+smooth]``, e.g. ``ridge``, ``knn200@p75+smooth``.
-    model     a registered model; ``knn200``: kNN with k=200; ``ridge_full``: ridge on every standardised
+    model     a registered model; ``knn200``: kNN with k=200; ``knn200t``: the same with its softmax
+              temperature chosen on the training slides (``temperature="auto"``); ``ridge_full``: ridge on every standardised
               feature (no PCA), alpha 1 ... 1e7.
     features  ``p150`` (default: 150 µm patches), ``p100``, ``p75``, ``ms`` (p75 and p150 features
               concatenated), ``p75tta`` (8 flips/rotations averaged), ``p75rh`` (Reinhard stain
@@ -91,6 +92,7 @@ FEATURE_CONFIGS: dict[str, dict] = {
 #: Model aliases: registered name and hyper-parameters.
 MODEL_ALIASES = {
     "knn200": ("knn", {"k": 200}),
+    "knn200t": ("knn", {"k": 200, "temperature": "auto"}),
     "ridge_full": ("ridge", {"n_components": None, "alphas": [float(10**e) for e in range(0, 8)]}),
 }
 #: Epoch caps that keep the full run within budget on 2 CPU cores (``--epochs`` overrides; ``None``: model default).

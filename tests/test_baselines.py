@@ -125,6 +125,38 @@ def test_knn_retrieves_the_nearest_training_spot(split):
     assert np.allclose(train.layers["self_std"], 0)
 
 
+def _mean_gene_pcc(adata, key):
+    from stexp.models._smoothing import mean_gene_pearson
+
+    return mean_gene_pearson(adata.layers[key], expression_target(adata), adata.obs["library_id"].to_numpy())
+
+
+def test_knn_temperature_auto_is_chosen_on_training_slides_and_saved(split, tmp_path):
+    train, test = split
+    k = train.n_obs // 2  # half the bank: equal weights blur the domains, a sharp softmax keeps them apart
+    model = stexp.tl.fit(train, model="knn", features_key=FEATURES, k=k, temperature="auto")
+    hist = model.history
+    assert hist["inner_cv"] == "slides" and len(hist["inner_pcc"]) == len(hist["temperature_grid"])
+    assert model.temperature_ == hist["temperature"] == hist["temperature_grid"][int(np.nanargmax(hist["inner_pcc"]))]
+    assert model.temperature_ is not None and model.hparams["temperature"] == "auto"
+    flat = stexp.tl.fit(train, model="knn", features_key=FEATURES, k=k, temperature=None)
+    stexp.tl.predict(test, model, key_added="auto")
+    stexp.tl.predict(test, flat, key_added="flat")
+    assert _mean_gene_pcc(test, "auto") > _mean_gene_pcc(test, "flat") + 0.05
+    loaded = stexp.models.load(model.save(tmp_path / "knn_auto"))
+    assert loaded.temperature_ == model.temperature_
+    stexp.tl.predict(test, loaded, key_added="loaded")
+    np.testing.assert_allclose(test.layers["loaded"], test.layers["auto"], rtol=1e-5, atol=1e-5)
+    # with validation slides, the temperature is chosen there (no inner folds)
+    first_slide = str(train.obs["library_id"].iloc[0])
+    on_val = stexp.tl.fit(
+        train, model="knn", features_key=FEATURES, k=k // 2, temperature="auto", validation=first_slide
+    )
+    assert on_val.history["inner_cv"] == "the validation slides"
+    with pytest.raises(ValueError, match="temperature"):
+        stexp.tl.fit(train, model="knn", features_key=FEATURES, temperature="sharp")
+
+
 def test_bad_hyper_parameters_and_features(split):
     train, test = split
     with pytest.raises(ValueError, match="alphas"):

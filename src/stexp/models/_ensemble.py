@@ -26,7 +26,8 @@ class RidgeKNNModel(ExpressionModel):
 
     Hyper-parameters (``default_hparams``)
         the ridge's (``n_components=256``, ``alphas``, ``cv_folds=5``, ``standardize=True``, ``seed=0``),
-        ``k=200`` and ``temperature=0.1`` of the kNN, ``ridge_weight=0.5``.
+        ``k=200`` and ``temperature=0.1`` of the kNN (``"auto"``: chosen on the training slides, see
+        :class:`~stexp.models.KNNModel`), ``ridge_weight=0.5``.
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {
@@ -58,8 +59,8 @@ class RidgeKNNModel(ExpressionModel):
         self.history = {"ridge": self.ridge.history, "k": k}
 
     def smoothing_inner_hparams(self) -> dict[str, Any]:
-        """Hyper-parameters of the inner fits that choose the smoothing: the penalty already chosen (no nested CV)."""
-        return {"alphas": [float(self.ridge.history["alpha"])]}
+        """Hyper-parameters of the inner fits that choose the smoothing: the penalty and temperature already chosen."""
+        return {"alphas": [float(self.ridge.history["alpha"])], "temperature": self.knn.temperature_}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         w = float(self.hparams["ridge_weight"])
