@@ -41,7 +41,8 @@ to ``benchmarks/results/her2st.json`` and ``her2st.md``.
 
 Usage::
 
-    STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py            # full run
+    STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py            # every model, the pipeline, controls
+    STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py --levers   # and the lever ablation (hours)
     STEXP_DATA_DIR=../shared/data python benchmarks/her2st.py --quick    # minutes: 3 sections, 2 epochs
     python benchmarks/her2st.py --variants ridge,ridge+smooth --protocols lopo,xres
 """
@@ -530,7 +531,7 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
     return text
 
 
-#: The variants of a full run: every registered model on the 150 µm features (before issue 14), then one lever at a time.
+#: The lever ablation (``--levers``): one change at a time on top of the registered models on the 150 µm features.
 LEVER_VARIANTS = (
     "knn200",
     "ridge+smooth",
@@ -548,7 +549,8 @@ LEVER_VARIANTS = (
     "knn200@p75ml+smooth",
     "ridge_knn@p75ml+smooth",
     "mclstexp@p75ml",
-    "pipeline",
+    "mclstexp_plus@p75ml",
+    "knn200t@p75ml+smooth",
 )
 
 
@@ -556,8 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="her2st folder or its parent (default: $STEXP_DATA_DIR)")
     parser.add_argument(
-        "--variants", default=None, help="comma-separated (default: every registered model, then LEVER_VARIANTS)"
+        "--variants", default=None, help="comma-separated (default: every registered model and the pipeline)"
     )
+    parser.add_argument("--levers", action="store_true", help="also run the lever ablation (LEVER_VARIANTS)")
     parser.add_argument("--models", default=None, help="alias of --variants")
     parser.add_argument("--protocols", default="lopo,loso,xres,stain")
     parser.add_argument(
@@ -589,7 +592,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     names = args.variants or args.models
-    variants = names.split(",") if names else [*stexp.models.available_models(), *LEVER_VARIANTS]
+    variants = names.split(",") if names else [*stexp.models.available_models(), "pipeline"]
+    if args.levers:
+        variants += [v for v in LEVER_VARIANTS if v not in variants]
     available = []
     for v in variants:
         try:

@@ -29,7 +29,8 @@ FAST = {
     },
     "nh2st": {"max_epochs": 2, "dim": 16, "n_heads": 2, "batch_size": 32},
 }
-BUILTIN = ["mean", "ridge", "knn", "mlp", "mclstexp", "nh2st"]
+FAST["mclstexp_plus"] = FAST["mclstexp"]
+BUILTIN = ["mean", "ridge", "knn", "mlp", "mclstexp", "mclstexp_plus", "nh2st"]
 
 
 @pytest.fixture(scope="module")

@@ -249,6 +249,85 @@ def _top_k(query: np.ndarray, bank: np.ndarray, k: int, chunk: int):
         yield slice(start, start + chunk), top, np.take_along_axis(sim, top, axis=1).astype(np.float64)
 
 
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm (float32; an all-zero row stays zero)."""
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_by_temperature(
+    bank_unit: np.ndarray, bank_target: np.ndarray, query_unit: np.ndarray, *, k: int, chunk: int = 256
+) -> dict[float | None, np.ndarray]:
+    """Retrieval predictions of ``query_unit`` from a bank (cosine top-``k``), one per temperature of the grid."""
+    k = min(int(k), bank_unit.shape[0])
+    preds = {t: np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32) for t in TEMPERATURE_GRID}
+    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk):
+        neighbours = bank_target[top]
+        for t in TEMPERATURE_GRID:
+            preds[t][rows] = np.einsum("qk,qkg->qg", _neighbour_weights(sim, t), neighbours)
+    return preds
+
+
+def choose_temperature(
+    train_unit: np.ndarray,
+    train: SpotData,
+    *,
+    k: int,
+    validation_unit: np.ndarray | None = None,
+    validation: SpotData | None = None,
+    default: float | None = 0.1,
+) -> tuple[float | None, dict[str, Any]]:
+    """The retrieval temperature of :data:`TEMPERATURE_GRID` that predicts held-out spots best.
+
+    On the validation spots (retrieving from every training spot) when given with a target, else by
+    inner validation over the training spots: each slide (the two spatial halves of a single slide)
+    retrieves from the other training spots. Score: mean per-gene Pearson correlation per slide.
+
+    Parameters
+    ----------
+    train_unit, validation_unit
+        Unit-norm embeddings of the training (bank) and validation spots.
+    train, validation
+        Their :class:`~stexp.models.SpotData` (target, slides, coordinates).
+    k
+        Neighbours retrieved (at most the bank size).
+    default
+        The temperature returned when nothing can be scored (too few spots).
+
+    Returns
+    -------
+    The temperature and ``{"temperature", "temperature_grid", "inner_pcc", "inner_cv"}`` for the history.
+    """
+    from ._smoothing import inner_groups, mean_gene_pearson
+
+    target = np.asarray(train.target, dtype=np.float32)
+    if validation_unit is not None and validation is not None and validation.target is not None:
+        how = "the validation slides"
+        preds = retrieval_by_temperature(train_unit, target, validation_unit, k=k)
+        truth, lib = np.asarray(validation.target, dtype=np.float32), np.asarray(validation.library).astype(str)
+    else:
+        groups, how = inner_groups(train.coords_um, train.library)
+        preds = {t: np.full(target.shape, np.nan, dtype=np.float32) for t in TEMPERATURE_GRID}
+        for group in np.unique(groups) if len(np.unique(groups)) >= 2 else []:
+            va = groups == group
+            for t, pred in retrieval_by_temperature(train_unit[~va], target[~va], train_unit[va], k=k).items():
+                preds[t][va] = pred
+        # each inner validation group scored as a slide of its own (a half of one slide counts as a slide)
+        truth, lib = target, np.char.add(np.asarray(train.library).astype(str), np.asarray(groups).astype(str))
+    scores = [mean_gene_pearson(preds[t], truth, lib) for t in TEMPERATURE_GRID]
+    finite = [s if np.isfinite(s) else -np.inf for s in scores]
+    if np.isfinite(max(finite)):
+        chosen = TEMPERATURE_GRID[int(np.argmax(finite))]
+    else:  # too few spots to validate
+        chosen, how = default, how + " (nothing to score: the default)"
+    return chosen, {
+        "temperature": chosen,
+        "temperature_grid": list(TEMPERATURE_GRID),
+        "inner_pcc": scores,
+        "inner_cv": how,
+    }
+
+
 @register_model("knn")
 class KNNModel(ExpressionModel):
     """Retrieval on the frozen features: average the expression of the most similar training spots.
@@ -290,57 +369,8 @@ class KNNModel(ExpressionModel):
             return mean.astype(np.float32), scale.astype(np.float32)
         return np.zeros(X.shape[1], dtype=np.float32), np.ones(X.shape[1], dtype=np.float32)
 
-    @staticmethod
-    def _unit_rows(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        Z = (X - mean) / scale
-        return (Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
     def _normalise(self, X: np.ndarray) -> np.ndarray:
-        return self._unit_rows(X, self.feature_mean_, self.feature_scale_)
-
-    def _retrieval_by_temperature(
-        self, bank_X: np.ndarray, bank_target: np.ndarray, query_X: np.ndarray
-    ) -> dict[float | None, np.ndarray]:
-        """The prediction of ``query_X`` from a bank, for every temperature of :data:`TEMPERATURE_GRID`."""
-        mean, scale = self._scaling(bank_X)
-        bank = self._unit_rows(bank_X, mean, scale)
-        k = min(int(self.hparams["k"]), bank.shape[0])
-        preds = {t: np.empty((query_X.shape[0], bank_target.shape[1]), dtype=np.float32) for t in TEMPERATURE_GRID}
-        for rows, top, sim in _top_k(self._unit_rows(query_X, mean, scale), bank, k, int(self.hparams["chunk_size"])):
-            neighbours = bank_target[top]
-            for t in TEMPERATURE_GRID:
-                preds[t][rows] = np.einsum("qk,qkg->qg", _neighbour_weights(sim, t), neighbours)
-        return preds
-
-    def _choose_temperature(self, train: SpotData, X: np.ndarray, validation: SpotData | None) -> None:
-        """Set :attr:`temperature_` on the validation slides, else by inner validation over the training slides."""
-        from ._smoothing import inner_groups, mean_gene_pearson
-
-        target = np.asarray(train.target, dtype=np.float32)
-        if validation is not None and validation.target is not None and validation.n_spots >= 3:
-            how = "the validation slides"
-            preds = self._retrieval_by_temperature(X, target, np.asarray(validation.features, dtype=np.float32))
-            truth, lib = np.asarray(validation.target, dtype=np.float32), np.asarray(validation.library).astype(str)
-        else:
-            groups, how = inner_groups(train.coords_um, train.library)
-            preds = {t: np.full(target.shape, np.nan, dtype=np.float32) for t in TEMPERATURE_GRID}
-            for group in np.unique(groups) if len(np.unique(groups)) >= 2 else []:
-                va = groups == group
-                for t, pred in self._retrieval_by_temperature(X[~va], target[~va], X[va]).items():
-                    preds[t][va] = pred
-            # each inner validation group scored as a slide of its own (a half of one slide counts as a slide)
-            truth, lib = target, np.char.add(np.asarray(train.library).astype(str), np.asarray(groups).astype(str))
-        scores = [mean_gene_pearson(preds[t], truth, lib) for t in TEMPERATURE_GRID]
-        finite = [s if np.isfinite(s) else -np.inf for s in scores]
-        if np.isfinite(max(finite)):
-            self.temperature_ = TEMPERATURE_GRID[int(np.argmax(finite))]
-        else:  # too few spots to validate
-            self.temperature_ = self.default_hparams["temperature"]
-            how += " (nothing to score: the default)"
-        self.history.update(
-            temperature=self.temperature_, temperature_grid=list(TEMPERATURE_GRID), inner_pcc=scores, inner_cv=how
-        )
-        logger.debug(f"knn: temperature {self.temperature_} chosen on {how}")
+        return unit_rows((X - self.feature_mean_) / self.feature_scale_)
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         X = np.asarray(train.features, dtype=np.float32)
@@ -351,7 +381,19 @@ class KNNModel(ExpressionModel):
         self.bank_target_ = np.asarray(train.target, dtype=np.float32)
         self.n_features = int(X.shape[1])
         if self.hparams["temperature"] == "auto":
-            self._choose_temperature(train, X, validation)
+            val_unit = None
+            if validation is not None and validation.target is not None:
+                val_unit = self._normalise(np.asarray(validation.features, dtype=np.float32))
+            self.temperature_, info = choose_temperature(
+                self.bank_features_,
+                train,
+                k=int(self.hparams["k"]),
+                validation_unit=val_unit,
+                validation=validation,
+                default=self.default_hparams["temperature"],
+            )
+            self.history.update(info)
+            logger.debug(f"knn: temperature {self.temperature_} chosen on {info['inner_cv']}")
 
     def smoothing_inner_hparams(self) -> dict[str, Any]:
         """Hyper-parameters of the inner fits that choose the smoothing: the temperature already chosen."""

@@ -16,6 +16,7 @@ _BUILTIN_MODULES = (
     "stexp.models._baselines",
     "stexp.models._mlp",
     "stexp.models._mclstexp",
+    "stexp.models._mclstexp_plus",
     "stexp.models._nh2st",
     "stexp.models._ensemble",
 )
