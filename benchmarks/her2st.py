@@ -21,7 +21,7 @@ Protocols
     Shuffled-image control (``--controls``): the same protocol with the features permuted among the
     spots of each slide; a model that still scores above zero learns something other than the image.
 
-Variants (``--variants``): ``<model>[@<features>][+smooth]``, e.g. ``ridge``, ``knn200@p75+smooth``.
+Variants (``--variants``): ``<model>[@<features>][+smooth][+val]``, e.g. ``ridge``, ``knn200@p75+smooth``.
     model     a registered model; ``knn200``: kNN with k=200; ``knn200t``: the same with its softmax
               temperature chosen on the training slides (``temperature="auto"``); ``ridge_full``: ridge on every standardised
               feature (no PCA), alpha 1 ... 1e7.
@@ -31,6 +31,9 @@ Variants (``--variants``): ``<model>[@<features>][+smooth]``, e.g. ``ridge``, ``
               EfficientNet-Lite0's intermediate blocks), ``p75mpp`` (slides resampled to 1 µm/px first),
               ``p75mlrh`` (both), ``p150ml``, ``msml`` (p75ml and p150ml concatenated), ``default`` (whatever ``stexp.pp.embed_images`` does without options).
     +smooth   spatial smoothing of predictions, σ chosen on the training slides only (``smoothing="auto"``).
+    +val      an inner validation slide: the last training slide (a spatial half of a single training
+              slide) is held out of the fit as its ``validation`` (early stopping of the neural models;
+              σ and retrieval temperatures are then chosen there).
     ``pipeline`` is the default pipeline: ``stexp.pp.embed_images(adata)`` + ``stexp.tl.fit(adata)``
     with no options (the variant the defaults resolve to).
 
@@ -119,14 +122,25 @@ def parse_variant(name: str) -> dict:
             "params": dict(DEFAULT_MODEL_PARAMS),
             "features": "default",
             "smoothing": DEFAULT_SMOOTHING,
+            "inner_validation": False,
         }
-    body, smooth = (name[: -len("+smooth")], "auto") if name.endswith("+smooth") else (name, None)
+    body, *suffixes = name.split("+")
+    unknown = sorted(set(suffixes) - {"smooth", "val"})
+    if unknown:
+        raise ValueError(f"variant {name!r}: unknown suffix(es) {unknown}; choose from +smooth, +val")
+    smooth = "auto" if "smooth" in suffixes else None
     model, _, features = body.partition("@")
     features = features or "p150"
     if features not in FEATURE_CONFIGS:
         raise ValueError(f"variant {name!r}: unknown features {features!r}; choose from {sorted(FEATURE_CONFIGS)}")
     registered, params = MODEL_ALIASES.get(model, (model, {}))
-    return {"model": registered, "params": dict(params), "features": features, "smoothing": smooth}
+    return {
+        "model": registered,
+        "params": dict(params),
+        "features": features,
+        "smoothing": smooth,
+        "inner_validation": "val" in suffixes,
+    }
 
 
 def _leaf_configs(features: str) -> list[str]:
@@ -253,14 +267,38 @@ def _shuffle_within_slides(adata, keys: list[str], seed: int) -> None:
         adata.obsm[key] = np.asarray(adata.obsm[key])[perm]
 
 
-def shifted_cv(adata, *, model: str, params: dict, train_key: str, test_key: str, genes: list[str], device: str):
-    """Leave-one-patient-out where training slides read ``train_key`` features and held-out slides ``test_key``."""
+def inner_validation_split(train) -> np.ndarray:
+    """Validation spots among the training spots: the last training slide, or one spatial half of a single slide."""
+    from stexp.models._smoothing import inner_groups
+
+    groups, _ = inner_groups(train.coords_um, train.library)
+    return groups == np.unique(groups)[-1]
+
+
+def shifted_cv(
+    adata,
+    *,
+    model: str,
+    params: dict,
+    train_key: str,
+    test_key: str,
+    genes: list[str],
+    device: str,
+    split_by: str = "patient",
+    inner_validation: bool = False,
+):
+    """Cross-validation where training slides read ``train_key`` features and held-out slides ``test_key``.
+
+    With ``inner_validation``, one training slide (one spatial half of a single training slide) is held
+    out of training as the validation set of the fit: early stopping, and the choices made on validation
+    slides (smoothing σ, retrieval temperature).
+    """
     from stexp._settings import settings
     from stexp.pp._target import expression_target
     from stexp.tl._evaluate import score_prediction
     from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, spot_data
 
-    patients = adata.obs["patient"].astype(str).to_numpy()
+    patients = adata.obs[split_by].astype(str).to_numpy()
     target = expression_target(adata, genes)
     train_data = spot_data(adata, features_key=train_key, library_key="library_id")
     train_data.target = target
@@ -275,7 +313,14 @@ def shifted_cv(adata, *, model: str, params: dict, train_key: str, test_key: str
         is_test = patients == patient
         t0 = time.perf_counter()
         est = make_model(model, genes, features_key=train_key, encoder_spec=spec, options=options, **hparams)
-        est.fit(train_data.subset(~is_test), device=device)
+        train = train_data.subset(~is_test)
+        if inner_validation:
+            is_val = inner_validation_split(train)
+            # a retrieval bank of the remaining spots can be smaller than k / top_k: clamp them
+            est = est.inner_copy(int((~is_val).sum()), smoothing=est.smoothing["option"])
+            est.fit(train.subset(~is_val), train.subset(is_val), device=device)
+        else:
+            est.fit(train, device=device)
         t1 = time.perf_counter()
         mean, _ = est.predict(test_data.subset(is_test))
         timing[fold] = (t1 - t0, time.perf_counter() - t1)
@@ -328,7 +373,7 @@ def worker(args: argparse.Namespace) -> None:
     rss_before = peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
-    if image == "clean":
+    if image == "clean" and not variant["inner_validation"]:
         res = stexp.tl.cross_validate(
             adata,
             model=model,
@@ -341,7 +386,15 @@ def worker(args: argparse.Namespace) -> None:
         per_fold = res.per_fold
     else:
         per_fold = shifted_cv(
-            adata, model=model, params=params, train_key=train_key, test_key=test_key, genes=genes, device=args.device
+            adata,
+            model=model,
+            params=params,
+            train_key=train_key,
+            test_key=test_key,
+            genes=genes,
+            device=args.device,
+            split_by=split_by,
+            inner_validation=variant["inner_validation"],
         )
     wall = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
@@ -476,7 +529,7 @@ def write_report(info: dict, runs: list[dict], out_dir: Path, command: str, tota
         "MSE/MAE on log1p(counts per 10k). The mean baseline predicts a constant, so its Pearson is undefined (n/a). "
         "Time: fit + predict over all folds (with `+smooth`, the inner folds that choose σ included); s/epoch: training "
         "seconds per epoch of one fold. Memory: peak RSS of the process running that model (data included). "
-        "Variants: `<model>[@<features>][+smooth]`, see the script's docstring.",
+        "Variants: `<model>[@<features>][+smooth][+val]`, see the script's docstring.",
         "",
         "## PCC(ACG) of every variant under every protocol",
         "",
