@@ -255,6 +255,45 @@ def unit_rows(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def check_temperature(model: str, name: str, value: Any) -> None:
+    """Raise a ValueError unless a retrieval temperature is a positive number, ``None`` or ``"auto"``."""
+    if not (value is None or value == "auto" or (not isinstance(value, (str, bool)) and float(value) > 0)):
+        raise ValueError(f"{model}: {name} must be positive, None or 'auto', got {value!r}.")
+
+
+def temperature_state(temperature: float | None) -> np.ndarray:
+    """The temperature in use as a saved array (``nan``: equal weights)."""
+    return np.asarray([np.nan if temperature is None else float(temperature)], dtype=np.float64)
+
+
+def temperature_from_state(array: np.ndarray) -> float | None:
+    """Inverse of :func:`temperature_state`."""
+    t = float(np.asarray(array).ravel()[0])
+    return None if np.isnan(t) else t
+
+
+def weighted_retrieval(
+    query_unit: np.ndarray,
+    bank_unit: np.ndarray,
+    bank_target: np.ndarray,
+    *,
+    k: int,
+    temperature: float | None,
+    chunk: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-``k`` retrieval with softmax weights: the weighted mean and standard deviation of the neighbours."""
+    mean = np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
+    spread = np.empty_like(mean)
+    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk):
+        w = _neighbour_weights(sim, temperature)
+        neighbours = bank_target[top]  # (chunk, k, genes)
+        m = np.einsum("qk,qkg->qg", w, neighbours)
+        var = np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2)
+        mean[rows] = m
+        spread[rows] = np.sqrt(np.maximum(var, 0.0))
+    return mean, spread
+
+
 def retrieval_by_temperature(
     bank_unit: np.ndarray, bank_target: np.ndarray, query_unit: np.ndarray, *, k: int, chunk: int = 256
 ) -> dict[float | None, np.ndarray]:
@@ -358,16 +397,8 @@ class KNNModel(ExpressionModel):
         for key in ("k", "chunk_size"):
             if int(hp[key]) != hp[key] or hp[key] < 1:
                 raise ValueError(f"knn: {key} must be a positive integer, got {hp[key]!r}.")
-        t = hp["temperature"]
-        if not (t is None or t == "auto" or (not isinstance(t, (str, bool)) and float(t) > 0)):
-            raise ValueError(f"knn: temperature must be positive, None or 'auto', got {t!r}.")
-        self.temperature_: float | None = None if t == "auto" else t
-
-    def _scaling(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.hparams["standardize"]:
-            mean, scale = feature_scaling(X)
-            return mean.astype(np.float32), scale.astype(np.float32)
-        return np.zeros(X.shape[1], dtype=np.float32), np.ones(X.shape[1], dtype=np.float32)
+        check_temperature("knn", "temperature", hp["temperature"])
+        self.temperature_: float | None = None if hp["temperature"] == "auto" else hp["temperature"]
 
     def _normalise(self, X: np.ndarray) -> np.ndarray:
         return unit_rows((X - self.feature_mean_) / self.feature_scale_)
@@ -376,7 +407,12 @@ class KNNModel(ExpressionModel):
         X = np.asarray(train.features, dtype=np.float32)
         if int(self.hparams["k"]) > train.n_spots:
             raise ValueError(f"knn: k={self.hparams['k']} is larger than the {train.n_spots} training spots.")
-        self.feature_mean_, self.feature_scale_ = self._scaling(X)
+        if self.hparams["standardize"]:
+            mean, scale = feature_scaling(X)
+            self.feature_mean_, self.feature_scale_ = mean.astype(np.float32), scale.astype(np.float32)
+        else:
+            self.feature_mean_ = np.zeros(X.shape[1], dtype=np.float32)
+            self.feature_scale_ = np.ones(X.shape[1], dtype=np.float32)
         self.bank_features_ = self._normalise(X)
         self.bank_target_ = np.asarray(train.target, dtype=np.float32)
         self.n_features = int(X.shape[1])
@@ -404,26 +440,23 @@ class KNNModel(ExpressionModel):
         k = int(self.hparams["k"])
         if k > self.bank_features_.shape[0]:
             raise ValueError(f"knn: k={k} is larger than the reference bank ({self.bank_features_.shape[0]} spots).")
-        mean = np.empty((data.n_spots, self.bank_target_.shape[1]), dtype=np.float32)
-        spread = np.empty_like(mean)
-        for rows, top, sim in _top_k(self._normalise(X), self.bank_features_, k, int(self.hparams["chunk_size"])):
-            w = _neighbour_weights(sim, self.temperature_)
-            neighbours = self.bank_target_[top]  # (chunk, k, genes)
-            m = np.einsum("qk,qkg->qg", w, neighbours)
-            var = np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2)
-            mean[rows] = m
-            spread[rows] = np.sqrt(np.maximum(var, 0.0))
-        return mean, spread
+        return weighted_retrieval(
+            self._normalise(X),
+            self.bank_features_,
+            self.bank_target_,
+            k=k,
+            temperature=self.temperature_,
+            chunk=int(self.hparams["chunk_size"]),
+        )
 
     def _state(self) -> dict[str, np.ndarray]:
-        # the temperature in use (nan: equal weights), so that a model fitted with "auto" predicts the same when loaded
-        t = np.nan if self.temperature_ is None else float(self.temperature_)
         return {
             "feature_mean": self.feature_mean_,
             "feature_scale": self.feature_scale_,
             "bank_features": self.bank_features_,
             "bank_target": self.bank_target_,
-            "temperature": np.asarray([t], dtype=np.float64),
+            # the temperature in use, so that a model fitted with "auto" predicts the same when loaded
+            "temperature": temperature_state(self.temperature_),
         }
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -434,5 +467,4 @@ class KNNModel(ExpressionModel):
         self.n_features = int(self.bank_features_.shape[1])
         _check_panel(self, self.bank_target_.shape[1], "bank_target")
         if "temperature" in state:  # folders saved before temperature="auto" keep the hyper-parameter
-            t = float(np.asarray(state["temperature"]).ravel()[0])
-            self.temperature_ = None if np.isnan(t) else t
+            self.temperature_ = temperature_from_state(state["temperature"])

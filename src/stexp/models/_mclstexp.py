@@ -301,7 +301,7 @@ class MclSTExp(TorchExpressionModel):
         self._check_top_k(train.n_spots)
         super()._fit(train, validation)
 
-    def after_fit(self, train: SpotData) -> None:
+    def after_fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         batch_size = self.contrastive_batch_size(train.n_spots)  # negatives from every DDP process
         chance = math.log(batch_size)
         self.history = {
@@ -368,15 +368,19 @@ class MclSTExp(TorchExpressionModel):
             "bank.expression": np.asarray(self.bank_expression, dtype=np.float32),
         }
 
-    def load_extra_state(self, state: dict[str, np.ndarray]) -> None:
-        missing = [k for k in ("bank.embeddings", "bank.expression") if k not in state]
+    def check_bank_state(self, state: dict[str, np.ndarray], keys: tuple[str, ...]) -> None:
+        """Raise a ValueError when the saved bank lacks ``keys`` or its expression has another gene panel."""
+        missing = [k for k in keys if k not in state]
         if missing:
-            raise ValueError(f"mclstexp: the saved weights lack {missing}; not an mclSTExp state.")
+            raise ValueError(f"{self.name}: the saved weights lack {missing}; not an {self.name} state.")
         if state["bank.expression"].shape[1] != len(self.genes):
             raise ValueError(
-                f"mclstexp: the saved reference bank has {state['bank.expression'].shape[1]} genes, "
+                f"{self.name}: the saved reference bank has {state['bank.expression'].shape[1]} genes, "
                 f"the model's panel (model.json) {len(self.genes)}."
             )
+
+    def load_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        self.check_bank_state(state, ("bank.embeddings", "bank.expression"))
         self.bank_embeddings = np.array(state["bank.embeddings"], dtype=np.float32)
         self.bank_expression = np.array(state["bank.expression"], dtype=np.float32)
 

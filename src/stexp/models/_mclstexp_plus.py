@@ -10,9 +10,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stexp._settings import logger
-from stexp.models._baselines import _neighbour_weights, _top_k, choose_temperature, unit_rows
+from stexp.models._baselines import (
+    check_temperature,
+    choose_temperature,
+    temperature_from_state,
+    temperature_state,
+    unit_rows,
+    weighted_retrieval,
+)
 from stexp.models._data import SpotData
-from stexp.models._mclstexp import MclSTExp
+from stexp.models._mclstexp import RETRIEVAL_CHUNK_ELEMENTS, MclSTExp
 from stexp.models._registry import register_model
 
 
@@ -50,29 +57,29 @@ class MclSTExpPlus(MclSTExp):
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
         t = self.hparams["retrieval_temperature"]
-        if not (t is None or t == "auto" or (not isinstance(t, (str, bool)) and float(t) > 0)):
-            raise ValueError(f"mclstexp_plus: retrieval_temperature must be positive, None or 'auto', got {t!r}.")
+        check_temperature("mclstexp_plus", "retrieval_temperature", t)
         self.temperature_: float | None = None if t == "auto" else t
         self.bank_image_embeddings: np.ndarray | None = None
-        self._validation: SpotData | None = None
 
-    def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        self._validation = validation
-        try:
-            super()._fit(train, validation)
-        finally:
-            self._validation = None
-
-    def after_fit(self, train: SpotData) -> None:
-        super().after_fit(train)  # the paper's bank (kept: its expression is the one retrieved)
+    def _build_bank(self, train: SpotData) -> None:
+        """The training spots' image-branch embeddings (unit norm) with their expression (no spot-branch bank)."""
         self.bank_image_embeddings = unit_rows(self.embed_images(train))
+        self.bank_expression = np.asarray(train.target, dtype=np.float32).copy()
+
+    def after_fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        super().after_fit(train, validation)  # mclSTExp's checks of the loss, then the bank (_build_bank)
         if self.hparams["retrieval_temperature"] != "auto":
             return
-        val, val_unit = self._validation, None
-        if val is not None and val.target is not None:
-            val_unit = unit_rows(self.embed_images(val))
+        assert self.bank_image_embeddings is not None, "_build_bank ran in after_fit"
+        val_unit = None
+        if validation is not None and validation.target is not None:
+            val_unit = unit_rows(self.embed_images(validation))
         self.temperature_, info = choose_temperature(
-            self.bank_image_embeddings, train, k=int(self.hparams["top_k"]), validation_unit=val_unit, validation=val
+            self.bank_image_embeddings,
+            train,
+            k=int(self.hparams["top_k"]),
+            validation_unit=val_unit,
+            validation=validation,
         )
         self.history["retrieval"] = info
         logger.info(f"mclstexp_plus: retrieval temperature {self.temperature_} chosen on {info['inner_cv']}")
@@ -80,31 +87,25 @@ class MclSTExpPlus(MclSTExp):
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         assert self.bank_image_embeddings is not None and self.bank_expression is not None, "no reference bank"
         self._check_top_k(self.bank_image_embeddings.shape[0])
-        query = unit_rows(self.embed_images(data))
-        mean = np.empty((data.n_spots, self.bank_expression.shape[1]), dtype=np.float32)
-        spread = np.empty_like(mean)
-        chunk = max(1, 2**25 // (int(self.hparams["top_k"]) * max(1, mean.shape[1])))
-        for rows, top, sim in _top_k(query, self.bank_image_embeddings, int(self.hparams["top_k"]), chunk):
-            w = _neighbour_weights(sim, self.temperature_)
-            neighbours = self.bank_expression[top]
-            m = np.einsum("qk,qkg->qg", w, neighbours)
-            mean[rows] = m
-            spread[rows] = np.sqrt(np.maximum(np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2), 0.0))
-        return mean, spread
+        k = int(self.hparams["top_k"])
+        return weighted_retrieval(
+            unit_rows(self.embed_images(data)),
+            self.bank_image_embeddings,
+            self.bank_expression,
+            k=k,
+            temperature=self.temperature_,
+            chunk=max(1, RETRIEVAL_CHUNK_ELEMENTS // (k * max(1, len(self.genes)))),
+        )
 
     def extra_state(self) -> dict[str, np.ndarray]:
-        t = np.nan if self.temperature_ is None else float(self.temperature_)
         return {
-            **super().extra_state(),
             "bank.image_embeddings": np.asarray(self.bank_image_embeddings, dtype=np.float32),
-            "retrieval.temperature": np.asarray([t], dtype=np.float64),
+            "bank.expression": np.asarray(self.bank_expression, dtype=np.float32),
+            "retrieval.temperature": temperature_state(self.temperature_),
         }
 
     def load_extra_state(self, state: dict[str, np.ndarray]) -> None:
-        super().load_extra_state(state)
-        missing = [k for k in ("bank.image_embeddings", "retrieval.temperature") if k not in state]
-        if missing:
-            raise ValueError(f"mclstexp_plus: the saved weights lack {missing}; not an mclstexp_plus state.")
+        self.check_bank_state(state, ("bank.image_embeddings", "bank.expression", "retrieval.temperature"))
         self.bank_image_embeddings = np.array(state["bank.image_embeddings"], dtype=np.float32)
-        t = float(np.asarray(state["retrieval.temperature"]).ravel()[0])
-        self.temperature_ = None if np.isnan(t) else t
+        self.bank_expression = np.array(state["bank.expression"], dtype=np.float32)
+        self.temperature_ = temperature_from_state(state["retrieval.temperature"])

@@ -119,8 +119,8 @@ class TorchExpressionModel(ExpressionModel):
         """Order of the validation spots in batches (``None``: ``0..n-1``)."""
         return None
 
-    def after_fit(self, train: SpotData) -> None:
-        """Work after training (e.g. a reference bank)."""
+    def after_fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        """Work after training (e.g. a reference bank, or choices made on the validation spots)."""
 
     def extra_state(self) -> dict[str, np.ndarray]:
         """Arrays besides the network's weights that are saved (e.g. a reference bank)."""
@@ -220,7 +220,7 @@ class TorchExpressionModel(ExpressionModel):
             devices=self.devices,
         )
         self.network = network.to("cpu").eval()
-        self.after_fit(train)
+        self.after_fit(train, validation)
 
     def _state(self) -> dict[str, np.ndarray]:
         state = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.network.state_dict().items()}
