@@ -37,7 +37,11 @@ Variants (``--variants``): ``<model>[@<features>][+smooth][+val]``, e.g. ``ridge
     ``pipeline`` is the default pipeline: ``stexp.pp.embed_images(adata)`` + ``stexp.tl.fit(adata)``
     with no options (the variant the defaults resolve to).
 
-Each (protocol, variant) runs in its own process so that its peak memory (``VmHWM``) is its own.
+Runs that share their fits share a process (``job_groups``): the LOPO, cross-resolution and stain-shift
+protocols have the same folds and training slides, so each fold is fitted once and predicts the held-out
+slides from the clean, low-resolution and stained features; ``mclstexp_plus`` is made from each fold's
+fitted ``mclstexp`` (they train identically). Every group runs in its own process, so its peak memory
+(``VmHWM``) is its own.
 Each run's JSON is kept under ``--runs`` (``results/her2st_runs``); ``--reuse`` takes a run from
 there instead of recomputing it when its variant, protocol, epochs and sections match. Results go
 to ``benchmarks/results/her2st.json`` and ``her2st.md``.
@@ -101,6 +105,9 @@ MODEL_ALIASES = {
 }
 #: Epoch caps that keep the full run within budget on 2 CPU cores (``--epochs`` overrides; ``None``: model default).
 DEFAULT_EPOCHS: dict[str, int | None] = {"mlp": 50, "mclstexp": 90, "nh2st": 60}
+#: How the default run trains a registered model where it is not the plain variant: NH2ST as its paper trains
+#: it, stopping early on a validation slide (here an inner one taken from the training slides; at most 60 epochs).
+DEFAULT_RUN_SUFFIX = {"nh2st": "+val"}
 CONTROL_VARIANTS = ("ridge", "mclstexp")
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 #: Published numbers, for context only (different sections, genes, features and protocols).
@@ -275,23 +282,43 @@ def inner_validation_split(train) -> np.ndarray:
     return groups == np.unique(groups)[-1]
 
 
-def shifted_cv(
+def _derive(base, derived_model: str, train, validation):
+    """A fitted model of ``derived_model`` made from the fitted ``base`` without training again.
+
+    Only ``mclstexp_plus`` from ``mclstexp``: the two train identically
+    (:meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`).
+    """
+    from stexp.models._mclstexp_plus import MclSTExpPlus
+
+    if derived_model != "mclstexp_plus" or base.name != "mclstexp":
+        raise ValueError(f"cannot derive {derived_model!r} from a fitted {base.name!r}")
+    return MclSTExpPlus.from_mclstexp(base, train, validation)
+
+
+def grouped_cv(
     adata,
     *,
-    model: str,
-    params: dict,
+    models: dict[str, tuple[str, dict]],
     train_key: str,
-    test_key: str,
+    test_keys: dict[str, str],
     genes: list[str],
     device: str,
     split_by: str = "patient",
     inner_validation: bool = False,
-):
-    """Cross-validation where training slides read ``train_key`` features and held-out slides ``test_key``.
+) -> dict[tuple[str, str], pd.DataFrame]:
+    """Cross-validation that trains once per fold and predicts the held-out slides several ways.
 
-    With ``inner_validation``, one training slide (one spatial half of a single training slide) is held
-    out of training as the validation set of the fit: early stopping, and the choices made on validation
-    slides (smoothing σ, retrieval temperature).
+    ``models`` maps variant names to (registered model, parameters): the first is trained on each
+    fold's training slides (``train_key`` features), the others are derived from it without training
+    (:func:`_derive`; they train identically). Every model predicts the held-out slides from each of
+    ``test_keys`` (protocol -> features key: clean, lowres or stained images), so the LOPO, cross-
+    resolution and stain-shift protocols share their fits. Nothing about the held-out slides reaches
+    a fit. With ``inner_validation``, one training slide (one spatial half of a single training
+    slide) is held out of training as the validation set of the fit: early stopping, and the choices
+    made on validation slides (smoothing σ, retrieval temperature).
+
+    Returns the per-slide scores of every (protocol, variant), with ``fit_seconds`` (the shared fit,
+    plus the derivation for a derived model) and ``predict_seconds`` per fold.
     """
     from stexp._settings import settings
     from stexp.pp._target import expression_target
@@ -302,42 +329,57 @@ def shifted_cv(
     target = expression_target(adata, genes)
     train_data = spot_data(adata, features_key=train_key, library_key="library_id")
     train_data.target = target
-    test_data = spot_data(adata, features_key=test_key, library_key="library_id")
+    test_data = {p: spot_data(adata, features_key=key, library_key="library_id") for p, key in test_keys.items()}
     spec = features_spec(adata, train_key)
     var_idx = adata.var_names.get_indexer(genes)
-    pred = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    (base, (model, params)), *derived = models.items()
     options = {"seed": settings.seed} | {k: params[k] for k in TRAINING_OPTIONS if k in params}
     hparams = {k: v for k, v in params.items() if k not in TRAINING_OPTIONS}
-    timing, order = {}, list(dict.fromkeys(patients.tolist()))
+    pairs = [(p, v) for p in test_keys for v in models]
+    preds = {pair: np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32) for pair in pairs}
+    timing: dict[tuple[str, str], dict[int, tuple[float, float]]] = {pair: {} for pair in pairs}
+    order = list(dict.fromkeys(patients.tolist()))
     for fold, patient in enumerate(order):
         is_test = patients == patient
         t0 = time.perf_counter()
         est = make_model(model, genes, features_key=train_key, encoder_spec=spec, options=options, **hparams)
-        train = train_data.subset(~is_test)
+        fit_data, val_data = train_data.subset(~is_test), None
         if inner_validation:
-            is_val = inner_validation_split(train)
+            is_val = inner_validation_split(fit_data)
             # a retrieval bank of the remaining spots can be smaller than k / top_k: clamp them
             est = est.inner_copy(int((~is_val).sum()), smoothing=est.smoothing["option"])
-            est.fit(train.subset(~is_val), train.subset(is_val), device=device)
-        else:
-            est.fit(train, device=device)
-        t1 = time.perf_counter()
-        mean, _ = est.predict(test_data.subset(is_test))
-        timing[fold] = (t1 - t0, time.perf_counter() - t1)
-        pred[np.ix_(np.flatnonzero(is_test), var_idx)] = mean
-    adata.layers["bench_pred"] = pred
-    scores = score_prediction(adata, pred_key="bench_pred", library_key="library_id", top_n=50, target=(genes, target))
-    scores = scores.reset_index(names="library_id")
+            fit_data, val_data = fit_data.subset(~is_val), fit_data.subset(is_val)
+        est.fit(fit_data, val_data, device=device)
+        fitted, fit_seconds = {base: est}, {base: time.perf_counter() - t0}
+        for variant, (derived_model, _) in derived:
+            t1 = time.perf_counter()
+            fitted[variant] = _derive(est, derived_model, fit_data, val_data)
+            fit_seconds[variant] = fit_seconds[base] + time.perf_counter() - t1
+        for protocol, variant in pairs:
+            t1 = time.perf_counter()
+            mean, _ = fitted[variant].predict(test_data[protocol].subset(is_test))
+            timing[(protocol, variant)][fold] = (fit_seconds[variant], time.perf_counter() - t1)
+            preds[(protocol, variant)][np.ix_(np.flatnonzero(is_test), var_idx)] = mean
     lib_patient = dict(zip(adata.obs["library_id"].astype(str), patients, strict=False))
-    scores.insert(0, "model", model)
-    scores.insert(1, "fold", scores["library_id"].map(lambda lib: order.index(lib_patient[lib])))
-    scores.insert(2, "test_group", scores["library_id"].map(lib_patient))
-    scores["fit_seconds"] = scores["fold"].map(lambda f: timing[f][0])
-    scores["predict_seconds"] = scores["fold"].map(lambda f: timing[f][1])
-    return scores
+    out = {}
+    for pair in pairs:
+        adata.layers["bench_pred"] = preds[pair]
+        scores = score_prediction(
+            adata, pred_key="bench_pred", library_key="library_id", top_n=50, target=(genes, target)
+        )
+        scores = scores.reset_index(names="library_id")
+        scores.insert(0, "model", models[pair[1]][0])
+        scores.insert(1, "fold", scores["library_id"].map(lambda lib: order.index(lib_patient[lib])))
+        scores.insert(2, "test_group", scores["library_id"].map(lib_patient))
+        scores["fit_seconds"] = scores["fold"].map(lambda f, pair=pair: timing[pair][f][0])
+        scores["predict_seconds"] = scores["fold"].map(lambda f, pair=pair: timing[pair][f][1])
+        out[pair] = scores
+    del adata.layers["bench_pred"]
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
+    """Compute one group of runs (see :func:`job_groups`) in this process and write each run's JSON."""
     import anndata as ad
     import torch
 
@@ -348,74 +390,78 @@ def worker(args: argparse.Namespace) -> None:
     stexp.settings.verbosity = 1
     adata = ad.read_h5ad(args.input)
     genes = list(adata.uns["benchmark_genes"])
-    variant = parse_variant(args.variant)
-    split_by, _, image = PROTOCOLS[args.protocol]
-    train_key, test_key = _key(variant["features"], "clean"), _key(variant["features"], image)
+    runs = json.loads(args.runs_spec)
+    outputs = {(r["protocol"], r["variant"]): r["path"] for r in runs}
+    epochs = {r["variant"]: r["epochs"] for r in runs}
+    protocols = list(dict.fromkeys(p for p, _ in outputs))
+    variants = list(dict.fromkeys(v for _, v in outputs))
+    parsed = {v: parse_variant(v) for v in variants}
+    (split_by,) = {PROTOCOLS[p][0] for p in protocols}
+    (features,) = {parsed[v]["features"] for v in variants}
+    (inner_validation,) = {parsed[v]["inner_validation"] for v in variants}
+    train_key = _key(features, "clean")
+    test_keys = {p: _key(features, PROTOCOLS[p][2]) for p in protocols}
     if args.shuffle:
-        _shuffle_within_slides(adata, sorted({train_key, test_key}), seed=args.seed)
-    model = variant["model"]
-    cls = get_model_class(model)
+        _shuffle_within_slides(adata, sorted({train_key, *test_keys.values()}), seed=args.seed)
     # Import what the fits need before timing them (importing Lightning alone takes seconds).
     import lightning.pytorch  # noqa: F401
     import sklearn.decomposition
     import sklearn.linear_model
     import sklearn.model_selection  # noqa: F401
 
-    # Each model's own lr/weight_decay/batch_size, recorded in the results.
-    params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
-    params.update(variant["params"])
-    if "max_epochs" in cls.default_hparams and args.epochs is not None:
-        params["max_epochs"] = args.epochs
-    if "seed" in cls.default_hparams:
-        params["seed"] = args.seed
-    if variant["smoothing"] is not None:
-        params["smoothing"] = variant["smoothing"]
+    models = {}
+    for v in variants:
+        cls = get_model_class(parsed[v]["model"])
+        # Each model's own lr/weight_decay/batch_size, recorded in the results.
+        params = {k: cls.default_hparams[k] for k in ("lr", "weight_decay", "batch_size") if k in cls.default_hparams}
+        params.update(parsed[v]["params"])
+        if "max_epochs" in cls.default_hparams and epochs[v] is not None:
+            params["max_epochs"] = epochs[v]
+        if "seed" in cls.default_hparams:
+            params["seed"] = args.seed
+        if parsed[v]["smoothing"] is not None:
+            params["smoothing"] = parsed[v]["smoothing"]
+        models[v] = (parsed[v]["model"], params)
     rss_before = peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
-    if image == "clean" and not variant["inner_validation"]:
-        res = stexp.tl.cross_validate(
-            adata,
-            model=model,
-            split_by=split_by,
-            features_key=train_key,
-            genes=genes,
-            model_params={model: params},
-            device=args.device,
-        )
-        per_fold = res.per_fold
-    else:
-        per_fold = shifted_cv(
-            adata,
-            model=model,
-            params=params,
-            train_key=train_key,
-            test_key=test_key,
-            genes=genes,
-            device=args.device,
-            split_by=split_by,
-            inner_validation=variant["inner_validation"],
-        )
+    results = grouped_cv(
+        adata,
+        models=models,
+        train_key=train_key,
+        test_keys=test_keys,
+        genes=genes,
+        device=args.device,
+        split_by=split_by,
+        inner_validation=inner_validation,
+    )
     wall = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out = {
-        "protocol": args.protocol,
-        "variant": args.variant,
-        "model": model,
-        "features": variant["features"],
-        "shuffled": bool(args.shuffle),
-        "params": params,
-        "sections": list(dict.fromkeys(adata.obs["library_id"].astype(str))),
-        "epochs_arg": args.epochs,
-        "commit": _commit(),
-        "wall_seconds": wall,
-        "peak_rss_mb": peak_rss_mb(),
-        "rss_before_mb": rss_before,
-        "tracemalloc_peak_mb": traced_peak / 2**20,
-        "per_fold": json.loads(per_fold.to_json(orient="records")),
-    }
-    Path(args.output).write_text(json.dumps(out, indent=1))
+    group = sorted(f"{p}: {v}" + (" (shuffled)" if args.shuffle else "") for p, v in outputs)
+    group_id = f"{os.getpid()}-{time.time_ns()}"
+    for (protocol, variant), path in outputs.items():
+        model, params = models[variant]
+        out = {
+            "protocol": protocol,
+            "variant": variant,
+            "model": model,
+            "features": features,
+            "shuffled": bool(args.shuffle),
+            "params": params,
+            "sections": list(dict.fromkeys(adata.obs["library_id"].astype(str))),
+            "epochs_arg": epochs[variant],
+            "commit": _commit(),
+            # the runs of one group share one process, its fits and its wall time
+            "group": group,
+            "group_id": group_id,
+            "wall_seconds": wall,
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_before_mb": rss_before,
+            "tracemalloc_peak_mb": traced_peak / 2**20,
+            "per_fold": json.loads(results[(protocol, variant)].to_json(orient="records")),
+        }
+        Path(path).write_text(json.dumps(out, indent=1))
 
 
 def _commit() -> str:
@@ -457,11 +503,10 @@ def _summary_rows(runs: list[dict]) -> pd.DataFrame:
         row["fit_seconds"] = folds["fit_seconds"].sum()
         row["predict_seconds"] = folds["predict_seconds"].sum()
         row["peak_rss_mb"] = run["peak_rss_mb"]
-        epochs = run["params"].get("max_epochs")  # no validation slide in cross-validation: every epoch runs
-        smoothing = run["params"].get("smoothing")
-        row["seconds_per_epoch"] = (
-            row["fit_seconds"] / (len(folds) * epochs) if epochs and smoothing is None else np.nan
-        )
+        # every epoch runs unless a validation slide stops early (+val); smoothing adds inner fits
+        epochs = run["params"].get("max_epochs")
+        plain = run["params"].get("smoothing") is None and not parse_variant(run["variant"])["inner_validation"]
+        row["seconds_per_epoch"] = row["fit_seconds"] / (len(folds) * epochs) if epochs and plain else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -607,11 +652,40 @@ LEVER_VARIANTS = (
 )
 
 
+def training_key(variant: str, epochs: int | None) -> str:
+    """What a variant's fits depend on; variants with one key train identically (``mclstexp_plus`` as ``mclstexp``)."""
+    from stexp.models import get_model_class
+
+    v = parse_variant(variant)
+    family = "mclstexp" if v["model"] == "mclstexp_plus" else v["model"]
+    params = {k: x for k, x in v["params"].items() if k != "retrieval_temperature"}
+    if epochs is None:
+        epochs = get_model_class(v["model"]).default_hparams.get("max_epochs")
+    return json.dumps([family, params, v["features"], v["smoothing"], v["inner_validation"], epochs], sort_keys=True)
+
+
+def job_groups(jobs: list[tuple[str, str, bool]], epochs_of) -> list[list[tuple[str, str, bool]]]:
+    """Runs that one process computes together, sharing its fits.
+
+    The LOPO, cross-resolution and stain-shift protocols have the same folds and training slides;
+    ``mclstexp`` and ``mclstexp_plus`` the same training. So a group is every (protocol, variant) with
+    one ``split_by``, one :func:`training_key` and one shuffling: one fit per fold serves all of them.
+    The variant that trains comes first (``mclstexp`` before ``mclstexp_plus``).
+    """
+    groups: dict[tuple, list[tuple[str, str, bool]]] = {}
+    for protocol, variant, shuffled in jobs:
+        key = (PROTOCOLS[protocol][0], training_key(variant, epochs_of(variant)), shuffled)
+        groups.setdefault(key, []).append((protocol, variant, shuffled))
+    return [sorted(g, key=lambda job: parse_variant(job[1])["model"] == "mclstexp_plus") for g in groups.values()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="her2st folder or its parent (default: $STEXP_DATA_DIR)")
     parser.add_argument(
-        "--variants", default=None, help="comma-separated (default: every registered model and the pipeline)"
+        "--variants",
+        default=None,
+        help="comma-separated (default: every registered model (DEFAULT_RUN_SUFFIX) and the pipeline)",
     )
     parser.add_argument("--levers", action="store_true", help="also run the lever ablation (LEVER_VARIANTS)")
     parser.add_argument("--models", default=None, help="alias of --variants")
@@ -629,12 +703,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--runs", default=None, help="where each run's JSON is kept (default: <out>/her2st_runs)")
-    # internal: one (protocol, variant) run in a child process
+    # internal: one group of runs (job_groups) in a child process
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
-    parser.add_argument("--output", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--protocol", help=argparse.SUPPRESS)
+    parser.add_argument("--runs-spec", help=argparse.SUPPRESS)
     parser.add_argument("--shuffle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -645,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     names = args.variants or args.models
-    variants = names.split(",") if names else [*stexp.models.available_models(), "pipeline"]
+    default = [m + DEFAULT_RUN_SUFFIX.get(m, "") for m in stexp.models.available_models()] + ["pipeline"]
+    variants = names.split(",") if names else default
     if args.levers:
         variants += [v for v in LEVER_VARIANTS if v not in variants]
     available = []
@@ -693,38 +766,45 @@ def main(argv: list[str] | None = None) -> None:
         h5ad = Path(tmp) / "her2st_features.h5ad"
         info = prepare(_data_dir(args.data_dir), sections, h5ad, needs)
         print(f"prepared {sum(info['n_spots'].values())} spots, {info['n_genes']} genes", flush=True)
-        runs, not_run = [], []
-        for protocol, variant, shuffled in jobs:
-            epochs = epochs_of(variant)
-            part, kept = kept_runs[(protocol, variant, shuffled)]
-            if kept is not None:
-                print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {kept.get('commit')})", flush=True)
-                runs.append(kept)
-                continue
-            if args.report_only:
-                print(f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else ''} not run (no kept run)", flush=True)
-                not_run.append(f"{protocol}: {variant}{' (shuffled)' if shuffled else ''}")
-                continue
-            cmd = [sys.executable, __file__, "--worker", "--input", str(h5ad), "--output", str(part)]
-            cmd += ["--variant", variant, "--protocol", protocol, "--device", args.device, "--seed", str(args.seed)]
-            cmd += (["--epochs", str(epochs)] if epochs is not None else []) + (["--shuffle"] if shuffled else [])
+        computed: dict[tuple[str, str, bool], dict] = {}
+        for group in job_groups(to_compute, epochs_of):
+            spec = [
+                {"protocol": p, "variant": v, "path": str(kept_runs[(p, v, sh)][0]), "epochs": epochs_of(v)}
+                for p, v, sh in group
+            ]
+            cmd = [sys.executable, __file__, "--worker", "--input", str(h5ad), "--runs-spec", json.dumps(spec)]
+            cmd += ["--device", args.device, "--seed", str(args.seed)] + (["--shuffle"] if group[0][2] else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"{protocol} {variant} failed:\n{proc.stderr[-3000:]}", flush=True)
+                print(f"{', '.join(f'{p} {v}' for p, v, _ in group)} failed:\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            run = json.loads(part.read_text())
-            pf = pd.DataFrame(run["per_fold"])
-            print(
-                f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else '':9s} ACG {pf['pcc_acg'].mean():.3f} "
-                f"MSE {pf['mse'].mean():.3f} ({time.perf_counter() - t0:.0f} s, peak {run['peak_rss_mb']:.0f} MB)",
-                flush=True,
-            )
-            runs.append(run)
+            for job in group:
+                run = computed[job] = json.loads(kept_runs[job][0].read_text())
+                pf = pd.DataFrame(run["per_fold"])
+                print(
+                    f"{job[0]:5s} {job[1]:18s}{' shuffled' if job[2] else '':9s} ACG {pf['pcc_acg'].mean():.3f} "
+                    f"MSE {pf['mse'].mean():.3f}",
+                    flush=True,
+                )
+            print(f"  group of {len(group)} run(s): {time.perf_counter() - t0:.0f} s, peak {run['peak_rss_mb']:.0f} MB")
+        runs, not_run = [], []
+        for job in jobs:
+            protocol, variant, shuffled = job
+            part, kept = kept_runs[job]
+            if kept is not None:
+                print(f"{protocol:5s} {variant:18s} reused {part.name} (commit {kept.get('commit')})", flush=True)
+                runs.append(kept)
+            elif job in computed:
+                runs.append(computed[job])
+            elif args.report_only:
+                print(f"{protocol:5s} {variant:18s}{' shuffled' if shuffled else ''} not run (no kept run)", flush=True)
+                not_run.append(f"{protocol}: {variant}{' (shuffled)' if shuffled else ''}")
     if not runs:
         sys.exit("no run succeeded")
     info["not_run"] = not_run
-    info["run_seconds"] = sum(r["wall_seconds"] for r in runs)
+    # the runs of one group share their process: count its wall time once
+    info["run_seconds"] = sum({r.get("group_id", id(r)): r["wall_seconds"] for r in runs}.values())
     text = write_report(info, runs, out_dir, command, time.perf_counter() - t_start)
     print(text)
 

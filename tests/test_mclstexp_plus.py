@@ -6,6 +6,7 @@ from _features import STATS_KEY, mean_pcc, stat_features
 
 import stexp
 from stexp.models._baselines import TEMPERATURE_GRID, unit_rows
+from stexp.models._mclstexp_plus import MclSTExpPlus
 from stexp.pp._target import expression_target
 from stexp.tl._inputs import spot_data
 
@@ -32,8 +33,12 @@ def fitted(split):
     return _fit(split[0])
 
 
-def test_trains_exactly_like_mclstexp(split, fitted):
-    paper = _fit(split[0], model="mclstexp")
+@pytest.fixture(scope="module")
+def paper(split):
+    return _fit(split[0], model="mclstexp")
+
+
+def test_trains_exactly_like_mclstexp(fitted, paper):
     assert fitted.history["train_loss"] == pytest.approx(paper.history["train_loss"])
     for (name, a), b in zip(fitted.network.state_dict().items(), paper.network.state_dict().values(), strict=True):
         assert np.allclose(a.numpy(), b.numpy()), name
@@ -73,3 +78,20 @@ def test_fixed_temperature_and_bad_values(split):
     assert model.temperature_ is None and "retrieval" not in model.history
     with pytest.raises(ValueError, match="retrieval_temperature"):
         _fit(split[0], max_epochs=2, retrieval_temperature=0)
+
+
+def test_from_mclstexp_equals_fitting_plus(split, fitted, paper):
+    train, test = (spot_data(a, features_key=STATS_KEY, library_key="library_id") for a in split)
+    train.target = expression_target(split[0], paper.genes)
+    before = paper.predict(test)[0]
+    upgraded = MclSTExpPlus.from_mclstexp(paper, train)
+    assert upgraded.is_fitted and upgraded.network is paper.network
+    assert upgraded.temperature_ == fitted.temperature_
+    np.testing.assert_allclose(upgraded.predict(test)[0], fitted.predict(test)[0], rtol=1e-5, atol=1e-6)
+    # the mclstexp model still predicts as before (its own bank, untouched)
+    np.testing.assert_array_equal(paper.predict(test)[0], before)
+    other = train.subset(np.arange(train.n_spots) > 0)
+    with pytest.raises(ValueError, match="not the data the mclstexp model was trained on"):
+        MclSTExpPlus.from_mclstexp(paper, other)
+    with pytest.raises(TypeError, match="fitted 'mclstexp' model"):
+        MclSTExpPlus.from_mclstexp(fitted, train)

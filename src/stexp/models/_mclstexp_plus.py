@@ -61,6 +61,70 @@ class MclSTExpPlus(MclSTExp):
         self.temperature_: float | None = None if t == "auto" else t
         self.bank_image_embeddings: np.ndarray | None = None
 
+    @classmethod
+    def from_mclstexp(
+        cls,
+        model: MclSTExp,
+        train: SpotData,
+        validation: SpotData | None = None,
+        *,
+        retrieval_temperature: float | str | None = "auto",
+    ) -> MclSTExpPlus:
+        """An ``mclstexp_plus`` model made from a fitted ``"mclstexp"`` model, without training again.
+
+        The two train identically, so this equals fitting ``mclstexp_plus`` on ``train`` with the same
+        hyper-parameters and seed: the trained network is shared (not copied) and only the image bank
+        and the retrieval temperature are computed (seconds instead of a training run). Useful to
+        compare both retrievals on one training run, or to upgrade a saved mclSTExp model.
+
+        Parameters
+        ----------
+        model
+            A fitted (or loaded) ``"mclstexp"`` model.
+        train
+            The spots ``model`` was trained on, with their measured expression: they become the bank.
+            Checked against ``model``'s own reference bank.
+        validation
+            Validation spots; the temperature is chosen on them when given, as in ``fit``.
+        retrieval_temperature
+            ``"auto"`` (chosen as in ``fit``), a positive number, or ``None`` (equal weights).
+
+        Returns
+        -------
+        The fitted ``mclstexp_plus`` model. A smoothing option of ``model`` is kept and its σ chosen
+        again for the new predictions (inner fits); a calibration is not carried over.
+        """
+        if type(model) is not MclSTExp:
+            raise TypeError(f"from_mclstexp takes a fitted 'mclstexp' model, got {type(model).__name__}.")
+        if not model.is_fitted or model.bank_expression is None:
+            raise ValueError("from_mclstexp: the mclstexp model is not fitted yet; fit or load it first.")
+        if train.target is None or not np.array_equal(
+            np.asarray(train.target, dtype=np.float32), np.asarray(model.bank_expression, dtype=np.float32)
+        ):
+            raise ValueError(
+                "from_mclstexp: `train` is not the data the mclstexp model was trained on (its expression differs "
+                f"from the model's reference bank of {model.bank_expression.shape[0]} spots); pass the same training spots."
+            )
+        hparams = {**model.hparams, "retrieval_temperature": retrieval_temperature}
+        new = cls(
+            model.genes,
+            features_key=model.features_key,
+            encoder_spec=model.encoder_spec,
+            smoothing=model.smoothing["option"],
+            **hparams,
+        )
+        new.device, new.num_workers, new.devices = model.device, model.num_workers, model.devices
+        new.network, new.encoder, new.sizes, new.n_features = model.network, model.encoder, model.sizes, model.n_features
+        new._world_size = model._world_size
+        new.history = {k: v for k, v in model.history.items() if k in ("train_loss", "val_loss")}
+        new.after_fit(train, validation)
+        new.is_fitted = True
+        if new.smoothing["option"] is not None:
+            from stexp.models._smoothing import fit_smoothing
+
+            new.smoothing = fit_smoothing(new, train, validation)
+        return new
+
     def _build_bank(self, train: SpotData) -> None:
         """The training spots' image-branch embeddings (unit norm) with their expression (no spot-branch bank)."""
         self.bank_image_embeddings = unit_rows(self.embed_images(train))
