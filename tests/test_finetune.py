@@ -101,3 +101,13 @@ def test_callable_features_cannot_be_finetuned(tiny):
     stexp.pp.embed_images(adata, encoder=lambda x: x.mean((2, 3)), key_added="X_mean", cache=False)
     with pytest.raises(ValueError, match="callable"):
         stexp.tl.fit(adata, model="nh2st", features_key="X_mean", finetune_encoder=True, max_epochs=1, **SMALL["nh2st"])
+
+
+def test_hed_jitter_reaches_the_training_patches(tiny):
+    train, _ = _split(tiny)
+    plain = _fit(train, "mclstexp", max_epochs=1)
+    jittered = _fit(train, "mclstexp", max_epochs=1, hed_jitter=0.2)
+    assert jittered.hparams["hed_jitter"] == 0.2
+    assert jittered.history["train_loss"] != plain.history["train_loss"]
+    with pytest.raises(ValueError, match="hed_jitter"):
+        _fit(train, "mclstexp", max_epochs=1, hed_jitter=1.5)

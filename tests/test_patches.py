@@ -193,3 +193,23 @@ def test_patch_dataset_drops_spots_outside_their_image(synth):
     ds = PatchDataset.from_adata(synth, rows, out_px=8, on_outside="drop", augment=False)
     assert len(ds) == len(rows) - 1 and rows[0] not in ds.positions
     assert ds[0][1] == rows[1]  # positions follow the kept spots
+
+
+def test_patch_dataset_hed_jitter_changes_stain_not_geometry(synth):
+    from stexp.images import PatchDataset
+
+    rows = _rows(synth)[:4]
+    plain = PatchDataset.from_adata(synth, rows, out_px=32, augment=True, color_jitter=0.0)
+    hed = PatchDataset.from_adata(synth, rows, out_px=32, augment=True, color_jitter=0.0, hed_jitter=0.2)
+
+    def sorted_values(x):  # per channel, invariant to flips and 90° rotations
+        return np.sort(x.numpy().reshape(3, -1), axis=1)
+
+    for i in range(len(rows)):
+        x_plain, x_hed = plain[i][0], hed[i][0]
+        assert x_hed.shape == x_plain.shape == (3, 32, 32)
+        reference = sorted_values(PatchDataset.from_adata(synth, rows[i : i + 1], out_px=32, augment=False)[0][0])
+        np.testing.assert_allclose(sorted_values(x_plain), reference, atol=1e-6)  # dihedral only
+        assert not np.allclose(sorted_values(x_hed), reference, atol=1e-3)  # the stain moved
+    with pytest.raises(ValueError, match="hed_jitter"):
+        PatchDataset.from_adata(synth, rows, out_px=8, hed_jitter=1.0)

@@ -71,6 +71,12 @@ class PatchDataset(torch.utils.data.Dataset):
         deterministic.
     color_jitter
         Strength of brightness/contrast/saturation jitter (factors drawn in ``[1 - s, 1 + s]``); 0 disables it.
+    hed_jitter
+        Strength ``s`` of HED stain augmentation (Tellez et al., Med. Image Anal. 58, 2019): each item's
+        haematoxylin, eosin and DAB optical densities (:func:`skimage.color.rgb2hed`) are scaled by factors
+        drawn in ``[1 - s, 1 + s]`` and shifted by offsets drawn in ``[-s, s]``, per channel
+        (``0.05``: their "HED-light", ``0.2``: "HED-strong"); 0 (default) disables it. Applied with
+        ``augment`` only, before the colour jitter.
     positions
         What ``dataset[i]`` returns as the spot's position (default ``0..n-1``).
 
@@ -96,12 +102,15 @@ class PatchDataset(torch.utils.data.Dataset):
         out_px: int | None = None,
         augment: bool = True,
         color_jitter: float = 0.1,
+        hed_jitter: float = 0.0,
         positions: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        color_jitter = float(color_jitter)
+        color_jitter, hed_jitter = float(color_jitter), float(hed_jitter)
         if not 0.0 <= color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}.")
+        if not 0.0 <= hed_jitter < 1.0:
+            raise ValueError(f"hed_jitter must be in [0, 1), got {hed_jitter}.")
         if out_px is None:
             out_px = encoder.input_px if encoder is not None else 224
         out_px = int(out_px)
@@ -114,6 +123,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.out_px = out_px
         self.augment = bool(augment)
         self.color_jitter = color_jitter
+        self.hed_jitter = hed_jitter
         self.mean = tuple(encoder.mean) if encoder is not None else IMAGENET_MEAN
         self.std = tuple(encoder.std) if encoder is not None else IMAGENET_STD
         self._jitter = None
@@ -151,7 +161,7 @@ class PatchDataset(torch.utils.data.Dataset):
             Spots whose centre lies outside their image: ``"raise"`` a ValueError, or ``"drop"`` them from
             the dataset with a warning (see :attr:`positions`).
         **kwargs
-            ``encoder``, ``out_px``, ``augment``, ``color_jitter`` of :class:`PatchDataset`.
+            ``encoder``, ``out_px``, ``augment``, ``color_jitter``, ``hed_jitter`` of :class:`PatchDataset`.
         """
         from stexp.images._patches import PatchSource
 
@@ -175,7 +185,7 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.positions)
 
     def _augment(self, x):
-        """Random dihedral transform (flips, 90° rotations) and colour jitter of a uint8 (3, H, W) tensor."""
+        """Random dihedral transform (flips, 90° rotations), HED and colour jitter of a uint8 (3, H, W) tensor."""
         k = int(torch.randint(4, ()).item())
         if k:
             x = torch.rot90(x, k, dims=(1, 2))
@@ -183,6 +193,14 @@ class PatchDataset(torch.utils.data.Dataset):
             x = torch.flip(x, dims=(2,))
         if torch.rand(()) < 0.5:
             x = torch.flip(x, dims=(1,))
+        if self.hed_jitter > 0:
+            from stexp.images._stain import hed_shift
+
+            s = self.hed_jitter
+            scale = (1.0 - s + 2.0 * s * torch.rand(3, dtype=torch.float64)).tolist()
+            offset = (s * (2.0 * torch.rand(3, dtype=torch.float64) - 1.0)).tolist()
+            rgb = hed_shift(x.permute(1, 2, 0).numpy(), scale=tuple(scale), offset=tuple(offset))
+            x = torch.from_numpy(rgb).permute(2, 0, 1)
         if self.color_jitter > 0:
             if self._jitter is None:
                 from torchvision.transforms import v2
@@ -204,4 +222,4 @@ class PatchDataset(torch.utils.data.Dataset):
         return x.sub_(mean).div_(std).contiguous(), int(self.positions[i])
 
     def __repr__(self) -> str:
-        return f"PatchDataset({len(self)} spots, {self.out_px} px, augment={self.augment})"
+        return f"PatchDataset({len(self)} spots, {self.out_px} px, augment={self.augment}, hed_jitter={self.hed_jitter})"

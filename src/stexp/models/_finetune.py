@@ -6,7 +6,7 @@ model and its frozen twin start from the same point and the spec check of :func:
 meaning something. The frozen features are still used once, for the z-scoring statistics of the
 encoder's output (the projection heads then see the same scale as on frozen features). Patches come
 from the spots' :class:`~stexp.images.PatchSource` (built by ``stexp.tl``), are cut once per slide into
-memory (:class:`stexp.images.PatchDataset`) and augmented per item (flips, 90° rotations, colour jitter).
+memory (:class:`stexp.images.PatchDataset`) and augmented per item (flips, 90° rotations, colour jitter; HED stain jitter with ``hed_jitter``).
 
 Imported only by models that fine-tune (this module imports torch).
 """
@@ -24,6 +24,7 @@ from stexp.models._data import SpotData
 FINETUNE_HPARAMS: dict[str, Any] = {
     "finetune_encoder": False,  # train the encoder that made the features end to end on patches
     "augment": True,  # flips, 90° rotations and colour jitter of the training patches
+    "hed_jitter": 0.0,  # with augment: HED stain augmentation of that strength (PatchDataset's hed_jitter)
     "encoder_lr": None,  # the encoder's learning rate (None: the model's lr)
 }
 
@@ -95,11 +96,11 @@ def _patch_source(data: SpotData):
     return data.patches
 
 
-def spot_patches(data: SpotData, encoder, *, augment: bool):
+def spot_patches(data: SpotData, encoder, *, augment: bool, hed_jitter: float = 0.0):
     """The :class:`stexp.images.PatchDataset` of the spots of ``data``, item ``i`` being spot ``i`` of ``data``."""
     from stexp.images import PatchDataset
 
-    return PatchDataset(_patch_source(data), encoder=encoder, augment=augment)
+    return PatchDataset(_patch_source(data), encoder=encoder, augment=augment, hed_jitter=hed_jitter)
 
 
 class PatchBatch:

@@ -198,6 +198,7 @@ class MclSTExp(TorchExpressionModel):
         stexp's: ``position_margin=8``, ``bank_passes=1``, ``standardize_features=True``,
         ``early_stopping_patience=10`` (only with ``validation=``), ``finetune_encoder=False``,
         ``augment=True`` (flips, 90° rotations, colour jitter of the patch dataset when fine-tuning),
+        ``hed_jitter=0`` (HED stain augmentation of that strength when fine-tuning, e.g. 0.05),
         ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``), ``seed=0``.
 
     Deviations from the paper
@@ -237,7 +238,7 @@ class MclSTExp(TorchExpressionModel):
             positive_int=("projection_dim", "n_heads", "head_dim", "top_k", "bank_passes"),
             non_negative_int=("n_layers", "position_margin"),
             positive=("temperature",),
-            fraction=("dropout", "attn_dropout"),
+            fraction=("dropout", "attn_dropout", "hed_jitter"),
         )
         if hp["mlp_dim"] is not None:
             check_hparams("mclstexp", hp, positive_int=("mlp_dim",))

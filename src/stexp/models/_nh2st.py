@@ -260,7 +260,7 @@ class NH2ST(TorchExpressionModel):
         Frozen features replace the end-to-end ResNet-18 by default. ``finetune_encoder=True`` trains
         the encoder that made the features (rebuilt from their spec, e.g. EfficientNet-Lite0 or a
         timm ResNet-18) end to end on augmented patches (flips, 90° rotations, colour jitter;
-        ``augment``), at ``encoder_lr`` (``None``: ``lr``); each batch runs the encoder once per
+        ``augment``; HED stain jitter with ``hed_jitter``), at ``encoder_lr`` (``None``: ``lr``); each batch runs the encoder once per
         distinct spot of its neighbourhoods (about ``batch_size x (n_neighbors + 1)`` patches, so lower
         ``batch_size`` on a small GPU; the paper used 8). GPU advised; it also runs on a CPU for tiny
         data. Prediction then embeds the query patches with the fine-tuned encoder (obsm features
@@ -305,7 +305,7 @@ class NH2ST(TorchExpressionModel):
             positive_int=("dim", "n_heads", "max_epochs", "batch_size"),
             positive=("temperature_query", "temperature_neighbor", "lr"),
             non_negative=("weight_query", "weight_neighbor", "weight_mse", "weight_decay"),
-            fraction=("dropout", "attn_dropout"),
+            fraction=("dropout", "attn_dropout", "hed_jitter"),
         )
         if hp["dim"] % hp["n_heads"]:
             raise ValueError(f"nh2st: dim={hp['dim']} must be divisible by n_heads={hp['n_heads']}.")

@@ -159,7 +159,12 @@ class TorchExpressionModel(ExpressionModel):
         if self.encoder is not None:
             from stexp.models import _finetune
 
-            patches = _finetune.spot_patches(data, self.encoder, augment=train and bool(hp["augment"]))
+            patches = _finetune.spot_patches(
+                data,
+                self.encoder,
+                augment=train and bool(hp["augment"]),
+                hed_jitter=float(hp.get("hed_jitter", 0.0)),
+            )
             nodes = self.node_index(tensors)
             collate = _finetune.PatchBatch(patches, nodes=None if nodes is None else nodes.numpy())
         return index_loader(
