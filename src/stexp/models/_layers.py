@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Feature standard deviations are floored at this fraction of their median (see :func:`feature_scaling`).
+#: Feature standard deviations are floored at this fraction of their median (see :func:`floored_feature_scaling`).
 STD_FLOOR_FRACTION = 0.1
 
 
 @torch.no_grad()
-def feature_scaling(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def floored_feature_scaling(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and floored standard deviation of training features ``(n, D)``, to z-score them.
 
     A feature that is (nearly) constant on the training spots, e.g. a CNN channel that never fires
