@@ -222,4 +222,6 @@ class PatchDataset(torch.utils.data.Dataset):
         return x.sub_(mean).div_(std).contiguous(), int(self.positions[i])
 
     def __repr__(self) -> str:
-        return f"PatchDataset({len(self)} spots, {self.out_px} px, augment={self.augment}, hed_jitter={self.hed_jitter})"
+        return (
+            f"PatchDataset({len(self)} spots, {self.out_px} px, augment={self.augment}, hed_jitter={self.hed_jitter})"
+        )

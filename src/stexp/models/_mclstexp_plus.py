@@ -114,7 +114,8 @@ class MclSTExpPlus(MclSTExp):
             **hparams,
         )
         new.device, new.num_workers, new.devices = model.device, model.num_workers, model.devices
-        new.network, new.encoder, new.sizes, new.n_features = model.network, model.encoder, model.sizes, model.n_features
+        new.network, new.encoder = model.network, model.encoder  # shared: the trained weights are not copied
+        new.sizes, new.n_features = dict(model.sizes), model.n_features
         new._world_size = model._world_size
         new.history = {k: v for k, v in model.history.items() if k in ("train_loss", "val_loss")}
         new.after_fit(train, validation)
