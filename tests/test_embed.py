@@ -89,6 +89,26 @@ def test_second_call_does_no_work_and_batch_sizes_agree(synth, caplog):
     assert max(enc.calls[n_batches:]) == 7
 
 
+def test_changed_image_is_not_taken_as_up_to_date(synth):
+    from stexp.images._slide import slide_view
+
+    enc = TinyEncoder()
+    _embed(synth, enc, cache=False)
+    first = synth.obsm["X_stexp_tiny"].copy()
+    view = slide_view(synth, "slide_1")
+    entry = synth.uns["spatial"]["slide_1"]["images"]
+    res = next(r for r, img in entry.items() if np.shape(img) == np.shape(view.array))
+    entry[res] = (255 - np.asarray(entry[res])).astype(np.asarray(entry[res]).dtype)  # another image
+    with pytest.raises(ValueError, match=r"other images .*\['slide_1'\].*overwrite=True"):
+        _embed(synth, enc, cache=False)
+    np.testing.assert_array_equal(synth.obsm["X_stexp_tiny"], first)  # the user's features untouched
+    _embed(synth, enc, cache=False, overwrite=True)
+    on_1 = library_mask(synth, "slide_1")
+    assert not np.allclose(synth.obsm["X_stexp_tiny"][on_1], first[on_1])
+    np.testing.assert_allclose(synth.obsm["X_stexp_tiny"][~on_1], first[~on_1], atol=1e-6)
+    _embed(synth, enc, cache=False)  # now up to date again
+
+
 def test_disk_cache_in_a_new_session(synth):
     enc = TinyEncoder()
     _embed(synth, enc)

@@ -132,6 +132,29 @@ def _embed_plan(
     out[~plan.inside] = np.nan
     return out
 
+#: Where ``uns["stexp"]["features"][key]`` records the content hash of each library's image.
+SLIDES_FIELD = "slide_fingerprints"
+
+
+def _check_same_slides(adata, libs: list[str], key: str, rec: dict) -> None:
+    """Raise when the images of ``libs`` are not those ``adata.obsm[key]`` was computed from.
+
+    Records made before fingerprints were stored carry none and are taken as they are.
+    """
+    from stexp.images._slide import slide_view
+
+    recorded = rec.get(SLIDES_FIELD)
+    if not recorded:
+        return
+    changed = [lib for lib in libs if recorded.get(lib) != slide_view(adata, lib).fingerprint()]
+    if changed:
+        raise ValueError(
+            f"adata.obsm[{key!r}] was computed from other images than the current ones of librar"
+            f"{'y' if len(changed) == 1 else 'ies'} {changed[:5]} (an image or its path changed since, or the "
+            "library is new). Pass overwrite=True to recompute the features (models trained on the old ones "
+            "will no longer match) or key_added= to keep both."
+        )
+
 
 @leaves_process_state
 @doc_params
@@ -166,7 +189,9 @@ def embed_images(
     a background thread; on CUDA with channels-last and bf16/fp16 autocast).
 
     Work is skipped when it is already done: if ``adata.obsm[key]`` holds features recorded with the same
-    spec (encoder, weights, patch µm/px, normalisation, output dim), nothing is computed. Features are also
+    spec (encoder, weights, patch µm/px, normalisation, output dim) from the same images (a content hash
+    per library is recorded), nothing is computed; if an image changed since, a ValueError asks for
+    ``overwrite=True`` or another ``key_added``. Features are also
     cached on disk (``stexp.settings.cachedir / "features"``, one ``.npy`` per library keyed by the slide's
     content, its spot centres and the spec), so a new session loads them instead of recomputing. Callable /
     module encoders cannot be identified across calls unless you name them with ``encoder_id``: without it
@@ -237,7 +262,8 @@ def embed_images(
     ``adata.uns["stexp"]["features"][key]``: the :class:`~stexp.images.EncoderSpec` fields (``encoder``,
     ``weights`` (the weights identity: ``"imagenet"``, ``"random"``, ``"sha256:..."`` of a file...),
     ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
-    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library and ``versions``.
+    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library,
+    ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
     """
     from stexp.images._cache import cache_key, load_features, save_features
     from stexp.images._patches import plan_patches, resolve_patch_um
@@ -275,6 +301,7 @@ def embed_images(
             )
             fields = ("encoder", "weights_arg", "patch_um", "encoder_kwargs", *VIEW_FIELDS)
             if not EncoderSpec.from_mapping(rec).diff(wanted, fields):
+                _check_same_slides(adata, libs, key, rec)
                 logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
                 return adata if copy else None
 
@@ -309,6 +336,7 @@ def embed_images(
                 "to keep both."
             )
         if not is_callable:
+            _check_same_slides(adata, libs, key, rec)
             logger.info(f"features adata.obsm[{key!r}] are up to date ({enc.name}); nothing computed.")
             return adata if copy else None
 
@@ -318,6 +346,7 @@ def embed_images(
     device = settings.resolve_device(device)
     feats = np.full((adata.n_obs, enc.out_dim), np.nan, dtype=np.float32)
     n_outside: dict[str, int] = {}
+    fingerprints: dict[str, str] = {}
     n_loaded = 0
     pbar = None
     if settings.show_progress:
@@ -332,6 +361,7 @@ def embed_images(
                 adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
             )
             n_outside[lib] = int((~plan.inside).sum())
+            fingerprints[lib] = plan.view.fingerprint()
             ckey = None
             if use_disk:
                 # encoder_kwargs enters the key only when set, so caches made before the field existed stay valid
@@ -345,7 +375,7 @@ def embed_images(
                 }
                 # the view options enter the key only when set, so features cached before they existed still match
                 lib_spec |= {k: v for k, v in views.items() if v}
-                ckey = cache_key(plan.view.fingerprint(), spot_coords(adata)[rows], lib_spec)
+                ckey = cache_key(fingerprints[lib], spot_coords(adata)[rows], lib_spec)
                 hit = load_features(ckey, (len(rows), enc.out_dim))
                 if hit is not None:
                     feats[rows] = hit
@@ -371,7 +401,7 @@ def embed_images(
             pbar.close()
 
     adata.obsm[key] = feats
-    record(adata, ("features", key), {**spec.to_uns(), "n_outside": n_outside})
+    record(adata, ("features", key), {**spec.to_uns(), "n_outside": n_outside, SLIDES_FIELD: fingerprints})
     total_out = sum(n_outside.values())
     extra = f"; {total_out} spots outside their image got NaN features" if total_out else ""
     cached = f"; {n_loaded} spots loaded from the disk cache" if n_loaded else ""
