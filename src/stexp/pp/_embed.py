@@ -132,6 +132,7 @@ def _embed_plan(
     out[~plan.inside] = np.nan
     return out
 
+
 #: Where ``uns["stexp"]["features"][key]`` records the content hash of each library's image.
 SLIDES_FIELD = "slide_fingerprints"
 
