@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     genes = [g for g in panel if g in adata.var_names]
     patients = adata.obs["patient"].astype(str).to_numpy()
     rows, fit_seconds = [], {}
+    # each held-out patient's slides as they are and stain-shifted (their frozen features embedded once, cached)
+    tests = {}
+    for patient in dict.fromkeys(patients):
+        test = adata[patients == patient].copy()
+        stained = her2st._image_variant(test, "stain")
+        stexp.pp.embed_images(stained, key_added=key, overwrite=True)
+        tests[patient] = {"clean": test, "stain": stained}
     modes = {
         "frozen": {},
         "finetuned": {"finetune_encoder": True, "encoder_lr": args.encoder_lr},
@@ -77,16 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes.split(","):
         params = {"max_epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu", **modes[mode]}
         for patient in dict.fromkeys(patients):
-            train, test = adata[patients != patient], adata[patients == patient].copy()  # fit reads a view
+            train = adata[patients != patient]  # fit reads a view
             t0 = time.perf_counter()
             model = stexp.tl.fit(train, model=args.model, features_key=key, genes=genes, calibrate=False, **params)
             fit_s = fit_seconds[(mode, patient)] = time.perf_counter() - t0
             epochs_run = len(model.history.get("train_loss", [])) or args.epochs
             scores = {}
-            for image in ("clean", "stain"):
-                view = her2st._image_variant(test, image)
-                if image != "clean":  # frozen features of the stained images (cached); a fine-tuned model reads them
-                    stexp.pp.embed_images(view, key_added=key, overwrite=True)
+            for image, view in tests[patient].items():  # a fine-tuned model reads the images, a frozen one the features
                 stexp.tl.predict(view, model, key_added="ft_pred")
                 scores[image] = score_prediction(view, pred_key="ft_pred", library_key="library_id", top_n=50)
             for lib, r in scores["clean"].iterrows():

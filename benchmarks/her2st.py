@@ -108,6 +108,10 @@ DEFAULT_EPOCHS: dict[str, int | None] = {"mlp": 50, "mclstexp": 90, "nh2st": 60}
 #: How the default run trains a registered model where it is not the plain variant: NH2ST as its paper trains
 #: it, stopping early on a validation slide (here an inner one taken from the training slides; at most 60 epochs).
 DEFAULT_RUN_SUFFIX = {"nh2st": "+val"}
+#: Registered models that train exactly as another one: the benchmark makes them from its fits (:func:`_derive`).
+TRAINS_AS = {"mclstexp_plus": "mclstexp"}
+#: Their hyper-parameters that act only after training (they do not separate the fits).
+PREDICTION_ONLY_HPARAMS = ("retrieval_temperature",)
 CONTROL_VARIANTS = ("ridge", "mclstexp")
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 #: Published numbers, for context only (different sections, genes, features and protocols).
@@ -282,17 +286,17 @@ def inner_validation_split(train) -> np.ndarray:
     return groups == np.unique(groups)[-1]
 
 
-def _derive(base, derived_model: str, train, validation):
-    """A fitted model of ``derived_model`` made from the fitted ``base`` without training again.
+def _derive(base, derived_model: str, params: dict, train, validation):
+    """A fitted model of ``derived_model`` made from the fitted ``base`` without training again (:data:`TRAINS_AS`).
 
-    Only ``mclstexp_plus`` from ``mclstexp``: the two train identically
-    (:meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`).
+    Only ``mclstexp_plus`` from ``mclstexp``: :meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`.
     """
     from stexp.models._mclstexp_plus import MclSTExpPlus
 
-    if derived_model != "mclstexp_plus" or base.name != "mclstexp":
+    if TRAINS_AS.get(derived_model) != base.name:
         raise ValueError(f"cannot derive {derived_model!r} from a fitted {base.name!r}")
-    return MclSTExpPlus.from_mclstexp(base, train, validation)
+    temperature = params.get("retrieval_temperature", MclSTExpPlus.default_hparams["retrieval_temperature"])
+    return MclSTExpPlus.from_mclstexp(base, train, validation, retrieval_temperature=temperature)
 
 
 def grouped_cv(
@@ -351,9 +355,9 @@ def grouped_cv(
             fit_data, val_data = fit_data.subset(~is_val), fit_data.subset(is_val)
         est.fit(fit_data, val_data, device=device)
         fitted, fit_seconds = {base: est}, {base: time.perf_counter() - t0}
-        for variant, (derived_model, _) in derived:
+        for variant, (derived_model, derived_params) in derived:
             t1 = time.perf_counter()
-            fitted[variant] = _derive(est, derived_model, fit_data, val_data)
+            fitted[variant] = _derive(est, derived_model, derived_params, fit_data, val_data)
             fit_seconds[variant] = fit_seconds[base] + time.perf_counter() - t1
         for protocol, variant in pairs:
             t1 = time.perf_counter()
@@ -657,8 +661,8 @@ def training_key(variant: str, epochs: int | None) -> str:
     from stexp.models import get_model_class
 
     v = parse_variant(variant)
-    family = "mclstexp" if v["model"] == "mclstexp_plus" else v["model"]
-    params = {k: x for k, x in v["params"].items() if k != "retrieval_temperature"}
+    family = TRAINS_AS.get(v["model"], v["model"])
+    params = {k: x for k, x in v["params"].items() if k not in PREDICTION_ONLY_HPARAMS}
     if epochs is None:
         epochs = get_model_class(v["model"]).default_hparams.get("max_epochs")
     return json.dumps([family, params, v["features"], v["smoothing"], v["inner_validation"], epochs], sort_keys=True)
@@ -676,7 +680,7 @@ def job_groups(jobs: list[tuple[str, str, bool]], epochs_of) -> list[list[tuple[
     for protocol, variant, shuffled in jobs:
         key = (PROTOCOLS[protocol][0], training_key(variant, epochs_of(variant)), shuffled)
         groups.setdefault(key, []).append((protocol, variant, shuffled))
-    return [sorted(g, key=lambda job: parse_variant(job[1])["model"] == "mclstexp_plus") for g in groups.values()]
+    return [sorted(g, key=lambda job: parse_variant(job[1])["model"] in TRAINS_AS) for g in groups.values()]
 
 
 def main(argv: list[str] | None = None) -> None:

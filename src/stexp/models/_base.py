@@ -162,12 +162,16 @@ class ExpressionModel(ABC):
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
         self.device, self.num_workers, self.devices = device, int(num_workers), devices
         self._fit(train, validation)
+        self._finish_fit(train, validation)
+        return self
+
+    def _finish_fit(self, train: SpotData, validation: SpotData | None = None) -> None:
+        """The end of every fit, once the model can predict: mark it fitted, then choose the smoothing σ if asked."""
         self.is_fitted = True
         if self.smoothing.get("option") is not None:
             from ._smoothing import fit_smoothing
 
             self.smoothing = fit_smoothing(self, train, validation)
-        return self
 
     def predict(
         self, data: SpotData, *, device: str | None = None, smooth: bool = True

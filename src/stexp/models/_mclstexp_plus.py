@@ -117,13 +117,9 @@ class MclSTExpPlus(MclSTExp):
         new.network, new.encoder = model.network, model.encoder  # shared: the trained weights are not copied
         new.sizes, new.n_features = dict(model.sizes), model.n_features
         new._world_size = model._world_size
-        new.history = {k: v for k, v in model.history.items() if k in ("train_loss", "val_loss")}
+        new.history = dict(model.history)  # after_fit keeps the losses and adds its own entries
         new.after_fit(train, validation)
-        new.is_fitted = True
-        if new.smoothing["option"] is not None:
-            from stexp.models._smoothing import fit_smoothing
-
-            new.smoothing = fit_smoothing(new, train, validation)
+        new._finish_fit(train, validation)
         return new
 
     def _build_bank(self, train: SpotData) -> None:
