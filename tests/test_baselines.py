@@ -75,15 +75,15 @@ def test_ridge_is_not_better_than_mean_on_shuffled_features(split):
     assert _mse(test, "ridge") > 0.9 * _mse(test, "mean")
 
 
-def test_ridge_chooses_alpha_by_slide_grouped_inner_cv(split):
+def test_ridge_chooses_alpha_on_the_shared_inner_folds(split):
     train, _ = split
     model = stexp.tl.fit(train, model="ridge", features_key=FEATURES, alphas=[1e-2, 1.0, 1e2, 1e4])
     assert model.history["alpha"] in (1e-2, 1.0, 1e2, 1e4)
-    assert "GroupKFold(2)" in model.history["inner_cv"]
+    assert model.history["inner_cv"] == "2 folds by patients"
     assert len(model.history["inner_cv_mse"]) == 4
     one = train[(train.obs["library_id"] == "slide_0").to_numpy()].copy()
     model = stexp.tl.fit(one, model="ridge", features_key=FEATURES, n_components=4)
-    assert "KFold" in model.history["inner_cv"] and "Group" not in model.history["inner_cv"]
+    assert model.history["inner_cv"] == "5 folds by spatial blocks"
     assert model.arrays_["pca_components"].shape == (4, train.obsm[FEATURES].shape[1])
 
 
@@ -126,7 +126,7 @@ def test_knn_retrieves_the_nearest_training_spot(split):
 
 
 def _mean_gene_pcc(adata, key):
-    from stexp.models._smoothing import mean_gene_pearson
+    from stexp._metrics import mean_gene_pearson
 
     return mean_gene_pearson(adata.layers[key], expression_target(adata), adata.obs["library_id"].to_numpy())
 
@@ -136,7 +136,7 @@ def test_knn_temperature_auto_is_chosen_on_training_slides_and_saved(split, tmp_
     k = train.n_obs // 2  # half the bank: equal weights blur the domains, a sharp softmax keeps them apart
     model = stexp.tl.fit(train, model="knn", features_key=FEATURES, k=k, temperature="auto")
     hist = model.history
-    assert hist["inner_cv"] == "slides" and len(hist["inner_pcc"]) == len(hist["temperature_grid"])
+    assert hist["inner_cv"] == "2 folds by patients" and len(hist["inner_pcc"]) == len(hist["temperature_grid"])
     assert model.temperature_ == hist["temperature"] == hist["temperature_grid"][int(np.nanargmax(hist["inner_pcc"]))]
     assert model.temperature_ is not None and model.hparams["temperature"] == "auto"
     flat = stexp.tl.fit(train, model="knn", features_key=FEATURES, k=k, temperature=None)
@@ -161,10 +161,12 @@ def test_bad_hyper_parameters_and_features(split):
     train, test = split
     with pytest.raises(ValueError, match="alphas"):
         stexp.tl.fit(train, model="ridge", features_key=FEATURES, alphas=[])
-    with pytest.raises(ValueError, match="k=10000"):
-        stexp.tl.fit(train, model="knn", features_key=FEATURES, k=10_000)
-    with pytest.raises(TypeError, match="unknown hyper-parameter"):
+    # more neighbours than training spots: every training spot is one (one rule for every fit)
+    assert stexp.tl.fit(train, model="knn", features_key=FEATURES, k=10_000).hparams["k"] == train.n_obs
+    with pytest.raises(TypeError, match=r"'mean' does not take \['k'\]"):
         stexp.tl.fit(train, model="mean", features_key=FEATURES, k=3)
+    with pytest.raises(TypeError, match=r"'ridge' does not take \['max_epochs'\]; it takes \[.*'alphas'"):
+        stexp.tl.fit(train, model="ridge", features_key=FEATURES, max_epochs=5)
     model = stexp.tl.fit(train, model="ridge", features_key=FEATURES)
     test.obsm[FEATURES] = test.obsm[FEATURES][:, :8]
     with pytest.raises(ValueError, match="16-dimensional"):

@@ -5,8 +5,9 @@ import pytest
 from _features import STATS_KEY, mean_pcc, stat_features
 
 import stexp
-from stexp.models._baselines import TEMPERATURE_GRID, unit_rows
 from stexp.models._mclstexp_plus import MclSTExpPlus
+from stexp.models._retrieval import TEMPERATURE_GRID
+from stexp.models._scaling import unit_rows
 from stexp.pp._target import expression_target
 from stexp.tl._inputs import spot_data
 

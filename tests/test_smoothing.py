@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from _features import stat_features
 
+from stexp._metrics import mean_gene_pearson
 from stexp.models import SpotData, load
-from stexp.models._smoothing import choose_smoothing, mean_gene_pearson, smooth, smoothing_matrix
+from stexp.models._smoothing import choose_smoothing, smooth, smoothing_matrix
 
 
 def _grid(n_slides: int = 3, side: int = 16, pitch: float = 100.0):
@@ -44,9 +45,9 @@ def test_auto_smoothing_helps_noisy_prediction_of_smooth_truth():
     noise = np.random.default_rng(1).normal(scale=1.5, size=truth.shape)
     noisy = truth + noise
 
-    result = choose_smoothing(lambda tr, va: noisy[va], truth, coords, library)
+    result = choose_smoothing(lambda tr, va: noisy[va], _spot_data(coords, library, noisy, truth))
     assert result["sigma_um"] > 0
-    assert result["inner_cv"].startswith("GroupKFold(3) over slides")
+    assert result["inner_cv"] == "3 folds by slides"
     before = mean_gene_pearson(noisy, truth, library)
     after = mean_gene_pearson(smooth(noisy, coords, library, result["sigma_um"]), truth, library)
     assert after > before + 0.1
@@ -57,12 +58,14 @@ def test_auto_smoothing_stays_off_without_spatial_structure():
     rng = np.random.default_rng(2)
     truth = rng.normal(size=(len(library), 20))  # no spatial structure
     pred = truth + rng.normal(scale=1.0, size=truth.shape)
-    result = choose_smoothing(lambda tr, va: pred[va], truth, coords, library)
+    result = choose_smoothing(lambda tr, va: pred[va], _spot_data(coords, library, pred, truth))
     assert result["sigma_um"] <= 0.25 * result["pitch_um"] + 1e-9
-    # one training slide: the two spatial halves are the inner folds
+    # one training slide: spatial blocks of it are the inner folds
     one = library == "s0"
-    single = choose_smoothing(lambda tr, va: pred[one][va], truth[one], coords[one], library[one])
-    assert "halves" in single["inner_cv"] and single["sigma_um"] <= 0.25 * single["pitch_um"] + 1e-9
+    single = choose_smoothing(
+        lambda tr, va: pred[one][va], _spot_data(coords[one], library[one], pred[one], truth[one])
+    )
+    assert "spatial blocks" in single["inner_cv"] and single["sigma_um"] <= 0.25 * single["pitch_um"] + 1e-9
 
 
 def _spot_data(coords, library, features, target):
@@ -77,7 +80,6 @@ def _spot_data(coords, library, features, target):
 
 
 def test_model_smoothing_is_fitted_saved_and_loaded(tmp_path):
-    from stexp.models import get_model_class
 
     coords, library = _grid()
     truth = _smooth_truth(coords, library, n_genes=8)
@@ -85,9 +87,11 @@ def test_model_smoothing_is_fitted_saved_and_loaded(tmp_path):
     features = np.column_stack([truth + rng.normal(scale=1.5, size=truth.shape), rng.normal(size=(len(library), 4))])
     genes = [f"g{i}" for i in range(truth.shape[1])]
     data = _spot_data(coords, library, features, truth)
-    cls = get_model_class("ridge")
-    plain = cls(genes, n_components=8).fit(data)
-    smoothed = cls(genes, n_components=8, smoothing="auto").fit(data)
+    from stexp.models import Recipe
+    from stexp.models._recipe import fit_recipe
+
+    plain = fit_recipe(Recipe("ridge", {"n_components": 8}), data, genes=genes)
+    smoothed = fit_recipe(Recipe("ridge", {"n_components": 8}, smoothing="auto"), data, genes=genes)
     assert plain.smoothing == {"option": None, "sigma_um": 0.0}
     assert smoothed.smoothing["option"] == "auto" and smoothed.smoothing["sigma_um"] > 0
     assert "smoothing" not in smoothed.hparams
@@ -114,31 +118,32 @@ def test_model_smoothing_is_fitted_saved_and_loaded(tmp_path):
 
 
 def test_fixed_smoothing_and_bad_values():
-    from stexp.models import get_model_class
+    from stexp.models import Recipe
 
-    cls = get_model_class("mean")
-    assert cls(["a"], smoothing=120).smoothing["option"] == 120.0
+    assert Recipe("mean", smoothing=120).smoothing == 120.0
     for bad in (-1.0, "strong", True, float("nan")):
         with pytest.raises(ValueError, match="smoothing"):
-            cls(["a"], smoothing=bad)
+            Recipe("mean", smoothing=bad)
 
 
 def test_fit_without_options_is_the_default_pipeline(synth):
     import stexp
-    from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_MODEL_PARAMS, DEFAULT_SMOOTHING
+    from stexp.models import DEFAULT_RECIPE
 
     key = stat_features(synth)
     model = stexp.tl.fit(synth, features_key=key, validation="slide_2")
-    assert model.name == DEFAULT_MODEL
-    assert model.smoothing["option"] == DEFAULT_SMOOTHING
-    if DEFAULT_SMOOTHING == "auto":
+    assert model.name == DEFAULT_RECIPE.model and model.recipe == DEFAULT_RECIPE.with_training_options(
+        seed=stexp.settings.seed
+    )
+    assert model.smoothing["option"] == DEFAULT_RECIPE.smoothing
+    if DEFAULT_RECIPE.smoothing == "auto":
         assert model.smoothing["inner_cv"] == "the validation slides"
     # a training set smaller than the default k: every spot is a neighbour, the smoothing is kept
     small = synth[synth.obs["library_id"].isin(["slide_0", "slide_1"]).to_numpy()][:150].copy()
     few = stexp.tl.fit(small, features_key=key)
-    if "k" in DEFAULT_MODEL_PARAMS:
-        assert few.hparams["k"] == min(DEFAULT_MODEL_PARAMS["k"], small.n_obs)
-    assert few.smoothing["option"] == DEFAULT_SMOOTHING and few.calibration is not None
+    if "k" in DEFAULT_RECIPE.hparams:
+        assert few.hparams["k"] == min(DEFAULT_RECIPE.hparams["k"], small.n_obs)
+    assert few.smoothing["option"] == DEFAULT_RECIPE.smoothing and few.calibration is not None
     # an explicit model has no smoothing unless asked for
     assert stexp.tl.fit(synth, model="ridge", features_key=key).smoothing["option"] is None
     ridge = stexp.tl.fit(synth, model="ridge", features_key=key, smoothing=80.0)
@@ -147,12 +152,14 @@ def test_fit_without_options_is_the_default_pipeline(synth):
     assert np.isfinite(synth.layers["stexp_pred"]).all()
 
 
-def test_inner_fits_use_no_more_neighbours_than_they_have_spots():
-    from stexp.models import get_model_class
+def test_every_fit_uses_no_more_neighbours_than_it_has_spots():
+    from stexp.models import Recipe, get_model_class
+    from stexp.models._recipe import build_model
 
     for name, key in (("knn", "k"), ("ridge_knn", "k"), ("mclstexp", "top_k")):
-        cls = get_model_class(name)
-        assert key in cls.bank_size_hparams
-        model = cls(["a", "b"], **{key: 200})
-        assert model.inner_copy(141).hparams[key] == 141
-        assert model.inner_copy(500).hparams[key] == 200
+        assert key in get_model_class(name).bank_size_hparams
+        recipe = Recipe(name, {key: 200})
+        assert build_model(recipe, ["a", "b"], n_train=141).hparams[key] == 141
+        assert build_model(recipe, ["a", "b"], n_train=500).hparams[key] == 200
+        with pytest.raises(ValueError, match="no training spots"):
+            build_model(recipe, ["a", "b"], n_train=0)

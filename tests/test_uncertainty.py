@@ -181,7 +181,7 @@ def test_depth_score_widens_intervals_where_counts_are_few():
     truth = test.target.astype(np.float64)
     rows = {}
     for score in ("depth", "distance"):
-        cal = calibrate(model, train, score=score)
+        cal = calibrate(model, train, score=score, refit=lambda d: get_model_class("mean")(genes).fit(d))
         lo, hi = cal.intervals(mean, test.features, None, 0.9)
         rows[score] = interval_scores(truth, mean, lo, hi)
     depth = rows["depth"]
@@ -201,7 +201,7 @@ def test_depth_score_needs_counts():
     model = get_model_class("mean")([f"g{i}" for i in range(30)])
     model.fit(train)
     with pytest.raises(ValueError, match="total counts"):
-        calibrate(model, train, score="depth")
+        calibrate(model, train, score="depth", refit=lambda d: get_model_class("mean")(model.genes).fit(d))
 
 
 def test_knn_with_more_neighbours_than_an_inner_fold_calibrates(split):

@@ -4,6 +4,7 @@ from stexp._lazy import lazy_namespace
 
 from ._base import ExpressionModel, load
 from ._data import SpotData
+from ._recipe import DEFAULT_RECIPE, Recipe
 from ._registry import available_models, get_model_class, register_model
 
 _lazy_getattr, _lazy_dir, _lazy_all = lazy_namespace(
@@ -16,7 +17,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "ExpressionModel",
+    "Recipe",
     "SpotData",
     "TorchExpressionModel",
     "TrainingPlan",

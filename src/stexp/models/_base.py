@@ -53,8 +53,14 @@ class ExpressionModel(ABC):
 
     name: ClassVar[str] = "base"
     default_hparams: ClassVar[dict[str, Any]] = {}
-    #: Hyper-parameters that count training spots to retrieve (kNN's ``k``): an inner fit on fewer spots uses fewer.
+    #: Hyper-parameters that count training spots to retrieve (kNN's ``k``): a fit on fewer spots uses fewer
+    #: (:func:`stexp.models._recipe.build_model`).
     bank_size_hparams: ClassVar[tuple[str, ...]] = ()
+    #: Whether a recipe with ``calibrate=None`` calibrates this model (its inner refits take seconds).
+    calibrate_by_default: ClassVar[bool] = False
+    #: A registered model that this one trains exactly as; then :meth:`from_trained` makes this model from a
+    #: fitted one of that model without training again (``stexp.tl.cross_validate`` shares their fits).
+    trains_as: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -62,12 +68,9 @@ class ExpressionModel(ABC):
         *,
         features_key: str | None = None,
         encoder_spec: EncoderSpec | dict[str, Any] | None = None,
-        smoothing: float | str | None = None,
         **hparams: Any,
     ) -> None:
         from stexp.images._spec import EncoderSpec
-
-        from ._smoothing import smoothing_option
 
         unknown = sorted(set(hparams) - set(self.default_hparams))
         if unknown:
@@ -90,7 +93,9 @@ class ExpressionModel(ABC):
         #: Conformal intervals and expected per-gene PCC (:func:`stexp.tl.fit` with ``calibrate=True``), or None.
         self.calibration: Any = None  # a stexp.models._calibration.Calibration once calibrated
         #: Spatial smoothing of predictions (``stexp.models._smoothing``): the option and, once fitted, its σ.
-        self.smoothing: dict[str, Any] = {"option": smoothing_option(smoothing), "sigma_um": 0.0}
+        self.smoothing: dict[str, Any] = {"option": None, "sigma_um": 0.0}
+        #: What the model was fitted as (:func:`stexp.models._recipe.fit_recipe` sets it); ``None`` before.
+        self.recipe: Any = None  # a stexp.models._recipe.Recipe
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -162,16 +167,19 @@ class ExpressionModel(ABC):
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
         self.device, self.num_workers, self.devices = device, int(num_workers), devices
         self._fit(train, validation)
-        self._finish_fit(train, validation)
+        self.is_fitted = True
         return self
 
-    def _finish_fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        """The end of every fit, once the model can predict: mark it fitted, then choose the smoothing σ if asked."""
-        self.is_fitted = True
-        if self.smoothing.get("option") is not None:
-            from ._smoothing import fit_smoothing
+    @classmethod
+    def from_trained(
+        cls, base: ExpressionModel, train: SpotData, validation: SpotData | None = None, **hparams: Any
+    ) -> ExpressionModel:
+        """A model of this class made from a fitted model of :attr:`trains_as` (``base``, trained on ``train``)."""
+        raise NotImplementedError(f"{cls.__name__} does not train as another model (trains_as is None).")
 
-            self.smoothing = fit_smoothing(self, train, validation)
+    def inner_fit_hparams(self) -> dict[str, Any]:
+        """Choices made on all training slides that inner refits keep fixed (e.g. ridge's penalty); default none."""
+        return {}
 
     def predict(
         self, data: SpotData, *, device: str | None = None, smooth: bool = True
@@ -193,6 +201,29 @@ class ExpressionModel(ABC):
 
             mean = smooth_values(np.asarray(mean, dtype=np.float32), data.coords_um, data.library, sigma)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
+
+    def predict_intervals(
+        self, data: SpotData, coverage: float, *, device: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Prediction, spread and split-conformal bounds covering a new spot's value with probability ``coverage``.
+
+        Raises
+        ------
+        ValueError
+            If ``coverage`` is not in (0, 1) or the model has no calibration (``stexp.tl.fit(calibrate=True)``).
+        """
+        from ._calibration import check_coverage
+
+        check_coverage(coverage)
+        if self.calibration is None:
+            raise ValueError(
+                f"this {self.name} model has no calibration, so it cannot give intervals with a stated coverage; "
+                f"refit it with stexp.tl.fit(..., model={self.name!r}, calibrate=True) (it refits the model on "
+                "inner folds of the training slides), or predict without coverage=."
+            )
+        mean, spread = self.predict(data, device=device)
+        lo, hi = self.calibration.intervals(mean, data.features, spread, float(coverage))
+        return mean, spread, lo, hi
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Save as a directory: ``model.json`` (hyper-parameters, genes, encoder) and ``weights.safetensors``.
@@ -218,6 +249,7 @@ class ExpressionModel(ABC):
             "hparams": self.hparams,
             "history": self.history,
             "smoothing": self.smoothing,
+            "recipe": None if self.recipe is None else self.recipe.to_dict(),
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
@@ -229,21 +261,6 @@ class ExpressionModel(ABC):
         write_model_dir(path, config, state, overwrite=overwrite)
         logger.info(f"saved {self.name} model to {path}")
         return path
-
-    def inner_copy(self, n_train: int, **overrides: Any) -> ExpressionModel:
-        """A new, unfitted model like this one, for an inner fit on ``n_train`` spots (smoothing, calibration).
-
-        Same class, genes, features and hyper-parameters (``overrides`` replace some); a retrieval model
-        uses at most ``n_train`` neighbours (an inner fold can hold fewer spots than ``k``; see
-        :attr:`bank_size_hparams`). The runtime ``device`` and ``num_workers`` are kept.
-        """
-        hparams = {**self.hparams, **overrides}
-        for key in self.bank_size_hparams:
-            if isinstance(hparams.get(key), (int, np.integer)):
-                hparams[key] = min(int(hparams[key]), int(n_train))
-        new = type(self)(self.genes, features_key=self.features_key, encoder_spec=self.encoder_spec, **hparams)
-        new.device, new.num_workers = self.device, self.num_workers
-        return new
 
     def __repr__(self) -> str:
         status = "fitted" if self.is_fitted else "not fitted"
@@ -314,6 +331,10 @@ def load(
     state, calibration_state = split_state(state)  # folders saved before calibration existed have none
     # folders saved before smoothing existed have none: no smoothing
     model.smoothing = dict(config.get("smoothing") or {"option": None, "sigma_um": 0.0})
+    if config.get("recipe"):  # folders saved before recipes existed have none
+        from ._recipe import Recipe
+
+        model.recipe = Recipe.from_dict(config["recipe"])
     model._load_state(state)
     if config.get("calibration") is not None:
         model.calibration = Calibration.from_saved(config["calibration"], calibration_state)

@@ -14,7 +14,16 @@ import numpy as np
 from stexp._settings import logger
 from stexp.models._base import ExpressionModel
 from stexp.models._data import SpotData
+from stexp.models._folds import inner_folds
 from stexp.models._registry import register_model
+from stexp.models._retrieval import (
+    check_temperature,
+    choose_temperature,
+    temperature_from_state,
+    temperature_state,
+    weighted_retrieval,
+)
+from stexp.models._scaling import feature_scaling, unit_rows
 
 
 def _state_array(state: dict[str, np.ndarray], key: str, model: str) -> np.ndarray:
@@ -43,6 +52,7 @@ class MeanModel(ExpressionModel):
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {}
+    calibrate_by_default: ClassVar[bool] = True
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         target = np.asarray(train.target, dtype=np.float64)
@@ -61,13 +71,6 @@ class MeanModel(ExpressionModel):
         self.mean_ = _state_array(state, "mean", self.name).astype(np.float32)
         self.std_ = _state_array(state, "std", self.name).astype(np.float32)
         _check_panel(self, self.mean_.shape[0], "mean")
-
-
-def feature_scaling(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation of ``X`` (1 where a feature is constant), for standardising."""
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    return mean, np.where(scale > 1e-12, scale, 1.0)
 
 
 def ridge_path(Z: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -98,16 +101,14 @@ class RidgeModel(ExpressionModel):
     spots or features; ``n_components=None``: no projection, ridge on every standardised feature), and
     regressed on the target by ridge regression (one SVD per fit serves every penalty of the grid).
     The penalty is chosen among ``alphas`` by an inner cross-validation on the training spots
-    only, grouped by slide (:class:`~sklearn.model_selection.GroupKFold` over the training slides,
-    so the chosen penalty is the one that transfers across slides); with a single training slide
-    it falls back to a shuffled :class:`~sklearn.model_selection.KFold` over spots, which favours
-    weaker penalties because neighbouring spots are alike. Scaling and PCA are refit inside each
-    inner fold. The chosen alpha and the inner scores are in :attr:`history`.
+    only, on the inner folds every choice of stexp uses (:func:`stexp.models._folds.inner_folds`:
+    patients, else slides, else spatial blocks of a single slide), so the chosen penalty is the one
+    that transfers to unseen tissue. Scaling and PCA are refit inside each inner fold. The chosen
+    alpha and the inner scores are in :attr:`history`.
 
     Hyper-parameters (``default_hparams``)
-        ``n_components=256`` (or ``None``), ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (at most
-        the number of training slides when grouping), ``standardize=True``, ``seed=0`` (inner KFold
-        shuffling and randomised PCA).
+        ``n_components=256`` (or ``None``), ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (inner
+        folds at most), ``standardize=True``, ``seed=0`` (randomised PCA).
     """
 
     default_hparams: ClassVar[dict[str, Any]] = {
@@ -117,6 +118,7 @@ class RidgeModel(ExpressionModel):
         "standardize": True,
         "seed": 0,
     }
+    calibrate_by_default: ClassVar[bool] = True
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
@@ -156,16 +158,8 @@ class RidgeModel(ExpressionModel):
         return (Z - arrays["pca_mean"]) @ arrays["pca_components"].T
 
     def _inner_splits(self, train: SpotData) -> tuple[list, str]:
-        from sklearn.model_selection import GroupKFold, KFold
-
-        groups = np.asarray(train.library).astype(str)
-        n_groups = len(set(groups))
-        folds = int(self.hparams["cv_folds"])
-        if n_groups >= 2:
-            cv = GroupKFold(n_splits=min(folds, n_groups))
-            return list(cv.split(train.features, groups=groups)), f"GroupKFold({min(folds, n_groups)}) over slides"
-        cv = KFold(n_splits=min(folds, train.n_spots), shuffle=True, random_state=int(self.hparams["seed"]))
-        return list(cv.split(train.features)), f"KFold({min(folds, train.n_spots)}) over spots of one slide"
+        folds = inner_folds(train, int(self.hparams["cv_folds"]))
+        return folds.splits, folds.how
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         X = np.asarray(train.features, dtype=np.float64)
@@ -205,8 +199,8 @@ class RidgeModel(ExpressionModel):
             )
         logger.debug(f"ridge: alpha {alphas[best]:g} by {how}, {Z.shape[1]} inputs")
 
-    def smoothing_inner_hparams(self) -> dict[str, Any]:
-        """Hyper-parameters of the inner fits that choose the smoothing: the penalty already chosen (no nested CV)."""
+    def inner_fit_hparams(self) -> dict[str, Any]:
+        """Choices inner refits keep fixed: the penalty already chosen (no nested cross-validation)."""
         return {"alphas": [float(self.history["alpha"])]}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
@@ -226,145 +220,6 @@ class RidgeModel(ExpressionModel):
         self.n_features = int(self.arrays_["scaler_mean"].shape[0])
         _check_panel(self, self.arrays_["coef"].shape[0], "coef")
         self.history.setdefault("alpha", float(self.arrays_["alpha"][0]))
-
-
-#: Softmax temperatures that ``temperature="auto"`` chooses from (``None``: equal weights).
-TEMPERATURE_GRID: tuple[float | None, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, None)
-
-
-def _neighbour_weights(sim: np.ndarray, temperature: float | None) -> np.ndarray:
-    """Row-normalised weights of the retrieved neighbours: ``softmax(sim / temperature)`` or equal."""
-    if temperature is None:
-        w = np.ones_like(sim)
-    else:
-        w = np.exp((sim - sim.max(axis=1, keepdims=True)) / float(temperature))
-    return w / w.sum(axis=1, keepdims=True)
-
-
-def _top_k(query: np.ndarray, bank: np.ndarray, k: int, chunk: int):
-    """Yield ``(rows, top, sim)``: for each block of query rows, the ``k`` most similar bank rows and their similarity."""
-    for start in range(0, query.shape[0], chunk):
-        sim = query[start : start + chunk] @ bank.T
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        yield slice(start, start + chunk), top, np.take_along_axis(sim, top, axis=1).astype(np.float64)
-
-
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm (float32; an all-zero row stays zero)."""
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def check_temperature(model: str, name: str, value: Any) -> None:
-    """Raise a ValueError unless a retrieval temperature is a positive number, ``None`` or ``"auto"``."""
-    if not (value is None or value == "auto" or (not isinstance(value, (str, bool)) and float(value) > 0)):
-        raise ValueError(f"{model}: {name} must be positive, None or 'auto', got {value!r}.")
-
-
-def temperature_state(temperature: float | None) -> np.ndarray:
-    """The temperature in use as a saved array (``nan``: equal weights)."""
-    return np.asarray([np.nan if temperature is None else float(temperature)], dtype=np.float64)
-
-
-def temperature_from_state(array: np.ndarray) -> float | None:
-    """Inverse of :func:`temperature_state`."""
-    t = float(np.asarray(array).ravel()[0])
-    return None if np.isnan(t) else t
-
-
-def weighted_retrieval(
-    query_unit: np.ndarray,
-    bank_unit: np.ndarray,
-    bank_target: np.ndarray,
-    *,
-    k: int,
-    temperature: float | None,
-    chunk: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-``k`` retrieval with softmax weights: the weighted mean and standard deviation of the neighbours."""
-    mean = np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
-    spread = np.empty_like(mean)
-    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk):
-        w = _neighbour_weights(sim, temperature)
-        neighbours = bank_target[top]  # (chunk, k, genes)
-        m = np.einsum("qk,qkg->qg", w, neighbours)
-        var = np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2)
-        mean[rows] = m
-        spread[rows] = np.sqrt(np.maximum(var, 0.0))
-    return mean, spread
-
-
-def retrieval_by_temperature(
-    bank_unit: np.ndarray, bank_target: np.ndarray, query_unit: np.ndarray, *, k: int, chunk: int = 256
-) -> dict[float | None, np.ndarray]:
-    """Retrieval predictions of ``query_unit`` from a bank (cosine top-``k``), one per temperature of the grid."""
-    k = min(int(k), bank_unit.shape[0])
-    preds = {t: np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32) for t in TEMPERATURE_GRID}
-    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk):
-        neighbours = bank_target[top]
-        for t in TEMPERATURE_GRID:
-            preds[t][rows] = np.einsum("qk,qkg->qg", _neighbour_weights(sim, t), neighbours)
-    return preds
-
-
-def choose_temperature(
-    train_unit: np.ndarray,
-    train: SpotData,
-    *,
-    k: int,
-    validation_unit: np.ndarray | None = None,
-    validation: SpotData | None = None,
-    default: float | None = 0.1,
-) -> tuple[float | None, dict[str, Any]]:
-    """The retrieval temperature of :data:`TEMPERATURE_GRID` that predicts held-out spots best.
-
-    On the validation spots (retrieving from every training spot) when given with a target, else by
-    inner validation over the training spots: each slide (the two spatial halves of a single slide)
-    retrieves from the other training spots. Score: mean per-gene Pearson correlation per slide.
-
-    Parameters
-    ----------
-    train_unit, validation_unit
-        Unit-norm embeddings of the training (bank) and validation spots.
-    train, validation
-        Their :class:`~stexp.models.SpotData` (target, slides, coordinates).
-    k
-        Neighbours retrieved (at most the bank size).
-    default
-        The temperature returned when nothing can be scored (too few spots).
-
-    Returns
-    -------
-    The temperature and ``{"temperature", "temperature_grid", "inner_pcc", "inner_cv"}`` for the history.
-    """
-    from ._smoothing import inner_groups, mean_gene_pearson
-
-    target = np.asarray(train.target, dtype=np.float32)
-    if validation_unit is not None and validation is not None and validation.target is not None:
-        how = "the validation slides"
-        preds = retrieval_by_temperature(train_unit, target, validation_unit, k=k)
-        truth, lib = np.asarray(validation.target, dtype=np.float32), np.asarray(validation.library).astype(str)
-    else:
-        groups, how = inner_groups(train.coords_um, train.library)
-        preds = {t: np.full(target.shape, np.nan, dtype=np.float32) for t in TEMPERATURE_GRID}
-        for group in np.unique(groups) if len(np.unique(groups)) >= 2 else []:
-            va = groups == group
-            for t, pred in retrieval_by_temperature(train_unit[~va], target[~va], train_unit[va], k=k).items():
-                preds[t][va] = pred
-        # each inner validation group scored as a slide of its own (a half of one slide counts as a slide)
-        truth, lib = target, np.char.add(np.asarray(train.library).astype(str), np.asarray(groups).astype(str))
-    scores = [mean_gene_pearson(preds[t], truth, lib) for t in TEMPERATURE_GRID]
-    finite = [s if np.isfinite(s) else -np.inf for s in scores]
-    if np.isfinite(max(finite)):
-        chosen = TEMPERATURE_GRID[int(np.argmax(finite))]
-    else:  # too few spots to validate
-        chosen, how = default, how + " (nothing to score: the default)"
-    return chosen, {
-        "temperature": chosen,
-        "temperature_grid": list(TEMPERATURE_GRID),
-        "inner_pcc": scores,
-        "inner_cv": how,
-    }
 
 
 @register_model("knn")
@@ -390,6 +245,7 @@ class KNNModel(ExpressionModel):
 
     default_hparams: ClassVar[dict[str, Any]] = {"k": 50, "temperature": 0.1, "standardize": True, "chunk_size": 256}
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
+    calibrate_by_default: ClassVar[bool] = True
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
@@ -431,8 +287,8 @@ class KNNModel(ExpressionModel):
             self.history.update(info)
             logger.debug(f"knn: temperature {self.temperature_} chosen on {info['inner_cv']}")
 
-    def smoothing_inner_hparams(self) -> dict[str, Any]:
-        """Hyper-parameters of the inner fits that choose the smoothing: the temperature already chosen."""
+    def inner_fit_hparams(self) -> dict[str, Any]:
+        """Choices inner refits keep fixed: the temperature already chosen."""
         return {"temperature": self.temperature_}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:

@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stexp._metrics import per_slide_pearson
 from stexp._settings import logger
 
-from ._baselines import feature_scaling
 from ._data import SpotData
+from ._folds import InnerFolds, inner_folds
+from ._retrieval import euclidean_neighbours
+from ._scaling import feature_scaling
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._base import ExpressionModel
@@ -187,40 +191,6 @@ def split_state(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], di
     return own, cal
 
 
-# -- inner folds ------------------------------------------------------------------------------------
-def inner_groups(train: SpotData, n_folds: int) -> tuple[np.ndarray, str]:
-    """A group label per training spot: patients (>= 2), else slides (>= 2), else spatial blocks of one slide."""
-    if train.patient is not None and len(set(np.asarray(train.patient).astype(str))) >= 2:
-        return np.asarray(train.patient).astype(str), "patient"
-    libs = np.asarray(train.library).astype(str)
-    if len(set(libs)) >= 2:
-        return libs, "slide"
-    # One slide: contiguous stripes along its longer axis (optimistic: the blocks share the slide's staining).
-    xy = np.asarray(train.coords_um, dtype=np.float64)
-    axis = int(np.argmax(xy.max(axis=0) - xy.min(axis=0)))
-    ranks = np.argsort(np.argsort(xy[:, axis], kind="stable"), kind="stable")
-    blocks = (ranks * n_folds // max(len(ranks), 1)).astype(int)
-    return np.asarray([f"block_{b}" for b in blocks]), "spatial blocks of the single training slide"
-
-
-def inner_splits(train: SpotData, n_folds: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """Inner (fit, calibrate) index pairs, grouped as :func:`inner_groups` says."""
-    groups, how = inner_groups(train, n_folds)
-    names = list(dict.fromkeys(groups.tolist()))
-    k = min(n_folds, len(names))
-    # Deterministic balanced assignment of groups to folds, largest groups first.
-    sizes = {g: int((groups == g).sum()) for g in names}
-    load = [0] * k
-    fold_of: dict[str, int] = {}
-    for g in sorted(names, key=lambda g: (-sizes[g], g)):
-        f = int(np.argmin(load))
-        fold_of[g] = f
-        load[f] += sizes[g]
-    fold = np.asarray([fold_of[g] for g in groups])
-    splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
-    return splits, f"{k} folds by {how}"
-
-
 # -- difficulty -------------------------------------------------------------------------------------
 def _project(bank: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
     Z = (np.asarray(X, dtype=np.float32) - bank["proj_mean"]) / bank["proj_scale"]
@@ -240,21 +210,6 @@ def _fit_projection(X: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
     }
 
 
-def _neighbours(query: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and Euclidean distances of the ``k`` nearest bank rows of every query row (blocked)."""
-    k = min(k, bank.shape[0])
-    idx = np.empty((query.shape[0], k), dtype=np.int64)
-    dist = np.empty((query.shape[0], k), dtype=np.float64)
-    b2 = np.einsum("ij,ij->i", bank, bank)
-    for s in range(0, query.shape[0], 1024):
-        q = query[s : s + 1024]
-        d2 = np.einsum("ij,ij->i", q, q)[:, None] + b2[None, :] - 2 * q @ bank.T
-        top = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        idx[s : s + 1024] = top
-        dist[s : s + 1024] = np.sqrt(np.maximum(np.take_along_axis(d2, top, axis=1), 0))
-    return idx, dist
-
-
 def _raw_difficulty(
     score: str,
     bank: dict[str, np.ndarray],
@@ -271,7 +226,7 @@ def _raw_difficulty(
     if features is None:
         raise ValueError(f"score={score!r} needs the spots' image features.")
     q = _project(bank, features)
-    idx, dist = _neighbours(q, bank["features"], k)
+    idx, dist = euclidean_neighbours(q, bank["features"], k)
     mean_dist = dist.mean(axis=1)
     if score == "model_spread":
         if spread is None:
@@ -364,39 +319,28 @@ def _oof_difficulty(
     return out, (None if np.isnan(dists).all() else dists)
 
 
-def _pearson_per_gene(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    from stexp.tl._evaluate import pearson_columns
+def out_of_fold(
+    model: ExpressionModel, train: SpotData, n_folds: int, refit: Callable[[SpotData], ExpressionModel]
+) -> dict[str, Any]:
+    """Out-of-fold mean, spread and fold of every training spot, from inner models fitted by ``refit``.
 
-    r, _ = pearson_columns(truth, pred)
-    return r
-
-
-def clone(model: ExpressionModel, n_train: int) -> ExpressionModel:
-    """A new, unfitted model like ``model`` for an inner fit on ``n_train`` spots, with its fitted smoothing σ."""
-    # the fitted smoothing σ is kept (not searched again): the intervals are calibrated on the predictor used
-    sigma = float((getattr(model, "smoothing", None) or {}).get("sigma_um") or 0.0)
-    return model.inner_copy(n_train, smoothing=sigma or None)
-
-
-def out_of_fold(model: ExpressionModel, train: SpotData, n_folds: int) -> dict[str, Any]:
-    """Refit clones of ``model`` on inner folds of ``train``; out-of-fold mean, spread and fold of every spot."""
-    splits, how = inner_splits(train, n_folds)
+    The inner folds are :func:`stexp.models._folds.inner_folds` (``oof["folds"]``); ``refit(data)`` fits an
+    inner copy of the model's recipe on ``data`` (:func:`stexp.models._recipe.fit_recipe`).
+    """
+    folds = inner_folds(train, n_folds)
     n, g = train.n_spots, len(model.genes)
     mean = np.full((n, g), np.nan, dtype=np.float32)
     spread = None
-    fold = np.full(n, -1, dtype=np.int64)
     inner_models = []
-    for f, (fit_idx, cal_idx) in enumerate(splits):
-        inner = clone(model, len(fit_idx))
-        inner.fit(train.subset(fit_idx), device=model.device, num_workers=model.num_workers)
-        m, s = inner.predict(train.subset(cal_idx))
-        mean[cal_idx] = m
+    for fit_idx, held_idx in folds.splits:
+        inner = refit(train.subset(fit_idx))
+        m, s = inner.predict(train.subset(held_idx))
+        mean[held_idx] = m
         if s is not None:
             spread = np.full((n, g), np.nan, dtype=np.float32) if spread is None else spread
-            spread[cal_idx] = s
-        fold[cal_idx] = f
+            spread[held_idx] = s
         inner_models.append(inner)
-    return {"mean": mean, "spread": spread, "fold": fold, "how": how, "models": inner_models}
+    return {"mean": mean, "spread": spread, "fold": folds.fold, "folds": folds, "models": inner_models}
 
 
 def calibrate(
@@ -408,6 +352,7 @@ def calibrate(
     k: int = 20,
     n_components: int = 32,
     seed: int = 0,
+    refit: Callable[[SpotData], ExpressionModel] | None = None,
     oof: dict[str, Any] | None = None,
     quantile_mode: str = DEFAULT_QUANTILE_MODE,
 ) -> Calibration:
@@ -429,6 +374,9 @@ def calibrate(
         Dimensions of the feature projection the neighbours are searched in.
     seed
         Seeds the subsampling of a bank larger than :data:`MAX_BANK`.
+    refit
+        ``refit(data)`` fits an inner copy of the model on ``data`` (given by
+        :func:`stexp.models._recipe.fit_recipe`); not needed with ``oof``.
     oof
         Precomputed :func:`out_of_fold` result (to compare several scores on one set of refits).
     quantile_mode
@@ -450,8 +398,10 @@ def calibrate(
             "calibration score 'depth' needs the training spots' total counts (SpotData.depth, filled by "
             "stexp.tl.fit from the counts); choose another score among " + str(SCORES) + "."
         )
+    if oof is None and refit is None:
+        raise TypeError("calibrate needs refit= (how to fit an inner model) or a precomputed oof=.")
     t0 = time.perf_counter()
-    oof = oof or out_of_fold(model, train, n_folds)
+    oof = oof or out_of_fold(model, train, n_folds, refit)  # type: ignore[arg-type]
     t_fits = time.perf_counter() - t0
     if score == "model_spread" and oof["spread"] is None:
         raise ValueError(f"the {model.name} model gives no spread; choose another score among {SCORES}.")
@@ -459,19 +409,9 @@ def calibrate(
     mean, fold = oof["mean"].astype(np.float64), oof["fold"]
     residual = np.abs(target - mean)
 
-    # Expected PCC: per held-out slide, per gene, then averaged over slides.
-    libs = np.asarray(train.library).astype(str)
-    per_slide = []
-    for lib in dict.fromkeys(libs.tolist()):
-        rows = np.flatnonzero(libs == lib)
-        if rows.size >= 3:
-            per_slide.append(_pearson_per_gene(target[rows], mean[rows]))
-    if oof["how"].endswith("single training slide"):  # one slide: per block
-        per_slide = []
-        for f in np.unique(fold):
-            rows = np.flatnonzero(fold == f)
-            if rows.size >= 3:
-                per_slide.append(_pearson_per_gene(target[rows], mean[rows]))
+    # Expected PCC: per held-out slide (per block of a single slide), per gene, then averaged over slides.
+    folds: InnerFolds = oof["folds"]
+    per_slide = list(per_slide_pearson(mean, target, folds.scoring_library(train.library)).values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every held-out slide: NaN
         expected = np.nanmean(np.vstack(per_slide), axis=0) if per_slide else np.full(target.shape[1], np.nan)
@@ -507,7 +447,7 @@ def calibrate(
     else:
         bank.pop("target")
     info = {
-        "folds": oof["how"],
+        "folds": folds.how,
         "n_folds": int(fold.max() + 1),
         "k": int(k),
         "n_components": int(n_components),
@@ -516,7 +456,7 @@ def calibrate(
         "refit_seconds": round(t_fits, 2),
         "oof_pcc_mean": float(np.nanmean(expected)) if np.isfinite(expected).any() else None,
     }
-    if oof["how"].endswith("single training slide"):
+    if folds.single_slide:
         logger.warning(
             "calibration: a single training slide, so the inner folds are spatial blocks of it; intervals and "
             "expected PCC are likely optimistic for other slides. Train on several slides (patients) to calibrate."

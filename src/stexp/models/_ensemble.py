@@ -38,6 +38,7 @@ class RidgeKNNModel(ExpressionModel):
     }
 
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
+    calibrate_by_default: ClassVar[bool] = True
 
     def __init__(self, genes: list[str], **kwargs: Any) -> None:
         super().__init__(genes, **kwargs)
@@ -51,15 +52,14 @@ class RidgeKNNModel(ExpressionModel):
         self.knn = KNNModel(self.genes, **common, k=hp["k"], temperature=hp["temperature"])
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        k = min(int(self.hparams["k"]), train.n_spots)  # a small training set: every spot is a neighbour
-        self.knn.hparams["k"] = k
+        k = int(self.hparams["k"])  # at most the training spots (stexp.models._recipe.build_model)
         self.ridge.fit(train, device=self.device)  # a single alpha: fit without inner cross-validation
         self.knn.fit(train, device=self.device)
         self.n_features = self.ridge.n_features
         self.history = {"ridge": self.ridge.history, "k": k}
 
-    def smoothing_inner_hparams(self) -> dict[str, Any]:
-        """Hyper-parameters of the inner fits that choose the smoothing: the penalty and temperature already chosen."""
+    def inner_fit_hparams(self) -> dict[str, Any]:
+        """Choices inner refits keep fixed: the penalty and temperature already chosen."""
         return {"alphas": [float(self.ridge.history["alpha"])], "temperature": self.knn.temperature_}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the neural models: feature standardisation, projection head and InfoNCE loss.
+"""Building blocks shared by the neural models: projection head and InfoNCE loss.
 
 This module imports torch at import time; it is only imported by the model modules, which the
 registry loads on first use, so ``import stexp`` stays fast.
@@ -9,25 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-#: Feature standard deviations are floored at this fraction of their median (see :func:`floored_feature_scaling`).
-STD_FLOOR_FRACTION = 0.1
-
-
-@torch.no_grad()
-def floored_feature_scaling(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and floored standard deviation of training features ``(n, D)``, to z-score them.
-
-    A feature that is (nearly) constant on the training spots, e.g. a CNN channel that never fires
-    there, would get a standard deviation near 0 and turn any variation on new slides into z-scores of
-    thousands (seen on HER2+ EfficientNet-Lite0 features: a channel constant on the training
-    sections reached |z| ~ 1e5 on a held-out one). Standard deviations are therefore floored at
-    ``STD_FLOOR_FRACTION`` times their median.
-    """
-    features = features.float()
-    std = features.std(0, correction=0)
-    floor = max(float(std.median()) * STD_FLOOR_FRACTION, 1e-6)
-    return features.mean(0), std.clamp(min=floor)
 
 
 class ProjectionHead(nn.Module):

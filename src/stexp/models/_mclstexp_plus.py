@@ -10,17 +10,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stexp._settings import logger
-from stexp.models._baselines import (
+from stexp.models._base import ExpressionModel
+from stexp.models._data import SpotData
+from stexp.models._mclstexp import RETRIEVAL_CHUNK_ELEMENTS, MclSTExp
+from stexp.models._registry import register_model
+from stexp.models._retrieval import (
     check_temperature,
     choose_temperature,
     temperature_from_state,
     temperature_state,
-    unit_rows,
     weighted_retrieval,
 )
-from stexp.models._data import SpotData
-from stexp.models._mclstexp import RETRIEVAL_CHUNK_ELEMENTS, MclSTExp
-from stexp.models._registry import register_model
+from stexp.models._scaling import unit_rows
 
 
 @register_model("mclstexp_plus")
@@ -61,6 +62,16 @@ class MclSTExpPlus(MclSTExp):
         self.temperature_: float | None = None if t == "auto" else t
         self.bank_image_embeddings: np.ndarray | None = None
 
+    trains_as: ClassVar[str | None] = "mclstexp"
+
+    @classmethod
+    def from_trained(
+        cls, base: ExpressionModel, train: SpotData, validation: SpotData | None = None, **hparams: Any
+    ) -> MclSTExpPlus:
+        """:meth:`from_mclstexp` with this recipe's ``retrieval_temperature`` (the other hyper-parameters are ``base``'s)."""
+        temperature = hparams.get("retrieval_temperature", cls.default_hparams["retrieval_temperature"])
+        return cls.from_mclstexp(base, train, validation, retrieval_temperature=temperature)  # type: ignore[arg-type]
+
     @classmethod
     def from_mclstexp(
         cls,
@@ -91,8 +102,8 @@ class MclSTExpPlus(MclSTExp):
 
         Returns
         -------
-        The fitted ``mclstexp_plus`` model. A smoothing option of ``model`` is kept and its σ chosen
-        again for the new predictions (inner fits); a calibration is not carried over.
+        The fitted ``mclstexp_plus`` model, without smoothing or calibration (neither is carried over:
+        :func:`stexp.models._recipe.finish_recipe` chooses them for the new predictions).
         """
         if type(model) is not MclSTExp:
             raise TypeError(f"from_mclstexp takes a fitted 'mclstexp' model, got {type(model).__name__}.")
@@ -110,7 +121,6 @@ class MclSTExpPlus(MclSTExp):
             model.genes,
             features_key=model.features_key,
             encoder_spec=model.encoder_spec,
-            smoothing=model.smoothing["option"],
             **hparams,
         )
         new.device, new.num_workers, new.devices = model.device, model.num_workers, model.devices
@@ -119,7 +129,7 @@ class MclSTExpPlus(MclSTExp):
         new._world_size = model._world_size
         new.history = dict(model.history)  # after_fit keeps the losses and adds its own entries
         new.after_fit(train, validation)
-        new._finish_fit(train, validation)
+        new.is_fitted = True
         return new
 
     def _build_bank(self, train: SpotData) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from stexp._settings import settings
 from stexp.models._base import ExpressionModel, check_hparams
 from stexp.models._data import SpotData
-from stexp.models._layers import floored_feature_scaling
+from stexp.models._scaling import STD_FLOOR_FRACTION, feature_scaling
 
 
 def training_hparams(
@@ -107,9 +107,9 @@ class TorchExpressionModel(ExpressionModel):
     def initialise(self, network: Any, train: SpotData) -> None:
         """Set data-dependent starting values: by default the features' z-scoring statistics."""
         if hasattr(network, "feature_mean") and self.hparams.get("standardize_features", True):
-            mean, std = floored_feature_scaling(as_tensor(train.features))
-            network.feature_mean.copy_(mean)
-            network.feature_std.copy_(std)
+            mean, std = feature_scaling(np.asarray(train.features, dtype=np.float32), floor_fraction=STD_FLOOR_FRACTION)
+            network.feature_mean.copy_(as_tensor(mean))
+            network.feature_std.copy_(as_tensor(std))
 
     def node_index(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Per spot, the spots whose patches a batch needs (NH2ST's neighbourhoods); ``None``: the spot alone."""

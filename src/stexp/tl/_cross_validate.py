@@ -1,10 +1,14 @@
-"""``stexp.tl.cross_validate``: out-of-fold predictions and scores, by patient (or by slide when asked)."""
+"""``stexp.tl.cross_validate``: out-of-fold predictions and scores, by patient (or by slide when asked).
+
+Each fold fits its recipes with :func:`stexp.models._recipe.fit_recipe`, the function behind
+:func:`stexp.tl.fit`, and predicts as :func:`stexp.tl.predict` does (intervals included).
+"""
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +16,15 @@ import numpy as np
 import pandas as pd
 
 from stexp._docs import doc_params
-from stexp._layout import LIBRARY_KEY, as_list, library_labels, record
+from stexp._layout import LIBRARY_KEY, library_labels, record
 from stexp._process import leaves_process_state
 from stexp._settings import logger
+from stexp.models._data import SpotData
+from stexp.models._recipe import Recipe
+
+from ._evaluate import spearman
+from ._inputs import features_spec, resolve_features, resolve_genes, spot_data
+from ._storage import where, write_prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -46,7 +56,7 @@ class CVResult:
         The key of each model's out-of-fold prediction (``adata.layers[key]`` when the fold panels cover
         every gene of ``var``, else the gene DataFrame ``adata.obsm[key]``; see :func:`stexp.tl.predict`).
     models
-        With ``keep_models=True``, the fitted model of each fold, by model name; else ``None``.
+        With ``keep_models=True``, the fitted model of each fold, by model label; else ``None``.
     """
 
     per_fold: pd.DataFrame
@@ -99,23 +109,6 @@ def _sister_sections(adata, libs: np.ndarray, patient_key: str = "patient") -> d
     return {p: sorted(map(str, v)) for p, v in by_patient.items() if len(v) > 1}
 
 
-def _split_kwargs(models: list[str], fit_kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-model hyper-parameters: the shared training options, and each other keyword where a model declares it."""
-    from stexp.models import get_model_class
-    from stexp.tl._inputs import TRAINING_OPTIONS
-
-    classes = {m: get_model_class(m) for m in models}
-    unused = [
-        k for k in fit_kwargs if k not in TRAINING_OPTIONS and not any(k in c.default_hparams for c in classes.values())
-    ]
-    if unused:
-        raise TypeError(f"no model among {models} takes the hyper-parameter(s) {unused}.")
-    return {
-        m: {k: v for k, v in fit_kwargs.items() if k in TRAINING_OPTIONS or k in cls.default_hparams}
-        for m, cls in classes.items()
-    }
-
-
 def _fold_panel(adata, rows: np.ndarray, *, library_key: str, layer: str | None, **hvg_kwargs: Any) -> list[str]:
     """The gene panel :func:`stexp.pp.select_hvg` selects on the spots ``rows`` (counts only, images not copied)."""
     import anndata as ad
@@ -130,14 +123,169 @@ def _fold_panel(adata, rows: np.ndarray, *, library_key: str, layer: str | None,
     return light.var_names[light.var[PANEL_KEY].to_numpy(dtype=bool)].tolist()
 
 
+def _recipes(
+    model: str | Recipe | Sequence[str | Recipe] | None,
+    *,
+    model_params: dict[str, dict[str, Any]] | None,
+    hparams: dict[str, Any],
+    training_options: dict[str, Any],
+    smoothing: float | str | None,
+    calibrate: bool | None,
+) -> tuple[list[Recipe], bool]:
+    """The recipes to cross-validate (and whether ``model`` was a single one), every option checked.
+
+    With several models, each keyword (a hyper-parameter or a training option) goes to the models that
+    take it; one that no model takes raises. With one model it must take them all (:func:`resolve_recipe`).
+    """
+    from stexp.models._recipe import TRAINING_OPTIONS
+
+    from ._inputs import resolve_recipe
+
+    single = model is None or isinstance(model, (str, Recipe))
+    items: list[str | Recipe | None] = [model] if single else list(model)  # type: ignore[list-item, arg-type]
+    if not items:
+        raise ValueError("model= is empty: pass None (the default pipeline), a model name, a Recipe or a list.")
+    base = [resolve_recipe(m) for m in items]
+    labels = [r.label for r in base]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model= lists a model twice: {labels}; give Recipes distinct names.")
+    params = dict(model_params or {})
+    unknown = sorted(set(params) - set(labels))
+    if unknown:
+        raise KeyError(f"model_params names model(s) {unknown} that are not in model= ({labels}).")
+    given = {k: v for k, v in {**training_options, **hparams}.items() if v is not None}
+    takes = lambda r, k: k in r.model_class.default_hparams or (k == "seed" and k in TRAINING_OPTIONS)
+    unused = sorted(k for k in given if not any(takes(r, k) for r in base))
+    if unused:
+        accepted = {r.label: sorted(r.model_class.default_hparams) for r in base}
+        raise TypeError(f"no model among {labels} takes {unused}; they take {accepted}.")
+    recipes = []
+    for item, r in zip(items, base, strict=True):
+        own = {k: v for k, v in given.items() if single or takes(r, k)}
+        recipes.append(
+            resolve_recipe(
+                item,
+                hparams={**{k: v for k, v in own.items() if k not in TRAINING_OPTIONS}, **params.get(r.label, {})},
+                training_options={k: v for k, v in own.items() if k in TRAINING_OPTIONS},
+                smoothing=smoothing,
+                calibrate=calibrate,
+            )
+        )
+    return recipes, single
+
+
+def _plan_folds(
+    adata, groups: np.ndarray, libs: np.ndarray, genes: list[str] | None, *, library_key: str, layer, hvg_kwargs
+) -> tuple[list[dict[str, Any]], dict[int, list[str]]]:
+    """One row per fold (held-out group, its slides, the training slides, sizes) and each fold's gene panel."""
+    rows, panels = [], {}
+    for fold, group in enumerate(dict.fromkeys(groups.tolist())):
+        is_test = groups == group
+        panels[fold] = (
+            list(genes)
+            if genes is not None
+            else _fold_panel(adata, np.flatnonzero(~is_test), library_key=library_key, layer=layer, **hvg_kwargs)
+        )
+        rows.append(
+            {
+                "fold": fold,
+                "test_group": group,
+                "test_libraries": ", ".join(dict.fromkeys(libs[is_test].tolist())),
+                "train_libraries": ", ".join(dict.fromkeys(libs[~is_test].tolist())),
+                "n_train_spots": int((~is_test).sum()),
+                "n_test_spots": int(is_test.sum()),
+                "n_genes": len(panels[fold]),
+            }
+        )
+    return rows, panels
+
+
+def inner_validation_split(train: SpotData) -> np.ndarray:
+    """Validation spots among a fold's training spots: its last inner group (slide; block of a single slide).
+
+    The groups are the inner folds' (:func:`stexp.models._folds.inner_folds`); the last in sorted order is held out.
+    """
+    from stexp.models._folds import inner_folds
+
+    groups = inner_folds(train).groups
+    return groups == np.unique(groups)[-1]
+
+
+def _fit_fold(recipes: list[Recipe], train: SpotData, val: SpotData | None, **fit_kw: Any) -> dict[str, tuple]:
+    """Each recipe's model fitted on the fold, with its fit seconds.
+
+    A model whose class trains exactly as another recipe of the list (``trains_as``, same training
+    hyper-parameters) is made from that recipe's fitted model without training again (``from_trained``),
+    then finished (smoothing, calibration) on its own.
+    """
+    from stexp.models._recipe import finish_recipe, fit_recipe
+
+    fitted: dict[str, tuple] = {}
+    for recipe in recipes:
+        t0 = time.perf_counter()
+        base = _trained_as(recipe, recipes, fitted)
+        if base is None:
+            model = fit_recipe(recipe, train, val, **fit_kw)
+            fitted[recipe.label] = (model, time.perf_counter() - t0)
+            continue
+        base_model, base_seconds = fitted[base.label]
+        derived = recipe.model_class.from_trained(base_model, train, val, **recipe.hparams)
+        model = finish_recipe(recipe, derived, train, val, seed=fit_kw.get("seed", 0))
+        fitted[recipe.label] = (model, base_seconds + time.perf_counter() - t0)
+    return fitted
+
+
+def _trained_as(recipe: Recipe, recipes: list[Recipe], fitted: dict[str, tuple]) -> Recipe | None:
+    """The already fitted recipe whose training ``recipe`` shares (``trains_as``), if any."""
+    cls = recipe.model_class
+    parent = getattr(cls, "trains_as", None)
+    if parent is None:
+        return None
+    own = {**cls.default_hparams, **recipe.hparams}
+    for other in recipes:
+        if other.model != parent or other.label not in fitted:
+            continue
+        theirs = {**other.model_class.default_hparams, **other.hparams}
+        if all(own.get(k) == v for k, v in theirs.items()):
+            return other
+    return None
+
+
+@dataclass
+class _OutOfFold:
+    """Out-of-fold arrays of one (model, test features) pair over the union of the fold panels."""
+
+    mean: np.ndarray
+    std: np.ndarray | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    expected: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def put(self, name: str, rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None) -> None:
+        if values is None:
+            return
+        if getattr(self, name) is None:
+            setattr(self, name, np.full_like(self.mean, np.nan))
+        getattr(self, name)[np.ix_(rows, cols)] = values
+
+
+def _predict_fold(model, test: SpotData, coverage: float | None, device: str) -> tuple:
+    """``(mean, spread, lo, hi)`` of a fold's model on its held-out spots (bounds ``None`` without coverage)."""
+    if coverage is None:
+        return (*model.predict(test, device=device), None, None)
+    return model.predict_intervals(test, coverage, device=device)
+
+
 @leaves_process_state
 @doc_params
 def cross_validate(
     adata: AnnData,
     *,
-    model: str | Sequence[str] = "mclstexp",
+    model: str | Recipe | Sequence[str | Recipe] | None = None,
     split_by: str = "patient",
     features_key: str | None = None,
+    test_features: Mapping[str, str] | None = None,
     genes: str | Sequence[str] | None = None,
     n_top_genes: int = 1000,
     min_spots: int | None = None,
@@ -145,32 +293,47 @@ def cross_validate(
     layer: str | None = None,
     key_added: str = "stexp_cv",
     top_n: int = 50,
+    smoothing: float | str | None = None,
+    calibrate: bool | None = None,
+    coverage: float | None = None,
+    inner_validation: bool = False,
     keep_models: bool = False,
     model_params: dict[str, dict[str, Any]] | None = None,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    seed: int | None = None,
     device: str = "auto",
     devices: int | Sequence[int] | None = None,
-    **fit_kwargs: Any,
+    **hparams: Any,
 ) -> CVResult:
-    """Cross-validate one or several models: train on all groups but one, predict the held-out group.
+    """Cross-validate the default pipeline (or other models): train on all groups but one, predict the held-out group.
 
-    Folds leave one patient out (``split_by="patient"``), or one slide out
-    (``split_by=library_key``; this warns when a patient column shows that sister sections of the
-    held-out slide's patient stay in training). For each fold, everything learnt comes from the
-    training slides only: the gene panel (:func:`stexp.pp.select_hvg` on the training slides, unless
-    ``genes`` is given), every normalisation inside the models, and the models themselves; no
-    checkpoint, gene or hyper-parameter is chosen on the held-out slides. All models run on the same
-    folds and panels.
+    Every fold is fitted exactly as :func:`stexp.tl.fit` fits (the same recipe, through the same function),
+    so the out-of-fold scores are those of ``fit`` + ``predict`` + ``evaluate`` on the same folds. Folds
+    leave one patient out (``split_by="patient"``), or one slide out (``split_by=library_key``; this warns
+    when sister sections of the held-out slide's patient stay in training). Everything learnt comes from
+    the training slides only: the gene panel (:func:`stexp.pp.select_hvg` on them, unless ``genes`` is
+    given), every normalisation and choice inside the models (σ, temperatures, penalties, calibration), and
+    the models themselves.
 
     Parameters
     ----------
     adata
         AnnData in stexp's layout with raw counts and image features.
     model
-        A registered model name, or a list of names (see :func:`stexp.models.available_models`).
+        ``None``: the default pipeline (:data:`stexp.models.DEFAULT_RECIPE`), as :func:`stexp.tl.fit`. A
+        registered model name, a :class:`stexp.models.Recipe`, or a list of them (scored side by side on
+        the same folds and panels; labelled by name).
     split_by
         ``obs`` column whose values form the folds: ``"patient"`` (default) or the library key.
     features_key
         ``obsm`` key of frozen image features; ``None`` embeds the images first (once, for all folds).
+    test_features
+        Other renderings of the same spots, ``{name: obsm key}`` (e.g. the slides embedded from a
+        lower-resolution or stain-shifted image): each fold's models also predict the held-out slides from
+        them, scored as model ``"<label>@<name>"``. Training always reads ``features_key``.
     genes
         A fixed gene panel for every fold (e.g. the HER2+ 785 genes). ``None``: select per fold.
     n_top_genes, min_spots
@@ -179,65 +342,208 @@ def cross_validate(
     {library_key}
     {layer}
     key_added
-        Key of the out-of-fold predictions (NaN outside the fold's panel), stored over the union of
-        the fold panels as :func:`stexp.tl.predict` stores predictions (a layer when that union is all
-        of ``var``, else an ``obsm`` gene DataFrame): ``key_added`` for a single model name,
-        ``f"{key_added}_{model}"`` for each model of a list. A ``"_std"`` key follows where the model
-        gives a spread.
+        Key of the out-of-fold predictions (NaN outside the fold's panel), stored as :func:`stexp.tl.predict`
+        stores predictions (a layer when the union of the fold panels is all of ``var``, else an ``obsm``
+        gene DataFrame): ``key_added`` for a single model, ``f"{{key_added}}_{{label}}"`` for each of a list
+        (``"@"`` of a test rendering becomes ``"_"``). A ``"_std"`` key follows where the model gives a
+        spread, ``"_lo"`` / ``"_hi"`` with ``coverage``.
     top_n
         Number of highest-expressed and most variable genes of the HEG and HVG scores.
+    smoothing, calibrate
+        As in :func:`stexp.tl.fit` (``None``: each recipe's own).
+    coverage
+        Write each fold's split-conformal intervals (the models are calibrated; see :func:`stexp.tl.predict`)
+        and report ``coverage``, ``interval_width``, ``unc_spot_spearman`` and ``expected_pcc_spearman``.
+    inner_validation
+        Hold one training slide of each fold out of the fit (a spatial block of a single training slide) as
+        its validation slide: early stopping, and σ / temperatures chosen there (never a held-out slide).
     keep_models
         Keep every fold's fitted model in :attr:`CVResult.models`.
     model_params
-        Hyper-parameters per model name, e.g. ``{"mlp": {"hidden_dim": 128}}``.
+        Hyper-parameters per model label, e.g. ``{{"mlp": {{"hidden_dim": 128}}}}``.
+    max_epochs, batch_size, lr, weight_decay, seed
+        Training options, as in :func:`stexp.tl.fit` (with a list: given to the models that take them).
     device
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...: where the models train and predict.
     devices
         Train each fold's neural models with DDP over this many devices (see :func:`stexp.tl.fit`).
-    **fit_kwargs
-        Training options of every model (``max_epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``;
-        see :func:`stexp.tl.fit`) and hyper-parameters, given to the models that declare them.
+    **hparams
+        Model hyper-parameters (with a list: given to the models that declare them).
 
     Returns
     -------
     A :class:`CVResult` with ``per_fold`` (one row per model and test slide) and ``summary``
-    (mean and std per model). Also writes the out-of-fold layer(s), per-gene scores
-    (``adata.var[f"{layer}_pcc"]``, ``adata.uns["stexp"]["evaluate"][layer]``) and a record in
+    (mean and std per model). Also writes the out-of-fold predictions, per-gene scores
+    (``adata.var[f"{{key}}_pcc"]``, ``adata.uns["stexp"]["evaluate"][key]``) and a record in
     ``adata.uns["stexp"][key_added]``.
 
     Raises
     ------
     KeyError
         If ``split_by``, the features or a gene is missing.
+    TypeError
+        If an option is taken by no model (the message lists what each accepts).
     ValueError
         If ``split_by`` has a single group, a slide spans several groups, or ``validation`` is passed
-        (a checkpoint chosen on held-out slides would leak).
+        (a checkpoint chosen on held-out slides would leak; see ``inner_validation``).
     """
     from stexp._settings import settings
-    from stexp.tl._evaluate import score_prediction
-    from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, resolve_features, resolve_genes, spot_data
 
-    models = as_list(model)
-    if not models:
-        raise ValueError("model= is empty.")
-    if len(set(models)) != len(models):
-        raise ValueError(f"model= lists a model twice: {models}.")
-    if "validation" in fit_kwargs:
+    if "validation" in hparams:
         raise ValueError(
             "cross_validate takes no validation= slides: choosing a checkpoint on slides outside the "
-            "training folds would leak; set max_epochs instead."
+            "training folds would leak; use inner_validation=True (a training slide of each fold) instead."
         )
-    model_params = dict(model_params or {})
-    unknown = sorted(set(model_params) - set(models))
-    if unknown:
-        raise KeyError(f"model_params names model(s) {unknown} that are not in model={models}.")
-    per_model_kwargs = _split_kwargs(models, fit_kwargs)
-    for m, params in model_params.items():
-        per_model_kwargs[m] = {**per_model_kwargs[m], **params}
-    layer_of = {m: key_added if isinstance(model, str) else f"{key_added}_{m}" for m in models}
+    if coverage is not None:
+        from stexp.models._calibration import check_coverage
 
+        check_coverage(coverage)
+    seed = settings.seed if seed is None else seed
+    training = {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
+    recipes, single = _recipes(
+        model,
+        model_params=model_params,
+        hparams=hparams,
+        training_options={**training, "seed": seed},
+        smoothing=smoothing,
+        calibrate=True if coverage is not None and calibrate is None else calibrate,
+    )
+    if coverage is not None and not all(r.wants_calibration() for r in recipes):
+        raise ValueError("coverage= needs calibrated models; drop calibrate=False or coverage=.")
     groups, libs = _groups(adata, split_by, library_key)
     order = list(dict.fromkeys(groups.tolist()))
+    _check_split(adata, order, libs, split_by=split_by, library_key=library_key)
+    if genes is not None:
+        genes = resolve_genes(adata, genes)
+    features_key = resolve_features(adata, features_key, library_key=library_key)
+    renderings = {features_key: features_key, **_test_renderings(adata, test_features, features_key)}
+    hvg_kwargs = {"n_top_genes": n_top_genes, **({} if min_spots is None else {"min_spots": min_spots})}
+    fold_rows, panels = _plan_folds(
+        adata, groups, libs, genes, library_key=library_key, layer=layer, hvg_kwargs=hvg_kwargs
+    )
+    union = list(dict.fromkeys(g for fold in panels for g in panels[fold]))
+    spec = features_spec(adata, features_key)
+    reads_patches = any(r.hparams.get("finetune_encoder", False) for r in recipes)
+    data = {
+        name: spot_data(
+            adata,
+            features_key=key,
+            library_key=library_key,
+            genes=union if name == features_key else None,
+            layer=layer,
+            patches=spec if reads_patches and name == features_key else None,
+        )
+        for name, key in renderings.items()
+    }
+    names = {
+        (r.label, name): r.label if name == features_key else f"{r.label}@{name}"
+        for r in recipes
+        for name in renderings
+    }
+    oof = {pair: _OutOfFold(np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32)) for pair in names}
+    column = {g: j for j, g in enumerate(union)}
+    fitted: dict[str, list] = {r.label: [] for r in recipes}
+    fit_kw = {
+        "features_key": features_key,
+        "encoder_spec": spec,
+        "device": device,
+        "devices": devices,
+        "seed": int(seed or 0),
+    }
+    for fold, group in enumerate(order):
+        is_test, rows = groups == group, np.flatnonzero(groups == group)
+        cols = np.asarray([column[g] for g in panels[fold]])
+        train, val = data[features_key].subset(~is_test).with_genes(cols), None
+        if inner_validation:
+            is_val = inner_validation_split(train)
+            train, val = train.subset(~is_val), train.subset(is_val)
+        logger.info(
+            f"fold {fold + 1}/{len(order)}: test {split_by}={group!r} ({fold_rows[fold]['test_libraries']}), "
+            f"{len(panels[fold])} genes, {[r.label for r in recipes]}"
+        )
+        models = _fit_fold(recipes, train, val, genes=panels[fold], **fit_kw)
+        for (label, name), out in oof.items():
+            model, fit_seconds = models[label]
+            test = data[name].subset(is_test)
+            test.target = None
+            t0 = time.perf_counter()
+            mean, spread, lo, hi = _predict_fold(model, test, coverage, device)
+            out.seconds[fold] = (fit_seconds, time.perf_counter() - t0)
+            out.put("mean", rows, cols, mean)
+            out.put("std", rows, cols, spread)
+            out.put("lo", rows, cols, lo)
+            out.put("hi", rows, cols, hi)
+            if model.calibration is not None:
+                out.expected[fold] = np.asarray(model.calibration.expected_pcc, dtype=np.float64)
+        for r in recipes:
+            if keep_models:
+                fitted[r.label].append(models[r.label][0])
+    assert data[features_key].target is not None  # spot_data(genes=union) computed it
+    target = (union, data[features_key].target)
+    keys = {pair: _cv_key(key_added, pair, single=single, main=features_key) for pair in names}
+    per_fold = pd.concat(
+        [
+            _score(
+                adata,
+                keys[pair],
+                names[pair],
+                out,
+                union,
+                panels,
+                fold_rows,
+                target,
+                top_n=top_n,
+                library_key=library_key,
+                layer=layer,
+            )
+            for pair, out in oof.items()
+        ],
+        ignore_index=True,
+    )
+    layers = {names[pair]: keys[pair] for pair in names}
+    record(
+        adata,
+        key_added,
+        {
+            "models": [str(r) for r in recipes],
+            "recipes": [r.to_dict() for r in recipes],
+            "layers": layers,
+            "split_by": split_by,
+            "library_key": library_key,
+            "features_key": features_key,
+            "test_features": dict(renderings),
+            "genes": "per fold (stexp.pp.select_hvg on the training slides)"
+            if genes is None
+            else f"{len(genes)} given",
+            "n_top_genes": n_top_genes if genes is None else None,
+            "min_spots": min_spots,
+            "folds": {str(r["fold"]): r["test_libraries"] for r in fold_rows},
+            "coverage": coverage,
+            "inner_validation": inner_validation,
+            "device": device,
+            "per_fold": per_fold,
+        },
+    )
+    logger.info(f"added {', '.join(where(adata, k) for k in layers.values())}, adata.uns['stexp'][{key_added!r}]")
+    return CVResult(
+        per_fold=per_fold,
+        summary=summarize(per_fold),
+        folds=pd.DataFrame(fold_rows).set_index("fold"),
+        panels=panels,
+        layers=layers,
+        models=fitted if keep_models else None,
+    )
+
+
+def _cv_key(key_added: str, pair: tuple[str, str], *, single: bool, main: str) -> str:
+    """The key of a (model label, rendering) pair: ``key_added[_<label>][_<rendering>]``."""
+    label, rendering = pair
+    parts = [key_added] + ([] if single else [label]) + ([] if rendering == main else [rendering])
+    return "_".join(parts)
+
+
+def _check_split(adata, order: list[str], libs: np.ndarray, *, split_by: str, library_key: str) -> None:
+    """At least two groups; a warning when leave-one-slide-out keeps sister sections in training."""
     if len(order) < 2:
         raise ValueError(
             f"adata.obs[{split_by!r}] has a single group ({order}); cross-validation needs at least two "
@@ -252,141 +558,65 @@ def cross_validate(
                 f"{example[0]!r}: {example[1]}): sister sections of a held-out slide stay in training, so the "
                 "scores are optimistic. Use split_by='patient' for an honest estimate.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    if genes is not None:
-        genes = resolve_genes(adata, genes)
-    features_key = resolve_features(adata, features_key, library_key=library_key)
-    spec = features_spec(adata, features_key)
-    # Panels first (each from its training slides only), then every array once: features, geometry, and the
-    # measured target of every gene of any panel; each fold takes its rows and its panel's columns.
-    fold_rows, panels, fold_of_lib = [], {}, {}
-    for fold, group in enumerate(order):
-        is_test = groups == group
-        test_libs = list(dict.fromkeys(libs[is_test].tolist()))
-        train_libs = list(dict.fromkeys(libs[~is_test].tolist()))
-        for lib in test_libs:
-            fold_of_lib[lib] = fold
-        if genes is None:
-            hvg_kwargs = {"n_top_genes": n_top_genes, **({} if min_spots is None else {"min_spots": min_spots})}
-            panels[fold] = _fold_panel(
-                adata, np.flatnonzero(~is_test), library_key=library_key, layer=layer, **hvg_kwargs
+
+
+def _test_renderings(adata, test_features: Mapping[str, str] | None, features_key: str) -> dict[str, str]:
+    """``{name: obsm key}`` of the other renderings, checked (present, as wide as the training features)."""
+    out = dict(test_features or {})
+    width = np.shape(adata.obsm[features_key])[1]
+    for name, key in out.items():
+        if name == features_key or "@" in str(name):
+            raise ValueError(f"test_features: the name {name!r} is the training features' key or contains '@'.")
+        if key not in adata.obsm:
+            raise KeyError(f"test_features[{name!r}] = {key!r} is not in adata.obsm (it has {list(adata.obsm)}).")
+        if np.shape(adata.obsm[key])[1] != width:
+            raise ValueError(
+                f"test_features[{name!r}] ({key!r}) has {np.shape(adata.obsm[key])[1]} features, "
+                f"{features_key!r} has {width}: a test rendering must come from the same encoder spec."
             )
-        else:
-            panels[fold] = list(genes)
-        fold_rows.append(
-            {
-                "fold": fold,
-                "test_group": group,
-                "test_libraries": ", ".join(test_libs),
-                "train_libraries": ", ".join(train_libs),
-                "n_train_spots": int((~is_test).sum()),
-                "n_test_spots": int(is_test.sum()),
-                "n_genes": len(panels[fold]),
-            }
-        )
-    union = list(dict.fromkeys(g for fold in panels for g in panels[fold]))
-    column = {g: j for j, g in enumerate(union)}
-    reads_patches = any(bool(per_model_kwargs[m].get("finetune_encoder", False)) for m in models)
-    data = spot_data(
-        adata,
-        features_key=features_key,
-        library_key=library_key,
-        genes=union,
-        layer=layer,
-        patches=spec if reads_patches else None,
-    )
+    return out
 
-    # out-of-fold predictions over the union of the fold panels only (never n_obs x n_vars)
-    oof = {m: np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32) for m in models}
-    oof_std: dict[str, np.ndarray] = {}
-    timing: dict[tuple[str, int], tuple[float, float]] = {}
-    fitted: dict[str, list] = {m: [] for m in models}
-    for fold, group in enumerate(order):
-        is_test = groups == group
-        panel = panels[fold]
-        var_idx = np.asarray([column[g] for g in panel])  # columns of the union
-        train = data.subset(~is_test).with_genes(np.asarray([column[g] for g in panel]))
-        test = data.subset(is_test)
-        test.target = None
-        row = fold_rows[fold]
-        logger.info(
-            f"fold {fold + 1}/{len(order)}: test {split_by}={group!r} ({row['test_libraries']}), "
-            f"train on {len(row['train_libraries'].split(', '))} slide(s), {len(panel)} genes"
-        )
-        for m in models:
-            t0 = time.perf_counter()
-            kw = per_model_kwargs[m]
-            options = {"seed": settings.seed} | {k: kw[k] for k in TRAINING_OPTIONS if k in kw}
-            params = {k: v for k, v in kw.items() if k not in TRAINING_OPTIONS}
-            est = make_model(m, panel, features_key=features_key, encoder_spec=spec, options=options, **params)
-            est.fit(train, device=device, devices=devices)
-            t1 = time.perf_counter()
-            mean, spread = est.predict(test)
-            t2 = time.perf_counter()
-            rows = np.flatnonzero(is_test)
-            oof[m][np.ix_(rows, var_idx)] = mean
-            if spread is not None:
-                oof_std.setdefault(m, np.full_like(oof[m], np.nan))[np.ix_(rows, var_idx)] = spread
-            timing[(m, fold)] = (t1 - t0, t2 - t1)
-            if keep_models:
-                fitted[m].append(est)
 
-    from ._storage import write_prediction
+def _score(
+    adata,
+    key: str,
+    name: str,
+    out: _OutOfFold,
+    union,
+    panels,
+    fold_rows,
+    target,
+    *,
+    top_n: int,
+    library_key: str,
+    layer,
+) -> pd.DataFrame:
+    """Write one model's out-of-fold predictions under ``key`` and score them per held-out slide."""
+    from ._evaluate import score_prediction
 
-    tables = []
-    where_of: dict[str, str] = {}
-    assert data.target is not None  # spot_data(genes=union) computed it
-    target = (union, data.target)
-    for m in models:
-        name = layer_of[m]
-        where_of[m] = write_prediction(adata, name, union, oof[m])
-        if m in oof_std:
-            write_prediction(adata, f"{name}_std", union, oof_std[m])
-        scores = score_prediction(
-            adata, pred_key=name, library_key=library_key, top_n=top_n, layer=layer, target=target
-        )
-        scores = scores.reset_index(names="library_id")
-        scores.insert(0, "model", m)
-        scores.insert(1, "fold", scores["library_id"].map(fold_of_lib).astype(int))
-        scores.insert(2, "test_group", scores["fold"].map(dict(enumerate(order))))
-        scores["n_train_spots"] = scores["fold"].map({r["fold"]: r["n_train_spots"] for r in fold_rows})
-        scores["fit_seconds"] = scores["fold"].map(lambda f, m=m: timing[(m, f)][0])
-        scores["predict_seconds"] = scores["fold"].map(lambda f, m=m: timing[(m, f)][1])
-        tables.append(scores)
-    per_fold = pd.concat(tables, ignore_index=True)
-    summary = summarize(per_fold)
-
-    record(
-        adata,
-        key_added,
-        {
-            "models": models,
-            "layers": layer_of,
-            "split_by": split_by,
-            "library_key": library_key,
-            "features_key": features_key,
-            "genes": "per fold (stexp.pp.select_hvg on the training slides)"
-            if genes is None
-            else f"{len(genes)} given",
-            "n_top_genes": n_top_genes if genes is None else None,
-            "min_spots": min_spots,
-            "folds": {str(r["fold"]): r["test_libraries"] for r in fold_rows},
-            "fit_kwargs": per_model_kwargs,
-            "device": device,
-            "per_fold": per_fold,
-        },
-    )
-    added = ", ".join(where_of.values())
-    logger.info(f"added {added}, adata.uns['stexp'][{key_added!r}]")
-    return CVResult(
-        per_fold=per_fold,
-        summary=summary,
-        folds=pd.DataFrame(fold_rows).set_index("fold"),
-        panels=panels,
-        layers=layer_of,
-        models=fitted if keep_models else None,
-    )
+    write_prediction(adata, key, union, out.mean)
+    for suffix in ("std", "lo", "hi"):
+        values = getattr(out, suffix)
+        if values is not None:
+            write_prediction(adata, f"{key}_{suffix}", union, values)
+    scores = score_prediction(adata, pred_key=key, library_key=library_key, top_n=top_n, layer=layer, target=target)
+    scores = scores.reset_index(names="library_id")
+    fold_of_lib = {lib: r["fold"] for r in fold_rows for lib in r["test_libraries"].split(", ")}
+    scores.insert(0, "model", name)
+    scores.insert(1, "fold", scores["library_id"].map(fold_of_lib).astype(int))
+    scores.insert(2, "test_group", scores["fold"].map({r["fold"]: r["test_group"] for r in fold_rows}))
+    scores["n_train_spots"] = scores["fold"].map({r["fold"]: r["n_train_spots"] for r in fold_rows})
+    scores["fit_seconds"] = scores["fold"].map(lambda f: out.seconds[f][0])
+    scores["predict_seconds"] = scores["fold"].map(lambda f: out.seconds[f][1])
+    if out.expected:  # each slide's realised per-gene PCC against its fold's expected PCC
+        realised = adata.uns["stexp"]["evaluate"][key]["pcc"]
+        scores["expected_pcc_spearman"] = [
+            spearman(out.expected[f], realised.reindex(panels[f])[lib].to_numpy()) if f in out.expected else np.nan
+            for f, lib in zip(scores["fold"], scores["library_id"], strict=True)
+        ]
+    return scores
 
 
 def summarize(per_fold: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,8 @@ import pandas as pd
 
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, is_unmeasured, library_labels, record
+from stexp._metrics import nanmean as _nanmean
+from stexp._metrics import pearson_columns
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,39 +51,6 @@ def interval_scores(truth: np.ndarray, pred: np.ndarray, lo: np.ndarray, hi: np.
         "interval_width": float(np.mean(width)),
         "unc_spot_spearman": spearman(width.mean(axis=1), np.abs(pred - truth).mean(axis=1)),
     }
-
-
-def pearson_columns(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pearson correlation of each column of ``truth`` with the same column of ``pred`` (across rows).
-
-    Computed at once for all columns in float64. Columns that are constant (up to rounding) in
-    either array get NaN.
-
-    Returns
-    -------
-    The per-column correlations and a boolean mask of the constant columns.
-    """
-    t = np.asarray(truth, dtype=np.float64)
-    p = np.asarray(pred, dtype=np.float64)
-    tc = t - t.mean(axis=0)
-    pc = p - p.mean(axis=0)
-    t_ss = np.einsum("ij,ij->j", tc, tc)
-    p_ss = np.einsum("ij,ij->j", pc, pc)
-    n = t.shape[0]
-    # Constant up to float32 rounding: a prediction copied to every spot is constant whatever its value.
-    tol = lambda x: n * (1e-6 * (1.0 + np.abs(x).max(axis=0))) ** 2
-    constant = (t_ss <= tol(t)) | (p_ss <= tol(p))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.einsum("ij,ij->j", tc, pc) / np.sqrt(t_ss * p_ss)
-    r = np.clip(r, -1.0, 1.0)
-    r[constant] = np.nan
-    return r, constant
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if x.size else float("nan")
 
 
 def _prediction_layer(adata, pred_key: str):

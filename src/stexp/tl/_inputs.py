@@ -14,9 +14,7 @@ from stexp.pp._hvg import PANEL_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
-
-#: Options of ``fit`` handed to every model that declares them as hyper-parameters.
-TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "seed")
+    from stexp.models._recipe import Recipe
 
 
 def features_spec(adata, features_key: str | None) -> EncoderSpec:
@@ -29,26 +27,41 @@ def features_spec(adata, features_key: str | None) -> EncoderSpec:
     return EncoderSpec.from_mapping(adata.uns.get(UNS_KEY, {}).get("features", {}).get(features_key))
 
 
-def make_model(
-    model: str,
-    genes: list[str],
+def resolve_recipe(
+    model: str | Recipe | None,
     *,
-    features_key: str | None,
-    encoder_spec: EncoderSpec | None,
-    options: dict[str, Any],
-    **model_kwargs: Any,
-):
-    """A new (unfitted) model: the training ``options`` it declares as hyper-parameters, then ``model_kwargs``.
+    hparams: dict[str, Any] | None = None,
+    training_options: dict[str, Any] | None = None,
+    smoothing: float | str | None = None,
+    calibrate: bool | None = None,
+    calibration_folds: int | None = None,
+    calibration_score: str | None = None,
+) -> Recipe:
+    """The :class:`~stexp.models.Recipe` that ``fit`` / ``cross_validate`` train.
 
-    ``options`` left at ``None`` keep the model's own default, so one call does not impose one model's
-    settings on another.
+    ``model=None``: :data:`stexp.models.DEFAULT_RECIPE`; a name: that model with its defaults, no smoothing,
+    calibration as the model class prefers; a :class:`~stexp.models.Recipe`: itself. Then every option that
+    is not ``None`` replaces the recipe's (``hparams`` update its hyper-parameters). Any option the model
+    does not take raises a TypeError that lists what it accepts.
     """
-    from stexp.models import get_model_class
+    from stexp.models._recipe import DEFAULT_RECIPE, Recipe
 
-    cls = get_model_class(model)
-    hparams = {k: v for k, v in options.items() if k in cls.default_hparams and v is not None}
-    hparams.update(model_kwargs)
-    return cls(genes, features_key=features_key, encoder_spec=encoder_spec, **hparams)
+    if model is None:
+        recipe = DEFAULT_RECIPE
+    elif isinstance(model, Recipe):
+        recipe = model
+    elif isinstance(model, str):
+        recipe = Recipe(model)
+    else:
+        raise TypeError(f"model must be a registered model name, a stexp.models.Recipe or None, got {model!r}.")
+    recipe = recipe.with_hparams(**(hparams or {})).with_training_options(**(training_options or {}))
+    changes = {
+        "smoothing": smoothing,
+        "calibrate": calibrate,
+        "calibration_folds": calibration_folds,
+        "calibration_score": calibration_score,
+    }
+    return recipe.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
