@@ -16,7 +16,7 @@ Protocols
               at another resolution.
     ``stain`` stain shift: the LOPO folds, but the held-out slides' full-resolution images get a
               fixed H&E perturbation before embedding (haematoxylin x1.3, eosin x0.75 + 0.02 in HED
-              optical density, ``stexp.images._stain.BENCHMARK_HED_SHIFT``): a new patient from
+              optical density, :data:`BENCHMARK_HED_SHIFT`): a new patient from
               another lab.
     Shuffled-image control (``--controls``): the same protocol with the features permuted among the
     spots of each slide; a model that still scores above zero learns something other than the image.
@@ -37,11 +37,12 @@ Variants (``--variants``): ``<model>[@<features>][+smooth][+val]``, e.g. ``ridge
     ``pipeline`` is the default pipeline: ``stexp.pp.embed_images(adata)`` + ``stexp.tl.fit(adata)``
     with no options (the variant the defaults resolve to).
 
-Runs that share their fits share a process (``job_groups``): the LOPO, cross-resolution and stain-shift
-protocols have the same folds and training slides, so each fold is fitted once and predicts the held-out
-slides from the clean, low-resolution and stained features; ``mclstexp_plus`` is made from each fold's
-fitted ``mclstexp`` (they train identically). Every group runs in its own process, so its peak memory
-(``VmHWM``) is its own.
+Every run goes through the public API: one ``stexp.tl.cross_validate`` call per group of runs that
+share their fits (``job_groups``): the LOPO, cross-resolution and stain-shift protocols have the same
+folds and training slides, so each fold is fitted once and predicts the held-out slides from the clean,
+low-resolution and stained features (``test_features=``); ``mclstexp_plus`` is made from each fold's
+fitted ``mclstexp`` (its class ``trains_as`` mclstexp). Every group runs in its own process, so its peak
+memory (``VmHWM``) is its own.
 Each run's JSON is kept under ``--runs`` (``results/her2st_runs``); ``--reuse`` takes a run from
 there instead of recomputing it when its variant, protocol, epochs and sections match. Results go
 to ``benchmarks/results/her2st.json`` and ``her2st.md``.
@@ -108,11 +109,10 @@ DEFAULT_EPOCHS: dict[str, int | None] = {"mlp": 50, "mclstexp": 90, "nh2st": 60}
 #: How the default run trains a registered model where it is not the plain variant: NH2ST as its paper trains
 #: it, stopping early on a validation slide (here an inner one taken from the training slides; at most 60 epochs).
 DEFAULT_RUN_SUFFIX = {"nh2st": "+val"}
-#: Registered models that train exactly as another one: the benchmark makes them from its fits (:func:`_derive`).
-TRAINS_AS = {"mclstexp_plus": "mclstexp"}
-#: Their hyper-parameters that act only after training (they do not separate the fits).
-PREDICTION_ONLY_HPARAMS = ("retrieval_temperature",)
 CONTROL_VARIANTS = ("ridge", "mclstexp")
+#: The stain shift of the ``stain`` protocol (``stexp.images.hed_shift``): stronger haematoxylin, weaker eosin,
+#: a small eosin offset in HED optical density.
+BENCHMARK_HED_SHIFT = {"scale": (1.3, 0.75, 1.0), "offset": (0.0, 0.02, 0.0)}
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 #: Published numbers, for context only (different sections, genes, features and protocols).
 PUBLISHED = (
@@ -126,13 +126,13 @@ PUBLISHED = (
 def parse_variant(name: str) -> dict:
     """``{"model", "params", "features", "smoothing"}`` of a variant name (see the module doc)."""
     if name == "pipeline":
-        from stexp.tl._fit import DEFAULT_MODEL, DEFAULT_MODEL_PARAMS, DEFAULT_SMOOTHING
+        from stexp.models import DEFAULT_RECIPE
 
         return {
-            "model": DEFAULT_MODEL,
-            "params": dict(DEFAULT_MODEL_PARAMS),
+            "model": DEFAULT_RECIPE.model,
+            "params": dict(DEFAULT_RECIPE.hparams),
             "features": "default",
-            "smoothing": DEFAULT_SMOOTHING,
+            "smoothing": DEFAULT_RECIPE.smoothing,
             "inner_validation": False,
         }
     body, *suffixes = name.split("+")
@@ -178,16 +178,16 @@ def _stained_copy(src: Path, section: str) -> Path:
     from PIL import Image
 
     import stexp
-    from stexp.images._slide import decode_image
-    from stexp.images._stain import BENCHMARK_HED_SHIFT, hed_shift
 
     tag = hashlib.sha256(json.dumps([str(src), os.path.getsize(src), BENCHMARK_HED_SHIFT]).encode()).hexdigest()[:12]
     out = Path(stexp.settings.cachedir) / "benchmark_images" / f"{section}_hed_{tag}.jpg"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        image = np.asarray(decode_image(src)[0])
+        Image.MAX_IMAGE_PIXELS = None  # the full-resolution sections are ~9,300 x 9,900 px
+        with Image.open(src) as im:
+            image = np.asarray(im.convert("RGB"))
         tmp = out.with_suffix(".tmp.jpg")
-        Image.fromarray(hed_shift(image)).save(tmp, quality=95)
+        Image.fromarray(stexp.images.hed_shift(image, **BENCHMARK_HED_SHIFT)).save(tmp, quality=95)
         tmp.rename(out)
     return out
 
@@ -278,110 +278,6 @@ def _shuffle_within_slides(adata, keys: list[str], seed: int) -> None:
         adata.obsm[key] = np.asarray(adata.obsm[key])[perm]
 
 
-def inner_validation_split(train) -> np.ndarray:
-    """Validation spots among the training spots: the last training slide, or one spatial half of a single slide."""
-    from stexp.models._smoothing import inner_groups
-
-    groups, _ = inner_groups(train.coords_um, train.library)
-    return groups == np.unique(groups)[-1]
-
-
-def _derive(base, derived_model: str, params: dict, train, validation):
-    """A fitted model of ``derived_model`` made from the fitted ``base`` without training again (:data:`TRAINS_AS`).
-
-    Only ``mclstexp_plus`` from ``mclstexp``: :meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`.
-    """
-    from stexp.models._mclstexp_plus import MclSTExpPlus
-
-    if TRAINS_AS.get(derived_model) != base.name:
-        raise ValueError(f"cannot derive {derived_model!r} from a fitted {base.name!r}")
-    temperature = params.get("retrieval_temperature", MclSTExpPlus.default_hparams["retrieval_temperature"])
-    return MclSTExpPlus.from_mclstexp(base, train, validation, retrieval_temperature=temperature)
-
-
-def grouped_cv(
-    adata,
-    *,
-    models: dict[str, tuple[str, dict]],
-    train_key: str,
-    test_keys: dict[str, str],
-    genes: list[str],
-    device: str,
-    split_by: str = "patient",
-    inner_validation: bool = False,
-) -> dict[tuple[str, str], pd.DataFrame]:
-    """Cross-validation that trains once per fold and predicts the held-out slides several ways.
-
-    ``models`` maps variant names to (registered model, parameters): the first is trained on each
-    fold's training slides (``train_key`` features), the others are derived from it without training
-    (:func:`_derive`; they train identically). Every model predicts the held-out slides from each of
-    ``test_keys`` (protocol -> features key: clean, lowres or stained images), so the LOPO, cross-
-    resolution and stain-shift protocols share their fits. Nothing about the held-out slides reaches
-    a fit. With ``inner_validation``, one training slide (one spatial half of a single training
-    slide) is held out of training as the validation set of the fit: early stopping, and the choices
-    made on validation slides (smoothing σ, retrieval temperature).
-
-    Returns the per-slide scores of every (protocol, variant), with ``fit_seconds`` (the shared fit,
-    plus the derivation for a derived model) and ``predict_seconds`` per fold.
-    """
-    from stexp._settings import settings
-    from stexp.pp._target import expression_target
-    from stexp.tl._evaluate import score_prediction
-    from stexp.tl._inputs import TRAINING_OPTIONS, features_spec, make_model, spot_data
-
-    patients = adata.obs[split_by].astype(str).to_numpy()
-    target = expression_target(adata, genes)
-    train_data = spot_data(adata, features_key=train_key, library_key="library_id")
-    train_data.target = target
-    test_data = {p: spot_data(adata, features_key=key, library_key="library_id") for p, key in test_keys.items()}
-    spec = features_spec(adata, train_key)
-    var_idx = adata.var_names.get_indexer(genes)
-    (base, (model, params)), *derived = models.items()
-    options = {"seed": settings.seed} | {k: params[k] for k in TRAINING_OPTIONS if k in params}
-    hparams = {k: v for k, v in params.items() if k not in TRAINING_OPTIONS}
-    pairs = [(p, v) for p in test_keys for v in models]
-    preds = {pair: np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32) for pair in pairs}
-    timing: dict[tuple[str, str], dict[int, tuple[float, float]]] = {pair: {} for pair in pairs}
-    order = list(dict.fromkeys(patients.tolist()))
-    for fold, patient in enumerate(order):
-        is_test = patients == patient
-        t0 = time.perf_counter()
-        est = make_model(model, genes, features_key=train_key, encoder_spec=spec, options=options, **hparams)
-        fit_data, val_data = train_data.subset(~is_test), None
-        if inner_validation:
-            is_val = inner_validation_split(fit_data)
-            # a retrieval bank of the remaining spots can be smaller than k / top_k: clamp them
-            est = est.inner_copy(int((~is_val).sum()), smoothing=est.smoothing["option"])
-            fit_data, val_data = fit_data.subset(~is_val), fit_data.subset(is_val)
-        est.fit(fit_data, val_data, device=device)
-        fitted, fit_seconds = {base: est}, {base: time.perf_counter() - t0}
-        for variant, (derived_model, derived_params) in derived:
-            t1 = time.perf_counter()
-            fitted[variant] = _derive(est, derived_model, derived_params, fit_data, val_data)
-            fit_seconds[variant] = fit_seconds[base] + time.perf_counter() - t1
-        for protocol, variant in pairs:
-            t1 = time.perf_counter()
-            mean, _ = fitted[variant].predict(test_data[protocol].subset(is_test))
-            timing[(protocol, variant)][fold] = (fit_seconds[variant], time.perf_counter() - t1)
-            preds[(protocol, variant)][np.ix_(np.flatnonzero(is_test), var_idx)] = mean
-    lib_patient = dict(zip(adata.obs["library_id"].astype(str), patients, strict=False))
-    out = {}
-    for pair in pairs:
-        adata.layers["bench_pred"] = preds[pair]
-        scores = score_prediction(
-            adata, pred_key="bench_pred", library_key="library_id", top_n=50, target=(genes, target)
-        )
-        scores = scores.reset_index(names="library_id")
-        scores.insert(0, "model", models[pair[1]][0])
-        scores.insert(1, "fold", scores["library_id"].map(lambda lib: order.index(lib_patient[lib])))
-        scores.insert(2, "test_group", scores["library_id"].map(lib_patient))
-        scores["fit_seconds"] = scores["fold"].map(lambda f, pair=pair: timing[pair][f][0])
-        scores["predict_seconds"] = scores["fold"].map(lambda f, pair=pair: timing[pair][f][1])
-        out[pair] = scores
-    del adata.layers["bench_pred"]
-    return out
-
-
 def worker(args: argparse.Namespace) -> None:
     """Compute one group of runs (see :func:`job_groups`) in this process and write each run's JSON."""
     import anndata as ad
@@ -413,7 +309,7 @@ def worker(args: argparse.Namespace) -> None:
     import sklearn.linear_model
     import sklearn.model_selection  # noqa: F401
 
-    models = {}
+    recipes, models = [], {}
     for v in variants:
         cls = get_model_class(parsed[v]["model"])
         # Each model's own lr/weight_decay/batch_size, recorded in the results.
@@ -423,25 +319,42 @@ def worker(args: argparse.Namespace) -> None:
             params["max_epochs"] = epochs[v]
         if "seed" in cls.default_hparams:
             params["seed"] = args.seed
-        if parsed[v]["smoothing"] is not None:
-            params["smoothing"] = parsed[v]["smoothing"]
-        models[v] = (parsed[v]["model"], params)
+        models[v] = (
+            parsed[v]["model"],
+            {**params, **({"smoothing": parsed[v]["smoothing"]} if parsed[v]["smoothing"] else {})},
+        )
+        if v == "pipeline":  # the default recipe as the user gets it (its calibration leaves the scores alone)
+            recipes.append(stexp.models.DEFAULT_RECIPE.with_hparams(**params).replace(name=v))
+        else:
+            recipes.append(
+                stexp.models.Recipe(
+                    parsed[v]["model"], params, smoothing=parsed[v]["smoothing"], calibrate=False, name=v
+                )
+            )
     rss_before = peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
-    results = grouped_cv(
+    result = stexp.tl.cross_validate(
         adata,
-        models=models,
-        train_key=train_key,
-        test_keys=test_keys,
-        genes=genes,
-        device=args.device,
+        model=recipes,
         split_by=split_by,
+        features_key=train_key,
+        test_features={p: key for p, key in test_keys.items() if key != train_key},
+        genes=genes,
         inner_validation=inner_validation,
+        device=args.device,
+        seed=args.seed,
+        key_added="bench",
     )
     wall = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    results = {}
+    for protocol, variant in outputs:
+        name = variant if test_keys[protocol] == train_key else f"{variant}@{protocol}"
+        rows = result.per_fold[result.per_fold["model"] == name].copy()
+        rows["model"] = models[variant][0]
+        results[(protocol, variant)] = rows
     group = sorted(f"{p}: {v}" + (" (shuffled)" if args.shuffle else "") for p, v in outputs)
     group_id = f"{os.getpid()}-{time.time_ns()}"
     for (protocol, variant), path in outputs.items():
@@ -661,8 +574,9 @@ def training_key(variant: str, epochs: int | None) -> str:
     from stexp.models import get_model_class
 
     v = parse_variant(variant)
-    family = TRAINS_AS.get(v["model"], v["model"])
-    params = {k: x for k, x in v["params"].items() if k not in PREDICTION_ONLY_HPARAMS}
+    # a model that trains as another (its class's ``trains_as``) shares its fits: keep the parent's training params
+    family = get_model_class(v["model"]).trains_as or v["model"]
+    params = {k: x for k, x in v["params"].items() if k in get_model_class(family).default_hparams}
     if epochs is None:
         epochs = get_model_class(v["model"]).default_hparams.get("max_epochs")
     return json.dumps([family, params, v["features"], v["smoothing"], v["inner_validation"], epochs], sort_keys=True)
@@ -672,15 +586,19 @@ def job_groups(jobs: list[tuple[str, str, bool]], epochs_of) -> list[list[tuple[
     """Runs that one process computes together, sharing its fits.
 
     The LOPO, cross-resolution and stain-shift protocols have the same folds and training slides;
-    ``mclstexp`` and ``mclstexp_plus`` the same training. So a group is every (protocol, variant) with
-    one ``split_by``, one :func:`training_key` and one shuffling: one fit per fold serves all of them.
-    The variant that trains comes first (``mclstexp`` before ``mclstexp_plus``).
+    ``mclstexp`` and ``mclstexp_plus`` the same training (``trains_as``). So a group is every (protocol,
+    variant) with one ``split_by``, one :func:`training_key` and one shuffling; ``stexp.tl.cross_validate``
+    fits each fold once for all of them (``test_features``; ``trains_as``). The variant that trains comes
+    first (``mclstexp`` before ``mclstexp_plus``).
     """
     groups: dict[tuple, list[tuple[str, str, bool]]] = {}
     for protocol, variant, shuffled in jobs:
         key = (PROTOCOLS[protocol][0], training_key(variant, epochs_of(variant)), shuffled)
         groups.setdefault(key, []).append((protocol, variant, shuffled))
-    return [sorted(g, key=lambda job: parse_variant(job[1])["model"] in TRAINS_AS) for g in groups.values()]
+    from stexp.models import get_model_class
+
+    derived = lambda job: get_model_class(parse_variant(job[1])["model"]).trains_as is not None
+    return [sorted(g, key=derived) for g in groups.values()]
 
 
 def main(argv: list[str] | None = None) -> None:

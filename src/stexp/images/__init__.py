@@ -19,5 +19,6 @@ __getattr__, __dir__, __all__ = lazy_namespace(
         "build_encoder": "._encoders",
         "register_encoder": "._encoders",
         "PatchDataset": "._dataset",
+        "hed_shift": "._stain",
     },
 )

@@ -1,8 +1,8 @@
 """H&E stain: a fixed perturbation in HED space (a stand-in for another lab's staining) and Reinhard normalisation.
 
 :func:`hed_shift` scales and offsets the haematoxylin, eosin and DAB optical densities of an RGB image
-(:func:`skimage.color.rgb2hed` / :func:`~skimage.color.hed2rgb`); the benchmark's stain-shift protocol
-applies :data:`BENCHMARK_HED_SHIFT` to the held-out slides. :class:`ReinhardNormalizer` maps the CIELAB
+(:func:`skimage.color.rgb2hed` / :func:`~skimage.color.hed2rgb`): a stand-in for another lab's staining
+(the benchmark's stain-shift protocol applies it to the held-out slides; ``stexp.images.hed_shift``). :class:`ReinhardNormalizer` maps the CIELAB
 statistics of a slide's tissue pixels onto a fixed target (Reinhard et al., IEEE CG&A 21(5), 2001), so
 slides stained or scanned differently give comparable patches; ``stexp.pp.embed_images(...,
 stain_norm="reinhard")`` uses it (statistics from each slide's own thumbnail, then applied per patch).
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: The stain shift of the benchmark's ``stain`` protocol: stronger haematoxylin, weaker eosin, a small eosin offset.
-BENCHMARK_HED_SHIFT = {"scale": (1.3, 0.75, 1.0), "offset": (0.0, 0.02, 0.0)}
+#: The default shift of :func:`hed_shift`: stronger haematoxylin, weaker eosin, a small eosin offset.
+DEFAULT_HED_SHIFT = {"scale": (1.3, 0.75, 1.0), "offset": (0.0, 0.02, 0.0)}
 #: Reinhard target: mean and std of L*, a*, b* over tissue pixels (a typical H&E; fixed, not fitted to any slide).
 REINHARD_TARGET = {"mean": (65.0, 25.0, -12.0), "std": (15.0, 8.0, 6.0)}
 #: Pixels with all RGB channels above this are background (glass), excluded from the statistics.
@@ -25,8 +25,8 @@ WHITE = 215
 def hed_shift(
     image: np.ndarray,
     *,
-    scale: tuple[float, float, float] = BENCHMARK_HED_SHIFT["scale"],
-    offset: tuple[float, float, float] = BENCHMARK_HED_SHIFT["offset"],
+    scale: tuple[float, float, float] = DEFAULT_HED_SHIFT["scale"],
+    offset: tuple[float, float, float] = DEFAULT_HED_SHIFT["offset"],
     chunk_rows: int = 512,
 ) -> np.ndarray:
     """``image`` (uint8 ``(H, W, 3)`` RGB) with its H, E, DAB densities multiplied by ``scale`` and shifted by ``offset``.
