@@ -161,3 +161,71 @@ def test_bad_inputs(four):
     four.obs["half"] = np.where(np.arange(four.n_obs) % 2, "a", "b")
     with pytest.raises(ValueError, match="several 'half' groups"):
         stexp.tl.cross_validate(four, model="mean", split_by="half", features_key=FEATURES, genes=genes)
+
+
+def test_default_cross_validate_equals_fit_predict_evaluate_by_hand(four):
+    genes = four.var_names.tolist()
+    res = stexp.tl.cross_validate(four, features_key=FEATURES, genes=genes, coverage=0.9, keep_models=True)
+    assert list(res.summary.index) == [stexp.models.DEFAULT_RECIPE.label]
+    for column in ("coverage", "interval_width", "unc_spot_spearman", "expected_pcc_spearman"):
+        assert column in res.per_fold and res.per_fold[column].notna().all(), column
+    patients = four.obs["patient"].astype(str)
+    for fold, patient in enumerate(["patient_0", "patient_1"]):
+        train = four[(patients != patient).to_numpy()].copy()
+        test = four[(patients == patient).to_numpy()].copy()
+        model = stexp.tl.fit(train, features_key=FEATURES, genes=genes)
+        assert model.recipe == res.models["default"][fold].recipe
+        stexp.tl.predict(test, model, coverage=0.9)
+        by_hand = stexp.tl.evaluate(test)
+        rows = res.per_fold.set_index("library_id").loc[by_hand.index]
+        for column in ("pcc_acg", "pcc_heg", "mse", "coverage", "interval_width", "expected_pcc_spearman"):
+            np.testing.assert_allclose(rows[column], by_hand[column], rtol=1e-5, atol=1e-6, err_msg=column)
+
+
+def test_cross_validate_takes_the_fit_options_and_refuses_what_no_model_takes(four):
+    genes = four.var_names.tolist()
+    res = stexp.tl.cross_validate(four, features_key=FEATURES, genes=genes, smoothing=0, calibrate=False, k=10)
+    assert "coverage" not in res.per_fold
+    assert res.per_fold["pcc_acg"].notna().all()
+    with pytest.raises(TypeError, match=r"no model among \['ridge', 'mean'\] takes \['max_epochs'\]"):
+        stexp.tl.cross_validate(four, model=["ridge", "mean"], features_key=FEATURES, genes=genes, max_epochs=3)
+    with pytest.raises(ValueError, match="coverage= needs calibrated models"):
+        stexp.tl.cross_validate(four, model="ridge", features_key=FEATURES, genes=genes, calibrate=False, coverage=0.9)
+
+
+def test_test_features_are_scored_as_renderings_of_the_held_out_slides(four):
+    genes = four.var_names.tolist()
+    four.obsm["X_same"] = four.obsm[FEATURES].copy()
+    four.obsm["X_noise"] = np.random.default_rng(0).normal(size=four.obsm[FEATURES].shape).astype(np.float32)
+    res = stexp.tl.cross_validate(
+        four,
+        model=["ridge", "knn"],
+        features_key=FEATURES,
+        genes=genes,
+        test_features={"same": "X_same", "noise": "X_noise"},
+    )
+    s = res.summary["pcc_acg"]
+    assert set(s.index) == {"ridge", "knn", "ridge@same", "knn@same", "ridge@noise", "knn@noise"}
+    assert s["ridge@same"] == pytest.approx(s["ridge"]) and s["knn@same"] == pytest.approx(s["knn"])
+    assert s["ridge@noise"] < s["ridge"] - 0.2
+    assert {"stexp_cv_ridge", "stexp_cv_ridge_noise"} <= set(res.layers.values())
+    with pytest.raises(KeyError, match="X_missing"):
+        stexp.tl.cross_validate(
+            four, model="ridge", features_key=FEATURES, genes=genes, test_features={"a": "X_missing"}
+        )
+
+
+def test_inner_validation_holds_a_training_slide_out_of_each_fit(four):
+    res = stexp.tl.cross_validate(
+        four,
+        model="_test_spy",
+        features_key=FEATURES,
+        genes=four.var_names.tolist(),
+        keep_models=True,
+        inner_validation=True,
+    )
+    for fold, row in res.folds.iterrows():
+        train_libs = sorted(row["train_libraries"].split(", "))
+        assert len(train_libs) == 2
+        # the last training slide validates; the fit sees the other one only
+        assert res.models["_test_spy"][fold].seen_libraries == {train_libs[0]}

@@ -406,10 +406,12 @@ def cross_validate(
         hparams=hparams,
         training_options={**training, "seed": seed},
         smoothing=smoothing,
-        calibrate=True if coverage is not None and calibrate is None else calibrate,
+        calibrate=calibrate,
     )
-    if coverage is not None and not all(r.wants_calibration() for r in recipes):
-        raise ValueError("coverage= needs calibrated models; drop calibrate=False or coverage=.")
+    if coverage is not None:  # intervals need a calibration: on for the recipes that leave it to the model
+        if any(r.calibrate is False for r in recipes):
+            raise ValueError("coverage= needs calibrated models; drop calibrate=False or coverage=.")
+        recipes = [r if r.wants_calibration() else r.replace(calibrate=True) for r in recipes]
     groups, libs = _groups(adata, split_by, library_key)
     order = list(dict.fromkeys(groups.tolist()))
     _check_split(adata, order, libs, split_by=split_by, library_key=library_key)
