@@ -2,18 +2,13 @@
 
 A prediction under ``key`` is a set of entries that belong together:
 
-==========================  ============================================================  ===========================
-name                        where                                                         written by
-==========================  ============================================================  ===========================
-``key``                     ``adata.layers`` or an ``adata.obsm`` DataFrame (``_storage``)  ``predict``, ``cross_validate``
-``key_std``                 the same storage                                              a model with a spread
-``key_lo``, ``key_hi``      the same storage                                              ``predict(coverage=)``
-``key_expected_pcc``        ``adata.var`` column                                          a calibrated model
-``key_shift``               ``adata.obs`` column (reserved)                               a model with a shift reference
-``key_pcc``                 ``adata.var`` column                                          ``evaluate``
-the record                  ``adata.uns["stexp"][key]``                                   ``predict``, ``cross_validate``
-the scores                  ``adata.uns["stexp"]["evaluate"][key]``                       ``evaluate``
-==========================  ============================================================  ===========================
+- ``key`` (the mean), ``key_std`` (spread, a model that gives one), ``key_lo`` and ``key_hi`` (interval
+  bounds, ``predict(coverage=)``): ``adata.layers`` or ``adata.obsm`` gene DataFrames, by the rule of
+  :mod:`stexp.tl._storage`;
+- ``adata.var["key_expected_pcc"]`` (a calibrated model) and ``adata.var["key_pcc"]`` (written by
+  :func:`stexp.tl.evaluate`);
+- ``adata.obs["key_shift"]`` (reserved: how far each spot lies from the training distribution);
+- the record ``adata.uns["stexp"][key]`` and the scores ``adata.uns["stexp"]["evaluate"][key]``.
 
 Rule: a new prediction under a key replaces the whole set. :func:`write_prediction_set` first removes
 every entry of the key (:func:`clear_prediction`, in both storages), then writes what the new model
