@@ -85,6 +85,7 @@ def run_demo(
     import pandas as pd
 
     import stexp
+    from stexp.tl._keys import PredictionKeys
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def run_demo(
     stexp.tl.domains(test, layer=main_key, n_domains=n_domains, seed=seed)
     domain_scores = stexp.tl.score_domains(test, truth_key=truth_key, ignore=IGNORED_LABELS) if truth_key else None
 
-    per_gene = pd.Series(test.var[f"{main_key}_pcc"]).dropna().sort_values()
+    per_gene = pd.Series(test.var[PredictionKeys(main_key).pcc]).dropna().sort_values()
     best, worst = per_gene.index[-2:][::-1].tolist(), per_gene.index[:1].tolist()
     figures = {
         "spatial_genes.png": lambda: stexp.pl.spatial_genes(

@@ -70,7 +70,9 @@ def _layer_values(adata, layer: str, mask: np.ndarray, genes: Sequence[str]) -> 
 
 def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
     """The ``n`` genes with the highest expected PCC (``adata.var[f"{pred_key}_expected_pcc"]``), best first."""
-    key = f"{pred_key}_expected_pcc"
+    from stexp.tl._keys import PredictionKeys
+
+    key = PredictionKeys(pred_key).expected_pcc
     if key not in adata.var:
         raise KeyError(
             f"adata.var has no {key!r}: genes='best' ranks genes by a calibrated model's expected PCC; fit with "
@@ -195,7 +197,10 @@ def spatial_genes(
     if interval_width:
         if not predicted:
             raise ValueError("interval_width=True needs a predicted layer in layers=.")
-        width_bounds = (f"{predicted[0]}_lo", f"{predicted[0]}_hi")
+        from stexp.tl._keys import PredictionKeys
+
+        names = PredictionKeys(predicted[0])
+        width_bounds = (names.lo, names.hi)
         if not all(has_prediction(adata, b) for b in width_bounds):
             raise KeyError(
                 f"interval_width=True needs the predictions {list(width_bounds)}: predict with a calibrated model and "

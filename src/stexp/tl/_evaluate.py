@@ -14,6 +14,8 @@ from stexp._metrics import nanmean as _nanmean
 from stexp._metrics import pearson_columns
 from stexp._settings import logger
 
+from ._keys import PredictionKeys
+
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
@@ -79,7 +81,8 @@ def _interval_layers(adata, pred_key: str):
     """The ``<pred_key>_lo`` and ``_hi`` bounds written by ``stexp.tl.predict(..., coverage=)``, if both exist."""
     from ._storage import has_prediction
 
-    keys = (f"{pred_key}_lo", f"{pred_key}_hi")
+    names = PredictionKeys(pred_key)
+    keys = (names.lo, names.hi)
     if not all(has_prediction(adata, k) for k in keys):
         return None
     return _prediction_layer(adata, keys[0]), _prediction_layer(adata, keys[1])
@@ -236,7 +239,8 @@ def score_prediction(
         truth_all = np.asarray(target[1])[:, [column[g] for g in union_genes]]
     col_of = {g: j for j, g in enumerate(union)}
     bounds = _interval_layers(adata, pred_key)
-    expected_key = f"{pred_key}_expected_pcc"
+    names = PredictionKeys(pred_key)
+    expected_key = names.expected_pcc
     expected = adata.var[expected_key].to_numpy(dtype=np.float64) if expected_key in adata.var else None
 
     pcc = pd.DataFrame(np.nan, index=adata.var_names[union], columns=slides, dtype=np.float64)
@@ -275,7 +279,7 @@ def score_prediction(
         columns += ["expected_pcc_spearman"]
     result = pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=columns)
 
-    var_key = f"{pred_key}_pcc"
+    var_key = names.pcc
     mean_pcc = np.full(adata.n_vars, np.nan)
     with np.errstate(invalid="ignore"):
         values = pcc.to_numpy()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stexp._docs import doc_params
-from stexp._layout import LIBRARY_KEY, library_ids, record
+from stexp._layout import LIBRARY_KEY, library_ids
 from stexp._process import leaves_process_state
 from stexp._settings import logger
 from stexp.images._spec import check_encoder_spec
@@ -48,16 +48,6 @@ def _ensure_features(adata, model, *, features_key: str, library_key: str) -> No
     )
 
 
-def _write_expected_pcc(adata, key: str, genes, expected: np.ndarray) -> str:
-    """``adata.var[f"{key}_expected_pcc"]``: each gene's expected PCC on a new slide (NaN outside the panel)."""
-    var_idx = adata.var_names.get_indexer(list(genes))
-    present = var_idx >= 0
-    column = np.full(adata.n_vars, np.nan)
-    column[var_idx[present]] = np.asarray(expected, dtype=np.float64)[present]
-    adata.var[f"{key}_expected_pcc"] = column
-    return f"adata.var[{key + '_expected_pcc'!r}]"
-
-
 @leaves_process_state
 @doc_params
 def predict(
@@ -88,6 +78,11 @@ def predict(
     A calibrated model (``stexp.tl.fit(..., calibrate=True)``) also writes each gene's expected PCC on a
     new slide to ``adata.var[key_added + "_expected_pcc"]`` and, with ``coverage=``, the interval bounds
     ``key_added + "_lo"`` and ``key_added + "_hi"`` next to the prediction, in the same storage.
+
+    A prediction replaces everything under ``key_added`` (``stexp.tl._keys.PredictionKeys``): what a
+    previous prediction of that key left (its spread, intervals, expected PCC, shift score, record, and the
+    scores of :func:`stexp.tl.evaluate`) is removed first, in both storages, even where this model does not
+    write it again; what was removed is logged.
 
     Parameters
     ----------
@@ -154,28 +149,30 @@ def predict(
     )
     mean, spread = model.predict(data, device=device)
 
-    from ._storage import write_prediction
+    from ._keys import write_prediction_set
 
     panel = np.asarray(model.genes)[present]  # storage: layers when panel == var, else an obsm gene DataFrame
-    added = [write_prediction(adata, key_added, panel, np.asarray(mean)[:, present])]
-    if spread is not None:
-        added.append(write_prediction(adata, f"{key_added}_std", panel, np.asarray(spread)[:, present]))
-    if calibration is not None:
-        added.append(_write_expected_pcc(adata, key_added, model.genes, calibration.expected_pcc))
+    lo = hi = None
     if coverage is not None:
         assert calibration is not None  # refused above without one
-        lo, hi = calibration.intervals(mean, data.features, spread, float(coverage))
-        added.append(write_prediction(adata, f"{key_added}_lo", panel, np.asarray(lo)[:, present]))
-        added.append(write_prediction(adata, f"{key_added}_hi", panel, np.asarray(hi)[:, present]))
+        lo, hi = (
+            np.asarray(b)[:, present] for b in calibration.intervals(mean, data.features, spread, float(coverage))
+        )
     n_missing = int((~present).sum())
-    record(
+    added = write_prediction_set(
         adata,
         key_added,
-        {
+        panel,
+        np.asarray(mean)[:, present],
+        std=None if spread is None else np.asarray(spread)[:, present],
+        lo=lo,
+        hi=hi,
+        expected_pcc=None if calibration is None else np.asarray(calibration.expected_pcc)[present],
+        record={
             "model": model.name,
             "features_key": features_key,
             "fine_tuned_encoder": model.reads_patches,
-            "genes": list(np.asarray(model.genes)[present]),
+            "genes": list(panel),
             "n_model_genes_missing_from_var": n_missing,
             "target": "log1p of counts per 10,000",
             "hparams": model.hparams,

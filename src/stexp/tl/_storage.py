@@ -10,7 +10,9 @@ Rule (:func:`write_prediction`):
   all-genes layer would be 7 GB. ``adata.obsm[key]["ERBB2"]`` is one gene; anndata subsets the frame with
   the spots and writes it to h5ad / zarr.
 
-Any key uses the same rule (``stexp_pred``, its ``_std`` spread, cross-validation layers, intervals).
+Any key uses the same rule (``stexp_pred``, its ``_std`` spread, cross-validation layers, intervals);
+the names of a prediction's companions, and the rule that a new prediction replaces all of them, are
+in :mod:`stexp.tl._keys`.
 Every stexp reader (:func:`read_prediction`, :func:`prediction_columns`) accepts both places, and also
 an all-genes layer from older versions of stexp with NaN outside the panel.
 """
