@@ -202,16 +202,8 @@ class ExpressionModel(ABC):
             mean = smooth_values(np.asarray(mean, dtype=np.float32), data.coords_um, data.library, sigma)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
 
-    def predict_intervals(
-        self, data: SpotData, coverage: float, *, device: str | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-        """Prediction, spread and split-conformal bounds covering a new spot's value with probability ``coverage``.
-
-        Raises
-        ------
-        ValueError
-            If ``coverage`` is not in (0, 1) or the model has no calibration (``stexp.tl.fit(calibrate=True)``).
-        """
+    def check_intervals(self, coverage: float) -> None:
+        """Raise a ValueError unless ``coverage`` is in (0, 1) and the model is calibrated (it can give intervals)."""
         from ._calibration import check_coverage
 
         check_coverage(coverage)
@@ -221,6 +213,18 @@ class ExpressionModel(ABC):
                 f"refit it with stexp.tl.fit(..., model={self.name!r}, calibrate=True) (it refits the model on "
                 "inner folds of the training slides), or predict without coverage=."
             )
+
+    def predict_intervals(
+        self, data: SpotData, coverage: float, *, device: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Prediction, spread and split-conformal bounds covering a new spot's value with probability ``coverage``.
+
+        Raises
+        ------
+        ValueError
+            See :meth:`check_intervals`.
+        """
+        self.check_intervals(coverage)
         mean, spread = self.predict(data, device=device)
         lo, hi = self.calibration.intervals(mean, data.features, spread, float(coverage))
         return mean, spread, lo, hi

@@ -24,7 +24,8 @@ from stexp.models._recipe import Recipe
 
 from ._evaluate import spearman
 from ._inputs import features_spec, resolve_features, resolve_genes, spot_data
-from ._storage import where, write_prediction
+from ._keys import write_prediction_set
+from ._storage import where
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -598,11 +599,16 @@ def _score(
     """Write one model's out-of-fold predictions under ``key`` and score them per held-out slide."""
     from ._evaluate import score_prediction
 
-    write_prediction(adata, key, union, out.mean)
-    for suffix in ("std", "lo", "hi"):
-        values = getattr(out, suffix)
-        if values is not None:
-            write_prediction(adata, f"{key}_{suffix}", union, values)
+    write_prediction_set(
+        adata,
+        key,
+        union,
+        out.mean,
+        std=out.std,
+        lo=out.lo,
+        hi=out.hi,
+        record={"model": name, "out_of_fold": True, "target": "log1p of counts per 10,000"},
+    )
     scores = score_prediction(adata, pred_key=key, library_key=library_key, top_n=top_n, layer=layer, target=target)
     scores = scores.reset_index(names="library_id")
     fold_of_lib = {lib: r["fold"] for r in fold_rows for lib in r["test_libraries"].split(", ")}

@@ -112,17 +112,9 @@ def predict(
         If the features were made with another encoder, weights or patch size than the model's, or
         ``coverage`` is given for a model without calibration.
     """
-    calibration = getattr(model, "calibration", None)
-    if coverage is not None:
-        from stexp.models._calibration import check_coverage
-
-        check_coverage(coverage)
-        if calibration is None:
-            raise ValueError(
-                f"this {model.name} model has no calibration, so it cannot give intervals with a stated coverage; "
-                f"refit it with stexp.tl.fit(..., model={model.name!r}, calibrate=True) (it refits the model on "
-                "inner folds of the training slides), or predict without coverage=."
-            )
+    calibration = model.calibration
+    if coverage is not None:  # refused before any work
+        model.check_intervals(coverage)
     adata = adata.copy() if copy else adata
     library_ids(adata, library_key)
     features_key = features_key or model.features_key
@@ -147,26 +139,25 @@ def predict(
         library_key=library_key,
         patches=model.encoder_spec if model.reads_patches else None,
     )
-    mean, spread = model.predict(data, device=device)
+    if coverage is None:
+        mean, spread = model.predict(data, device=device)
+        lo = hi = None
+    else:
+        mean, spread, lo, hi = model.predict_intervals(data, coverage, device=device)
+    in_var = lambda values: None if values is None else np.asarray(values)[:, present]
 
     from ._keys import write_prediction_set
 
     panel = np.asarray(model.genes)[present]  # storage: layers when panel == var, else an obsm gene DataFrame
-    lo = hi = None
-    if coverage is not None:
-        assert calibration is not None  # refused above without one
-        lo, hi = (
-            np.asarray(b)[:, present] for b in calibration.intervals(mean, data.features, spread, float(coverage))
-        )
     n_missing = int((~present).sum())
     added = write_prediction_set(
         adata,
         key_added,
         panel,
-        np.asarray(mean)[:, present],
-        std=None if spread is None else np.asarray(spread)[:, present],
-        lo=lo,
-        hi=hi,
+        in_var(mean),
+        std=in_var(spread),
+        lo=in_var(lo),
+        hi=in_var(hi),
         expected_pcc=None if calibration is None else np.asarray(calibration.expected_pcc)[present],
         record={
             "model": model.name,
