@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +132,7 @@ def _recipes(
     training_options: dict[str, Any],
     smoothing: float | str | None,
     calibrate: bool | None,
+    coverage: float | None = None,
 ) -> tuple[list[Recipe], bool]:
     """The recipes to cross-validate (and whether ``model`` was a single one), every option checked.
 
@@ -172,6 +173,10 @@ def _recipes(
                 calibrate=calibrate,
             )
         )
+    if coverage is not None:  # intervals need a calibration: on for the recipes that leave it to the model
+        if any(r.calibrate is False for r in recipes):
+            raise ValueError("coverage= needs calibrated models; drop calibrate=False or coverage=.")
+        recipes = [r if r.wants_calibration() else r.replace(calibrate=True) for r in recipes]
     return recipes, single
 
 
@@ -408,11 +413,8 @@ def cross_validate(
         training_options={**training, "seed": seed},
         smoothing=smoothing,
         calibrate=calibrate,
+        coverage=coverage,
     )
-    if coverage is not None:  # intervals need a calibration: on for the recipes that leave it to the model
-        if any(r.calibrate is False for r in recipes):
-            raise ValueError("coverage= needs calibrated models; drop calibrate=False or coverage=.")
-        recipes = [r if r.wants_calibration() else r.replace(calibrate=True) for r in recipes]
     groups, libs = _groups(adata, split_by, library_key)
     order = list(dict.fromkeys(groups.tolist()))
     _check_split(adata, order, libs, split_by=split_by, library_key=library_key)
@@ -427,60 +429,29 @@ def cross_validate(
     union = list(dict.fromkeys(g for fold in panels for g in panels[fold]))
     spec = features_spec(adata, features_key)
     reads_patches = any(r.hparams.get("finetune_encoder", False) for r in recipes)
-    data = {
-        name: spot_data(
-            adata,
-            features_key=key,
-            library_key=library_key,
-            genes=union if name == features_key else None,
-            layer=layer,
-            patches=spec if reads_patches and name == features_key else None,
-        )
-        for name, key in renderings.items()
-    }
+    patches = spec if reads_patches else None  # a fine-tuned encoder reads the training slides' patches
+    data = _rendering_data(
+        adata, renderings, features_key, union, layer=layer, library_key=library_key, patches=patches
+    )
     names = {
         (r.label, name): r.label if name == features_key else f"{r.label}@{name}"
         for r in recipes
         for name in renderings
     }
-    oof = {pair: _OutOfFold(np.full((adata.n_obs, len(union)), np.nan, dtype=np.float32)) for pair in names}
-    column = {g: j for j, g in enumerate(union)}
-    fitted: dict[str, list] = {r.label: [] for r in recipes}
-    fit_kw = {
-        "features_key": features_key,
-        "encoder_spec": spec,
-        "device": device,
-        "devices": devices,
-        "seed": int(seed or 0),
-    }
-    for fold, group in enumerate(order):
-        is_test, rows = groups == group, np.flatnonzero(groups == group)
-        cols = np.asarray([column[g] for g in panels[fold]])
-        train, val = data[features_key].subset(~is_test).with_genes(cols), None
-        if inner_validation:
-            is_val = inner_validation_split(train)
-            train, val = train.subset(~is_val), train.subset(is_val)
-        logger.info(
-            f"fold {fold + 1}/{len(order)}: test {split_by}={group!r} ({fold_rows[fold]['test_libraries']}), "
-            f"{len(panels[fold])} genes, {[r.label for r in recipes]}"
-        )
-        models = _fit_fold(recipes, train, val, genes=panels[fold], **fit_kw)
-        for (label, name), out in oof.items():
-            model, fit_seconds = models[label]
-            test = data[name].subset(is_test)
-            test.target = None
-            t0 = time.perf_counter()
-            mean, spread, lo, hi = _predict_fold(model, test, coverage, device)
-            out.seconds[fold] = (fit_seconds, time.perf_counter() - t0)
-            out.put("mean", rows, cols, mean)
-            out.put("std", rows, cols, spread)
-            out.put("lo", rows, cols, lo)
-            out.put("hi", rows, cols, hi)
-            if model.calibration is not None:
-                out.expected[fold] = np.asarray(model.calibration.expected_pcc, dtype=np.float64)
-        for r in recipes:
-            if keep_models:
-                fitted[r.label].append(models[r.label][0])
+    fit_kw = {"features_key": features_key, "encoder_spec": spec, "device": device, "devices": devices}
+    oof, fitted = _run_folds(
+        recipes,
+        data,
+        names,
+        groups=groups,
+        panels=panels,
+        main=features_key,
+        inner_validation=inner_validation,
+        coverage=coverage,
+        describe=lambda fold: f"test {split_by}={order[fold]!r} ({fold_rows[fold]['test_libraries']})",
+        seed=int(seed or 0),
+        **fit_kw,
+    )
     assert data[features_key].target is not None  # spot_data(genes=union) computed it
     target = (union, data[features_key].target)
     keys = {pair: _cv_key(key_added, pair, single=single, main=features_key) for pair in names}
@@ -515,9 +486,7 @@ def cross_validate(
             "library_key": library_key,
             "features_key": features_key,
             "test_features": dict(renderings),
-            "genes": "per fold (stexp.pp.select_hvg on the training slides)"
-            if genes is None
-            else f"{len(genes)} given",
+            "genes": f"{len(genes)} given" if genes is not None else "per fold (select_hvg on the training slides)",
             "n_top_genes": n_top_genes if genes is None else None,
             "min_spots": min_spots,
             "folds": {str(r["fold"]): r["test_libraries"] for r in fold_rows},
@@ -536,6 +505,71 @@ def cross_validate(
         layers=layers,
         models=fitted if keep_models else None,
     )
+
+
+def _run_folds(
+    recipes: list[Recipe],
+    data: dict[str, SpotData],
+    names: dict[tuple[str, str], str],
+    *,
+    groups: np.ndarray,
+    panels: dict[int, list[str]],
+    main: str,
+    inner_validation: bool,
+    coverage: float | None,
+    describe: Callable[[int], str],
+    device: str,
+    **fit_kw: Any,
+) -> tuple[dict[tuple[str, str], _OutOfFold], dict[str, list]]:
+    """Fit every recipe on each fold (``data[main]``), predict the held-out spots of every rendering.
+
+    Returns the out-of-fold arrays per (model label, rendering) and each label's fitted models by fold.
+    """
+    union = list(dict.fromkeys(g for fold in panels for g in panels[fold]))
+    column = {g: j for j, g in enumerate(union)}
+    n_obs = data[main].n_spots
+    oof = {pair: _OutOfFold(np.full((n_obs, len(union)), np.nan, dtype=np.float32)) for pair in names}
+    fitted: dict[str, list] = {r.label: [] for r in recipes}
+    for fold, group in enumerate(dict.fromkeys(groups.tolist())):
+        is_test, rows = groups == group, np.flatnonzero(groups == group)
+        cols = np.asarray([column[g] for g in panels[fold]])
+        train, val = data[main].subset(~is_test).with_genes(cols), None
+        if inner_validation:
+            is_val = inner_validation_split(train)
+            train, val = train.subset(~is_val), train.subset(is_val)
+        logger.info(f"fold {fold + 1}: {describe(fold)}, {len(panels[fold])} genes, {[r.label for r in recipes]}")
+        models = _fit_fold(recipes, train, val, genes=panels[fold], device=device, **fit_kw)
+        for (label, name), out in oof.items():
+            model, fit_seconds = models[label]
+            test = data[name].subset(is_test)
+            test.target = None
+            t0 = time.perf_counter()
+            mean, spread, lo, hi = _predict_fold(model, test, coverage, device)
+            out.seconds[fold] = (fit_seconds, time.perf_counter() - t0)
+            for what, values in (("mean", mean), ("std", spread), ("lo", lo), ("hi", hi)):
+                out.put(what, rows, cols, values)
+            if model.calibration is not None:
+                out.expected[fold] = np.asarray(model.calibration.expected_pcc, dtype=np.float64)
+        for label, (model, _) in models.items():
+            fitted[label].append(model)
+    return oof, fitted
+
+
+def _rendering_data(
+    adata, renderings: dict[str, str], main: str, union: list[str], *, layer, library_key: str, patches
+) -> dict[str, SpotData]:
+    """Spot arrays of each rendering; the measured target (over the fold panels' union) and patches only for ``main``."""
+    return {
+        name: spot_data(
+            adata,
+            features_key=key,
+            library_key=library_key,
+            genes=union if name == main else None,
+            layer=layer,
+            patches=patches if name == main else None,
+        )
+        for name, key in renderings.items()
+    }
 
 
 def _cv_key(key_added: str, pair: tuple[str, str], *, single: bool, main: str) -> str:
