@@ -331,7 +331,7 @@ def read_st(
     import anndata as ad
     from scipy import sparse
 
-    from stexp.io._validate import check_spots_in_image
+    from stexp.images._extent import check_spots_in_image
 
     library_id = str(library_id)
     image_scale = _check_image_scale(image_scale)
