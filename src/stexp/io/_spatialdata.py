@@ -320,12 +320,11 @@ def to_spatialdata(
         )
     ok = pos >= 0
     rows = pos[ok]
-    from stexp.tl._storage import has_prediction
-
+    # a prediction is a layer or a panel-only obsm gene DataFrame (the rule of stexp.tl._storage)
     frames = [k for k in adata.obsm if isinstance(adata.obsm[k], pd.DataFrame)]
     if layers is None:
         layers = [k for k in [*adata.layers, *frames] if k.startswith("stexp")]
-    missing = [k for k in layers if not has_prediction(adata, k)]
+    missing = [k for k in layers if k not in frames and k not in adata.layers]
     if missing:
         raise KeyError(f"layer(s) {missing} not in adata.layers (it has {list(adata.layers)}).")
     written = []
