@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stexp._layout import check_um_per_px, mark_unmeasured, record
+from stexp._layout import LOWRES_PX, THUMBNAIL_PX, check_um_per_px, mark_unmeasured, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,8 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Pixel size (µm) of the downsampled image the tissue mask is computed on.
 MASK_UM_PER_PX = 8.0
-HIRES_PX = 2000
-LOWRES_PX = 600
 
 
 def _decode(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -142,7 +140,7 @@ def grid_spots(
         path = Path(image).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"image file {str(path)!r} does not exist.")
-        hires, (width, height) = _decode(path, HIRES_PX)
+        hires, (width, height) = _decode(path, THUMBNAIL_PX)
         metadata["source_image_path"] = str(path)
     else:
         from stexp.images._pixels import as_uint8_rgb
@@ -150,7 +148,7 @@ def grid_spots(
         # by the dtype's range (uint16 / 257), floats in [0, 1] or [0, 255]; never clipped
         arr = as_uint8_rgb(image, what=f"image of library {library_id!r}")
         height, width = arr.shape[:2]
-        hires = arr if max(height, width) <= HIRES_PX else _resize(arr, HIRES_PX)
+        hires = arr if max(height, width) <= THUMBNAIL_PX else _resize(arr, THUMBNAIL_PX)
     hires_scalef = hires.shape[1] / width
     lowres = _resize(hires, LOWRES_PX)
 

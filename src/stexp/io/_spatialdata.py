@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stexp._layout import PLATFORMS, check_um_per_px, record
+from stexp._layout import PLATFORMS, THUMBNAIL_PX, check_um_per_px, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,8 +15,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 
-#: Longest side (px) of the in-memory copy of a multiscale image kept for plots (a thumbnail).
-THUMBNAIL_PX = 2000
 #: Encoder input side (px) assumed when choosing the level patches are read from (the default encoders' 224).
 PATCH_INPUT_PX = 224
 

@@ -9,15 +9,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from stexp._layout import PLATFORMS, check_um_per_px, record
+from stexp._layout import LOWRES_PX, PLATFORMS, THUMBNAIL_PX, check_um_per_px, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
-
-#: Longest side (px) of the in-memory copies of the H&E kept for plotting.
-HIRES_PX = 2000
-LOWRES_PX = 600
 
 
 def _spot_ids(x, y) -> pd.Index:
@@ -236,7 +232,7 @@ def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dic
 
     from stexp.images._slide import decode_image
 
-    hires, (width, height) = decode_image(path, max_px=HIRES_PX, what=f"library {library_id!r}: ")
+    hires, (width, height) = decode_image(path, max_px=THUMBNAIL_PX, what=f"library {library_id!r}: ")
     lscale = min(1.0, LOWRES_PX / max(width, height))
     lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
     lowres = hires.resize(lowres_size, Image.Resampling.LANCZOS)

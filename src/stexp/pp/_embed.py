@@ -91,7 +91,7 @@ def _embed_plan(
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    from stexp.images._views import THUMBNAIL_PX, encode, resample_slide, stain_normalizer
+    from stexp.images._views import STAIN_THUMBNAIL_PX, encode, resample_slide, stain_normalizer
 
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
         if mpp is not None:
@@ -105,7 +105,7 @@ def _embed_plan(
         if stain_norm is not None:
             from PIL import Image
 
-            thumb = Image.fromarray(plan.view.reader().thumbnail(THUMBNAIL_PX)[0])
+            thumb = Image.fromarray(plan.view.reader().thumbnail(STAIN_THUMBNAIL_PX)[0])
             normalize = stain_normalizer(thumb, stain_norm)
     else:  # decoded once; resampled to mpp first when asked
         image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
