@@ -406,9 +406,9 @@ def embed_images(
     {adata}
     encoder
         A registry name (:func:`stexp.images.list_encoders`; default ``"efficientnet_lite0_ml"``:
-        EfficientNet-Lite0 pooled at four depths, 1704-d, the best measured on HER2+; its ImageNet weights
-        install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a ``torch.nn.Module`` /
-        callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
+        EfficientNet-Lite0 pooled at four depths, 1704-d, the best measured on HER2+ (``docs/benchmarks.md``);
+        its ImageNet weights install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a
+        ``torch.nn.Module`` / callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
         :class:`stexp.images.Encoder` from :func:`stexp.images.build_encoder` (to choose another input size
         or normalisation for a callable), or a local model folder (``config.json`` + ``model.safetensors`` /
         ``pytorch_model.bin`` as timm and the Hugging Face hub save them: UNI, H-optimus-0, Virchow2... you
@@ -425,8 +425,8 @@ def embed_images(
         and recognised as up to date. Change it when the callable changes.
     patch_um
         Patch side in µm: one number, a mapping library -> µm, or ``None``: each library's default
-        (:func:`stexp.images.default_patch_um`: ST 100 µm spots -> 75 µm, the best measured on HER2+;
-        Visium 55 µm spots -> 82.5 µm). The spec records one number when all
+        (:func:`stexp.images.default_patch_um`: ST 100 µm spots -> 75 µm, the best measured on HER2+
+        (``docs/benchmarks.md``); Visium 55 µm spots -> 82.5 µm). The spec records one number when all
         libraries share it, else the per-library mapping.
     batch_size
         Patches per forward pass.
