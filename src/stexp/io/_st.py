@@ -414,7 +414,7 @@ def _add_labels(adata, labels: str | os.PathLike | pd.DataFrame, spot_ids: pd.In
     logger.info(f"library {library_id!r}: labels joined for {int(matched.sum())} of {len(spot_ids)} spots.")
 
 
-def _drop_outside(adata, library_id: str, on_outside: str) -> tuple[AnnData, int]:
+def _drop_outside(adata, library_id: str, on_outside: Literal["raise", "drop"]) -> tuple[AnnData, int]:
     """``adata`` without the spots outside its image (``on_outside="drop"``) and how many went; else it raises."""
     from stexp.images._extent import check_spots_in_image
 
