@@ -38,6 +38,13 @@ PLATFORMS: dict[str, dict[str, float]] = {
 #: Plausible range of a full-resolution pixel size (µm per px); outside means wrong units.
 UM_PER_PX_RANGE = (0.05, 50.0)
 
+#: Longest side (px) of the in-memory copy of a slide that the readers keep in
+#: ``uns["spatial"][library_id]["images"]`` (``"hires"``, or a multiscale image's thumbnail): plots draw
+#: on it and tissue is found on it; patches come from the full-resolution source when there is one.
+THUMBNAIL_PX = 2000
+#: Longest side (px) of the ``"lowres"`` copy kept beside it.
+LOWRES_PX = 600
+
 
 def check_um_per_px(value: float, *, what: str = "um_per_px") -> float:
     """Validate a pixel size in µm per pixel and return it as a float.

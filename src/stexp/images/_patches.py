@@ -26,6 +26,7 @@ from stexp._layout import (
     um_per_px,
 )
 
+from ._extent import check_spots_in_image
 from ._slide import SlideView, slide_view
 
 #: Default patch side as a multiple of the spot diameter, per platform. Legacy ST (spots of at least
@@ -362,8 +363,6 @@ def plan_patches(
         If an index is not a spot of the library, the patch size does not fit the image, or spots lie
         outside the image with ``on_outside="raise"``.
     """
-    from stexp.io._validate import check_spots_in_image
-
     lib_rows = np.flatnonzero(library_mask(adata, library_id, library_key))
     indices = lib_rows if indices is None else np.asarray(indices, dtype=np.int64).ravel()
     not_in_lib = ~np.isin(indices, lib_rows)
@@ -418,7 +417,7 @@ def read_patches(
         SVS, ...) is read region by region at the pyramid level the patches need (never decoded whole).
     on_outside
         Spots whose centre lies outside the image: ``"raise"`` a ValueError, or ``"drop"``: warn and
-        return white patches for them (see :func:`stexp.io._validate.check_spots_in_image`).
+        return white patches for them (see :func:`stexp.images._extent.check_spots_in_image`).
     {library_key}
 
     Returns

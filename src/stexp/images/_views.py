@@ -19,8 +19,9 @@ import numpy as np
 
 #: ``stain_norm`` values of ``embed_images``.
 STAIN_NORMS = (None, "reinhard")
-#: Longest side of the thumbnail a slide's stain statistics are taken from.
-THUMBNAIL_PX = 1024
+#: Longest side (px) of the thumbnail a slide's stain statistics are taken from (``stain_norm``); smaller
+#: than the readers' in-memory copy (:data:`stexp._layout.THUMBNAIL_PX`): colour statistics need no detail.
+STAIN_THUMBNAIL_PX = 1024
 
 
 def check_options(mpp, stain_norm, tta) -> tuple[float | None, str | None, bool]:
@@ -65,7 +66,7 @@ def stain_normalizer(image, stain_norm: str | None) -> Callable[[np.ndarray], np
     from ._stain import ReinhardNormalizer
 
     thumb = image.copy()
-    thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    thumb.thumbnail((STAIN_THUMBNAIL_PX, STAIN_THUMBNAIL_PX))
     return ReinhardNormalizer.fit(np.asarray(thumb.convert("RGB")))
 
 

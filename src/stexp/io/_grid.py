@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stexp._layout import check_um_per_px, mark_unmeasured, record
+from stexp._layout import LOWRES_PX, THUMBNAIL_PX, check_um_per_px, mark_unmeasured, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,8 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Pixel size (µm) of the downsampled image the tissue mask is computed on.
 MASK_UM_PER_PX = 8.0
-HIRES_PX = 2000
-LOWRES_PX = 600
 
 
 def _decode(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -81,6 +79,36 @@ def tissue_mask(rgb: np.ndarray, *, threshold: float | None = None) -> tuple[np.
     return mask, float(threshold)
 
 
+def _hex_grid(width: float, height: float, pitch_px: float) -> tuple[np.ndarray, ...]:
+    """Row, column and centre (x, y) of the hexagonal grid points of pitch ``pitch_px`` inside the image.
+
+    Odd rows are shifted by half a pitch; rows are ``pitch * sqrt(3) / 2`` apart.
+    """
+    row_step = pitch_px * np.sqrt(3) / 2
+    n_rows = int(np.floor(height / row_step)) + 1
+    n_cols = int(np.floor(width / pitch_px)) + 1
+    grid_r, grid_c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rr, cc = grid_r.reshape(-1), grid_c.reshape(-1)
+    x = pitch_px / 2 + cc * pitch_px + (rr % 2) * pitch_px / 2
+    y = row_step / 2 + rr * row_step
+    inside = (x < width) & (y < height)
+    return rr[inside], cc[inside], x[inside], y[inside]
+
+
+def _tissue_fraction(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Share of tissue pixels of ``mask`` in a disc of ``radius`` around each point (mask pixel coordinates)."""
+    from scipy import ndimage
+
+    k = int(np.ceil(radius))
+    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
+    disc = (xx**2 + yy**2 <= radius**2).astype(float)
+    disc /= disc.sum()
+    fraction_map = ndimage.convolve(mask.astype(float), disc, mode="constant", cval=0.0)
+    iy = np.clip(np.round(y).astype(int), 0, mask.shape[0] - 1)
+    ix = np.clip(np.round(x).astype(int), 0, mask.shape[1] - 1)
+    return fraction_map[iy, ix]
+
+
 def grid_spots(
     image: np.ndarray | str | os.PathLike,
     *,
@@ -126,7 +154,7 @@ def grid_spots(
     """
     import anndata as ad
     import pandas as pd
-    from scipy import ndimage, sparse
+    from scipy import sparse
 
     um_per_px = check_um_per_px(um_per_px)
     for name, value in (("spacing_um", spacing_um), ("spot_diameter_um", spot_diameter_um)):
@@ -142,7 +170,7 @@ def grid_spots(
         path = Path(image).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"image file {str(path)!r} does not exist.")
-        hires, (width, height) = _decode(path, HIRES_PX)
+        hires, (width, height) = _decode(path, THUMBNAIL_PX)
         metadata["source_image_path"] = str(path)
     else:
         from stexp.images._pixels import as_uint8_rgb
@@ -150,7 +178,7 @@ def grid_spots(
         # by the dtype's range (uint16 / 257), floats in [0, 1] or [0, 255]; never clipped
         arr = as_uint8_rgb(image, what=f"image of library {library_id!r}")
         height, width = arr.shape[:2]
-        hires = arr if max(height, width) <= HIRES_PX else _resize(arr, HIRES_PX)
+        hires = arr if max(height, width) <= THUMBNAIL_PX else _resize(arr, THUMBNAIL_PX)
     hires_scalef = hires.shape[1] / width
     lowres = _resize(hires, LOWRES_PX)
 
@@ -160,26 +188,9 @@ def grid_spots(
     mask_scalef = small.shape[1] / width
     mask, threshold = tissue_mask(small, threshold=tissue_threshold)
 
-    pitch_px = spacing_um / um_per_px
-    row_step = pitch_px * np.sqrt(3) / 2
-    n_rows = int(np.floor(height / row_step)) + 1
-    n_cols = int(np.floor(width / pitch_px)) + 1
-    grid_r, grid_c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    rr, cc = grid_r.reshape(-1), grid_c.reshape(-1)
-    x = pitch_px / 2 + cc * pitch_px + (rr % 2) * pitch_px / 2
-    y = row_step / 2 + rr * row_step
-    inside = (x < width) & (y < height)
-    rr, cc, x, y = rr[inside], cc[inside], x[inside], y[inside]
-
+    rr, cc, x, y = _hex_grid(width, height, spacing_um / um_per_px)
     radius = max(spot_diameter_um / um_per_px * mask_scalef / 2, 0.5)
-    k = int(np.ceil(radius))
-    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
-    disc = (xx**2 + yy**2 <= radius**2).astype(float)
-    disc /= disc.sum()
-    fraction_map = ndimage.convolve(mask.astype(float), disc, mode="constant", cval=0.0)
-    iy = np.clip(np.round(y * mask_scalef).astype(int), 0, mask.shape[0] - 1)
-    ix = np.clip(np.round(x * mask_scalef).astype(int), 0, mask.shape[1] - 1)
-    fraction = fraction_map[iy, ix]
+    fraction = _tissue_fraction(mask, x * mask_scalef, y * mask_scalef, radius)
     keep = fraction >= min_tissue_fraction
     if not keep.any():
         raise ValueError(

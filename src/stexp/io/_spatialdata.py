@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stexp._layout import PLATFORMS, check_um_per_px, record
+from stexp._layout import PLATFORMS, THUMBNAIL_PX, check_um_per_px, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,8 +15,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 
-#: Longest side (px) of the in-memory copy of a multiscale image kept for plots (a thumbnail).
-THUMBNAIL_PX = 2000
 #: Encoder input side (px) assumed when choosing the level patches are read from (the default encoders' 224).
 PATCH_INPUT_PX = 224
 
@@ -88,6 +86,140 @@ def _res_name(key: str) -> str:
     return key
 
 
+def _coordinate_system(sdata, shapes, shapes_key: str, image_keys: list[str], coordinate_system: str | None) -> str:
+    """The given coordinate system (checked), else one where the shapes are the identity and the images are.
+
+    Default order: an identity system of the shapes shared with an image, any system shared with an
+    image, an identity system, the shapes' first system.
+    """
+    from spatialdata.transformations import get_transformation
+
+    shape_cs = get_transformation(shapes, get_all=True)
+    if coordinate_system is None:
+        identity = [cs for cs, t in shape_cs.items() if np.allclose(_affine(shapes, cs), np.eye(3))]
+        shared = [
+            cs for cs in shape_cs if any(cs in get_transformation(sdata.images[k], get_all=True) for k in image_keys)
+        ]
+        return next((cs for cs in identity if cs in shared), None) or (shared or identity or list(shape_cs))[0]
+    if coordinate_system not in shape_cs:
+        raise KeyError(
+            f"shapes {shapes_key!r} are not in coordinate system {coordinate_system!r} (they are in {list(shape_cs)})."
+        )
+    return coordinate_system
+
+
+def _region_rows(table, table_key: str, shapes, shapes_key: str, region_key: str, instance_key: str):
+    """A copy of the table's rows for region ``shapes_key`` and their shapes, matched by instance id."""
+    import pandas as pd
+
+    rows = table.obs[region_key].astype(str).to_numpy() == shapes_key
+    if not rows.any():
+        raise ValueError(f"table {table_key!r} has no rows for region {shapes_key!r} (column {region_key!r}).")
+    adata = table[rows].copy()
+    inst = adata.obs[instance_key].to_numpy()
+    missing = ~pd.Index(inst).isin(shapes.index)
+    if missing.any():
+        raise KeyError(
+            f"{int(missing.sum())} table rows have {instance_key!r} values absent from shapes {shapes_key!r}."
+        )
+    return adata, shapes.loc[inst]
+
+
+def _spot_geometry(geo, shapes, shapes_key: str, cs: str) -> tuple[np.ndarray, float, bool]:
+    """Spot centres (x, y) in the pixel frame of ``cs``, the median spot diameter there (px), and whether circles.
+
+    Circles are measured by their radius; other shapes (Visium HD squares, cell polygons) by the diameter
+    of the circle of the same area, around their centroid.
+    """
+    matrix = _affine(shapes, cs)
+    circles = bool((geo.geometry.geom_type == "Point").all())
+    if circles:
+        xy = np.column_stack([geo.geometry.x, geo.geometry.y])
+        if "radius" not in geo:
+            raise KeyError(f"shapes {shapes_key!r} are points without a 'radius' column; cannot size the spots.")
+        diameter = 2 * np.asarray(geo["radius"], dtype=float)
+    else:  # squares (Visium HD bins), cell polygons (Xenium): the diameter of the circle of equal area
+        cent = geo.geometry.centroid
+        xy = np.column_stack([cent.x, cent.y])
+        diameter = 2 * np.sqrt(np.asarray(geo.geometry.area, dtype=float) / np.pi)
+    xy = xy @ matrix[:2, :2].T + matrix[:2, 2]
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+    return xy, float(np.median(diameter)) * scale, circles
+
+
+def _pixel_size(
+    table, shapes_key: str, geo, lib: str, diameter_px: float, circles: bool, *, um_per_px, spot_diameter_um: float
+) -> tuple[float, float]:
+    """µm per pixel of the frame and the spot diameter (µm), as :func:`from_spatialdata` documents them.
+
+    Circles: µm/px from ``spot_diameter_um`` unless ``um_per_px`` is given. Other shapes: µm/px from
+    ``um_per_px`` or the table's ``microns_per_pixel`` (else a ValueError), the diameter measured.
+    """
+    if um_per_px is None and not circles:
+        old_sf = ((table.uns.get("spatial") or {}).get(shapes_key) or {}).get("scalefactors") or {}
+        um_per_px = old_sf.get("microns_per_pixel")
+        if um_per_px is None:
+            raise ValueError(
+                f"shapes {shapes_key!r} are {geo.geometry.geom_type.iloc[0]}s, not circles of a known size: pass "
+                "um_per_px= (µm per pixel of the coordinate system; e.g. 1.0 when it is in µm, as Xenium's "
+                "'global') so the spot size can be measured from the geometry."
+            )
+    if um_per_px is not None:
+        mpp = check_um_per_px(um_per_px, what="um_per_px")
+        if not circles:
+            spot_diameter_um = diameter_px * mpp
+    else:
+        mpp = check_um_per_px(
+            spot_diameter_um / diameter_px, what=f"µm per pixel of library {lib!r} from the spot radius"
+        )
+    return mpp, spot_diameter_um
+
+
+def _keep_images(sdata, image_keys: list[str], cs: str, mpp: float, spot_diameter_um: float):
+    """The in-memory images, their ``tissue_<res>_scalef`` and the OME-Zarr folder to read patches from (or None).
+
+    Images outside ``cs`` are skipped. A single-scale image is kept whole. A multiscale one is never
+    computed whole: a thumbnail of about :data:`THUMBNAIL_PX` for plots, plus, unless its full-resolution
+    frame is read lazily from its zarr store, the coarsest level fine enough for the default patches.
+    """
+    from spatialdata.transformations import get_transformation
+
+    from stexp.images._patches import patch_um_for_spots
+
+    images, scalefs = {}, {}
+    source = None
+    patch_um_per_px = patch_um_for_spots(spot_diameter_um) / PATCH_INPUT_PX  # what the default patches need
+    for key in image_keys:
+        element = sdata.images[key]
+        if cs not in get_transformation(element, get_all=True):
+            continue
+        s = _pure_scale(_affine(element, cs), f"image {key!r}")
+        levels = _levels(element)
+        full = max(levels[0].shape[1:])
+        res = _res_name(key)
+        if len(levels) == 1:  # a single-scale image (e.g. Space Ranger's hires / lowres PNG): in memory
+            images[res], factor = _level_rgb(levels[0]), 1.0
+        else:
+            store = _element_store(sdata, key)
+            if store is not None and source is None and np.isclose(s, 1.0, rtol=1e-4):
+                source = store  # the full-resolution frame itself, read lazily from the zarr store
+            if store is None or not np.isclose(s, 1.0, rtol=1e-4):
+                # no store to read lazily: the coarsest level that still has the µm/px the patches need
+                level_mpp = [mpp * s * full / max(lv.shape[1:]) for lv in levels]
+                ok = [i for i, m in enumerate(level_mpp) if m <= patch_um_per_px * (1 + 1e-3)] or [0]
+                chosen = levels[max(ok)]
+                images[res] = _level_rgb(chosen)
+                scalefs[f"tissue_{res}_scalef"] = max(chosen.shape[1:]) / full / s
+            # a thumbnail for plots: the coarsest level that is still >= THUMBNAIL_PX (computed alone)
+            thumb = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= THUMBNAIL_PX), levels[0])
+            res_thumb = f"{res}_thumbnail" if res in images else res
+            images[res_thumb] = _level_rgb(thumb)
+            scalefs[f"tissue_{res_thumb}_scalef"] = max(thumb.shape[1:]) / full / s
+            continue
+        scalefs[f"tissue_{res}_scalef"] = 1.0 / (s * factor)
+    return images, scalefs, source
+
+
 def from_spatialdata(
     sdata: SpatialData,
     *,
@@ -147,7 +279,6 @@ def from_spatialdata(
     """
     import pandas as pd
     from spatialdata.models import get_table_keys
-    from spatialdata.transformations import get_transformation
 
     table = _get(sdata.tables, table_key, "table")
     regions, region_key, instance_key = get_table_keys(table)
@@ -158,104 +289,19 @@ def from_spatialdata(
         shapes_key = regions[0]
     shapes = _get(sdata.shapes, shapes_key, "shapes element")
     lib = str(library_id or shapes_key)
-
-    shape_cs = get_transformation(shapes, get_all=True)
     image_keys = (
         list(sdata.images) if image_key is None else [image_key] if isinstance(image_key, str) else list(image_key)
     )
     for key in image_keys:
         _get(sdata.images, key, "image")
-    if coordinate_system is None:
-        identity = [cs for cs, t in shape_cs.items() if np.allclose(_affine(shapes, cs), np.eye(3))]
-        shared = [
-            cs for cs in shape_cs if any(cs in get_transformation(sdata.images[k], get_all=True) for k in image_keys)
-        ]
-        coordinate_system = (
-            next((cs for cs in identity if cs in shared), None) or (shared or identity or list(shape_cs))[0]
-        )
-    elif coordinate_system not in shape_cs:
-        raise KeyError(
-            f"shapes {shapes_key!r} are not in coordinate system {coordinate_system!r} (they are in {list(shape_cs)})."
-        )
-    cs = coordinate_system
+    cs = _coordinate_system(sdata, shapes, shapes_key, image_keys, coordinate_system)
 
-    # rows of the table for this region, matched to the shapes by instance id
-    rows = table.obs[region_key].astype(str).to_numpy() == shapes_key
-    if not rows.any():
-        raise ValueError(f"table {table_key!r} has no rows for region {shapes_key!r} (column {region_key!r}).")
-    adata = table[rows].copy()
-    inst = adata.obs[instance_key].to_numpy()
-    missing = ~pd.Index(inst).isin(shapes.index)
-    if missing.any():
-        raise KeyError(
-            f"{int(missing.sum())} table rows have {instance_key!r} values absent from shapes {shapes_key!r}."
-        )
-    geo = shapes.loc[inst]
-    matrix = _affine(shapes, cs)
-    circles = bool((geo.geometry.geom_type == "Point").all())
-    if circles:
-        xy = np.column_stack([geo.geometry.x, geo.geometry.y])
-        if "radius" not in geo:
-            raise KeyError(f"shapes {shapes_key!r} are points without a 'radius' column; cannot size the spots.")
-        diameter = 2 * np.asarray(geo["radius"], dtype=float)
-    else:  # squares (Visium HD bins), cell polygons (Xenium): the diameter of the circle of equal area
-        cent = geo.geometry.centroid
-        xy = np.column_stack([cent.x, cent.y])
-        diameter = 2 * np.sqrt(np.asarray(geo.geometry.area, dtype=float) / np.pi)
-    xy = xy @ matrix[:2, :2].T + matrix[:2, 2]
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
-    diameter_px = float(np.median(diameter)) * scale
-    if um_per_px is None and not circles:
-        old_sf = ((table.uns.get("spatial") or {}).get(shapes_key) or {}).get("scalefactors") or {}
-        um_per_px = old_sf.get("microns_per_pixel")
-        if um_per_px is None:
-            raise ValueError(
-                f"shapes {shapes_key!r} are {geo.geometry.geom_type.iloc[0]}s, not circles of a known size: pass "
-                "um_per_px= (µm per pixel of the coordinate system; e.g. 1.0 when it is in µm, as Xenium's "
-                "'global') so the spot size can be measured from the geometry."
-            )
-    if um_per_px is not None:
-        mpp = check_um_per_px(um_per_px, what="um_per_px")
-        if not circles:
-            spot_diameter_um = diameter_px * mpp
-    else:
-        mpp = check_um_per_px(
-            spot_diameter_um / diameter_px, what=f"µm per pixel of library {lib!r} from the spot radius"
-        )
-
-    from stexp.images._patches import patch_um_for_spots
-
-    images, scalefs = {}, {}
-    source = None
-    patch_um_per_px = patch_um_for_spots(spot_diameter_um) / PATCH_INPUT_PX  # what the default patches need
-    for key in image_keys:
-        element = sdata.images[key]
-        if cs not in get_transformation(element, get_all=True):
-            continue
-        s = _pure_scale(_affine(element, cs), f"image {key!r}")
-        levels = _levels(element)
-        full = max(levels[0].shape[1:])
-        res = _res_name(key)
-        if len(levels) == 1:  # a single-scale image (e.g. Space Ranger's hires / lowres PNG): in memory
-            images[res], factor = _level_rgb(levels[0]), 1.0
-        else:
-            store = _element_store(sdata, key)
-            if store is not None and source is None and np.isclose(s, 1.0, rtol=1e-4):
-                source = store  # the full-resolution frame itself, read lazily from the zarr store
-            if store is None or not np.isclose(s, 1.0, rtol=1e-4):
-                # no store to read lazily: the coarsest level that still has the µm/px the patches need
-                level_mpp = [mpp * s * full / max(lv.shape[1:]) for lv in levels]
-                ok = [i for i, m in enumerate(level_mpp) if m <= patch_um_per_px * (1 + 1e-3)] or [0]
-                chosen = levels[max(ok)]
-                images[res] = _level_rgb(chosen)
-                scalefs[f"tissue_{res}_scalef"] = max(chosen.shape[1:]) / full / s
-            # a thumbnail for plots: the coarsest level that is still >= THUMBNAIL_PX (computed alone)
-            thumb = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= THUMBNAIL_PX), levels[0])
-            res_thumb = f"{res}_thumbnail" if res in images else res
-            images[res_thumb] = _level_rgb(thumb)
-            scalefs[f"tissue_{res_thumb}_scalef"] = max(thumb.shape[1:]) / full / s
-            continue
-        scalefs[f"tissue_{res}_scalef"] = 1.0 / (s * factor)
+    adata, geo = _region_rows(table, table_key, shapes, shapes_key, region_key, instance_key)
+    xy, diameter_px, circles = _spot_geometry(geo, shapes, shapes_key, cs)
+    mpp, spot_diameter_um = _pixel_size(
+        table, shapes_key, geo, lib, diameter_px, circles, um_per_px=um_per_px, spot_diameter_um=spot_diameter_um
+    )
+    images, scalefs, source = _keep_images(sdata, image_keys, cs, mpp, spot_diameter_um)
     if image_key is not None and not images:
         raise KeyError(f"image(s) {image_keys} are not in coordinate system {cs!r}.")
     scalefs.update(
@@ -320,12 +366,11 @@ def to_spatialdata(
         )
     ok = pos >= 0
     rows = pos[ok]
-    from stexp.tl._storage import has_prediction
-
+    # a prediction is a layer or a panel-only obsm gene DataFrame (the rule of stexp.tl._storage)
     frames = [k for k in adata.obsm if isinstance(adata.obsm[k], pd.DataFrame)]
     if layers is None:
         layers = [k for k in [*adata.layers, *frames] if k.startswith("stexp")]
-    missing = [k for k in layers if not has_prediction(adata, k)]
+    missing = [k for k in layers if k not in frames and k not in adata.layers]
     if missing:
         raise KeyError(f"layer(s) {missing} not in adata.layers (it has {list(adata.layers)}).")
     written = []

@@ -9,15 +9,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from stexp._layout import PLATFORMS, check_um_per_px, record
+from stexp._layout import LOWRES_PX, PLATFORMS, THUMBNAIL_PX, check_um_per_px, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
-
-#: Longest side (px) of the in-memory copies of the H&E kept for plotting.
-HIRES_PX = 2000
-LOWRES_PX = 600
 
 
 def _spot_ids(x, y) -> pd.Index:
@@ -236,7 +232,7 @@ def _load_image(path: Path, library_id: str) -> tuple[dict[str, np.ndarray], dic
 
     from stexp.images._slide import decode_image
 
-    hires, (width, height) = decode_image(path, max_px=HIRES_PX, what=f"library {library_id!r}: ")
+    hires, (width, height) = decode_image(path, max_px=THUMBNAIL_PX, what=f"library {library_id!r}: ")
     lscale = min(1.0, LOWRES_PX / max(width, height))
     lowres_size = (max(1, round(width * lscale)), max(1, round(height * lscale)))
     lowres = hires.resize(lowres_size, Image.Resampling.LANCZOS)
@@ -277,6 +273,155 @@ def _read_labels(labels: str | os.PathLike | pd.DataFrame, library_id: str) -> p
                 f"e.g. {conflicting[:3]} ({out.loc[conflicting[0]].tolist()})."
             )
     return out[~out.index.duplicated(keep="first")]
+
+
+def _image_path(image: str | os.PathLike | None, library_id: str) -> Path | None:
+    """The H&E's absolute path (``None`` without image); a missing file raises a FileNotFoundError naming it."""
+    if image is None:
+        return None
+    image_path = Path(image).expanduser().resolve()
+    if not image_path.is_file():
+        raise FileNotFoundError(f"library {library_id!r}: image file {str(image_path)!r} does not exist.")
+    return image_path
+
+
+def _join_counts_and_spots(cnt: pd.DataFrame, spt: pd.DataFrame, library_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The counts and spot-file rows of the spots both have, in the counts' order (what is dropped is logged).
+
+    Raises
+    ------
+    ValueError
+        If the spot file holds no spots, or fewer than half of the spots join (the ids are not ``"{x}x{y}"``).
+    """
+    if len(spt) == 0:
+        raise ValueError(f"library {library_id!r}: the spot file holds no (selected) spots.")
+    common = cnt.index[cnt.index.isin(spt.index)]
+    n_match = len(common)
+    if n_match == 0 or n_match < 0.5 * min(len(cnt), len(spt)):
+        raise ValueError(
+            f"library {library_id!r}: counts and spot file do not join: only {n_match} of {len(cnt)} count spots "
+            f"match the {len(spt)} spot-file ids (e.g. counts {list(cnt.index[:3])}, spots {list(spt.index[:3])}); "
+            "both must use '{x}x{y}' integer array positions."
+        )
+    if n_match < len(cnt):
+        logger.info(
+            f"library {library_id!r}: {len(cnt) - n_match} count spots not in the (selected) spot file dropped."
+        )
+    if n_match < len(spt):
+        logger.info(f"library {library_id!r}: {len(spt) - n_match} spot-file spots without counts dropped.")
+    return cnt.loc[common], spt.loc[common]
+
+
+def _count_values(cnt: pd.DataFrame, source: str, library_id: str) -> np.ndarray:
+    """The counts as float32; NaN, infinite or negative values raise a ValueError with an example spot and gene."""
+    values = cnt.to_numpy(dtype=np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, g = np.argwhere(bad)[0]
+        raise ValueError(
+            f"library {library_id!r}: {int(bad.sum())} NaN or infinite values in the {source} (e.g. spot "
+            f"{cnt.index[r]!r}, gene {str(cnt.columns[g])!r}: {values[r, g]}); counts must be finite."
+        )
+    neg = values < 0
+    if neg.any():
+        r, g = np.argwhere(neg)[0]
+        raise ValueError(
+            f"library {library_id!r}: {int(neg.sum())} negative counts (min {values.min():g}) in the {source} "
+            f"(e.g. spot {cnt.index[r]!r}, gene {str(cnt.columns[g])!r}); counts must be >= 0."
+        )
+    return values
+
+
+def _spot_pixels(spt: pd.DataFrame, image_scale: float, library_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Spot centres in the image's pixels (the spot file's times ``image_scale``) and integer array (x, y)."""
+    pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * image_scale
+    if not np.isfinite(pixel_xy).all():
+        raise ValueError(
+            f"library {library_id!r}: image_scale={image_scale!r} times the spot file's pixels overflows "
+            "(non-finite pixel coordinates)."
+        )
+    array_xy = np.column_stack([spt["x"].round().astype(int), spt["y"].round().astype(int)])
+    return pixel_xy, array_xy
+
+
+def _pixel_size(pixel_xy: np.ndarray, array_xy: np.ndarray, um_per_px: float | None, library_id: str) -> float:
+    """The checked µm per pixel: the given one, else derived from the ST spot pitch."""
+    pitch_um = PLATFORMS["st"]["pitch_um"]
+    if um_per_px is None:
+        um_per_px = estimate_um_per_px(pixel_xy, array_xy, pitch_um=pitch_um)
+        what = f"µm per pixel of library {library_id!r} derived from the {pitch_um:g} µm spot pitch"
+    else:
+        what = "um_per_px"
+    return check_um_per_px(um_per_px, what=what)
+
+
+def _assemble(
+    spot_ids: pd.Index,
+    values: np.ndarray,
+    genes: pd.Index,
+    pixel_xy: np.ndarray,
+    array_xy: np.ndarray,
+    library_id: str,
+    image_path: Path | None,
+    um_per_px: float,
+) -> AnnData:
+    """The library's AnnData: counts (CSR), spot ``obs``, centres, and its ``uns["spatial"]`` entry with the images."""
+    import anndata as ad
+    from scipy import sparse
+
+    spot_diameter_um = PLATFORMS["st"]["spot_diameter_um"]
+    scalefs: dict[str, float] = {}
+    images: dict[str, np.ndarray] = {}
+    metadata: dict = {"platform": "st", "has_image": image_path is not None}
+    if image_path is not None:
+        images, scalefs, (width, height) = _load_image(image_path, library_id)
+        metadata["source_image_path"] = str(image_path)
+        metadata["image_width"], metadata["image_height"] = width, height
+    scalefs.update(
+        {
+            "spot_diameter_fullres": spot_diameter_um / um_per_px,
+            "microns_per_pixel": um_per_px,
+            "spot_diameter_um": spot_diameter_um,
+        }
+    )
+    obs = pd.DataFrame(
+        {
+            "library_id": pd.Categorical([library_id] * len(spot_ids)),
+            "spot_id": spot_ids.to_numpy(),
+            "array_row": array_xy[:, 1].astype(np.int64),
+            "array_col": array_xy[:, 0].astype(np.int64),
+            "in_tissue": 1,
+        },
+        index=pd.Index([f"{library_id}_{s}" for s in spot_ids]),
+    )
+    return ad.AnnData(
+        X=sparse.csr_matrix(values),
+        obs=obs,
+        var=pd.DataFrame(index=genes.astype(str)),
+        obsm={"spatial": pixel_xy},
+        uns={"spatial": {library_id: {"images": images, "scalefactors": scalefs, "metadata": metadata}}},
+    )
+
+
+def _add_labels(adata, labels: str | os.PathLike | pd.DataFrame, spot_ids: pd.Index, library_id: str) -> None:
+    """Join the pathologist labels onto the spots as ``obs["label"]`` (NaN where a spot has none)."""
+    lab = _read_labels(labels, library_id)
+    matched = spot_ids.isin(lab.index)
+    n_unused = int((~lab.index.isin(spot_ids)).sum())
+    if n_unused:
+        logger.warning(f"library {library_id!r}: {n_unused} labelled positions match no spot.")
+    adata.obs["label"] = pd.Categorical(lab.reindex(spot_ids).to_numpy())
+    logger.info(f"library {library_id!r}: labels joined for {int(matched.sum())} of {len(spot_ids)} spots.")
+
+
+def _drop_outside(adata, library_id: str, on_outside: Literal["raise", "drop"]) -> tuple[AnnData, int]:
+    """``adata`` without the spots outside its image (``on_outside="drop"``) and how many went; else it raises."""
+    from stexp.images._extent import check_spots_in_image
+
+    inside = check_spots_in_image(adata, library_id, on_outside=on_outside)
+    if inside.all():
+        return adata, 0
+    return adata[inside].copy(), int((~inside).sum())
 
 
 def read_st(
@@ -328,120 +473,25 @@ def read_st(
     full-resolution image pixels and ``uns["spatial"][library_id]`` with images, scale factors
     (``microns_per_pixel``, ``spot_diameter_um = 100``) and metadata.
     """
-    import anndata as ad
-    from scipy import sparse
-
-    from stexp.io._validate import check_spots_in_image
-
     library_id = str(library_id)
     image_scale = _check_image_scale(image_scale)
     if on_outside not in ("raise", "drop"):
         raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
-    image_path = None
-    if image is not None:
-        image_path = Path(image).expanduser().resolve()
-        if not image_path.is_file():
-            raise FileNotFoundError(f"library {library_id!r}: image file {str(image_path)!r} does not exist.")
+    image_path = _image_path(image, library_id)
 
     cnt, source = _read_counts(counts, library_id)
     spt = _read_spots(spots, library_id, drop_unselected)
-    if len(spt) == 0:
-        raise ValueError(f"library {library_id!r}: the spot file holds no (selected) spots.")
-    common = cnt.index[cnt.index.isin(spt.index)]
-    n_match = len(common)
-    if n_match == 0 or n_match < 0.5 * min(len(cnt), len(spt)):
-        raise ValueError(
-            f"library {library_id!r}: counts and spot file do not join: only {n_match} of {len(cnt)} count spots "
-            f"match the {len(spt)} spot-file ids (e.g. counts {list(cnt.index[:3])}, spots {list(spt.index[:3])}); "
-            "both must use '{x}x{y}' integer array positions."
-        )
-    if n_match < len(cnt):
-        logger.info(
-            f"library {library_id!r}: {len(cnt) - n_match} count spots not in the (selected) spot file dropped."
-        )
-    if n_match < len(spt):
-        logger.info(f"library {library_id!r}: {len(spt) - n_match} spot-file spots without counts dropped.")
-    cnt = cnt.loc[common]
-    spt = spt.loc[common]
+    cnt, spt = _join_counts_and_spots(cnt, spt, library_id)
+    values = _count_values(cnt, source, library_id)
+    pixel_xy, array_xy = _spot_pixels(spt, image_scale, library_id)
+    um_per_px = _pixel_size(pixel_xy, array_xy, um_per_px, library_id)
 
-    values = cnt.to_numpy(dtype=np.float32)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        r, g = np.argwhere(bad)[0]
-        raise ValueError(
-            f"library {library_id!r}: {int(bad.sum())} NaN or infinite values in the {source} (e.g. spot "
-            f"{common[r]!r}, gene {str(cnt.columns[g])!r}: {values[r, g]}); counts must be finite."
-        )
-    neg = values < 0
-    if neg.any():
-        r, g = np.argwhere(neg)[0]
-        raise ValueError(
-            f"library {library_id!r}: {int(neg.sum())} negative counts (min {values.min():g}) in the {source} "
-            f"(e.g. spot {common[r]!r}, gene {str(cnt.columns[g])!r}); counts must be >= 0."
-        )
-
-    pixel_xy = spt[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * image_scale
-    if not np.isfinite(pixel_xy).all():
-        raise ValueError(
-            f"library {library_id!r}: image_scale={image_scale!r} times the spot file's pixels overflows "
-            "(non-finite pixel coordinates)."
-        )
-    array_xy = np.column_stack([spt["x"].round().astype(int), spt["y"].round().astype(int)])
-    geometry = PLATFORMS["st"]
-    if um_per_px is None:
-        um_per_px = estimate_um_per_px(pixel_xy, array_xy, pitch_um=geometry["pitch_um"])
-        what = f"µm per pixel of library {library_id!r} derived from the {geometry['pitch_um']:g} µm spot pitch"
-    else:
-        what = "um_per_px"
-    um_per_px = check_um_per_px(um_per_px, what=what)
-
-    scalefs: dict[str, float] = {}
-    images: dict[str, np.ndarray] = {}
-    metadata: dict = {"platform": "st", "has_image": image_path is not None}
-    if image_path is not None:
-        images, scalefs, (width, height) = _load_image(image_path, library_id)
-        metadata["source_image_path"] = str(image_path)
-        metadata["image_width"], metadata["image_height"] = width, height
-    scalefs.update(
-        {
-            "spot_diameter_fullres": geometry["spot_diameter_um"] / um_per_px,
-            "microns_per_pixel": um_per_px,
-            "spot_diameter_um": geometry["spot_diameter_um"],
-        }
-    )
-
-    obs = pd.DataFrame(
-        {
-            "library_id": pd.Categorical([library_id] * n_match),
-            "spot_id": common.to_numpy(),
-            "array_row": array_xy[:, 1].astype(np.int64),
-            "array_col": array_xy[:, 0].astype(np.int64),
-            "in_tissue": 1,
-        },
-        index=pd.Index([f"{library_id}_{s}" for s in common]),
-    )
-    adata = ad.AnnData(
-        X=sparse.csr_matrix(values),
-        obs=obs,
-        var=pd.DataFrame(index=cnt.columns.astype(str)),
-        obsm={"spatial": pixel_xy},
-        uns={"spatial": {library_id: {"images": images, "scalefactors": scalefs, "metadata": metadata}}},
-    )
+    adata = _assemble(cnt.index, values, cnt.columns, pixel_xy, array_xy, library_id, image_path, um_per_px)
     if labels is not None:
-        lab = _read_labels(labels, library_id)
-        matched = common.isin(lab.index)
-        n_unused = int((~lab.index.isin(common)).sum())
-        if n_unused:
-            logger.warning(f"library {library_id!r}: {n_unused} labelled positions match no spot.")
-        adata.obs["label"] = pd.Categorical(lab.reindex(common).to_numpy())
-        logger.info(f"library {library_id!r}: labels joined for {int(matched.sum())} of {n_match} spots.")
-
+        _add_labels(adata, labels, cnt.index, library_id)
     n_dropped = 0
     if image_path is not None:
-        inside = check_spots_in_image(adata, library_id, on_outside=on_outside)
-        if not inside.all():
-            n_dropped = int((~inside).sum())
-            adata = adata[inside].copy()
+        adata, n_dropped = _drop_outside(adata, library_id, on_outside)
     record(
         adata,
         "read_st",

@@ -9,15 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stexp._layout import check_um_per_px, record
+from stexp._layout import THUMBNAIL_PX, check_um_per_px, record
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
-
-
-#: Longest side (px) of the thumbnail kept in memory (``images["hires"]``) and used to find the tissue.
-THUMBNAIL_PX = 2000
 
 
 def slide_um_per_px(path: str | os.PathLike, mpp: float | None = None) -> float:

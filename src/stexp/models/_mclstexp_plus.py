@@ -45,8 +45,8 @@ class MclSTExpPlus(MclSTExp):
        slides, so this choice never sees a test slide.
 
     Why: on HER2+ under leave-one-patient-out (frozen multi-level EfficientNet-Lite0 features,
-    75 µm patches), this raised PCC(ACG) from 0.062 (mclSTExp) to about 0.09, past the ridge probe on
-    the same features (0.072); see ``docs/benchmarks.md``.
+    75 µm patches), this raised PCC(ACG) above mclSTExp's and past the ridge probe on the same
+    features; the figures are in ``docs/benchmarks.md``.
 
     Hyper-parameters (``default_hparams``)
         mclSTExp's (the registered ``"mclstexp"`` (:class:`stexp.models._mclstexp.MclSTExp`)) and ``retrieval_temperature="auto"`` (or a

@@ -70,9 +70,7 @@ def _layer_values(adata, layer: str, mask: np.ndarray, genes: Sequence[str]) -> 
 
 def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
     """The ``n`` genes with the highest expected PCC (``adata.var[f"{pred_key}_expected_pcc"]``), best first."""
-    from stexp.tl._keys import PredictionKeys
-
-    key = PredictionKeys(pred_key).expected_pcc
+    key = f"{pred_key}_expected_pcc"
     if key not in adata.var:
         raise KeyError(
             f"adata.var has no {key!r}: genes='best' ranks genes by a calibrated model's expected PCC; fit with "
@@ -83,6 +81,162 @@ def best_genes(adata, pred_key: str = "stexp_pred", n: int = 6) -> list[str]:
     expected = adata.var[key].to_numpy(dtype=np.float64)
     order = [i for i in np.argsort(-np.nan_to_num(expected, nan=-np.inf), kind="stable") if np.isfinite(expected[i])]
     return adata.var_names[order[: int(n)]].tolist()
+
+
+def _checked_request(
+    adata, genes, layers, *, n_best: int, interval_width: bool, scale: str, ncols: int | None
+) -> tuple[list[str], list[str | None], tuple[str, tuple[str, str]] | None]:
+    """The genes and layers to draw, and the interval-width panel (its label and bound keys) or ``None``.
+
+    Checks the request against ``adata`` before anything is drawn: layers and bounds exist, genes are
+    known (to ``var`` or to a panel-only prediction), ``scale`` and ``ncols`` are valid.
+    """
+    from stexp.tl._storage import has_prediction, read_prediction
+
+    layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer (None for the measured target).")
+    predicted = [layer for layer in layers if layer is not None]
+    if isinstance(genes, str) and genes == "best":
+        genes = best_genes(adata, predicted[0] if predicted else "stexp_pred", n_best)
+    genes = as_list(genes) or []
+    if not genes:
+        raise ValueError("genes is empty: name at least one gene.")
+    width = None
+    if interval_width:
+        if not predicted:
+            raise ValueError("interval_width=True needs a predicted layer in layers=.")
+        from stexp.tl._keys import PredictionKeys
+
+        names = PredictionKeys(predicted[0])
+        bounds = (names.lo, names.hi)
+        if not all(has_prediction(adata, b) for b in bounds):
+            raise KeyError(
+                f"interval_width=True needs the predictions {list(bounds)}: predict with a calibrated model and "
+                "coverage=, e.g. stexp.tl.predict(adata, model, coverage=0.9)."
+            )
+        width = (f"{predicted[0]} interval width", bounds)
+    for layer in layers:
+        if layer is not None and not has_prediction(adata, layer):
+            raise KeyError(
+                f"prediction {layer!r} not found in adata.layers ({list(adata.layers)}) or adata.obsm ({list(adata.obsm)})."
+            )
+    known = set(adata.var_names)
+    for layer in layers:  # a panel-only prediction (obsm gene DataFrame) may hold genes var lacks
+        if layer is not None and layer not in adata.layers:
+            known |= set(read_prediction(adata, layer)[0])
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise KeyError(f"gene(s) {missing[:10]} not in adata.var_names ({adata.n_vars} genes).")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}.")
+    if ncols is not None and ncols < 1:
+        raise ValueError(f"ncols must be at least 1, got {ncols}.")
+    return genes, layers, width
+
+
+def _measured(adata, view, genes: list[str], layers: list[str | None], title_scores: bool) -> np.ndarray | None:
+    """The measured target of ``genes`` at the drawn spots, or ``None`` when nothing needs it or it cannot be had.
+
+    It is drawn when ``None`` is among the layers (an AnnData without measured expression then raises),
+    else computed only for the titles' scores, and skipped when ``X`` holds no raw counts.
+    """
+    from stexp.pp._target import expression_target
+
+    unmeasured = is_unmeasured(adata)
+    if None in layers:
+        if unmeasured:
+            raise ValueError(
+                "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set); "
+                "draw only predicted layers, e.g. layers=('stexp_pred',)."
+            )
+        return expression_target(adata[view.mask], genes).astype(np.float64)
+    if title_scores and not unmeasured:
+        try:  # scores only: skip them when X holds no raw counts
+            return expression_target(adata[view.mask], genes).astype(np.float64)
+        except ValueError:
+            return None
+    return None
+
+
+def _panel_values(
+    adata, view, genes: list[str], layers: list[str | None], lib: str, measured, width
+) -> dict[str | None, np.ndarray]:
+    """Spots x genes values of each panel: the measured target (``None``), each layer and the interval width.
+
+    Raises
+    ------
+    ValueError
+        If a gene has no prediction (all NaN) in a layer for this library.
+    """
+    values: dict[str | None, np.ndarray] = {}
+    for layer in layers:
+        if layer is None:
+            assert measured is not None  # computed whenever None is among the layers
+            values[None] = measured
+            continue
+        v = _layer_values(adata, layer, view.mask, genes)
+        empty = ~np.isfinite(v).any(axis=0)
+        if empty.any():
+            raise ValueError(
+                f"gene(s) {[genes[int(i)] for i in np.flatnonzero(empty)]} have no prediction in "
+                f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
+            )
+        values[layer] = v
+    if width is not None:
+        label, bounds = width
+        lo_v, hi_v = (_layer_values(adata, b, view.mask, genes) for b in bounds)
+        values[label] = hi_v - lo_v
+    return values
+
+
+def _panel_axes(ax, n_genes: int, n_layers: int, per_row: int) -> tuple[Figure, list]:
+    """The figure and one axes per panel (gene-major): a new grid of ``per_row`` genes a row, or the given ``ax``."""
+    n_panels = n_genes * n_layers
+    if ax is not None:
+        axes = given_axes(ax, n_panels, "spatial_genes")
+        return cast("Figure", axes[0].figure), axes
+    n_rows = int(np.ceil(n_genes / per_row))
+    fig, grid = new_axes(n_rows, per_row * n_layers)
+    axes = list(grid.ravel())
+    for extra in axes[n_panels:]:
+        extra.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _draw_gene(
+    fig, gene_axes, gene: str, g: int, panels, expression_layers, values, measured,
+    *, view, colour_map, vmin, vmax, scale: str, title_scores: bool,
+) -> None:  # fmt: skip
+    """Draw the panels of one gene (column ``g`` of the values), with titles, scores and colour bars.
+
+    The interval-width panel always has its own colour scale; the expression panels share one with
+    ``scale="shared"`` (one colour bar), else each has its own.
+    """
+    shared = (
+        colour_limits([values[layer][:, g] for layer in expression_layers], vmin, vmax) if scale == "shared" else None
+    )
+    coll = None
+    for a, layer in zip(gene_axes, panels, strict=True):
+        is_width = layer not in expression_layers
+        lo, hi = (shared if not is_width else None) or colour_limits([values[layer][:, g]], vmin, vmax)
+        draw_tissue(a, view)
+        panel = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=lo, vmax=hi)
+        a.add_collection(panel)
+        label = MEASURED_LABEL if layer is None else layer
+        title = f"{gene}: {label}"
+        if layer is not None and not is_width and title_scores and measured is not None:
+            title += f"\nPearson r = {pearson(measured[:, g], values[layer][:, g]):.3f}"
+        a.set_title(title, fontsize=10)
+        if is_width:
+            fig.colorbar(panel, ax=a, shrink=0.8, label="interval width")
+            continue
+        coll = panel
+        if shared is None:
+            fig.colorbar(coll, ax=a, shrink=0.8, label="log1p(cp10k)")
+    if shared is not None and coll is not None:
+        expression_axes = [a for a, layer in zip(gene_axes, panels, strict=True) if layer in expression_layers]
+        fig.colorbar(coll, ax=expression_axes, shrink=0.8, label="log1p(cp10k)")
 
 
 @doc_params
@@ -180,129 +334,21 @@ def spatial_genes(
     """
     from matplotlib import colormaps
 
-    from stexp.pp._target import expression_target
-
-    layers = [layers] if layers is None or isinstance(layers, str) else list(layers)
-    if not layers:
-        raise ValueError("layers is empty: name at least one layer (None for the measured target).")
-    from stexp.tl._storage import has_prediction, read_prediction
-
-    predicted = [layer for layer in layers if layer is not None]
-    if isinstance(genes, str) and genes == "best":
-        genes = best_genes(adata, predicted[0] if predicted else "stexp_pred", n_best)
-    genes = as_list(genes) or []
-    if not genes:
-        raise ValueError("genes is empty: name at least one gene.")
-    width_bounds = None
-    if interval_width:
-        if not predicted:
-            raise ValueError("interval_width=True needs a predicted layer in layers=.")
-        from stexp.tl._keys import PredictionKeys
-
-        names = PredictionKeys(predicted[0])
-        width_bounds = (names.lo, names.hi)
-        if not all(has_prediction(adata, b) for b in width_bounds):
-            raise KeyError(
-                f"interval_width=True needs the predictions {list(width_bounds)}: predict with a calibrated model and "
-                "coverage=, e.g. stexp.tl.predict(adata, model, coverage=0.9)."
-            )
-    for layer in layers:
-        if layer is not None and not has_prediction(adata, layer):
-            raise KeyError(
-                f"prediction {layer!r} not found in adata.layers ({list(adata.layers)}) or adata.obsm ({list(adata.obsm)})."
-            )
-    known = set(adata.var_names)
-    for layer in layers:  # a panel-only prediction (obsm gene DataFrame) may hold genes var lacks
-        if layer is not None and layer not in adata.layers:
-            known |= set(read_prediction(adata, layer)[0])
-    missing = [g for g in genes if g not in known]
-    if missing:
-        raise KeyError(f"gene(s) {missing[:10]} not in adata.var_names ({adata.n_vars} genes).")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}.")
-    if ncols is not None and ncols < 1:
-        raise ValueError(f"ncols must be at least 1, got {ncols}.")
+    genes, layers, width = _checked_request(
+        adata, genes, layers, n_best=n_best, interval_width=interval_width, scale=scale, ncols=ncols
+    )
     lib = resolve_library(adata, library_id, library_key)
     view = tissue_view(adata, lib, img=img, library_key=library_key, spot_size=spot_size)
+    measured = _measured(adata, view, genes, layers, title_scores)
+    values = _panel_values(adata, view, genes, layers, lib, measured, width)
+    panels = [*layers, width[0]] if width is not None else list(layers)
 
-    unmeasured = is_unmeasured(adata)
-    measured = None
-    if None in layers:
-        if unmeasured:
-            raise ValueError(
-                "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set); "
-                "draw only predicted layers, e.g. layers=('stexp_pred',)."
-            )
-        measured = expression_target(adata[view.mask], genes).astype(np.float64)
-    elif title_scores and not unmeasured:
-        try:  # scores only: skip them when X holds no raw counts
-            measured = expression_target(adata[view.mask], genes).astype(np.float64)
-        except ValueError:
-            measured = None
-
-    values: dict[str | None, np.ndarray] = {}
-    for layer in layers:
-        if layer is None:
-            assert measured is not None  # computed above whenever None is among the layers
-            values[None] = measured
-            continue
-        v = _layer_values(adata, layer, view.mask, genes)
-        empty = ~np.isfinite(v).any(axis=0)
-        if empty.any():
-            raise ValueError(
-                f"gene(s) {[genes[int(i)] for i in np.flatnonzero(empty)]} have no prediction in "
-                f"adata.layers[{layer!r}] for library {lib!r} (all NaN: outside the model's gene panel?)."
-            )
-        values[layer] = v
-    expression_layers = list(layers)
-    if width_bounds is not None:
-        width_label = f"{predicted[0]} interval width"
-        lo_v, hi_v = (_layer_values(adata, b, view.mask, genes) for b in width_bounds)
-        values[width_label] = hi_v - lo_v
-        layers = [*layers, width_label]
-
-    n_layers = len(layers)
-    n_panels = len(genes) * n_layers
-    per_row = min(ncols or 1, len(genes))
-    if ax is None:
-        n_rows = int(np.ceil(len(genes) / per_row))
-        fig, grid = new_axes(n_rows, per_row * n_layers)
-        axes = list(grid.ravel())
-        for extra in axes[n_panels:]:
-            extra.set_visible(False)
-        axes = axes[:n_panels]
-    else:
-        axes = given_axes(ax, n_panels, "spatial_genes")
-        fig = cast("Figure", axes[0].figure)
-
+    fig, axes = _panel_axes(ax, len(genes), len(panels), min(ncols or 1, len(genes)))
     colour_map = colormaps[cmap].with_extremes(bad="lightgrey")
     for g, gene in enumerate(genes):
-        gene_axes = axes[g * n_layers : (g + 1) * n_layers]
-        shared = (
-            colour_limits([values[layer][:, g] for layer in expression_layers], vmin, vmax)
-            if scale == "shared"
-            else None
-        )
-        coll = None
-        for a, layer in zip(gene_axes, layers, strict=True):
-            is_width = layer not in expression_layers
-            lo, hi = (shared if not is_width else None) or colour_limits([values[layer][:, g]], vmin, vmax)
-            draw_tissue(a, view)
-            panel = spot_collection(view, values=values[layer][:, g], cmap=colour_map, vmin=lo, vmax=hi)
-            a.add_collection(panel)
-            label = MEASURED_LABEL if layer is None else layer
-            title = f"{gene}: {label}"
-            if layer is not None and not is_width and title_scores and measured is not None:
-                title += f"\nPearson r = {pearson(measured[:, g], values[layer][:, g]):.3f}"
-            a.set_title(title, fontsize=10)
-            if is_width:
-                fig.colorbar(panel, ax=a, shrink=0.8, label="interval width")
-                continue
-            coll = panel
-            if shared is None:
-                fig.colorbar(coll, ax=a, shrink=0.8, label="log1p(cp10k)")
-        if shared is not None and coll is not None:
-            expression_axes = [a for a, layer in zip(gene_axes, layers, strict=True) if layer in expression_layers]
-            fig.colorbar(coll, ax=expression_axes, shrink=0.8, label="log1p(cp10k)")
+        _draw_gene(
+            fig, axes[g * len(panels) : (g + 1) * len(panels)], gene, g, panels, layers, values, measured,
+            view=view, colour_map=colour_map, vmin=vmin, vmax=vmax, scale=scale, title_scores=title_scores,
+        )  # fmt: skip
     fig.suptitle(f"library {lib}" + (f" ({view.image_res} image)" if view.image_res else ""), fontsize=11)
     return finish(fig, save=save, return_fig=return_fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -91,7 +92,7 @@ def _embed_plan(
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    from stexp.images._views import THUMBNAIL_PX, encode, resample_slide, stain_normalizer
+    from stexp.images._views import STAIN_THUMBNAIL_PX, encode, resample_slide, stain_normalizer
 
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
         if mpp is not None:
@@ -105,7 +106,7 @@ def _embed_plan(
         if stain_norm is not None:
             from PIL import Image
 
-            thumb = Image.fromarray(plan.view.reader().thumbnail(THUMBNAIL_PX)[0])
+            thumb = Image.fromarray(plan.view.reader().thumbnail(STAIN_THUMBNAIL_PX)[0])
             normalize = stain_normalizer(thumb, stain_norm)
     else:  # decoded once; resampled to mpp first when asked
         image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
@@ -155,6 +156,204 @@ def _check_same_slides(adata, libs: list[str], key: str, rec: dict) -> None:
             "library is new). Pass overwrite=True to recompute the features (models trained on the old ones "
             "will no longer match) or key_added= to keep both."
         )
+
+
+def _check_call(adata, batch_size, on_outside) -> None:
+    """Check the arguments that need nothing built: ``batch_size``, ``on_outside`` and spots to embed."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if on_outside not in ("raise", "drop"):
+        raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
+    if adata.n_obs == 0:
+        raise ValueError("the AnnData has no spots.")
+
+
+def _named_features_current(
+    adata, libs: list[str], stored: dict, *, encoder: str, weights, encoder_kwargs, key_added, per_lib_um, views
+) -> str | None:
+    """The key of up-to-date features of a registry-named encoder, judged from the arguments alone.
+
+    Compares the recorded name, weights argument, patch size, encoder arguments and view options, so that
+    no encoder is built (which may need a download) for features that exist. ``None`` when they are not
+    known to be up to date (the full check then runs on the built encoder's spec).
+
+    Raises
+    ------
+    ValueError
+        If the features match but were computed from other images (:func:`_check_same_slides`).
+    """
+    from stexp.images._encoders import encoder_kwargs_to_json
+    from stexp.images._spec import VIEW_FIELDS, EncoderSpec
+
+    key = key_added or default_key(encoder)
+    rec = stored.get(key)
+    if key not in adata.obsm or not rec or np.shape(adata.obsm[key])[0] != adata.n_obs:
+        return None
+    wanted = EncoderSpec(
+        encoder=encoder,
+        weights_arg=None if weights is None else str(weights),
+        patch_um=_recorded_patch_um(per_lib_um),
+        encoder_kwargs=encoder_kwargs_to_json(dict(encoder_kwargs or {})),
+        **views,
+    )
+    fields = ("encoder", "weights_arg", "patch_um", "encoder_kwargs", *VIEW_FIELDS)
+    if EncoderSpec.from_mapping(rec).diff(wanted, fields):
+        return None
+    _check_same_slides(adata, libs, key, rec)
+    return key
+
+
+def _feature_spec(enc, per_lib_um: dict[str, float], library_key: str, views: dict[str, Any]):
+    """The :class:`~stexp.images.EncoderSpec` recorded with the features of the built encoder ``enc``."""
+    from stexp.images._spec import EncoderSpec
+
+    return EncoderSpec(
+        encoder=enc.name,
+        weights=enc.weights_id,
+        weights_arg=None if enc.weights_arg is None else str(enc.weights_arg),
+        patch_um=_recorded_patch_um(per_lib_um),
+        patch_px=int(enc.input_px),
+        normalization=enc.normalization,
+        out_dim=int(enc.out_dim),
+        library_key=library_key,
+        encoder_kwargs=getattr(enc, "kwargs_json", None),
+        **views,
+    )
+
+
+def _stored_features_current(adata, libs: list[str], stored: dict, key: str, spec, is_callable: bool) -> bool:
+    """Whether the features already in ``adata.obsm[key]`` are those ``spec`` asks for (then kept as they are).
+
+    A callable without ``encoder_id`` cannot be recognised: its features are recomputed (``False``).
+
+    Raises
+    ------
+    ValueError
+        If ``adata.obsm[key]`` was not written by ``embed_images``, holds features of another spec, or
+        was computed from other images.
+    """
+    from stexp.images._spec import FEATURE_FIELDS, VIEW_FIELDS, EncoderSpec
+
+    rec = stored.get(key)
+    if not rec:
+        raise ValueError(
+            f"adata.obsm[{key!r}] exists but was not written by embed_images (no spec in "
+            f"adata.uns['stexp']['features']); pass overwrite=True to replace it or key_added= to keep it."
+        )
+    diffs = EncoderSpec.from_mapping(rec).diff(spec, (*FEATURE_FIELDS, *VIEW_FIELDS), names=("stored", "requested"))
+    if diffs:
+        raise ValueError(
+            f"adata.obsm[{key!r}] holds features of another spec ({'; '.join(diffs)}). "
+            "Pass overwrite=True to replace them (models trained on them will no longer match) or key_added= "
+            "to keep both."
+        )
+    if is_callable:
+        return False
+    _check_same_slides(adata, libs, key, rec)
+    return True
+
+
+def _library_cache_key(adata, lib: str, rows: np.ndarray, spec, patch_um: float, views, fingerprint: str) -> str:
+    """The disk-cache key of one library's features: its slide's content, its spot centres and the spec."""
+    from stexp.images._cache import cache_key
+    from stexp.images._spec import FEATURE_FIELDS
+
+    # encoder_kwargs enters the key only when set, so caches made before the field existed stay valid
+    lib_spec = {
+        k: v for k, v in spec.to_dict().items() if k in FEATURE_FIELDS and (v is not None or k != "encoder_kwargs")
+    } | {
+        "patch_um": patch_um,
+        "um_per_px": um_per_px(adata, lib),
+    }
+    # the view options enter the key only when set, so features cached before they existed still match
+    lib_spec |= {k: v for k, v in views.items() if v}
+    return cache_key(fingerprint, spot_coords(adata)[rows], lib_spec)
+
+
+@dataclass
+class _Embedded:
+    """What :func:`_embed_libraries` produced: the features and what the record and the log say of them."""
+
+    features: np.ndarray
+    n_outside: dict[str, int]
+    fingerprints: dict[str, str]
+    n_loaded: int
+
+
+def _embed_libraries(
+    adata, enc, spec, libs: list[str], *, per_lib_um, views, on_outside, library_key, batch_size, device, use_disk
+) -> _Embedded:
+    """Features of every spot, library by library: from the disk cache when there, else computed (and cached).
+
+    Spots outside their image get NaN features. Sets torch's thread count (``embed_images`` restores it).
+    """
+    import torch
+
+    from stexp.images._cache import load_features, save_features
+    from stexp.images._patches import plan_patches
+    from stexp.images._slide import image_um_per_px
+
+    device = settings.resolve_device(device)
+    feats = np.full((adata.n_obs, enc.out_dim), np.nan, dtype=np.float32)
+    n_outside: dict[str, int] = {}
+    fingerprints: dict[str, str] = {}
+    n_loaded = 0
+    pbar = None
+    if settings.show_progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=adata.n_obs, desc=f"embed {enc.name}", unit="spot", leave=False)
+    torch.set_num_threads(settings.n_jobs)  # restored by leaves_process_state
+    try:
+        for lib in libs:
+            rows = np.flatnonzero(library_mask(adata, lib, library_key))
+            plan = plan_patches(
+                adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
+            )
+            n_outside[lib] = int((~plan.inside).sum())
+            fingerprints[lib] = plan.view.fingerprint()
+            ckey = None
+            if use_disk:
+                ckey = _library_cache_key(adata, lib, rows, spec, per_lib_um[lib], views, fingerprints[lib])
+                hit = load_features(ckey, (len(rows), enc.out_dim))
+                if hit is not None:
+                    feats[rows] = hit
+                    n_loaded += len(rows)
+                    if pbar is not None:
+                        pbar.update(len(rows))
+                    continue
+            feats[rows] = _embed_plan(
+                enc,
+                plan,
+                batch_size=batch_size,
+                device=device,
+                pbar=pbar,
+                image_um_per_px=image_um_per_px(adata, plan.view),
+                **views,
+            )
+            if pbar is not None and n_outside[lib]:
+                pbar.update(n_outside[lib])
+            if ckey is not None:
+                save_features(ckey, feats[rows])
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return _Embedded(feats, n_outside, fingerprints, n_loaded)
+
+
+def _write_features(adata, key: str, enc, spec, embedded: _Embedded) -> None:
+    """Store the features in ``adata.obsm[key]`` and their spec in ``uns``, and log what was added."""
+    adata.obsm[key] = embedded.features
+    n_outside = embedded.n_outside
+    record(adata, ("features", key), {**spec.to_uns(), "n_outside": n_outside, SLIDES_FIELD: embedded.fingerprints})
+    total_out = sum(n_outside.values())
+    extra = f"; {total_out} spots outside their image got NaN features" if total_out else ""
+    cached = f"; {embedded.n_loaded} spots loaded from the disk cache" if embedded.n_loaded else ""
+    logger.info(
+        f"added adata.obsm[{key!r}] ({adata.n_obs} x {enc.out_dim} float32, {enc.name}, "
+        f"patch {spec.patch_um} µm -> {spec.patch_px} px{cached}{extra}) and "
+        f"adata.uns['stexp']['features'][{key!r}]"
+    )
 
 
 @leaves_process_state
@@ -207,9 +406,9 @@ def embed_images(
     {adata}
     encoder
         A registry name (:func:`stexp.images.list_encoders`; default ``"efficientnet_lite0_ml"``:
-        EfficientNet-Lite0 pooled at four depths, 1704-d, the best measured on HER2+; its ImageNet weights
-        install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a ``torch.nn.Module`` /
-        callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
+        EfficientNet-Lite0 pooled at four depths, 1704-d, the best measured on HER2+ (``docs/benchmarks.md``);
+        its ImageNet weights install offline), ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"``, a
+        ``torch.nn.Module`` / callable mapping ``(B, 3, H, W)`` to ``(B, D)`` (224 px, ImageNet normalisation), or an
         :class:`stexp.images.Encoder` from :func:`stexp.images.build_encoder` (to choose another input size
         or normalisation for a callable), or a local model folder (``config.json`` + ``model.safetensors`` /
         ``pytorch_model.bin`` as timm and the Hugging Face hub save them: UNI, H-optimus-0, Virchow2... you
@@ -226,8 +425,8 @@ def embed_images(
         and recognised as up to date. Change it when the callable changes.
     patch_um
         Patch side in µm: one number, a mapping library -> µm, or ``None``: each library's default
-        (:func:`stexp.images.default_patch_um`: ST 100 µm spots -> 75 µm, the best measured on HER2+;
-        Visium 55 µm spots -> 82.5 µm). The spec records one number when all
+        (:func:`stexp.images.default_patch_um`: ST 100 µm spots -> 75 µm, the best measured on HER2+
+        (``docs/benchmarks.md``); Visium 55 µm spots -> 82.5 µm). The spec records one number when all
         libraries share it, else the per-library mapping.
     batch_size
         Patches per forward pass.
@@ -266,18 +465,10 @@ def embed_images(
     ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library,
     ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
     """
-    from stexp.images._cache import cache_key, load_features, save_features
-    from stexp.images._patches import plan_patches, resolve_patch_um
-    from stexp.images._slide import image_um_per_px
-    from stexp.images._spec import FEATURE_FIELDS, VIEW_FIELDS, EncoderSpec
+    from stexp.images._patches import resolve_patch_um
     from stexp.images._views import check_options
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if on_outside not in ("raise", "drop"):
-        raise ValueError(f"on_outside must be 'raise' or 'drop', got {on_outside!r}.")
-    if adata.n_obs == 0:
-        raise ValueError("the AnnData has no spots.")
+    _check_call(adata, batch_size, on_outside)
     checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
     views: dict[str, Any] = {"mpp": checked_mpp, "stain_norm": checked_norm, "tta": checked_tta}
     if copy:
@@ -288,127 +479,26 @@ def embed_images(
 
     # cheap check before building the encoder (a build may need a download): same name, weights, patch size
     if isinstance(encoder, str) and not _is_path(weights) and not overwrite:
-        from stexp.images._encoders import encoder_kwargs_to_json
-
-        key = key_added or default_key(encoder)
-        rec = stored.get(key)
-        if key in adata.obsm and rec and np.shape(adata.obsm[key])[0] == adata.n_obs:
-            wanted = EncoderSpec(
-                encoder=encoder,
-                weights_arg=None if weights is None else str(weights),
-                patch_um=_recorded_patch_um(per_lib_um),
-                encoder_kwargs=encoder_kwargs_to_json(dict(encoder_kwargs or {})),
-                **views,
-            )
-            fields = ("encoder", "weights_arg", "patch_um", "encoder_kwargs", *VIEW_FIELDS)
-            if not EncoderSpec.from_mapping(rec).diff(wanted, fields):
-                _check_same_slides(adata, libs, key, rec)
-                logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
-                return adata if copy else None
+        key = _named_features_current(
+            adata, libs, stored, encoder=encoder, weights=weights, encoder_kwargs=encoder_kwargs,
+            key_added=key_added, per_lib_um=per_lib_um, views=views,
+        )  # fmt: skip
+        if key is not None:
+            logger.info(f"features adata.obsm[{key!r}] are up to date ({encoder}); nothing computed.")
+            return adata if copy else None
 
     enc = _build_encoder(encoder, weights, encoder_kwargs, encoder_id)
     key = key_added or default_key(enc.name)
     # a callable is identified across calls only by a user-given encoder_id ("id:<name>" weights)
     is_callable = str(enc.name).startswith("callable:") and not str(enc.weights_id).startswith("id:")
-    spec = EncoderSpec(
-        encoder=enc.name,
-        weights=enc.weights_id,
-        weights_arg=None if enc.weights_arg is None else str(enc.weights_arg),
-        patch_um=_recorded_patch_um(per_lib_um),
-        patch_px=int(enc.input_px),
-        normalization=enc.normalization,
-        out_dim=int(enc.out_dim),
-        library_key=library_key,
-        encoder_kwargs=getattr(enc, "kwargs_json", None),
-        **views,
-    )
-    if key in adata.obsm and not overwrite:
-        rec = stored.get(key)
-        if not rec:
-            raise ValueError(
-                f"adata.obsm[{key!r}] exists but was not written by embed_images (no spec in "
-                f"adata.uns['stexp']['features']); pass overwrite=True to replace it or key_added= to keep it."
-            )
-        diffs = EncoderSpec.from_mapping(rec).diff(spec, (*FEATURE_FIELDS, *VIEW_FIELDS), names=("stored", "requested"))
-        if diffs:
-            raise ValueError(
-                f"adata.obsm[{key!r}] holds features of another spec ({'; '.join(diffs)}). "
-                "Pass overwrite=True to replace them (models trained on them will no longer match) or key_added= "
-                "to keep both."
-            )
-        if not is_callable:
-            _check_same_slides(adata, libs, key, rec)
-            logger.info(f"features adata.obsm[{key!r}] are up to date ({enc.name}); nothing computed.")
-            return adata if copy else None
+    spec = _feature_spec(enc, per_lib_um, library_key, views)
+    if key in adata.obsm and not overwrite and _stored_features_current(adata, libs, stored, key, spec, is_callable):
+        logger.info(f"features adata.obsm[{key!r}] are up to date ({enc.name}); nothing computed.")
+        return adata if copy else None
 
-    import torch
-
-    use_disk = cache and not is_callable
-    device = settings.resolve_device(device)
-    feats = np.full((adata.n_obs, enc.out_dim), np.nan, dtype=np.float32)
-    n_outside: dict[str, int] = {}
-    fingerprints: dict[str, str] = {}
-    n_loaded = 0
-    pbar = None
-    if settings.show_progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=adata.n_obs, desc=f"embed {enc.name}", unit="spot", leave=False)
-    torch.set_num_threads(settings.n_jobs)  # restored by leaves_process_state
-    try:
-        for lib in libs:
-            rows = np.flatnonzero(library_mask(adata, lib, library_key))
-            plan = plan_patches(
-                adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
-            )
-            n_outside[lib] = int((~plan.inside).sum())
-            fingerprints[lib] = plan.view.fingerprint()
-            ckey = None
-            if use_disk:
-                # encoder_kwargs enters the key only when set, so caches made before the field existed stay valid
-                lib_spec = {
-                    k: v
-                    for k, v in spec.to_dict().items()
-                    if k in FEATURE_FIELDS and (v is not None or k != "encoder_kwargs")
-                } | {
-                    "patch_um": per_lib_um[lib],
-                    "um_per_px": um_per_px(adata, lib),
-                }
-                # the view options enter the key only when set, so features cached before they existed still match
-                lib_spec |= {k: v for k, v in views.items() if v}
-                ckey = cache_key(fingerprints[lib], spot_coords(adata)[rows], lib_spec)
-                hit = load_features(ckey, (len(rows), enc.out_dim))
-                if hit is not None:
-                    feats[rows] = hit
-                    n_loaded += len(rows)
-                    if pbar is not None:
-                        pbar.update(len(rows))
-                    continue
-            feats[rows] = _embed_plan(
-                enc,
-                plan,
-                batch_size=int(batch_size),
-                device=device,
-                pbar=pbar,
-                image_um_per_px=image_um_per_px(adata, plan.view),
-                **views,
-            )
-            if pbar is not None and n_outside[lib]:
-                pbar.update(n_outside[lib])
-            if ckey is not None:
-                save_features(ckey, feats[rows])
-    finally:
-        if pbar is not None:
-            pbar.close()
-
-    adata.obsm[key] = feats
-    record(adata, ("features", key), {**spec.to_uns(), "n_outside": n_outside, SLIDES_FIELD: fingerprints})
-    total_out = sum(n_outside.values())
-    extra = f"; {total_out} spots outside their image got NaN features" if total_out else ""
-    cached = f"; {n_loaded} spots loaded from the disk cache" if n_loaded else ""
-    logger.info(
-        f"added adata.obsm[{key!r}] ({adata.n_obs} x {enc.out_dim} float32, {enc.name}, "
-        f"patch {spec.patch_um} µm -> {spec.patch_px} px{cached}{extra}) and "
-        f"adata.uns['stexp']['features'][{key!r}]"
-    )
+    embedded = _embed_libraries(
+        adata, enc, spec, libs, per_lib_um=per_lib_um, views=views, on_outside=on_outside,
+        library_key=library_key, batch_size=int(batch_size), device=device, use_disk=cache and not is_callable,
+    )  # fmt: skip
+    _write_features(adata, key, enc, spec, embedded)
     return adata if copy else None

@@ -150,50 +150,33 @@ def evaluate(
     return score_prediction(adata, pred_key=pred_key, genes=genes, library_key=library_key, top_n=top_n, layer=layer)
 
 
-def score_prediction(
-    adata: AnnData,
-    *,
-    pred_key: str,
-    genes: str | Sequence[str] | None = None,
-    library_key: str = LIBRARY_KEY,
-    top_n: int = 50,
-    layer: str | None = None,
-    target: tuple[Sequence[str], np.ndarray] | None = None,
-) -> pd.DataFrame:
-    """:func:`evaluate`, optionally with the measured target already computed.
-
-    ``target`` is ``(genes, matrix)`` (``n_obs x len(genes)``), e.g. from :func:`stexp.tl.cross_validate`,
-    which has it for every fold's panel; without it the target is computed from the counts.
-    """
-    from stexp.pp._target import expression_target
-
-    if is_unmeasured(adata):
-        raise ValueError(
-            "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set): "
-            "there is nothing to evaluate the prediction against."
-        )
-    if int(top_n) != top_n or top_n < 1:
-        raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
-    top_n = int(top_n)
-    pred = _prediction_layer(adata, pred_key)
-    if library_key not in adata.obs and len(adata.uns.get("spatial", {})) != 1:
-        raise KeyError(f"adata.obs has no column {library_key!r} naming the slide of each spot.")
-    labels = library_labels(adata, library_key)
-    slides = list(dict.fromkeys(labels.tolist()))
-
-    genes = as_list(genes)
-    if genes is not None:
-        if len(genes) == 0:
-            raise ValueError("genes= is empty.")
-        missing = [g for g in genes if g not in adata.var_names]
-        if missing:
-            raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
-        cand = adata.var_names.get_indexer(genes)
-    else:  # the predicted genes of var (all of var for a layer)
+def _candidate_genes(adata, genes: list[str] | None, pred) -> np.ndarray:
+    """``var`` positions of the genes to score: the given ones (checked), else the predicted genes of ``var``."""
+    if genes is None:  # the predicted genes of var (all of var for a layer)
         cand = adata.var_names.get_indexer(pred.genes)
-        cand = np.sort(cand[cand >= 0])
+        return np.sort(cand[cand >= 0])
+    if len(genes) == 0:
+        raise ValueError("genes= is empty.")
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"{len(missing)} of {len(genes)} genes are not in adata.var_names, e.g. {missing[:5]}.")
+    return adata.var_names.get_indexer(genes)
 
-    # Panel per slide: genes predicted on every spot of the slide.
+
+def _slide_panels(
+    adata, pred, labels: np.ndarray, cand: np.ndarray, pred_key: str, *, given_genes: bool
+) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The slides to score, each slide's spot rows and its panel: the candidate genes predicted on every spot.
+
+    A slide without any predicted gene is left out with a warning.
+
+    Raises
+    ------
+    ValueError
+        If a slide has fewer than two spots, a gene is predicted on only some spots of a slide, a given
+        gene is not predicted on a slide, or nothing is predicted anywhere.
+    """
+    slides = list(dict.fromkeys(labels.tolist()))
     rows: dict[str, np.ndarray] = {}
     panels: dict[str, np.ndarray] = {}
     for lib in slides:
@@ -212,7 +195,7 @@ def score_prediction(
                 f"slide {lib!r}: {int(partial.sum())} genes are predicted on only some of its {idx.size} spots "
                 f"(e.g. {bad}); predict the whole slide."
             )
-        if genes is not None and (n_pred == 0).any():
+        if given_genes and (n_pred == 0).any():
             bad = adata.var_names[cand[n_pred == 0]].tolist()
             raise ValueError(
                 f"slide {lib!r}: {len(bad)} of the given genes have no prediction (not in or NaN in "
@@ -226,23 +209,32 @@ def score_prediction(
     for lib in empty:
         logger.warning(f"slide {lib!r} has no predicted gene in prediction {pred_key!r}; it is not scored.")
         slides.remove(lib)
+    return slides, rows, panels
 
-    union = np.unique(np.concatenate([panels[lib] for lib in slides]))
-    union_genes = adata.var_names[union].tolist()
+
+def _truth(adata, genes: list[str], target, layer: str | None) -> np.ndarray:
+    """The measured target of ``genes`` (``n_obs x len(genes)``): from the given ``target``, else from the counts."""
+    from stexp.pp._target import expression_target
+
     if target is None:
-        truth_all = expression_target(adata, union_genes, layer=layer)
-    else:
-        column = {g: j for j, g in enumerate(target[0])}
-        missing = [g for g in union_genes if g not in column]
-        if missing:
-            raise KeyError(f"the given target lacks {len(missing)} predicted genes, e.g. {missing[:5]}.")
-        truth_all = np.asarray(target[1])[:, [column[g] for g in union_genes]]
-    col_of = {g: j for j, g in enumerate(union)}
-    bounds = _interval_layers(adata, pred_key)
-    names = PredictionKeys(pred_key)
-    expected_key = names.expected_pcc
-    expected = adata.var[expected_key].to_numpy(dtype=np.float64) if expected_key in adata.var else None
+        return expression_target(adata, genes, layer=layer)
+    column = {g: j for j, g in enumerate(target[0])}
+    missing = [g for g in genes if g not in column]
+    if missing:
+        raise KeyError(f"the given target lacks {len(missing)} predicted genes, e.g. {missing[:5]}.")
+    return np.asarray(target[1])[:, [column[g] for g in genes]]
 
+
+def _score_slides(
+    adata, pred, slides, rows, panels, union: np.ndarray, truth_all: np.ndarray,
+    *, top_n: int, library_key: str, bounds, expected: np.ndarray | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Per-gene Pearson (genes of ``union`` x slides) and the per-slide table :func:`evaluate` returns.
+
+    ``truth_all`` has one column per gene of ``union``. With interval ``bounds`` and ``expected`` PCCs,
+    the table gets the interval and expected-PCC columns.
+    """
+    col_of = {g: j for j, g in enumerate(union)}
     pcc = pd.DataFrame(np.nan, index=adata.var_names[union], columns=slides, dtype=np.float64)
     table = []
     for lib in slides:
@@ -277,14 +269,62 @@ def score_prediction(
         columns += ["coverage", "interval_width", "unc_spot_spearman"]
     if expected is not None:
         columns += ["expected_pcc_spearman"]
-    result = pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=columns)
+    return pcc, pd.DataFrame(table, index=pd.Index(slides, name=library_key), columns=columns)
 
-    var_key = names.pcc
-    mean_pcc = np.full(adata.n_vars, np.nan)
+
+def _mean_over_slides(pcc: pd.DataFrame, union: np.ndarray, n_vars: int) -> np.ndarray:
+    """Per-gene Pearson averaged over the slides that scored it, over all ``var`` (NaN outside the panel)."""
+    mean_pcc = np.full(n_vars, np.nan)
     with np.errstate(invalid="ignore"):
         values = pcc.to_numpy()
         counts = (~np.isnan(values)).sum(axis=1)
         mean_pcc[union] = np.where(counts > 0, np.nansum(values, axis=1) / np.maximum(counts, 1), np.nan)
+    return mean_pcc
+
+
+def score_prediction(
+    adata: AnnData,
+    *,
+    pred_key: str,
+    genes: str | Sequence[str] | None = None,
+    library_key: str = LIBRARY_KEY,
+    top_n: int = 50,
+    layer: str | None = None,
+    target: tuple[Sequence[str], np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """:func:`evaluate`, optionally with the measured target already computed.
+
+    ``target`` is ``(genes, matrix)`` (``n_obs x len(genes)``), e.g. from :func:`stexp.tl.cross_validate`,
+    which has it for every fold's panel; without it the target is computed from the counts.
+    """
+    if is_unmeasured(adata):
+        raise ValueError(
+            "this AnnData has no measured expression (uns['stexp']['unmeasured'] is set): "
+            "there is nothing to evaluate the prediction against."
+        )
+    if int(top_n) != top_n or top_n < 1:
+        raise ValueError(f"top_n must be a positive integer, got {top_n!r}.")
+    top_n = int(top_n)
+    pred = _prediction_layer(adata, pred_key)
+    if library_key not in adata.obs and len(adata.uns.get("spatial", {})) != 1:
+        raise KeyError(f"adata.obs has no column {library_key!r} naming the slide of each spot.")
+    labels = library_labels(adata, library_key)
+    genes = as_list(genes)
+    cand = _candidate_genes(adata, genes, pred)
+    slides, rows, panels = _slide_panels(adata, pred, labels, cand, pred_key, given_genes=genes is not None)
+
+    union = np.unique(np.concatenate([panels[lib] for lib in slides]))
+    truth_all = _truth(adata, adata.var_names[union].tolist(), target, layer)
+    bounds = _interval_layers(adata, pred_key)
+    expected_key = PredictionKeys(pred_key).expected_pcc
+    expected = adata.var[expected_key].to_numpy(dtype=np.float64) if expected_key in adata.var else None
+    pcc, result = _score_slides(
+        adata, pred, slides, rows, panels, union, truth_all, top_n=top_n, library_key=library_key,
+        bounds=bounds, expected=expected,
+    )  # fmt: skip
+
+    var_key = PredictionKeys(pred_key).pcc
+    mean_pcc = _mean_over_slides(pcc, union, adata.n_vars)
     adata.var[var_key] = mean_pcc
     record(
         adata,
