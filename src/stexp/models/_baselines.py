@@ -236,7 +236,7 @@ class KNNModel(ExpressionModel):
     validation slides when given, else by inner validation over the training slides (each slide, or
     each spatial half of a single slide, predicted from the others). The temperature with the highest
     mean per-gene Pearson correlation wins (``history["temperature"]``, ``history["inner_pcc"]``).
-    On HER2+ it raised leave-one-patient-out PCC(ACG) from 0.092 to 0.098 (``docs/benchmarks.md``).
+    What it gains is measured in ``docs/benchmarks.md``.
 
     Hyper-parameters (``default_hparams``)
         ``k=50``, ``temperature=0.1`` (a positive number, ``None`` or ``"auto"``), ``standardize=True``,

@@ -24,12 +24,12 @@ SCALES = ("panel", "shared")
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation over the spots where both are finite, as :func:`stexp.tl.evaluate` computes it.
 
-    The number comes from :func:`stexp.tl._evaluate.pearson_columns`, the per-gene Pearson of
+    The number comes from :func:`stexp._metrics.pearson_columns`, the per-gene Pearson of
     ``tl.evaluate``, so a panel title and the evaluate table agree; NaN when either is constant or
     fewer than two spots are finite. (``evaluate`` refuses partially predicted genes; the plot draws
     their missing spots grey and scores the rest.)
     """
-    from stexp.tl._evaluate import pearson_columns
+    from stexp._metrics import pearson_columns
 
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     ok = np.isfinite(a) & np.isfinite(b)
