@@ -146,16 +146,14 @@ def _predict(args: argparse.Namespace) -> int:
         )  # fmt: skip
         n_spots = adata.n_obs
         print(f"stexp predict: {n_spots} pseudo-spots over the tissue of {Path(args.slide).name}; model {model!r}")
-        spec = model.encoder_spec
-        if not model.reads_patches and model.features_key not in adata.obsm:
-            if not spec.encoder or spec.encoder.startswith("callable"):
-                raise ValueError(
-                    f"the model needs image features {model.features_key!r} from an encoder that is not stored "
-                    f"with it ({spec.encoder or 'unknown'}); it cannot be rebuilt from the slide."
-                )
-            stexp.pp.embed_images(
-                adata, encoder=spec.encoder, weights=spec.weights_arg, patch_um=spec.patch_um_value,
-                key_added=model.features_key, batch_size=args.batch_size, device=args.device,
+        if not model.reads_patches and model.features_key is not None:
+            # what stexp.tl.predict would embed (the model's EncoderSpec.embed_kwargs), with the CLI's batch size
+            from stexp._layout import LIBRARY_KEY
+            from stexp.tl._predict import _ensure_features
+
+            _ensure_features(
+                adata, model, features_key=model.features_key, library_key=LIBRARY_KEY, batch_size=args.batch_size,
+                device=args.device,
             )  # fmt: skip
         stexp.tl.predict(adata, model, key_added=args.key, device=args.device)
         from stexp.tl._storage import read_prediction

@@ -126,6 +126,92 @@ class EncoderSpec:
         """The patch side when one number holds for every library, else ``None``."""
         return self.patch_um if isinstance(self.patch_um, float) else None
 
+    def _not_rebuildable(self) -> str | None:
+        """Why the encoder cannot be rebuilt from this spec alone, or ``None`` when it can."""
+        from stexp.images._encoders import LOCAL_PREFIX, list_encoders
+
+        name = self.encoder
+        if not name:
+            return "no encoder is recorded (features made without stexp.pp.embed_images carry no spec)"
+        if name.startswith("callable:"):
+            # also with an encoder_id ("id:<name>" weights): the id names the features for the cache, the
+            # module itself is stored nowhere
+            return (
+                f"encoder {name!r} is a user-given module or callable, which is stored neither with the features "
+                "nor with a model; only the same callable, passed to stexp.pp.embed_images, recomputes them"
+            )
+        if not (name.startswith(("timm:", "hf-hub:", LOCAL_PREFIX)) or name in list_encoders()):
+            return (
+                f"encoder {name!r} is not a registered encoder (this process has {list_encoders()}; register it "
+                "with stexp.images.register_encoder first), 'timm:<model>', 'hf-hub:<org>/<model>' or a local "
+                "model folder"
+            )
+        if self.weights_arg is None and self.weights != "random":
+            return (
+                f"encoder {name!r}: its weights ({self.weights!r}) are recorded but not what loads them "
+                "(weights_arg is missing)"
+            )
+        return None
+
+    @property
+    def rebuildable(self) -> bool:
+        """Whether the encoder can be rebuilt from this spec alone, so that :meth:`embed_kwargs` works.
+
+        True for a registry name (:func:`stexp.images.list_encoders`, names added in this process with
+        :func:`stexp.images.register_encoder` included), ``"timm:<model>"``, ``"hf-hub:<org>/<model>"`` or
+        ``"local-dir:<folder>"`` whose weights argument is recorded (``weights_arg``: ``"imagenet"`` or a
+        file) or whose weights are random. False for an empty spec, for a user-given module or callable
+        (``"callable:..."``, also when named with ``encoder_id``: its ``"id:..."`` weights identify its
+        features for the cache but the module is not stored), and for weights recorded without what loads
+        them.
+
+        Files the spec names are not opened here: a weights file or local model folder that is gone is
+        reported by :func:`stexp.images.build_encoder` when the encoder is rebuilt, and a file whose content
+        changed gives features whose ``weights`` identity differs (the model's spec check then refuses
+        them). Random weights are drawn again: the features are the same only for an encoder without
+        parameters.
+        """
+        return self._not_rebuildable() is None
+
+    def embed_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`stexp.pp.embed_images` that recreate these features.
+
+        ``stexp.pp.embed_images(adata, **spec.embed_kwargs())`` on the libraries the features were made
+        from computes the same features and records an equal spec; on other slides it computes features
+        that a model trained on this spec accepts. Where and how to compute (``library_key``,
+        ``key_added``, ``batch_size``, ``device``, ``cache``) are left to the caller.
+
+        Returns
+        -------
+        ``encoder``, ``weights`` (the recorded ``weights_arg``: ``"imagenet"``, a file path, or ``None`` for
+        random weights), ``encoder_kwargs`` (decoded from the recorded JSON, classes imported; ``None`` when
+        there were none), ``patch_um``, ``mpp``, ``stain_norm`` and ``tta``. ``patch_um`` is the recorded
+        number, or the per-library mapping when the libraries had different patch sizes (it recreates the
+        features of those libraries; ``embed_images`` raises a KeyError naming any other library), or
+        ``None`` when none was recorded (each library's default, :func:`stexp.images.default_patch_um`).
+
+        Raises
+        ------
+        ValueError
+            If the encoder cannot be rebuilt from the spec (see :attr:`rebuildable`); the message names the
+            encoder and why.
+        """
+        reason = self._not_rebuildable()
+        if reason is not None:
+            raise ValueError(f"the image encoder cannot be rebuilt from its spec: {reason}.")
+        from stexp.images._encoders import encoder_kwargs_from_json
+
+        patch_um = dict(self.patch_um) if isinstance(self.patch_um, Mapping) else self.patch_um
+        return {
+            "encoder": self.encoder,
+            "weights": self.weights_arg,
+            "encoder_kwargs": encoder_kwargs_from_json(self.encoder_kwargs) or None,
+            "patch_um": patch_um,
+            "mpp": self.mpp,
+            "stain_norm": self.stain_norm,
+            "tta": self.tta,
+        }
+
     def diff(
         self,
         other: EncoderSpec | Mapping[str, Any] | None,

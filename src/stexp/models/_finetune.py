@@ -43,22 +43,22 @@ def finetune_encoder(spec, *, pretrained: bool = True):
     Raises
     ------
     ValueError
-        If the spec names no encoder, or one that cannot be rebuilt (a user-given module or callable).
+        If the spec names no encoder, or one that cannot be rebuilt from it (not
+        :attr:`~stexp.images.EncoderSpec.rebuildable`: a user-given module or callable...).
     """
-    from stexp.images import build_encoder
+    from stexp.images import EncoderSpec, build_encoder
 
-    name = spec.encoder
-    if not name or str(name).startswith("callable:"):
+    spec = EncoderSpec.from_mapping(spec)
+    try:
+        kwargs = spec.embed_kwargs()
+    except ValueError as err:
         raise ValueError(
-            "finetune_encoder=True rebuilds the image encoder that made the features from their spec, but "
-            f"{'no spec was recorded' if not name else f'the encoder is a user-given callable ({name})'}; embed "
-            "the images with a registry or timm encoder (stexp.pp.embed_images(adata, encoder='efficientnet_lite0')) "
-            "and pass its features_key."
-        )
-    from stexp.images._encoders import encoder_kwargs_from_json
-
-    kwargs = encoder_kwargs_from_json(getattr(spec, "encoder_kwargs", None))
-    return build_encoder(str(name), weights=spec.weights_arg if pretrained else None, **kwargs)
+            f"finetune_encoder=True rebuilds the image encoder that made the features, but {str(err).rstrip('.')}; "
+            "embed the images with a registry or timm encoder (stexp.pp.embed_images(adata, "
+            "encoder='efficientnet_lite0')) and pass its features_key."
+        ) from None
+    weights = kwargs["weights"] if pretrained else None
+    return build_encoder(kwargs["encoder"], weights=weights, **(kwargs["encoder_kwargs"] or {}))
 
 
 def training_encoder(model, n_features: int):

@@ -489,7 +489,8 @@ def embed_images(
 
     enc = _build_encoder(encoder, weights, encoder_kwargs, encoder_id)
     key = key_added or default_key(enc.name)
-    # a callable is identified across calls only by a user-given encoder_id ("id:<name>" weights)
+    # a callable is identified across calls only by a user-given encoder_id ("id:<name>" weights); identified is
+    # not rebuildable: the module itself is stored nowhere (EncoderSpec.rebuildable is False for every callable)
     is_callable = str(enc.name).startswith("callable:") and not str(enc.weights_id).startswith("id:")
     spec = _feature_spec(enc, per_lib_um, library_key, views)
     if key in adata.obsm and not overwrite and _stored_features_current(adata, libs, stored, key, spec, is_callable):

@@ -20,32 +20,46 @@ if TYPE_CHECKING:  # pragma: no cover
     from stexp.models._base import ExpressionModel
 
 
-def _ensure_features(adata, model, *, features_key: str, library_key: str) -> None:
-    """Embed the images with the model's encoder spec when the features are missing."""
+def _ensure_features(adata, model, *, features_key: str, library_key: str, **embed_options: object) -> None:
+    """Embed the images with the model's encoder spec when the features are missing.
+
+    The one place where :func:`stexp.tl.predict` and ``stexp predict`` turn a model's
+    :class:`~stexp.images.EncoderSpec` back into :func:`stexp.pp.embed_images` arguments
+    (:meth:`~stexp.images.EncoderSpec.embed_kwargs`); ``embed_options`` (``batch_size``, ``device``) are
+    passed on.
+
+    Raises
+    ------
+    KeyError
+        If the features are missing and the model's encoder cannot be rebuilt from its spec.
+    ValueError
+        If the model's features were cut at a different patch size per library and ``adata`` has
+        another library.
+    """
     if features_key in adata.obsm:
         return
+    from collections.abc import Mapping
+
     spec = model.encoder_spec
-    if not spec.encoder or spec.encoder.startswith("callable"):
+    try:
+        kwargs = spec.embed_kwargs()
+    except ValueError as err:
         raise KeyError(
-            f"features {features_key!r} are not in adata.obsm and the model's encoder cannot be rebuilt "
-            f"from its spec {spec} (a user-given module/callable is not stored with the model); embed the "
-            "images with the same encoder as for training (stexp.pp.embed_images) and pass features_key=."
-        )
-    from stexp.images._encoders import encoder_kwargs_from_json
+            f"the {model.name} model needs image features {features_key!r}, which are not in adata.obsm, and {err} "
+            "Embed the images with the encoder the model was trained with (stexp.pp.embed_images, in Python) and "
+            "pass features_key= to stexp.tl.predict."
+        ) from None
+    if isinstance(kwargs["patch_um"], Mapping):
+        missing = [lib for lib in library_ids(adata, library_key) if lib not in kwargs["patch_um"]]
+        if missing:
+            raise ValueError(
+                f"the {model.name} model was trained on features cut at a different patch size per library "
+                f"({kwargs['patch_um']} µm), so the patch size of librar{'y' if len(missing) == 1 else 'ies'} "
+                f"{missing[:5]} is unknown; to predict new slides, fit it on features embedded with one patch_um=."
+            )
     from stexp.pp import embed_images
 
-    embed_images(
-        adata,
-        encoder=spec.encoder,
-        weights=spec.weights_arg,
-        encoder_kwargs=encoder_kwargs_from_json(spec.encoder_kwargs),
-        patch_um=spec.patch_um_value,
-        library_key=library_key,
-        key_added=features_key,
-        mpp=spec.mpp,
-        stain_norm=spec.stain_norm,
-        tta=spec.tta,
-    )
+    embed_images(adata, **kwargs, library_key=library_key, key_added=features_key, **embed_options)
 
 
 @leaves_process_state
