@@ -48,9 +48,7 @@ def _worker(args) -> dict:
     import torch
 
     import stexp
-    from stexp.images._encoders import build_encoder
-    from stexp.images._patches import cut_patches, default_patch_um, patch_side_px
-    from stexp.images._slide import slide_view
+    from stexp.images import build_encoder, read_patches, slide_view
 
     stexp.settings.verbosity = 1
     if args.threads:
@@ -91,20 +89,15 @@ def _worker(args) -> dict:
 
     fwd_rates = [forward_rate()]
 
-    # data path only: decode + cut + resample
+    # data path only: decode + cut + resample (the slide's default patch size, as embed_images without patch_um)
     t = time.perf_counter()
     t_decode = 0.0
     for lib in libs:
         t0 = time.perf_counter()
-        view = slide_view(adata, lib)
-        slide = view.decode()
+        slide = slide_view(adata, lib).decode()
         t_decode += time.perf_counter() - t0
-        rows = np.flatnonzero(adata.obs["library_id"].astype(str).to_numpy() == lib)
-        side = patch_side_px(adata, view, default_patch_um(adata, lib))
-        centres = np.asarray(adata.obsm["spatial"], dtype=float)[rows] * view.scale
-        for s in range(0, len(rows), bs):
-            cut_patches(slide, centres[s : s + bs], side, enc.input_px)
-        del slide
+        patches = read_patches(adata, lib, out_px=enc.input_px, image=slide)
+        del slide, patches
     t_data = time.perf_counter() - t
 
     # end to end

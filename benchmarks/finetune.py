@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import stexp
-    from stexp.tl._evaluate import score_prediction
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     stexp.settings.verbosity = 1
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             scores = {}
             for image, view in tests[patient].items():  # a fine-tuned model reads the images, a frozen one the features
                 stexp.tl.predict(view, model, key_added="ft_pred")
-                scores[image] = score_prediction(view, pred_key="ft_pred", library_key="library_id", top_n=50)
+                scores[image] = stexp.tl.evaluate(view, pred_key="ft_pred", library_key="library_id", top_n=50)
             for lib, r in scores["clean"].iterrows():
                 rows.append(
                     {

@@ -97,7 +97,7 @@ def _pipeline(args) -> dict:
     import torch
 
     import stexp
-    from stexp.images._encoders import build_encoder
+    from stexp.images import build_encoder
 
     model, spec = _load_model(args)
     t = {}
@@ -140,7 +140,7 @@ def _pipeline(args) -> dict:
     out = WORK / "prediction.h5ad"
     adata.write_h5ad(out)
     t["write_s"] = time.perf_counter() - t0
-    from stexp.images._slide import RegionReader
+    from stexp.images import RegionReader
 
     with RegionReader(args.slide) as r:
         dims, levels = r.dimensions, len(r.level_dimensions)
@@ -176,7 +176,7 @@ def _rate(args) -> dict:
     import torch
 
     import stexp
-    from stexp.images._encoders import build_encoder
+    from stexp.images import build_encoder
 
     model, spec = _load_model(args)
     adata = stexp.io.read_wsi(args.slide, genes=list(model.genes), spacing_um=args.spacing_um)
@@ -238,7 +238,7 @@ def _b4_tiff(jpeg: Path) -> Path:
 def _compare(args) -> dict:
     """B4 as JPEG and as pyramidal TIFF: pseudo-spots and features."""
     import stexp
-    from stexp.images._encoders import build_encoder
+    from stexp.images import build_encoder
 
     stexp.settings.verbosity = 1
     her2 = _data_dir(args) / "her2st"

@@ -8,7 +8,8 @@ from ._recipe import DEFAULT_RECIPE, Recipe
 from ._registry import available_models, get_model_class, register_model
 
 _lazy_getattr, _lazy_dir, _lazy_all = lazy_namespace(
-    __name__, {"TorchExpressionModel": "._torch", "TrainingPlan": "._engine"}
+    __name__,
+    {"TorchExpressionModel": "._torch", "TrainingPlan": "._engine", "CALIBRATION_SCORES": "._calibration"},
 )
 
 
@@ -17,6 +18,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CALIBRATION_SCORES",
     "DEFAULT_RECIPE",
     "ExpressionModel",
     "Recipe",

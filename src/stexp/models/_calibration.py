@@ -57,6 +57,14 @@ if TYPE_CHECKING:  # pragma: no cover
 #: the training spots' total counts, centred within each slide): counting noise on the log scale shrinks with
 #: depth, and on HER2+ the depth explains most of which spots are mispredicted.
 SCORES = ("none", "distance", "neighbour_spread", "neighbour_residual", "spot_residual", "model_spread", "depth")
+#: The difficulty scores a calibration can use, i.e. the choices of ``calibration_score=`` of
+#: :class:`stexp.models.Recipe` and :func:`stexp.tl.fit` (public as ``stexp.models.CALIBRATION_SCORES``):
+#: ``"none"`` (constant width per gene), ``"distance"`` (to the nearest training spots in image-feature space),
+#: ``"neighbour_spread"`` / ``"neighbour_residual"`` (spread of the measured expression / mean out-of-fold error
+#: of those spots, per gene), ``"spot_residual"`` (the latter averaged over genes), ``"model_spread"`` (the
+#: model's own spread; only models that give one) and ``"depth"`` (the spot's sequencing depth predicted from
+#: its image; the default).
+CALIBRATION_SCORES = SCORES
 DEFAULT_SCORE = "depth"
 #: How the per-gene quantile is taken over the calibration spots (see :meth:`Calibration.quantile`).
 QUANTILE_MODES = ("group_max", "pooled")

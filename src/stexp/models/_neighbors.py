@@ -6,7 +6,9 @@ neighbourhood.
 Used by NH2ST (the neighbour branch), the smoothing of predictions and the spatial domains; plain numpy /
 scipy, no torch. Kept instead of squidpy's ``gr.spatial_neighbors`` because it was measured faster for the
 same neighbours: 0.34 s vs 0.69 s for 100,000 spots on 4 slides, k=8, identical neighbour sets
-(``benchmarks/neighbors.py``), and it works on the arrays of :class:`~stexp.models.SpotData`.
+(``benchmarks/neighbors.py`` of commit 4910347; the benchmark now measures the smoothing of predictions through
+``stexp.tl.predict`` against the same average over squidpy's graph), and it works on the arrays of
+:class:`~stexp.models.SpotData`.
 """
 
 from __future__ import annotations
