@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Options of a fit that a model receives only when it declares them as hyper-parameters.
 TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "seed")
-#: Difficulty score of the calibration unless a recipe names another (see ``stexp.models._calibration.SCORES``).
+#: Difficulty score of the calibration unless a recipe names another (see :data:`stexp.models.CALIBRATION_SCORES`).
 DEFAULT_CALIBRATION_SCORE = "depth"
 
 

@@ -94,7 +94,7 @@ def fit(
     calibration_folds
         Inner folds of the calibration (``None``: the recipe's, 3).
     calibration_score
-        Per-spot difficulty that scales the intervals, one of ``stexp.models._calibration.SCORES``
+        Per-spot difficulty that scales the intervals, one of :data:`stexp.models.CALIBRATION_SCORES`
         (``None``: the recipe's, ``"depth"``: the spot's sequencing depth predicted from its image features,
         widened for spots far from every training spot in image-feature space).
     smoothing
