@@ -10,16 +10,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _REGISTRY: dict[str, type] = {}
 
-#: Modules that define the built-in models; each registers its models with :func:`register_model` when
-#: imported. They are imported on the first look-up of a name not registered yet (``import stexp`` stays fast).
-_BUILTIN_MODULES = (
-    "stexp.models._baselines",
-    "stexp.models._mlp",
-    "stexp.models._mclstexp",
-    "stexp.models._mclstexp_plus",
-    "stexp.models._nh2st",
-    "stexp.models._ensemble",
-)
+#: The built-in models and the modules that define them; a module registers its models with
+#: :func:`register_model` when imported. A look-up imports only the module of the name asked for, so the
+#: numpy models never import torch (``import stexp`` and ``stexp.models`` stay fast).
+_BUILTIN_MODELS = {
+    "mean": "stexp.models._baselines",
+    "ridge": "stexp.models._baselines",
+    "knn": "stexp.models._baselines",
+    "ridge_knn": "stexp.models._ensemble",
+    "mlp": "stexp.models._mlp",
+    "mclstexp": "stexp.models._mclstexp",
+    "mclstexp_plus": "stexp.models._mclstexp_plus",
+    "nh2st": "stexp.models._nh2st",
+}
+_BUILTIN_MODULES = tuple(dict.fromkeys(_BUILTIN_MODELS.values()))
 _loaded = False
 
 
@@ -51,6 +55,8 @@ def get_model_class(name: str) -> type[ExpressionModel]:
         If no model has that name; the message lists the registry.
     """
     key = str(name).lower()
+    if key not in _REGISTRY and key in _BUILTIN_MODELS:
+        importlib.import_module(_BUILTIN_MODELS[key])
     if key not in _REGISTRY:
         _load_builtins()
     if key not in _REGISTRY:
