@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -11,6 +14,8 @@ import numpy as np
 from stexp._settings import logger
 
 from ._data import SpotData
+from ._hparams import check_hparams as check_hparams  # re-exported: one checker, used by every model
+from ._hparams import describe_hparams, hparam_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
@@ -22,10 +27,26 @@ FORMAT_VERSION = 1
 RUNTIME_OPTIONS = ("device", "num_workers", "devices")
 
 
+class _DefaultHparams:
+    """``Model.default_hparams``: every hyper-parameter with its default, read from the ``__init__`` signatures."""
+
+    def __get__(self, obj: Any, owner: type) -> dict[str, Any]:
+        return {name: spec.default_value for name, spec in hparam_specs(owner).items()}
+
+
 class ExpressionModel(ABC):
     """A model that predicts expression of a gene panel from image features.
 
-    Subclasses set :attr:`default_hparams` (every hyper-parameter with its default), implement
+    Subclasses declare their hyper-parameters as typed keyword-only arguments of ``__init__`` with
+    defaults, pass them on to ``super().__init__`` (with ``**kwargs``: ``features_key``, ``encoder_spec``
+    and the parents' hyper-parameters) and check their ranges with
+    :func:`stexp.models._hparams.check_hparams`::
+
+        def __init__(self, genes, *, k: int = 50, **kwargs):
+            super().__init__(genes, k=k, **kwargs)  # typed here: 200.0 -> 200, "a" -> TypeError
+            check_hparams(self, positive_int=("k",))
+
+    :attr:`default_hparams` is derived from those signatures. Subclasses implement
     :meth:`_fit`, :meth:`_predict`, :meth:`_state` and :meth:`_load_state`, set :attr:`n_features` when
     fitted or loaded, and register themselves with :func:`stexp.models.register_model`. Neural models
     derive from :class:`stexp.models.TorchExpressionModel`, which implements all but the network. Users
@@ -52,7 +73,9 @@ class ExpressionModel(ABC):
     """
 
     name: ClassVar[str] = "base"
-    default_hparams: ClassVar[dict[str, Any]] = {}
+    #: Every hyper-parameter with its default (a fresh dict), derived from the keyword-only arguments of the
+    #: ``__init__`` of the class and its bases (:func:`stexp.models._hparams.hparam_specs`).
+    default_hparams = _DefaultHparams()
     #: Hyper-parameters that count training spots to retrieve (kNN's ``k``): a fit on fewer spots uses fewer
     #: (:func:`stexp.models._recipe.build_model`).
     bank_size_hparams: ClassVar[tuple[str, ...]] = ()
@@ -67,23 +90,31 @@ class ExpressionModel(ABC):
         genes: list[str],
         *,
         features_key: str | None = None,
-        encoder_spec: EncoderSpec | dict[str, Any] | None = None,
+        encoder_spec: EncoderSpec | Mapping[str, Any] | None = None,
         **hparams: Any,
     ) -> None:
         from stexp.images._spec import EncoderSpec
 
-        unknown = sorted(set(hparams) - set(self.default_hparams))
+        specs = hparam_specs(type(self))
+        unknown = sorted(set(hparams) - set(specs))
         if unknown:
             runtime = [k for k in unknown if k in RUNTIME_OPTIONS]
             hint = f" {runtime} are runtime options: pass them to fit/predict/load." if runtime else ""
             raise TypeError(
                 f"{type(self).__name__} got unknown hyper-parameter(s) {unknown}; "
-                f"it takes {sorted(self.default_hparams)}.{hint}"
+                f"it takes {describe_hparams(type(self))}.{hint}"
+            )
+        missing = [k for k in specs if k not in hparams]
+        if missing:  # a subclass's __init__ that declares a hyper-parameter but does not pass it on
+            raise TypeError(
+                f"{type(self).__name__}: hyper-parameter(s) {missing} of its __init__ signature did not reach "
+                "ExpressionModel.__init__; pass each one on to super().__init__."
             )
         self.genes = list(genes)
         self.features_key = features_key
         self.encoder_spec = EncoderSpec.from_mapping(encoder_spec)
-        self.hparams = {**self.default_hparams, **hparams}
+        #: Every hyper-parameter, typed as declared (an ``int`` given ``200.0`` holds ``200``).
+        self.hparams: dict[str, Any] = {k: spec.check(self.name, hparams[k]) for k, spec in specs.items()}
         self.history: dict[str, Any] = {}
         self.is_fitted = False
         self.n_features: int | None = None
@@ -96,6 +127,32 @@ class ExpressionModel(ABC):
         self.smoothing: dict[str, Any] = {"option": None, "sigma_um": 0.0}
         #: What the model was fitted as (:func:`stexp.models._recipe.fit_recipe` sets it); ``None`` before.
         self.recipe: Any = None  # a stexp.models._recipe.Recipe
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Accept a subclass that declares ``default_hparams`` as a dict (the older way; untyped, unchecked).
+
+        The dict's values become the defaults its ``__init__`` passes on, and ``default_hparams`` is derived
+        again (the dict's keys, typed where a base declares them).
+        """
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("default_hparams")
+        if declared is None:
+            return
+        if not isinstance(declared, Mapping):
+            raise TypeError(
+                f"{cls.__name__}.default_hparams must be a dict of defaults; better, declare the hyper-parameters "
+                "as keyword-only arguments of __init__."
+            )
+        delattr(cls, "default_hparams")
+        type.__setattr__(cls, "_declared_hparams_", dict(declared))
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: ExpressionModel, genes: list[str], **kwargs: Any) -> None:
+            init(self, genes, **{**copy.deepcopy(dict(declared)), **kwargs})
+
+        setattr(__init__, "_stexp_legacy_hparams_", True)  # noqa: B010 - hparam_specs reads the dict instead
+        type.__setattr__(cls, "__init__", __init__)
 
     # -- to implement -------------------------------------------------------------------------
     @abstractmethod
@@ -359,38 +416,3 @@ def check_genes(model_genes: list[str], other_genes: list[str], *, what: str = "
         f"{len(only_model)} only in the model (e.g. {only_model[:5]}), "
         f"{len(only_other)} only in the data (e.g. {only_other[:5]})."
     )
-
-
-def check_hparams(
-    model: str,
-    hparams: dict[str, Any],
-    *,
-    positive_int: tuple[str, ...] = (),
-    non_negative_int: tuple[str, ...] = (),
-    positive: tuple[str, ...] = (),
-    non_negative: tuple[str, ...] = (),
-    fraction: tuple[str, ...] = (),
-) -> None:
-    """Raise a ValueError naming the first hyper-parameter outside its range.
-
-    ``positive_int``: integers >= 1; ``non_negative_int``: integers >= 0; ``positive``: numbers > 0;
-    ``non_negative``: numbers >= 0; ``fraction``: numbers in [0, 1).
-    """
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer, float)) and not isinstance(v, bool) and float(v).is_integer()
-
-    def is_number(v: Any) -> bool:
-        return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
-
-    rules = (
-        (positive_int, lambda v: is_int(v) and v >= 1, "a positive integer"),
-        (non_negative_int, lambda v: is_int(v) and v >= 0, "a non-negative integer"),
-        (positive, lambda v: is_number(v) and v > 0, "a positive number"),
-        (non_negative, lambda v: is_number(v) and v >= 0, "a number >= 0"),
-        (fraction, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    )
-    for keys, ok, what in rules:
-        for key in keys:
-            if not ok(hparams[key]):
-                raise ValueError(f"{model}: {key} must be {what}, got {hparams[key]!r}.")

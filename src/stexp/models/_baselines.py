@@ -7,23 +7,26 @@ plain arrays.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from stexp._settings import logger
-from stexp.models._base import ExpressionModel
+from stexp.models._base import ExpressionModel, check_hparams
 from stexp.models._data import SpotData
 from stexp.models._folds import inner_folds
 from stexp.models._registry import register_model
 from stexp.models._retrieval import (
-    check_temperature,
     choose_temperature,
     temperature_from_state,
     temperature_state,
     weighted_retrieval,
 )
 from stexp.models._scaling import feature_scaling, unit_rows
+
+#: The ridge penalties the inner cross-validation chooses from (``ridge`` and ``ridge_knn``).
+RIDGE_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0)
 
 
 def _state_array(state: dict[str, np.ndarray], key: str, model: str) -> np.ndarray:
@@ -51,7 +54,6 @@ class MeanModel(ExpressionModel):
     Hyper-parameters: none.
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {}
     calibrate_by_default: ClassVar[bool] = True
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
@@ -92,6 +94,11 @@ def ridge_coef(path: tuple, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     return coef, y_mean - z_mean @ coef
 
 
+def check_ridge_hparams(model: ExpressionModel) -> None:
+    """The ranges of the ridge's hyper-parameters (of ``ridge``, and of ``ridge_knn``'s ridge part)."""
+    check_hparams(model, positive_int=("n_components",), positive=("alphas",), min_int={"cv_folds": 2})
+
+
 @register_model("ridge")
 class RidgeModel(ExpressionModel):
     """Linear probe on frozen features (the HEST-benchmark recipe): standardise, PCA, ridge.
@@ -106,31 +113,48 @@ class RidgeModel(ExpressionModel):
     that transfers to unseen tissue. Scaling and PCA are refit inside each inner fold. The chosen
     alpha and the inner scores are in :attr:`history`.
 
-    Hyper-parameters (``default_hparams``)
-        ``n_components=256`` (or ``None``), ``alphas`` (the grid, 1e-1 ... 1e5), ``cv_folds=5`` (inner
-        folds at most), ``standardize=True``, ``seed=0`` (randomised PCA).
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    n_components
+        Principal components of the standardised features (fewer with fewer spots or features); ``None``:
+        no projection.
+    alphas
+        The penalties to choose from (held as a list of floats).
+    cv_folds
+        Inner folds at most.
+    standardize
+        Standardise the features with the training mean and standard deviation.
+    seed
+        Seed of the randomised PCA.
+    **kwargs
+        ``features_key``, ``encoder_spec`` (:class:`~stexp.models.ExpressionModel`).
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {
-        "n_components": 256,
-        "alphas": [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0],
-        "cv_folds": 5,
-        "standardize": True,
-        "seed": 0,
-    }
     calibrate_by_default: ClassVar[bool] = True
 
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
-        hp = self.hparams
-        n_comp = hp["n_components"]
-        if n_comp is not None and (int(n_comp) != n_comp or n_comp < 1):
-            raise ValueError(f"ridge: n_components must be a positive integer or None, got {n_comp!r}.")
-        alphas = np.asarray(hp["alphas"], dtype=np.float64).ravel()
-        if alphas.size == 0 or not (alphas > 0).all():
-            raise ValueError(f"ridge: alphas must be a non-empty list of positive numbers, got {hp['alphas']!r}.")
-        if int(hp["cv_folds"]) != hp["cv_folds"] or hp["cv_folds"] < 2:
-            raise ValueError(f"ridge: cv_folds must be an integer >= 2, got {hp['cv_folds']!r}.")
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        n_components: int | None = 256,
+        alphas: Sequence[float] = RIDGE_ALPHAS,
+        cv_folds: int = 5,
+        standardize: bool = True,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            n_components=n_components,
+            alphas=alphas,
+            cv_folds=cv_folds,
+            standardize=standardize,
+            seed=seed,
+            **kwargs,
+        )
+        check_ridge_hparams(self)
 
     # -- the transform, on plain arrays (so a loaded model needs no sklearn object) ------------
     def _fit_transform(self, X: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -144,9 +168,8 @@ class RidgeModel(ExpressionModel):
             return arrays, Z
         from sklearn.decomposition import PCA
 
-        n_comp = int(min(self.hparams["n_components"], X.shape[0] - 1, X.shape[1]))
-        n_comp = max(n_comp, 1)
-        pca = PCA(n_components=n_comp, random_state=int(self.hparams["seed"])).fit(Z)
+        n_comp = max(min(self.hparams["n_components"], X.shape[0] - 1, X.shape[1]), 1)
+        pca = PCA(n_components=n_comp, random_state=self.hparams["seed"]).fit(Z)
         arrays |= {"pca_mean": pca.mean_, "pca_components": pca.components_}
         return arrays, pca.transform(Z)
 
@@ -158,7 +181,7 @@ class RidgeModel(ExpressionModel):
         return (Z - arrays["pca_mean"]) @ arrays["pca_components"].T
 
     def _inner_splits(self, train: SpotData) -> tuple[list, str]:
-        folds = inner_folds(train, int(self.hparams["cv_folds"]))
+        folds = inner_folds(train, self.hparams["cv_folds"])
         return folds.splits, folds.how
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
@@ -168,7 +191,7 @@ class RidgeModel(ExpressionModel):
             raise ValueError(
                 f"ridge: needs at least 4 training spots for its inner cross-validation, got {train.n_spots}."
             )
-        alphas = [float(a) for a in np.asarray(self.hparams["alphas"], dtype=np.float64).ravel()]
+        alphas = list(self.hparams["alphas"])
         # one penalty: nothing to choose, no inner cross-validation
         splits, how = self._inner_splits(train) if len(alphas) > 1 else ([], "none (one alpha given)")
         scores = np.zeros(len(alphas))
@@ -238,30 +261,46 @@ class KNNModel(ExpressionModel):
     mean per-gene Pearson correlation wins (``history["temperature"]``, ``history["inner_pcc"]``).
     What it gains is measured in ``docs/benchmarks.md``.
 
-    Hyper-parameters (``default_hparams``)
-        ``k=50``, ``temperature=0.1`` (a positive number, ``None`` or ``"auto"``), ``standardize=True``,
-        ``chunk_size=256`` (query spots per similarity block, bounds memory).
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    k
+        Training spots retrieved per query spot.
+    temperature
+        Softmax temperature of the weights: a positive number, ``None`` (equal weights) or ``"auto"``.
+    standardize
+        Standardise the features with the training mean and standard deviation.
+    chunk_size
+        Query spots per similarity block (bounds memory).
+    **kwargs
+        ``features_key``, ``encoder_spec`` (:class:`~stexp.models.ExpressionModel`).
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {"k": 50, "temperature": 0.1, "standardize": True, "chunk_size": 256}
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
     calibrate_by_default: ClassVar[bool] = True
 
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
-        hp = self.hparams
-        for key in ("k", "chunk_size"):
-            if int(hp[key]) != hp[key] or hp[key] < 1:
-                raise ValueError(f"knn: {key} must be a positive integer, got {hp[key]!r}.")
-        check_temperature("knn", "temperature", hp["temperature"])
-        self.temperature_: float | None = None if hp["temperature"] == "auto" else hp["temperature"]
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        k: int = 50,
+        temperature: float | Literal["auto"] | None = 0.1,
+        standardize: bool = True,
+        chunk_size: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(genes, k=k, temperature=temperature, standardize=standardize, chunk_size=chunk_size, **kwargs)
+        check_hparams(self, positive_int=("k", "chunk_size"), positive=("temperature",))
+        t = self.hparams["temperature"]
+        self.temperature_: float | None = None if t == "auto" else t
 
     def _normalise(self, X: np.ndarray) -> np.ndarray:
         return unit_rows((X - self.feature_mean_) / self.feature_scale_)
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         X = np.asarray(train.features, dtype=np.float32)
-        if int(self.hparams["k"]) > train.n_spots:
+        if self.hparams["k"] > train.n_spots:
             raise ValueError(f"knn: k={self.hparams['k']} is larger than the {train.n_spots} training spots.")
         if self.hparams["standardize"]:
             mean, scale = feature_scaling(X)
@@ -279,7 +318,7 @@ class KNNModel(ExpressionModel):
             self.temperature_, info = choose_temperature(
                 self.bank_features_,
                 train,
-                k=int(self.hparams["k"]),
+                k=self.hparams["k"],
                 validation_unit=val_unit,
                 validation=validation,
                 default=self.default_hparams["temperature"],
@@ -293,7 +332,7 @@ class KNNModel(ExpressionModel):
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         X = np.asarray(data.features, dtype=np.float32)
-        k = int(self.hparams["k"])
+        k = self.hparams["k"]
         if k > self.bank_features_.shape[0]:
             raise ValueError(f"knn: k={k} is larger than the reference bank ({self.bank_features_.shape[0]} spots).")
         return weighted_retrieval(
@@ -302,7 +341,7 @@ class KNNModel(ExpressionModel):
             self.bank_target_,
             k=k,
             temperature=self.temperature_,
-            chunk=int(self.hparams["chunk_size"]),
+            chunk=self.hparams["chunk_size"],
         )
 
     def _state(self) -> dict[str, np.ndarray]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from stexp.models._base import ExpressionModel, check_hparams
-from stexp.models._baselines import KNNModel, RidgeModel
+from stexp.models._baselines import RIDGE_ALPHAS, KNNModel, RidgeModel, check_ridge_hparams
 from stexp.models._data import SpotData
 from stexp.models._registry import register_model
 
+#: The hyper-parameters of the ridge part (the same names and defaults as the registered ``"ridge"``).
 _RIDGE_KEYS = ("n_components", "alphas", "cv_folds", "standardize", "seed")
 
 
@@ -24,35 +26,59 @@ class RidgeKNNModel(ExpressionModel):
     kNN neighbours' weighted standard deviation. Each part is exactly the registered ``"ridge"`` /
     ``"knn"`` model (its penalty chosen by grouped inner cross-validation over training slides).
 
-    Hyper-parameters (``default_hparams``)
-        the ridge's (``n_components=256``, ``alphas``, ``cv_folds=5``, ``standardize=True``, ``seed=0``),
-        ``k=200`` and ``temperature=0.1`` of the kNN (``"auto"``: chosen on the training slides, see
-        :class:`~stexp.models.KNNModel`), ``ridge_weight=0.5``.
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    n_components, alphas, cv_folds, standardize, seed
+        The ridge's (:class:`~stexp.models._baselines.RidgeModel`, with its defaults).
+    k, temperature
+        The kNN's (:class:`~stexp.models._baselines.KNNModel`; ``temperature="auto"``: chosen on the
+        training slides), 200 neighbours by default.
+    ridge_weight
+        Weight of the ridge in the average, in [0, 1].
+    **kwargs
+        ``features_key``, ``encoder_spec`` (:class:`~stexp.models.ExpressionModel`).
     """
-
-    default_hparams: ClassVar[dict[str, Any]] = {
-        **{k: RidgeModel.default_hparams[k] for k in _RIDGE_KEYS},
-        "k": 200,
-        "temperature": 0.1,
-        "ridge_weight": 0.5,
-    }
 
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("k",)
     calibrate_by_default: ClassVar[bool] = True
 
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        n_components: int | None = 256,
+        alphas: Sequence[float] = RIDGE_ALPHAS,
+        cv_folds: int = 5,
+        standardize: bool = True,
+        seed: int = 0,
+        k: int = 200,
+        temperature: float | Literal["auto"] | None = 0.1,
+        ridge_weight: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            n_components=n_components,
+            alphas=alphas,
+            cv_folds=cv_folds,
+            standardize=standardize,
+            seed=seed,
+            k=k,
+            temperature=temperature,
+            ridge_weight=ridge_weight,
+            **kwargs,
+        )
         hp = self.hparams
-        w = hp["ridge_weight"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
-            raise ValueError(f"ridge_knn: ridge_weight must be a number in [0, 1], got {w!r}.")
-        check_hparams(self.name, hp, positive_int=("k",))
-        common = {"features_key": self.features_key, "encoder_spec": self.encoder_spec}
-        self.ridge = RidgeModel(self.genes, **common, **{k: hp[k] for k in _RIDGE_KEYS})
+        check_ridge_hparams(self)
+        check_hparams(self, positive_int=("k",), positive=("temperature",), unit_interval=("ridge_weight",))
+        common: dict[str, Any] = {"features_key": self.features_key, "encoder_spec": self.encoder_spec}
+        self.ridge = RidgeModel(self.genes, **common, **{key: hp[key] for key in _RIDGE_KEYS})
         self.knn = KNNModel(self.genes, **common, k=hp["k"], temperature=hp["temperature"])
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
-        k = int(self.hparams["k"])  # at most the training spots (stexp.models._recipe.build_model)
+        k = self.hparams["k"]  # at most the training spots (stexp.models._recipe.build_model)
         self.ridge.fit(train, device=self.device)  # a single alpha: fit without inner cross-validation
         self.knn.fit(train, device=self.device)
         self.n_features = self.ridge.n_features
@@ -63,7 +89,7 @@ class RidgeKNNModel(ExpressionModel):
         return {"alphas": [float(self.ridge.history["alpha"])], "temperature": self.knn.temperature_}
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
-        w = float(self.hparams["ridge_weight"])
+        w = self.hparams["ridge_weight"]
         ridge, _ = self.ridge._predict(data)
         knn, spread = self.knn._predict(data)
         return w * np.asarray(ridge) + (1.0 - w) * np.asarray(knn), spread

@@ -8,6 +8,7 @@ encoder's output (the projection heads then see the same scale as on frozen feat
 from the spots' :class:`~stexp.images.PatchSource` (built by ``stexp.tl``), are cut once per slide into
 memory (:class:`stexp.images.PatchDataset`) and augmented per item (flips, 90° rotations, colour jitter; HED stain jitter with ``hed_jitter``).
 
+A model that can fine-tune subclasses :class:`FinetunableExpressionModel`, which declares the options.
 Imported only by models that fine-tune (this module imports torch).
 """
 
@@ -18,15 +19,50 @@ from typing import Any
 import numpy as np
 import torch
 
+from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
+from stexp.models._torch import TorchExpressionModel
 
-#: Hyper-parameters of every model that can fine-tune its encoder, with their defaults.
-FINETUNE_HPARAMS: dict[str, Any] = {
-    "finetune_encoder": False,  # train the encoder that made the features end to end on patches
-    "augment": True,  # flips, 90° rotations and colour jitter of the training patches
-    "hed_jitter": 0.0,  # with augment: HED stain augmentation of that strength (PatchDataset's hed_jitter)
-    "encoder_lr": None,  # the encoder's learning rate (None: the model's lr)
-}
+
+class FinetunableExpressionModel(TorchExpressionModel):
+    """A neural model that can fine-tune the image encoder that made its features (mclSTExp, NH2ST).
+
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    finetune_encoder
+        Train the encoder that made the features end to end on patches (rebuilt from their spec).
+    augment
+        Flips, 90° rotations and colour jitter of the training patches.
+    hed_jitter
+        With ``augment``: HED stain augmentation of that strength (``PatchDataset``'s ``hed_jitter``), in [0, 1).
+    encoder_lr
+        The encoder's learning rate (``None``: the model's ``lr``).
+    **kwargs
+        :class:`~stexp.models.TorchExpressionModel`'s training options, ``features_key``, ``encoder_spec``
+        and a subclass's hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        finetune_encoder: bool = False,
+        augment: bool = True,
+        hed_jitter: float = 0.0,
+        encoder_lr: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            finetune_encoder=finetune_encoder,
+            augment=augment,
+            hed_jitter=hed_jitter,
+            encoder_lr=encoder_lr,
+            **kwargs,
+        )
+        check_hparams(self, fraction=("hed_jitter",), positive=("encoder_lr",))
 
 
 def finetune_encoder(spec, *, pretrained: bool = True):

@@ -16,10 +16,10 @@ from torch import nn
 from stexp._settings import logger, settings
 from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
-from stexp.models._finetune import FINETUNE_HPARAMS
+from stexp.models._finetune import FinetunableExpressionModel
 from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
+from stexp.models._torch import as_tensor
 
 #: Floats of neighbour expression gathered per retrieval chunk (``chunk x k x genes``): 128 MB in float32.
 RETRIEVAL_CHUNK_ELEMENTS = 2**25
@@ -141,7 +141,7 @@ class MclSTExpNetwork(nn.Module):
 
 
 @register_model("mclstexp")
-class MclSTExp(TorchExpressionModel):
+class MclSTExp(FinetunableExpressionModel):
     """mclSTExp (Min et al., 2024): multimodal contrastive learning of spots and images, prediction by retrieval.
 
     Train it with ``stexp.tl.fit(adata, model="mclstexp", ...)``; every hyper-parameter below is a
@@ -190,16 +190,17 @@ class MclSTExp(TorchExpressionModel):
         the weighted standard deviation over those neighbours. The retrieval runs in torch in
         chunks of queries (bounded memory).
 
-    Hyper-parameters (``default_hparams``)
+    Hyper-parameters (the keyword arguments of ``__init__``; ``default_hparams``)
         Paper defaults: ``projection_dim=256``, ``n_layers=2``, ``n_heads=8``, ``head_dim=64``,
         ``mlp_dim=None`` (the number of genes), ``attn_dropout=0``, ``dropout=0.1`` (projection
         heads), ``temperature=1``, ``normalize_embeddings=False`` (logits are raw dot products),
         ``lr=1e-4``, ``weight_decay=1e-3``, ``batch_size=128``, ``max_epochs=90``, ``top_k=200``.
         stexp's: ``position_margin=8``, ``bank_passes=1``, ``standardize_features=True``,
-        ``early_stopping_patience=10`` (only with ``validation=``), ``finetune_encoder=False``,
+        ``early_stopping_patience=10`` (only with ``validation=``), ``seed=0``. Fine-tuning
+        (:class:`~stexp.models._finetune.FinetunableExpressionModel`): ``finetune_encoder=False``,
         ``augment=True`` (flips, 90° rotations, colour jitter of the patch dataset when fine-tuning),
         ``hed_jitter=0`` (HED stain augmentation of that strength when fine-tuning, e.g. 0.05),
-        ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``), ``seed=0``.
+        ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``).
 
     Deviations from the paper
         The loss uses diagonal (one-hot) positives as CLIP does; the paper's code used BLEEP's soft
@@ -209,39 +210,57 @@ class MclSTExp(TorchExpressionModel):
         target is log1p of counts per 10k (see :mod:`stexp.pp._target`).
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {
-        "projection_dim": 256,
-        "n_layers": 2,
-        "n_heads": 8,
-        "head_dim": 64,
-        "mlp_dim": None,
-        "dropout": 0.1,
-        "attn_dropout": 0.0,
-        "temperature": 1.0,
-        "normalize_embeddings": False,
-        "top_k": 200,
-        "position_margin": 8,
-        "bank_passes": 1,
-        "standardize_features": True,
-        **training_hparams(max_epochs=90, lr=1e-4, weight_decay=1e-3, early_stopping_patience=10),
-        **FINETUNE_HPARAMS,
-    }
-
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("top_k",)
 
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
-        hp = self.hparams
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        projection_dim: int = 256,
+        n_layers: int = 2,
+        n_heads: int = 8,
+        head_dim: int = 64,
+        mlp_dim: int | None = None,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        temperature: float = 1.0,
+        normalize_embeddings: bool = False,
+        top_k: int = 200,
+        position_margin: int = 8,
+        bank_passes: int = 1,
+        standardize_features: bool = True,
+        max_epochs: int = 90,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            projection_dim=projection_dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            temperature=temperature,
+            normalize_embeddings=normalize_embeddings,
+            top_k=top_k,
+            position_margin=position_margin,
+            bank_passes=bank_passes,
+            standardize_features=standardize_features,
+            max_epochs=max_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
         check_hparams(
-            "mclstexp",
-            hp,
-            positive_int=("projection_dim", "n_heads", "head_dim", "top_k", "bank_passes"),
+            self,
+            positive_int=("projection_dim", "n_heads", "head_dim", "mlp_dim", "top_k", "bank_passes"),
             non_negative_int=("n_layers", "position_margin"),
             positive=("temperature",),
-            fraction=("dropout", "attn_dropout", "hed_jitter"),
+            fraction=("dropout", "attn_dropout"),
         )
-        if hp["mlp_dim"] is not None:
-            check_hparams("mclstexp", hp, positive_int=("mlp_dim",))
         self.bank_embeddings: np.ndarray | None = None
         self.bank_expression: np.ndarray | None = None
 
@@ -254,15 +273,15 @@ class MclSTExp(TorchExpressionModel):
             n_genes,
             sizes["n_rows"],
             sizes["n_cols"],
-            projection_dim=int(hp["projection_dim"]),
-            n_layers=int(hp["n_layers"]),
-            n_heads=int(hp["n_heads"]),
-            head_dim=int(hp["head_dim"]),
-            mlp_dim=int(hp["mlp_dim"] or n_genes),
-            dropout=float(hp["dropout"]),
-            attn_dropout=float(hp["attn_dropout"]),
-            temperature=float(hp["temperature"]),
-            normalize_embeddings=bool(hp["normalize_embeddings"]),
+            projection_dim=hp["projection_dim"],
+            n_layers=hp["n_layers"],
+            n_heads=hp["n_heads"],
+            head_dim=hp["head_dim"],
+            mlp_dim=hp["mlp_dim"] or n_genes,
+            dropout=hp["dropout"],
+            attn_dropout=hp["attn_dropout"],
+            temperature=hp["temperature"],
+            normalize_embeddings=hp["normalize_embeddings"],
             encoder=encoder,
         )
 
@@ -271,7 +290,7 @@ class MclSTExp(TorchExpressionModel):
             raise ValueError(
                 f"mclstexp: array coordinates must be non-negative integers (min {int(train.array_rc.min())})."
             )
-        margin = int(self.hparams["position_margin"])
+        margin = self.hparams["position_margin"]
         n_rows, n_cols = (int(m) + 1 + margin for m in train.array_rc.max(axis=0))
         return {"n_rows": n_rows, "n_cols": n_cols}
 
@@ -287,10 +306,10 @@ class MclSTExp(TorchExpressionModel):
 
     def validation_order(self, n: int) -> torch.Tensor:
         """Validation sentences: one fixed random grouping of the spots, the same every epoch (losses compare)."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(int(self.hparams["seed"])))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams["seed"]))
 
     def _check_top_k(self, n_bank: int) -> None:
-        k = int(self.hparams["top_k"])
+        k = self.hparams["top_k"]
         if k > n_bank:
             raise ValueError(
                 f"mclstexp: top_k={k} is larger than the reference bank ({n_bank} training spots); "
@@ -328,16 +347,16 @@ class MclSTExp(TorchExpressionModel):
         """Spot-branch embeddings of the training spots in random sentences of ``batch_size``, with their expression."""
         hp = self.hparams
         target, rc = as_tensor(train.target), as_tensor(train.array_rc, torch.int64)
-        batch_size = min(int(hp["batch_size"]), train.n_spots)
-        bank = torch.zeros(train.n_spots, int(hp["projection_dim"]))
-        generator = torch.Generator().manual_seed(int(hp["seed"]))
+        batch_size = min(hp["batch_size"], train.n_spots)
+        bank = torch.zeros(train.n_spots, hp["projection_dim"])
+        generator = torch.Generator().manual_seed(hp["seed"])
         with self.on_device() as (net, device):
-            for _ in range(int(hp["bank_passes"])):
+            for _ in range(hp["bank_passes"]):
                 order = torch.randperm(train.n_spots, generator=generator)
                 for start in range(0, train.n_spots, batch_size):
                     idx = order[start : start + batch_size]
                     bank[idx] += net.embed_spots(target[idx].to(device), rc[idx].to(device)).float().cpu()
-        self.bank_embeddings = (bank / int(hp["bank_passes"])).numpy()
+        self.bank_embeddings = (bank / hp["bank_passes"]).numpy()
         self.bank_expression = target.numpy().copy()
 
     @torch.no_grad()
@@ -359,7 +378,7 @@ class MclSTExp(TorchExpressionModel):
             self.embed_images(data),
             self.bank_embeddings,
             self.bank_expression,
-            k=int(self.hparams["top_k"]),
+            k=self.hparams["top_k"],
             device=settings.resolve_device(self.device),
         )
 

@@ -5,17 +5,16 @@ Imported by the model registry on first use of ``model="mclstexp_plus"`` (this m
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from stexp._settings import logger
-from stexp.models._base import ExpressionModel
+from stexp.models._base import ExpressionModel, check_hparams
 from stexp.models._data import SpotData
 from stexp.models._mclstexp import RETRIEVAL_CHUNK_ELEMENTS, MclSTExp
 from stexp.models._registry import register_model
 from stexp.models._retrieval import (
-    check_temperature,
     choose_temperature,
     temperature_from_state,
     temperature_state,
@@ -48,17 +47,23 @@ class MclSTExpPlus(MclSTExp):
     75 µm patches), this raised PCC(ACG) above mclSTExp's and past the ridge probe on the same
     features; the figures are in ``docs/benchmarks.md``.
 
-    Hyper-parameters (``default_hparams``)
-        mclSTExp's (the registered ``"mclstexp"`` (:class:`stexp.models._mclstexp.MclSTExp`)) and ``retrieval_temperature="auto"`` (or a
-        positive number, or ``None`` for equal weights).
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    retrieval_temperature
+        ``"auto"`` (chosen as above), a positive number, or ``None`` for equal weights.
+    **kwargs
+        mclSTExp's hyper-parameters (the registered ``"mclstexp"``, :class:`stexp.models._mclstexp.MclSTExp`,
+        with its defaults), ``features_key``, ``encoder_spec``.
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {**MclSTExp.default_hparams, "retrieval_temperature": "auto"}
-
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
+    def __init__(
+        self, genes: list[str], *, retrieval_temperature: float | Literal["auto"] | None = "auto", **kwargs: Any
+    ) -> None:
+        super().__init__(genes, retrieval_temperature=retrieval_temperature, **kwargs)
+        check_hparams(self, positive=("retrieval_temperature",))
         t = self.hparams["retrieval_temperature"]
-        check_temperature("mclstexp_plus", "retrieval_temperature", t)
         self.temperature_: float | None = None if t == "auto" else t
         self.bank_image_embeddings: np.ndarray | None = None
 
@@ -148,7 +153,7 @@ class MclSTExpPlus(MclSTExp):
         self.temperature_, info = choose_temperature(
             self.bank_image_embeddings,
             train,
-            k=int(self.hparams["top_k"]),
+            k=self.hparams["top_k"],
             validation_unit=val_unit,
             validation=validation,
         )
@@ -158,7 +163,7 @@ class MclSTExpPlus(MclSTExp):
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         assert self.bank_image_embeddings is not None and self.bank_expression is not None, "no reference bank"
         self._check_top_k(self.bank_image_embeddings.shape[0])
-        k = int(self.hparams["top_k"])
+        k = self.hparams["top_k"]
         return weighted_retrieval(
             unit_rows(self.embed_images(data)),
             self.bank_image_embeddings,

@@ -5,7 +5,7 @@ Imported by the model registry on first use of ``model="mlp"`` (this module impo
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from stexp.models._base import check_hparams
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
+from stexp.models._torch import TorchExpressionModel, as_tensor
 
 
 class MLPNetwork(nn.Module):
@@ -54,32 +54,32 @@ class MLPModel(TorchExpressionModel):
     With ``validation=`` slides, training stops early when the validation MSE has not improved for
     ``early_stopping_patience`` epochs. No spread is returned.
 
-    Hyper-parameters (``default_hparams``)
-        ``hidden_dim=256``, ``n_hidden=1``, ``dropout=0.2``, ``lr=1e-3``, ``weight_decay=1e-4``,
-        ``batch_size=128``, ``max_epochs=50``, ``early_stopping_patience=10``, ``seed=0``.
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    hidden_dim
+        Units of each hidden layer.
+    n_hidden
+        Hidden layers (``0``: a linear model).
+    dropout
+        Dropout after each hidden layer, in [0, 1).
+    **kwargs
+        :class:`~stexp.models.TorchExpressionModel`'s training options (defaults ``lr=1e-3``,
+        ``weight_decay=1e-4``, ``batch_size=128``, ``max_epochs=50``, ``early_stopping_patience=10``,
+        ``seed=0``), ``features_key``, ``encoder_spec``.
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {
-        "hidden_dim": 256,
-        "n_hidden": 1,
-        "dropout": 0.2,
-        **training_hparams(max_epochs=50, lr=1e-3, weight_decay=1e-4, early_stopping_patience=10),
-    }
-
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
-        check_hparams(
-            "mlp", self.hparams, positive_int=("hidden_dim",), non_negative_int=("n_hidden",), fraction=("dropout",)
-        )
+    def __init__(
+        self, genes: list[str], *, hidden_dim: int = 256, n_hidden: int = 1, dropout: float = 0.2, **kwargs: Any
+    ) -> None:
+        super().__init__(genes, hidden_dim=hidden_dim, n_hidden=n_hidden, dropout=dropout, **kwargs)
+        check_hparams(self, positive_int=("hidden_dim",), non_negative_int=("n_hidden",), fraction=("dropout",))
 
     def build_network(self, *, n_features: int, encoder: nn.Module | None, **sizes: int) -> MLPNetwork:
         hp = self.hparams
         return MLPNetwork(
-            n_features,
-            len(self.genes),
-            hidden_dim=int(hp["hidden_dim"]),
-            n_hidden=int(hp["n_hidden"]),
-            dropout=float(hp["dropout"]),
+            n_features, len(self.genes), hidden_dim=hp["hidden_dim"], n_hidden=hp["n_hidden"], dropout=hp["dropout"]
         )
 
     def initialise(self, network: Any, train) -> None:

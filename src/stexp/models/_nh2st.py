@@ -5,7 +5,7 @@ Imported by the model registry on first use of ``model="nh2st"`` (this module im
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,11 +14,11 @@ from torch import nn
 
 from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
-from stexp.models._finetune import FINETUNE_HPARAMS
+from stexp.models._finetune import FinetunableExpressionModel
 from stexp.models._layers import ProjectionHead, info_nce
 from stexp.models._neighbors import knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
-from stexp.models._torch import TorchExpressionModel, as_tensor, training_hparams
+from stexp.models._torch import as_tensor
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,7 +216,7 @@ class NH2STNetwork(nn.Module):
 
 
 @register_model("nh2st")
-class NH2ST(TorchExpressionModel):
+class NH2ST(FinetunableExpressionModel):
     """NH2ST (Qu et al., MICCAI 2025): dual-scale image-expression contrastive learning with neighbourhoods.
 
     Train it with ``stexp.tl.fit(adata, model="nh2st", ...)``; every hyper-parameter below is a
@@ -246,7 +246,7 @@ class NH2ST(TorchExpressionModel):
         ``mc_samples > 0``: then it is the standard deviation over that many Monte-Carlo dropout
         passes (the mean stays the deterministic prediction).
 
-    Hyper-parameters (``default_hparams``)
+    Hyper-parameters (the keyword arguments of ``__init__``; ``default_hparams``)
         Paper defaults (NH2ST's public configuration): ``dim=512``, ``n_heads=8``, ``n_neighbors=8``
         (9-spot neighbourhoods), ``temperature_query = temperature_neighbor = 0.05``, loss weights
         1.0 / 0.5 / 1.0, ``lr=5e-4`` with Adam, ``max_epochs=200``, early stopping patience 20 on the
@@ -270,42 +270,60 @@ class NH2ST(TorchExpressionModel):
         ``n_neighbors`` nearest spots in µm, not a square window of patches.
     """
 
-    default_hparams: ClassVar[dict[str, Any]] = {
-        "n_neighbors": 8,
-        "hyperedge_k": 3,
-        "hypergraph_layers": 1,
-        "dim": 512,
-        "n_heads": 8,
-        "dropout": 0.1,
-        "attn_dropout": 0.1,
-        "temperature_query": 0.05,
-        "temperature_neighbor": 0.05,
-        "weight_query": 1.0,
-        "weight_neighbor": 0.5,
-        "weight_mse": 1.0,
-        "use_neighbor_context": True,
-        "mc_samples": 0,
-        **FINETUNE_HPARAMS,
-        **training_hparams(max_epochs=200, lr=5e-4, weight_decay=1e-3, early_stopping_patience=20),
-    }
-
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        n_neighbors: int = 8,
+        hyperedge_k: int = 3,
+        hypergraph_layers: int = 1,
+        dim: int = 512,
+        n_heads: int = 8,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        temperature_query: float = 0.05,
+        temperature_neighbor: float = 0.05,
+        weight_query: float = 1.0,
+        weight_neighbor: float = 0.5,
+        weight_mse: float = 1.0,
+        use_neighbor_context: bool = True,
+        mc_samples: int = 0,
+        max_epochs: int = 200,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-3,
+        early_stopping_patience: int = 20,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            n_neighbors=n_neighbors,
+            hyperedge_k=hyperedge_k,
+            hypergraph_layers=hypergraph_layers,
+            dim=dim,
+            n_heads=n_heads,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            temperature_query=temperature_query,
+            temperature_neighbor=temperature_neighbor,
+            weight_query=weight_query,
+            weight_neighbor=weight_neighbor,
+            weight_mse=weight_mse,
+            use_neighbor_context=use_neighbor_context,
+            mc_samples=mc_samples,
+            max_epochs=max_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            early_stopping_patience=early_stopping_patience,
+            **kwargs,
+        )
         hp = self.hparams
         check_hparams(
-            "nh2st",
-            hp,
-            non_negative_int=(
-                "n_neighbors",
-                "hyperedge_k",
-                "hypergraph_layers",
-                "mc_samples",
-                "early_stopping_patience",
-            ),
-            positive_int=("dim", "n_heads", "max_epochs", "batch_size"),
-            positive=("temperature_query", "temperature_neighbor", "lr"),
-            non_negative=("weight_query", "weight_neighbor", "weight_mse", "weight_decay"),
-            fraction=("dropout", "attn_dropout", "hed_jitter"),
+            self,
+            non_negative_int=("n_neighbors", "hyperedge_k", "hypergraph_layers", "mc_samples"),
+            positive_int=("dim", "n_heads"),
+            positive=("temperature_query", "temperature_neighbor"),
+            non_negative=("weight_query", "weight_neighbor", "weight_mse"),
+            fraction=("dropout", "attn_dropout"),
         )
         if hp["dim"] % hp["n_heads"]:
             raise ValueError(f"nh2st: dim={hp['dim']} must be divisible by n_heads={hp['n_heads']}.")
@@ -318,14 +336,14 @@ class NH2ST(TorchExpressionModel):
         return NH2STNetwork(
             n_features,
             len(self.genes),
-            dim=int(hp["dim"]),
-            n_heads=int(hp["n_heads"]),
-            hypergraph_layers=int(hp["hypergraph_layers"]),
-            dropout=float(hp["dropout"]),
-            attn_dropout=float(hp["attn_dropout"]),
-            use_neighbor_context=bool(hp["use_neighbor_context"]),
-            temperature_query=float(hp["temperature_query"]),
-            temperature_neighbor=float(hp["temperature_neighbor"]),
+            dim=hp["dim"],
+            n_heads=hp["n_heads"],
+            hypergraph_layers=hp["hypergraph_layers"],
+            dropout=hp["dropout"],
+            attn_dropout=hp["attn_dropout"],
+            use_neighbor_context=hp["use_neighbor_context"],
+            temperature_query=hp["temperature_query"],
+            temperature_neighbor=hp["temperature_neighbor"],
             encoder=encoder,
         )
 
@@ -335,8 +353,8 @@ class NH2ST(TorchExpressionModel):
 
     def _graph(self, data: SpotData) -> dict[str, torch.Tensor]:
         """Neighbourhoods and their hypergraphs for the spots of ``data``, as tensors."""
-        nodes, node_mask = neighborhoods(data.coords_um, data.library, k=int(self.hparams["n_neighbors"]))
-        incidence = knn_hypergraph(data.coords_um, nodes, node_mask, k=int(self.hparams["hyperedge_k"]))
+        nodes, node_mask = neighborhoods(data.coords_um, data.library, k=self.hparams["n_neighbors"])
+        incidence = knn_hypergraph(data.coords_um, nodes, node_mask, k=self.hparams["hyperedge_k"])
         return {
             "nodes": torch.from_numpy(nodes),
             "mask": torch.from_numpy(node_mask),
@@ -357,7 +375,7 @@ class NH2ST(TorchExpressionModel):
     # -- ExpressionModel ----------------------------------------------------------------------
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         graph = self._graph(data)
-        mc = int(self.hparams["mc_samples"])
+        mc = self.hparams["mc_samples"]
         means, spreads = [], []
         chunk = 1024
         with self.on_device() as (net, device), torch.no_grad():
@@ -374,7 +392,7 @@ class NH2ST(TorchExpressionModel):
                 if mc:
                     net.train()  # dropout on: Monte-Carlo samples
                     with torch.random.fork_rng(devices=[] if device == "cpu" else None):
-                        torch.manual_seed(int(self.hparams["seed"]) + start)
+                        torch.manual_seed(self.hparams["seed"] + start)
                         samples = torch.stack([net.predict(*args).float() for _ in range(mc)])
                     spreads.append(samples.std(0, correction=0).cpu())
         mean = torch.cat(means).numpy()

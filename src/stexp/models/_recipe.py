@@ -22,6 +22,7 @@ from stexp._settings import logger
 
 from ._data import SpotData
 from ._folds import INNER_FOLDS
+from ._hparams import describe_hparams, typed_hparams
 from ._registry import get_model_class
 from ._smoothing import smoothing_option
 
@@ -46,7 +47,8 @@ class Recipe:
         A registered model name (:func:`stexp.models.available_models`).
     hparams
         Hyper-parameters of the model; each must be one the model declares (checked here, with the list
-        of what it accepts). Those not given keep the model's defaults.
+        of what it accepts) and of its declared type (typed here: ``k=200.0`` holds ``200``; ranges are
+        checked when the model is made). Those not given keep the model's defaults.
     smoothing
         Spatial smoothing of the predictions: ``None`` / ``0`` (none), a σ in µm, or ``"auto"`` (σ chosen
         on the training slides; :func:`stexp.models._smoothing.fit_smoothing`).
@@ -72,12 +74,10 @@ class Recipe:
     def __post_init__(self) -> None:
         cls = get_model_class(self.model)  # KeyError listing the registry
         object.__setattr__(self, "model", cls.name)
-        object.__setattr__(self, "hparams", dict(self.hparams))
         unknown = sorted(set(self.hparams) - set(cls.default_hparams))
         if unknown:
-            raise TypeError(
-                f"model {cls.name!r} does not take {unknown}; it takes {sorted(cls.default_hparams) or 'no options'}."
-            )
+            raise TypeError(_refusal(cls, unknown))
+        object.__setattr__(self, "hparams", typed_hparams(cls, self.hparams))
         object.__setattr__(self, "smoothing", smoothing_option(self.smoothing))
         if self.calibrate is not None and not isinstance(self.calibrate, bool):
             raise TypeError(f"calibrate must be True, False or None, got {self.calibrate!r}.")
@@ -120,9 +120,7 @@ class Recipe:
         given = {k: v for k, v in options.items() if v is not None}
         refused = sorted(k for k in given if k not in declared and k != "seed")
         if refused:
-            raise TypeError(
-                f"model {self.model!r} does not take {refused}; it takes {sorted(declared) or 'no options'}."
-            )
+            raise TypeError(_refusal(self.model_class, refused))
         return self.with_hparams(**{k: v for k, v in given.items() if k in declared})
 
     def wants_calibration(self) -> bool:
@@ -147,6 +145,11 @@ class Recipe:
             f"{self.label}: {self.model}({params}), smoothing={self.smoothing!r}, calibrate={calibrate} "
             f"({self.calibration_score!r}, {self.calibration_folds} folds)"
         )
+
+
+def _refusal(cls: type[ExpressionModel], names: list[str]) -> str:
+    """``model 'ridge' does not take ['max_epochs']; it takes n_components: int | None = 256, ...``."""
+    return f"model {cls.name!r} does not take {names}; it takes {describe_hparams(cls)}."
 
 
 #: What :func:`stexp.tl.fit` trains when given no model: kNN retrieval over 200 neighbours with a softmax

@@ -51,12 +51,6 @@ def euclidean_neighbours(query: np.ndarray, bank: np.ndarray, k: int) -> tuple[n
     return idx, dist
 
 
-def check_temperature(model: str, name: str, value: Any) -> None:
-    """Raise a ValueError unless a retrieval temperature is a positive number, ``None`` or ``"auto"``."""
-    if not (value is None or value == "auto" or (not isinstance(value, (str, bool)) and float(value) > 0)):
-        raise ValueError(f"{model}: {name} must be positive, None or 'auto', got {value!r}.")
-
-
 def temperature_state(temperature: float | None) -> np.ndarray:
     """The temperature in use as a saved array (``nan``: equal weights)."""
     return np.asarray([np.nan if temperature is None else float(temperature)], dtype=np.float64)

@@ -1,8 +1,10 @@
 """``TorchExpressionModel``: what every neural stexp model shares, so a model keeps only its network.
 
-A neural model subclasses :class:`TorchExpressionModel`, declares its ``default_hparams`` (``lr``,
-``weight_decay``, ``batch_size``, ``max_epochs``, ``early_stopping_patience`` and ``seed`` at least),
-implements :meth:`~TorchExpressionModel.build_network` (a module with ``losses(batch, data, gather)``,
+A neural model subclasses :class:`TorchExpressionModel` (or, when it can fine-tune its image encoder,
+:class:`stexp.models._finetune.FinetunableExpressionModel`), declares its own hyper-parameters as typed
+keyword arguments of ``__init__`` (the training options ``max_epochs``, ``batch_size``, ``lr``,
+``weight_decay``, ``early_stopping_patience`` and ``seed`` are this class's; a model re-declares one only
+to change its default), implements :meth:`~TorchExpressionModel.build_network` (a module with ``losses(batch, data, gather)``,
 see :mod:`stexp.models._engine`) and :meth:`~TorchExpressionModel._predict`, and registers itself with
 :func:`stexp.models.register_model`. This class trains it with the engine's ``TrainingPlan``, keeps the
 network on the CPU between calls (moving it to ``model.device`` while it works), saves and loads its
@@ -37,7 +39,11 @@ def training_hparams(
     batch_size: int = 128,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The hyper-parameters every neural model has, with the model's defaults (spread into ``default_hparams``)."""
+    """The training options with a model's defaults, for a model that declares ``default_hparams`` as a dict.
+
+    That is the older way; a model now re-declares the options whose defaults it changes as keyword
+    arguments of its ``__init__`` (see :class:`TorchExpressionModel`).
+    """
     return {
         "max_epochs": max_epochs,
         "batch_size": batch_size,
@@ -67,13 +73,53 @@ class TorchExpressionModel(ExpressionModel):
         The fine-tuned :class:`stexp.images.Encoder` when ``finetune_encoder=True``, else ``None``.
     sizes
         The shapes the network was built with (``n_features`` and model-specific ones), saved with it.
+
+    Parameters
+    ----------
+    genes
+        The gene panel.
+    max_epochs
+        Epochs at most.
+    batch_size
+        Spots per training step (per process under DDP).
+    lr
+        AdamW's learning rate.
+    weight_decay
+        AdamW's weight decay.
+    early_stopping_patience
+        With validation spots, stop when the validation loss has not improved for this many epochs
+        (``0``: never).
+    seed
+        Seeds the weights, the batches and the augmentation (the caller's random state is left alone).
+    **kwargs
+        ``features_key``, ``encoder_spec`` (:class:`~stexp.models.ExpressionModel`) and a subclass's
+        hyper-parameters.
     """
 
-    def __init__(self, genes: list[str], **kwargs: Any) -> None:
-        super().__init__(genes, **kwargs)
+    def __init__(
+        self,
+        genes: list[str],
+        *,
+        max_epochs: int = 50,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        early_stopping_patience: int = 10,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            genes,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            early_stopping_patience=early_stopping_patience,
+            seed=seed,
+            **kwargs,
+        )
         check_hparams(
-            self.name,
-            self.hparams,
+            self,
             positive_int=("max_epochs", "batch_size"),
             non_negative_int=("early_stopping_patience",),
             positive=("lr",),
@@ -154,7 +200,7 @@ class TorchExpressionModel(ExpressionModel):
 
         hp = self.hparams
         # under DDP each process loads its share of the spots; the batch size is per process
-        batch_size, drop_last = per_process_batch(data.n_spots, int(hp["batch_size"]), self._world_size)
+        batch_size, drop_last = per_process_batch(data.n_spots, hp["batch_size"], self._world_size)
         collate = None
         if self.encoder is not None:
             from stexp.models import _finetune
@@ -162,8 +208,8 @@ class TorchExpressionModel(ExpressionModel):
             patches = _finetune.spot_patches(
                 data,
                 self.encoder,
-                augment=train and bool(hp["augment"]),
-                hed_jitter=float(hp.get("hed_jitter", 0.0)),
+                augment=train and hp["augment"],
+                hed_jitter=hp.get("hed_jitter", 0.0),
             )
             nodes = self.node_index(tensors)
             collate = _finetune.PatchBatch(patches, nodes=None if nodes is None else nodes.numpy())
@@ -171,7 +217,7 @@ class TorchExpressionModel(ExpressionModel):
             data.n_spots,
             batch_size=batch_size,
             shuffle=train,
-            seed=int(hp["seed"]),
+            seed=hp["seed"],
             drop_last=train and drop_last,
             num_workers=self.num_workers if self.encoder is not None else 0,
             collate_fn=collate,
@@ -182,7 +228,7 @@ class TorchExpressionModel(ExpressionModel):
         """Spots a contrastive loss compares per step: the per-process batch times the DDP processes (gathered)."""
         from stexp.models._engine import per_process_batch
 
-        return per_process_batch(n_spots, int(self.hparams["batch_size"]), self._world_size)[0] * self._world_size
+        return per_process_batch(n_spots, self.hparams["batch_size"], self._world_size)[0] * self._world_size
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         from stexp.models import _finetune
@@ -191,7 +237,7 @@ class TorchExpressionModel(ExpressionModel):
 
         hp = self.hparams
         self._world_size = parallel_plan(self.device, self.devices)["world_size"]
-        seed = int(hp["seed"])
+        seed = hp["seed"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.encoder = _finetune.training_encoder(self, train.features.shape[1])
@@ -208,8 +254,8 @@ class TorchExpressionModel(ExpressionModel):
         plan = TrainingPlan(
             network,
             data,
-            lr=float(hp["lr"]),
-            weight_decay=float(hp["weight_decay"]),
+            lr=hp["lr"],
+            weight_decay=hp["weight_decay"],
             encoder_lr=hp.get("encoder_lr"),
             loss_weights=self.loss_weights(),
         )
@@ -218,10 +264,10 @@ class TorchExpressionModel(ExpressionModel):
             plan,
             self.loader(train, data["train"], train=True),
             None if validation is None else self.loader(validation, data["val"], train=False),
-            max_epochs=int(hp["max_epochs"]),
+            max_epochs=hp["max_epochs"],
             device=self.device,
             seed=seed,
-            early_stopping_patience=int(hp["early_stopping_patience"]) or None,
+            early_stopping_patience=hp["early_stopping_patience"] or None,
             devices=self.devices,
         )
         self.network = network.to("cpu").eval()
