@@ -47,7 +47,7 @@ def test_trains_exactly_like_mclstexp(fitted, paper):
 
 def test_temperature_chosen_on_training_slides(fitted):
     info = fitted.history["retrieval"]
-    assert info["inner_cv"] == "slides" and info["temperature_grid"] == list(TEMPERATURE_GRID)
+    assert info["inner_cv"].endswith("folds by patients") and info["temperature_grid"] == list(TEMPERATURE_GRID)
     assert fitted.temperature_ == TEMPERATURE_GRID[int(np.nanargmax(info["inner_pcc"]))]
 
 
