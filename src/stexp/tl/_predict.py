@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stexp._devices import check_device
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_ids
 from stexp._process import leaves_process_state
@@ -126,6 +127,7 @@ def predict(
         If the features were made with another encoder, weights or patch size than the model's, or
         ``coverage`` is given for a model without calibration.
     """
+    device = None if device is None else check_device(device)
     calibration = model.calibration
     if coverage is not None:  # refused before any work
         model.check_intervals(coverage)
@@ -137,7 +139,9 @@ def predict(
     else:
         if features_key is None:
             raise ValueError(f"the {model.name} model records no features key; pass features_key= naming adata.obsm.")
-        _ensure_features(adata, model, features_key=features_key, library_key=library_key)
+        _ensure_features(
+            adata, model, features_key=features_key, library_key=library_key, device=device or model.device
+        )
         check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
 
     var_idx = adata.var_names.get_indexer(model.genes)
