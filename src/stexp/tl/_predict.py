@@ -114,7 +114,8 @@ def predict(
         by a model whose image encoder was fine-tuned (``finetune_encoder=True``): it embeds the
         patches with its own encoder, at the patch size it was trained with.
     device
-        ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for.
+        ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for. Missing
+        features are embedded there too.
     coverage
         Write split-conformal intervals that contain a new spot's measured value (per gene) with this
         probability, e.g. ``0.9``; their width follows the model's difficulty score (wider where the
