@@ -260,7 +260,7 @@ def test_cli_predict_and_exit_codes(tmp_path, image, pool_encoder, capsys):
     assert (tmp_path / "pred_genes.png").stat().st_size > 0
 
     zarr_out = tmp_path / "pred.zarr"
-    assert main([*argv[:5], str(zarr_out), *argv[6:]]) == 0
+    assert main([*argv[:5], str(zarr_out), *argv[6:], "--overwrite"]) == 0  # its figure is pred_genes.png too
     import spatialdata as sd
 
     sdata = sd.read_zarr(zarr_out)
@@ -271,12 +271,19 @@ def test_cli_predict_and_exit_codes(tmp_path, image, pool_encoder, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("stexp predict: error:") and match in err, err
 
+    # a second run neither replaces the outputs without a word nor fails only after the work
+    before = out.read_bytes()
+    fails(argv, "pred.h5ad and")
+    fails([*argv[:5], str(zarr_out), *argv[6:]], "pred.zarr and")
+    assert out.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
     base = ["--model", str(model_dir), "--out", str(tmp_path / "x.h5ad"), "--quiet"]
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"garbage" * 50)
     fails(["predict", str(bad), *base], "cannot read slide")
     fails(["predict", str(tmp_path / "gone.tif"), *base], "does not exist")
-    fails(["predict", str(write_pyramid(tmp_path / "nompp.tif", image, mpp=None)), *base], "pass mpp=")
+    fails(["predict", str(write_pyramid(tmp_path / "nompp.tif", image, mpp=None)), *base], "pass --mpp")
     blank = write_pyramid(tmp_path / "blank.tif", np.full((300, 300, 3), 250, np.uint8))
     fails(["predict", str(blank), *base], "no grid spot")
     fails(["predict", str(slide), "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "y.h5ad")], "nomodel")

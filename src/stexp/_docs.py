@@ -29,8 +29,9 @@ copy
     Return a modified copy instead of writing in place.""",
     "device": """\
 device
-    ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where the work runs. A runtime
-    choice, never saved with a model.""",
+    ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``: where the work runs.
+    Checked before any work: another string, or a GPU this machine does not have, is a ValueError. A
+    runtime choice, never saved with a model.""",
     "genes": """\
 genes
     The gene panel. Default: ``var["stexp_panel"]`` from :func:`stexp.pp.select_hvg`, else all genes.""",

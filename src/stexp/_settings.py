@@ -27,7 +27,8 @@ class _Settings:
     seed
         Default random seed used when a function's ``seed`` is not given.
     device
-        ``"auto"`` (CUDA when available, else CPU), or any torch device string.
+        What ``device="auto"`` means: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"`` or ``"mps"``; checked where a ``device="auto"`` enters stexp.
     cachedir
         Where image features and downloaded data are cached. Defaults to
         ``$STEXP_CACHE_DIR`` or ``~/.cache/stexp``.

@@ -7,9 +7,13 @@ predicts expression over the tissue of a whole-slide image with a saved model.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 DATA_CHOICES = ("synthetic", "her2st")
@@ -59,9 +63,43 @@ INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError)
 N_PLOT_GENES = 3
 
 
-def _fail(command: str, err: BaseException) -> int:
+#: Python arguments that ``stexp predict`` passes on from its options: a library message naming one names the option.
+OPTIONS = {
+    "mpp": "--mpp",
+    "spot_diameter_um": "--spot-diameter-um",
+    "spacing_um": "--spacing-um",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "key_added": "--key",
+}
+
+
+def as_options(message: str, names: Iterable[str]) -> str:
+    """``message`` with the Python arguments ``names`` written as the command-line options that set them.
+
+    ``pass mpp= (µm per pixel)`` becomes ``pass --mpp (µm per pixel)``, ``device='cpu'`` becomes ``--device cpu``.
+    """
+    for name in names:
+        value = r"(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]*[^\s,;).]))?"  # quoted, or up to a space or final punctuation
+        pattern = re.compile(rf"(?<![\w.]){re.escape(name)}={value}")
+
+        def option(m: re.Match, name: str = name) -> str:
+            given = next((g for g in m.groups() if g is not None), "")
+            return f"{OPTIONS[name]} {given}" if given else OPTIONS[name]
+
+        message = pattern.sub(option, message)
+    return message
+
+
+def _fail(command: str, err: BaseException, *, options: Iterable[str] = ()) -> int:
+    """Print ``err`` as one line on stderr and return the exit status 1.
+
+    ``options``: the Python arguments that the failing step got from command-line options (keys of
+    :data:`OPTIONS`); the message names the options instead (``--mpp``, not ``mpp=``). Only those: a
+    step's other arguments (e.g. the model's own ``mpp=`` for embedding) are not the user's options.
+    """
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    message = " ".join(str(message).split())  # one line
+    message = as_options(" ".join(str(message).split()), options)  # one line
     print(f"stexp {command}: error: {message}", file=sys.stderr)
     return 1
 
@@ -73,6 +111,72 @@ def _peak_rss_mb() -> float | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+def _check_outputs(out: Path, figure: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` of another kind, or outputs that exist without ``--overwrite``.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` does not end in ``.h5ad`` or ``.zarr``.
+    FileExistsError
+        If ``out`` or the ``figure`` exists and ``overwrite`` is False (both named).
+    IsADirectoryError, NotADirectoryError
+        If an ``.h5ad`` output or the figure is a folder (never removed, even with ``overwrite``), or the
+        output's folder is a file.
+    """
+    if out.suffix not in (".h5ad", ".zarr"):
+        raise ValueError(f"--out must end in .h5ad or .zarr (SpatialData), got {str(out)!r}.")
+    existing = [p for p in (out, figure) if p.exists() or p.is_symlink()]
+    if existing and not overwrite:
+        names = " and ".join(str(p) for p in existing)
+        one = len(existing) == 1
+        raise FileExistsError(
+            f"{names} already exist{'s' if one else ''}; pass --overwrite to replace {'it' if one else 'them'} "
+            "(stexp predict writes the prediction and its figure), or choose another --out."
+        )
+    for path, folder_ok in ((out, out.suffix == ".zarr"), (figure, False)):
+        if path.is_dir() and not folder_ok:
+            raise IsADirectoryError(f"{path} is a folder, where stexp predict writes a file; choose another --out.")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{parent} is a file, so --out {out} cannot be written; choose another --out.")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_replacing(out: Path, write: Callable[[Path], object]) -> None:
+    """``write`` into a hidden sibling of ``out``, renamed into place when complete.
+
+    An existing ``out`` (``--overwrite``) stays intact until the new one is complete; an interrupted write
+    leaves nothing behind.
+    """
+    sibling = lambda tag: out.with_name(f".{out.stem}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}{out.suffix}")
+    tmp = sibling("tmp")
+    try:
+        write(tmp)
+        if tmp.is_file() and not out.is_dir():
+            os.replace(tmp, out)
+        elif out.exists() or out.is_symlink():  # a Zarr store (or what --overwrite replaces with one)
+            old = sibling("old")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)  # put the old output back
+                raise
+            _remove(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _write_spatialdata(adata, out: Path) -> None:
@@ -128,18 +232,26 @@ def _plot(adata, key: str, genes: list[str], out: Path) -> Path:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from stexp._devices import check_device
     from stexp._settings import settings
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    if out.suffix not in (".h5ad", ".zarr"):
-        return _fail("predict", ValueError(f"--out must end in .h5ad or .zarr (SpatialData), got {str(out)!r}."))
+    figure = out.with_name(out.stem + "_genes.png")
+    given: tuple[str, ...] = ("device",)  # the Python arguments the running step got from options (for messages)
+    try:  # before any work: the outputs, then the device (also when the features are cached and it is not used)
+        _check_outputs(out, figure, overwrite=args.overwrite)
+        device = check_device(args.device)
+    except INPUT_ERRORS as err:
+        return _fail("predict", err, options=given)
     if args.quiet:
         settings.verbosity = 1
     try:
         import stexp
 
-        model = stexp.models.load(args.model, device=args.device)
+        given = ()
+        model = stexp.models.load(args.model, device=device)
+        given = ("mpp", "spot_diameter_um", "spacing_um")
         adata = stexp.io.read_wsi(
             args.slide, mpp=args.mpp, spot_diameter_um=args.spot_diameter_um, spacing_um=args.spacing_um,
             genes=list(model.genes),
@@ -151,23 +263,26 @@ def _predict(args: argparse.Namespace) -> int:
             from stexp._layout import LIBRARY_KEY
             from stexp.tl._predict import _ensure_features
 
+            given = ("batch_size", "device")
             _ensure_features(
                 adata, model, features_key=model.features_key, library_key=LIBRARY_KEY, batch_size=args.batch_size,
-                device=args.device,
+                device=device,
             )  # fmt: skip
-        stexp.tl.predict(adata, model, key_added=args.key, device=args.device)
+        given = ("key_added", "device")
+        stexp.tl.predict(adata, model, key_added=args.key, device=device)
+        given = ()
         from stexp.tl._storage import read_prediction
 
         genes, values = read_prediction(adata, args.key)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".zarr":
-            _write_spatialdata(adata, out)
+            _write_replacing(out, lambda path: _write_spatialdata(adata, path))
         else:
-            adata.write_h5ad(out)
+            _write_replacing(out, adata.write_h5ad)
         shown = [str(genes[i]) for i in np.argsort(-np.nanvar(values, axis=0), kind="stable")[:N_PLOT_GENES]]
-        figure = _plot(adata, args.key, shown, out.with_name(out.stem + "_genes.png"))
+        _write_replacing(figure, lambda path: _plot(adata, args.key, shown, path))
     except INPUT_ERRORS as err:
-        return _fail("predict", err)
+        return _fail("predict", err, options=given)
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mb()
     from stexp.tl._storage import where
@@ -230,11 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("slide", help="the slide file")
     pred.add_argument("--model", required=True, help="folder of a model saved with model.save()")
-    pred.add_argument("--out", required=True, help="output: OUT.h5ad (AnnData) or OUT.zarr (SpatialData)")
+    pred.add_argument(
+        "--out",
+        required=True,
+        help="output: OUT.h5ad (AnnData) or OUT.zarr (SpatialData), and the figure OUT_genes.png beside it; "
+        "existing ones are refused before any work unless --overwrite is given",
+    )
+    pred.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT and OUT_genes.png (each is kept until its replacement is complete)",
+    )
     pred.add_argument("--mpp", type=_positive_float, default=None, help="µm per pixel (default: from the file)")
     pred.add_argument("--spot-diameter-um", type=_positive_float, default=55.0, help="pseudo-spot diameter (µm)")
     pred.add_argument("--spacing-um", type=_positive_float, default=100.0, help="grid spacing (µm)")
-    pred.add_argument("--device", default="auto", help="auto, cpu, cuda... (default: %(default)s)")
+    pred.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; checked before any work "
+        "(default: %(default)s)",
+    )
     pred.add_argument(
         "--batch-size",
         type=_positive_int,

@@ -14,13 +14,12 @@ import numpy as np
 from stexp._settings import logger
 
 from ._data import SpotData
+from ._format import FORMAT_VERSION
 from ._hparams import check_hparams as check_hparams  # re-exported: one checker, used by every model
 from ._hparams import describe_hparams, hparam_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
-
-FORMAT_VERSION = 1
 
 
 #: Runtime options: arguments of fit/predict/load, never saved with a model (older folders that saved them are read).
@@ -354,19 +353,22 @@ def load(
     Raises
     ------
     FileNotFoundError
-        If the directory or one of its files is missing.
+        If the directory or one of its files is missing (named).
     ValueError
-        If the genes or the encoder differ from what the caller expects (the message says what differs),
-        or ``model.json`` or the weights are damaged (the message names the file).
+        If ``device`` is not a device of this machine (:func:`stexp._devices.check_device`); if the folder
+        was written by a newer stexp (upgrade stexp); if the genes or the encoder differ from what the
+        caller expects (the message says what differs); or if ``model.json`` or the weights are damaged
+        or were edited (each file is checked against its SHA-256; the message names the file).
     """
+    from stexp._devices import check_device
+
     from ._format import read_model_dir
     from ._registry import get_model_class
 
+    device = check_device(device)  # refused here, not at the first predict
     path = Path(path)
-    # names the file on a missing or damaged model.json / weights (size and SHA-256 checked)
+    # format version first (a newer stexp's folder says so), then every file against its checksum, named on damage
     config, state = read_model_dir(path)
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: model format {config.get('format_version')}, this stexp reads {FORMAT_VERSION}.")
     if genes is not None:
         check_genes(config["genes"], list(genes), what=f"model at {path}")
     if encoder_spec is not None:

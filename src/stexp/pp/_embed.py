@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from stexp._devices import check_device
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, UNS_KEY, library_ids, library_mask, record, spot_coords, um_per_px
 from stexp._process import leaves_process_state
@@ -469,6 +470,7 @@ def embed_images(
     from stexp.images._views import check_options
 
     _check_call(adata, batch_size, on_outside)
+    device = check_device(device)  # also when the features are cached and no device is used
     checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
     views: dict[str, Any] = {"mpp": checked_mpp, "stain_norm": checked_norm, "tta": checked_tta}
     if copy:

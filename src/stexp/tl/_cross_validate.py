@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from stexp._devices import check_device
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_labels, record
 from stexp._process import leaves_process_state
@@ -395,6 +396,7 @@ def cross_validate(
     """
     from stexp._settings import settings
 
+    device = check_device(device)
     if "validation" in hparams:
         raise ValueError(
             "cross_validate takes no validation= slides: choosing a checkpoint on slides outside the "

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stexp._devices import check_device
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, as_list, library_ids
 from stexp._process import leaves_process_state
@@ -113,6 +114,7 @@ def fit(
     -------
     The fitted model (an :class:`~stexp.models.ExpressionModel`); save it with ``model.save(path)``.
     """
+    device = check_device(device)
     recipe = resolve_recipe(
         model,
         hparams=model_kwargs,

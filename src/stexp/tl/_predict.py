@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stexp._devices import check_device
 from stexp._docs import doc_params
 from stexp._layout import LIBRARY_KEY, library_ids
 from stexp._process import leaves_process_state
@@ -113,7 +114,8 @@ def predict(
         by a model whose image encoder was fine-tuned (``finetune_encoder=True``): it embeds the
         patches with its own encoder, at the patch size it was trained with.
     device
-        ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for.
+        ``"auto"``, ``"cpu"``, ``"cuda"``...; ``None``: where the model was fitted or loaded for. Missing
+        features are embedded there too.
     coverage
         Write split-conformal intervals that contain a new spot's measured value (per gene) with this
         probability, e.g. ``0.9``; their width follows the model's difficulty score (wider where the
@@ -126,6 +128,7 @@ def predict(
         If the features were made with another encoder, weights or patch size than the model's, or
         ``coverage`` is given for a model without calibration.
     """
+    device = None if device is None else check_device(device)
     calibration = model.calibration
     if coverage is not None:  # refused before any work
         model.check_intervals(coverage)
@@ -137,7 +140,9 @@ def predict(
     else:
         if features_key is None:
             raise ValueError(f"the {model.name} model records no features key; pass features_key= naming adata.obsm.")
-        _ensure_features(adata, model, features_key=features_key, library_key=library_key)
+        _ensure_features(
+            adata, model, features_key=features_key, library_key=library_key, device=device or model.device
+        )
         check_encoder_spec(model.encoder_spec, features_spec(adata, features_key), what=f"the {model.name} model")
 
     var_idx = adata.var_names.get_indexer(model.genes)
