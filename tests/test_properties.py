@@ -246,3 +246,49 @@ def test_allowed_errors_are_the_documented_ones():
     assert all(issubclass(e, Exception) for e in ALLOWED)
     with pytest.raises(ALLOWED):
         stexp.io.grid_spots(np.zeros((4, 4, 3), np.uint8), um_per_px=float("nan"))
+
+
+# -- read_wsi's numeric options ------------------------------------------------------------------------------
+
+#: Values of every kind a numeric option may be given: plausible and absurd numbers, and things that are not numbers.
+ODD_NUMBERS = st.one_of(
+    st.floats(min_value=1.0, max_value=2000.0),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-10, 10**7),
+    st.sampled_from([0, -0.0, 1e-300, 5e-324, 1e300, 0.05, 50.0, 0.5, 1.0]),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=4),
+    st.just([1.0]),
+)
+WSI_OPTIONS = {
+    "spot_diameter_um": ODD_NUMBERS,
+    "spacing_um": ODD_NUMBERS,
+    "mpp": ODD_NUMBERS,
+    "tissue_threshold": st.one_of(st.floats(0, 1), ODD_NUMBERS),
+    "min_tissue_fraction": st.one_of(st.floats(0, 1), ODD_NUMBERS),
+}
+
+
+@pytest.fixture(scope="module")
+def wsi_slide(tmp_path_factory):
+    """A 300 x 250 px pyramidal TIFF at 2 µm/px (600 x 500 µm) with tissue in the middle."""
+    from test_wsi import _he, write_pyramid
+
+    return write_pyramid(tmp_path_factory.mktemp("wsi") / "s.tif", _he(250, 300), n_levels=2)
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(sorted(WSI_OPTIONS)), data=st.data())
+def test_read_wsi_any_numeric_option(wsi_slide, option, data):
+    """Any value of an option works, or raises a ValueError / TypeError naming that option: never another
+    type, never a MemoryError (sizes are checked against the slide before anything is allocated)."""
+    value = data.draw(WSI_OPTIONS[option], label=option)
+    try:
+        adata = stexp.io.read_wsi(wsi_slide, **{option: value})
+    except (ValueError, TypeError) as err:
+        assert option in str(err), (option, value, str(err))
+        return
+    assert adata.n_obs > 0 and np.isfinite(adata.obsm["spatial"]).all()
+    xy = adata.obsm["spatial"]
+    assert (xy >= 0).all() and (xy[:, 0] < 300).all() and (xy[:, 1] < 250).all()

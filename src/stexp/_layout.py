@@ -20,6 +20,7 @@ What stexp itself did is recorded under ``adata.uns["stexp"]``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,19 +47,41 @@ THUMBNAIL_PX = 2000
 LOWRES_PX = 600
 
 
-def check_um_per_px(value: float, *, what: str = "um_per_px") -> float:
-    """Validate a pixel size in µm per pixel and return it as a float.
+def check_um_per_px(value: Any, *, what: str = "um_per_px") -> float:
+    """Validate a pixel size in µm per pixel and return it as a float: the one plausibility rule of stexp.
+
+    Every µm/px that enters stexp goes through here: ``mpp=`` of :func:`stexp.io.read_wsi` and
+    :func:`stexp.pp.embed_images`, ``um_per_px=`` of :func:`stexp.io.grid_spots`, :func:`stexp.io.read_st`
+    and :func:`stexp.io.from_spatialdata`, the pixel size a slide file states, and a library's
+    ``microns_per_pixel`` scale factor.
+
+    Parameters
+    ----------
+    value
+        The pixel size (a real number; a 0-d numpy array is taken as its value).
+    what
+        How messages name the value (e.g. ``"mpp"``).
 
     Raises
     ------
+    TypeError
+        If the value is not a real number (a string, ``True`` / ``False``, ``None``...).
     ValueError
-        If the value is not finite and positive, or lies outside :data:`UM_PER_PX_RANGE`
+        If it is not finite and positive, or lies outside :data:`UM_PER_PX_RANGE`
         (e.g. mm or nm given instead of µm).
     """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{what} must be a number of µm per pixel (e.g. 0.5 for a 20x scan), got {type(value).__name__} {value!r}."
+        )
     value = float(value)
     lo, hi = UM_PER_PX_RANGE
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive number of µm per pixel, got {value!r}.")
+        raise ValueError(
+            f"{what} must be a positive number of µm per pixel in the plausible range [{lo}, {hi}], got {value!r}."
+        )
     if not lo <= value <= hi:
         raise ValueError(
             f"{what}={value:g} µm per pixel is outside the plausible range [{lo}, {hi}]; "

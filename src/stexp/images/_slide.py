@@ -237,12 +237,23 @@ class RegionReader:
             return out
         ds = self.level_downsamples[level]
         loc = (math.ceil(x0 * ds), math.ceil(y0 * ds)) if level else (x0, y0)  # level-0 px that map back to x0, y0
-        if self.kind == "ome-zarr":
-            return self._slide.read(level, x, y, w, h)
-        if self.kind == "tiffslide":
-            arr = self._slide.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
-        else:
-            arr = np.asarray(self._slide.read_region(loc, level, (x1 - x0, y1 - y0)))
+        try:
+            if self.kind == "ome-zarr":
+                return self._slide.read(level, x, y, w, h)
+            if self.kind == "tiffslide":
+                arr = self._slide.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
+            else:
+                arr = np.asarray(self._slide.read_region(loc, level, (x1 - x0, y1 - y0)))
+        except MemoryError:
+            raise
+        except Exception as err:  # tifffile, imagecodecs, zarr and OpenSlide raise many types
+            if str(self.path) in str(err):  # already names the file
+                raise
+            raise ValueError(
+                f"cannot read slide {str(self.path)!r} (level {level}, region at {x0}, {y0} of {x1 - x0} x "
+                f"{y1 - y0} px): {type(err).__name__}: {err}. The file may be truncated or damaged; check it "
+                "opens in a slide viewer, or copy it again."
+            ) from err
         arr = _white_rgb(np.asarray(arr), what=f"slide {str(self.path)!r}")
         out[y0 - y : y0 - y + arr.shape[0], x0 - x : x0 - x + arr.shape[1]] = arr
         return out

@@ -25,11 +25,19 @@ STAIN_THUMBNAIL_PX = 1024
 
 
 def check_options(mpp, stain_norm, tta) -> tuple[float | None, str | None, bool]:
-    """Validated ``mpp`` (µm/px > 0 or None), ``stain_norm`` and ``tta``."""
+    """Validated ``mpp`` (None, or a plausible µm/px: :func:`stexp._layout.check_um_per_px`), ``stain_norm``, ``tta``.
+
+    Raises
+    ------
+    TypeError
+        If ``mpp`` is not a number (``True``, ``"0.5"``...).
+    ValueError
+        If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` are not among their values.
+    """
     if mpp is not None:
-        if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number)) or not math.isfinite(mpp) or mpp <= 0:
-            raise ValueError(f"mpp must be a positive number of µm per pixel or None, got {mpp!r}.")
-        mpp = float(mpp)
+        from stexp._layout import check_um_per_px
+
+        mpp = check_um_per_px(mpp, what="mpp")
     if stain_norm not in STAIN_NORMS:
         raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
     if not isinstance(tta, (bool, np.bool_)):

@@ -21,9 +21,11 @@ def slide_um_per_px(path: str | os.PathLike, mpp: float | None = None) -> float:
 
     Raises
     ------
+    TypeError
+        If ``mpp`` is not a number.
     ValueError
         If ``mpp`` is not given and the file has no pixel size, or x and y disagree, or the value is not
-        plausible; the message asks for ``mpp=``.
+        plausible (:func:`stexp._layout.check_um_per_px`); the message asks for ``mpp=``.
     """
     from stexp.images._slide import RegionReader, is_region_file
 
@@ -92,42 +94,63 @@ def read_wsi(
     ------
     FileNotFoundError
         If the file does not exist.
+    TypeError
+        If ``mpp`` or another numeric option is not a number (``"0.5"``, ``True``...).
     ValueError
-        If the file cannot be read, has no usable pixel size (pass ``mpp=``), or no tissue is found.
+        Before any pixel is read: an option out of range (``mpp`` outside the plausible 0.05-50 µm/px),
+        a spot or a spacing larger than the slide, or a spacing so fine the grid would exceed
+        :data:`stexp.io._grid.MAX_GRID_POINTS` points (named with the slide's extent in µm), or no usable
+        pixel size (pass ``mpp=``). Then: the file cannot be read (truncated, damaged; the message names
+        it), the slide is grayscale (tissue is found by its H&E colour; give the RGB scan), or no tissue is
+        found.
     """
-    from stexp.images._slide import RegionReader, decode_image, is_region_file
+    from stexp.images._slide import RegionReader, decode_image, image_size, is_region_file
 
-    from ._grid import grid_spots
+    from ._grid import check_genes, check_grid_extent, check_grid_options, grid_over_image
 
+    spacing_um, spot_diameter_um, tissue_threshold, min_tissue_fraction = check_grid_options(
+        spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, tissue_threshold=tissue_threshold,
+        min_tissue_fraction=min_tissue_fraction,
+    )  # fmt: skip
+    genes = check_genes(genes)
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"slide file {str(path)!r} does not exist.")
     library_id = str(library_id or path.name.split(".")[0])
     um_per_px = slide_um_per_px(path, mpp)
+    what = f"slide {str(path)!r}"
     if is_region_file(path):
         with RegionReader(path) as reader:
-            thumb, _ = reader.thumbnail(THUMBNAIL_PX)
             width, height = reader.dimensions
+            check_grid_extent(
+                width,
+                height,
+                um_per_px,
+                spacing_um=spacing_um,
+                spot_diameter_um=spot_diameter_um,
+                what=what,
+                pixel_option="mpp",
+            )  # before any pixel
+            thumb, _ = reader.thumbnail(THUMBNAIL_PX)
             levels = [list(d) for d in reader.level_dimensions]
             reader_name = reader.kind
     else:  # JPEG / PNG: decoded once at reduced scale, then the same steps as a slide's thumbnail
+        check_grid_extent(
+            *image_size(path),
+            um_per_px,
+            spacing_um=spacing_um,
+            spot_diameter_um=spot_diameter_um,
+            what=what,
+            pixel_option="mpp",
+        )
         image, (width, height) = decode_image(path, max_px=THUMBNAIL_PX, resample="BILINEAR")
         thumb, levels, reader_name = np.asarray(image), [[width, height]], "pillow"
-    f = width / thumb.shape[1]  # level-0 px per thumbnail px
-    adata = grid_spots(
-        thumb, um_per_px=um_per_px * f, spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, genes=genes,
-        tissue_threshold=tissue_threshold, library_id=library_id, min_tissue_fraction=min_tissue_fraction,
+    metadata = {"platform": "wsi", "has_image": True, "source_image_path": str(path)}
+    metadata.update({"image_width": int(width), "image_height": int(height)})
+    adata = grid_over_image(
+        thumb, (width, height), um_per_px=um_per_px, spacing_um=spacing_um, spot_diameter_um=spot_diameter_um, genes=genes, tissue_threshold=tissue_threshold,
+        library_id=library_id, min_tissue_fraction=min_tissue_fraction, metadata=metadata, pixel_option="mpp",
     )  # fmt: skip
-    adata.obsm["spatial"] = adata.obsm["spatial"] * f
-    entry = adata.uns["spatial"][library_id]
-    sf = entry["scalefactors"]
-    for res in entry["images"]:
-        sf[f"tissue_{res}_scalef"] = float(sf[f"tissue_{res}_scalef"]) / f
-    sf["spot_diameter_fullres"] = spot_diameter_um / um_per_px
-    sf["microns_per_pixel"] = um_per_px
-    adata.uns["stexp"]["grid_spots"]["um_per_px"] = um_per_px  # of the slide, not of the thumbnail
-    entry["metadata"].update({"source_image_path": str(path), "image_width": int(width), "image_height": int(height)})
-    adata.uns["spatial"][library_id]["metadata"]["platform"] = "wsi"
     record(
         adata,
         "read_wsi",

@@ -259,7 +259,11 @@ class ExpressionModel(ABC):
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
 
     def check_intervals(self, coverage: float) -> None:
-        """Raise a ValueError unless ``coverage`` is in (0, 1) and the model is calibrated (it can give intervals)."""
+        """Raise a ValueError unless ``coverage`` is in (0, 1) and the model's calibration can give it.
+
+        The model must be calibrated, on enough spots for ``coverage``
+        (:meth:`stexp.models._calibration.Calibration.check_coverage`).
+        """
         from ._calibration import check_coverage
 
         check_coverage(coverage)
@@ -269,6 +273,7 @@ class ExpressionModel(ABC):
                 f"refit it with stexp.tl.fit(..., model={self.name!r}, calibrate=True) (it refits the model on "
                 "inner folds of the training slides), or predict without coverage=."
             )
+        self.calibration.check_coverage(coverage)
 
     def predict_intervals(
         self, data: SpotData, coverage: float, *, device: str | None = None

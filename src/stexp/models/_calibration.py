@@ -114,25 +114,76 @@ class Calibration:
     info: dict[str, Any] = field(default_factory=dict)
 
     # -- prediction time ------------------------------------------------------------------------
+    def _mode(self, mode: str | None) -> str:
+        mode = mode or self.info.get("quantile_mode", "pooled")
+        if mode not in QUANTILE_MODES:
+            raise ValueError(f"quantile mode must be one of {QUANTILE_MODES}, got {mode!r}.")
+        return mode
+
+    def _parts(self, mode: str) -> list[np.ndarray]:
+        """The calibration rows a quantile is taken over: all of them, or one array per held-out group."""
+        if mode == "pooled":
+            return [self.scores]
+        return [self.scores[self.groups == g] for g in np.unique(self.groups)]
+
+    def max_coverage(self, mode: str | None = None) -> float:
+        """The largest coverage these calibration spots support: ``n / (n + 1)``.
+
+        ``n`` is the number of calibration spots (``"pooled"``), or of the smallest held-out group
+        (``"group_max"``, the default): a split-conformal quantile at ``coverage`` needs
+        ``ceil((n + 1) * coverage) <= n`` spots, else the only honest bound is infinite.
+        """
+        n = min(part.shape[0] for part in self._parts(self._mode(mode)))
+        return n / (n + 1)
+
+    def check_coverage(self, coverage: float, mode: str | None = None) -> None:
+        """Raise a ValueError before any prediction when the calibration is too small for ``coverage``.
+
+        Instead of bounds of ``±inf`` for every spot (what split-conformal gives then), the message says the
+        largest coverage these calibration spots support and how to get more.
+        """
+        check_coverage(coverage)
+        mode = self._mode(mode)
+        sizes = [part.shape[0] for part in self._parts(mode)]
+        n = min(sizes)
+        if np.ceil((n + 1) * coverage) <= n:
+            return
+        needed = int(np.ceil(coverage / (1 - coverage)))
+        while np.ceil((needed + 1) * coverage) > needed:  # float rounding
+            needed += 1
+        where = (
+            f"{n} calibration spots"
+            if mode == "pooled"
+            else f"{len(sizes)} held-out groups ({self.info.get('folds', 'inner folds')}) of {sorted(sizes)} spots, "
+            f"the smallest {n}"
+        )
+        raise ValueError(
+            f"coverage={coverage:g} needs at least {needed} calibration spots per held-out group, but this "
+            f"model's calibration has {where}: the largest coverage it supports is {n / (n + 1):.4g} "
+            f"(n / (n + 1)); with more the interval bounds would be infinite for every spot. Ask for a coverage "
+            f"<= {n / (n + 1):.4g}, or refit with more training spots per slide (patient) so that every inner "
+            "fold holds more calibration spots."
+        )
+
     def quantile(self, coverage: float, mode: str | None = None) -> np.ndarray:
-        """Per-gene conformal quantile of the normalised residual at ``coverage`` (``inf`` when too few spots).
+        """Per-gene conformal quantile of the normalised residual at ``coverage``.
 
         ``mode`` (default: the calibration's ``quantile_mode``): ``"pooled"`` takes the split-conformal
         quantile over all calibration spots; ``"group_max"`` takes it within each held-out group (slide or
         patient) and keeps the largest, so that the interval covers on every held-out group, not only on
         average: the exchangeable unit of a new slide is the slide, whose shift moves all its spots at once.
+
+        Raises
+        ------
+        ValueError
+            If ``coverage`` is above :meth:`max_coverage` (:meth:`check_coverage`): the quantile would be
+            infinite.
         """
-        check_coverage(coverage)
-        mode = mode or self.info.get("quantile_mode", "pooled")
-        if mode not in QUANTILE_MODES:
-            raise ValueError(f"quantile mode must be one of {QUANTILE_MODES}, got {mode!r}.")
-        parts = [self.scores] if mode == "pooled" else [self.scores[self.groups == g] for g in np.unique(self.groups)]
+        self.check_coverage(coverage, mode)
         out = np.full(self.scores.shape[1], -np.inf)
-        for part in parts:
+        for part in self._parts(self._mode(mode)):
             n = part.shape[0]
             level = np.ceil((n + 1) * coverage) / n
-            if level > 1:
-                return np.full(self.scores.shape[1], np.inf)
             out = np.maximum(out, np.quantile(part, level, axis=0, method="higher"))
         return out.astype(np.float64)
 

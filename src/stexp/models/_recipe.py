@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "seed")
 #: Difficulty score of the calibration unless a recipe names another (see :data:`stexp.models.CALIBRATION_SCORES`).
 DEFAULT_CALIBRATION_SCORE = "depth"
+#: Fewest training spots of a fit (inner refits excepted): with one spot every prediction is that spot's
+#: expression whatever the image, and no choice (temperature, σ, penalty, calibration) can be made on inner folds.
+MIN_TRAIN_SPOTS = 2
 
 
 @dataclass(frozen=True)
@@ -176,10 +179,16 @@ def build_model(
     Raises
     ------
     ValueError
-        If ``n_train < 1``.
+        If ``n_train < 1``, or (unless ``inner``) ``n_train`` < :data:`MIN_TRAIN_SPOTS`; before any training.
     """
     if n_train < 1:
         raise ValueError(f"{recipe.model}: no training spots to fit on.")
+    if not inner and n_train < MIN_TRAIN_SPOTS:
+        raise ValueError(
+            f"{recipe.label} needs at least {MIN_TRAIN_SPOTS} training spots, got {n_train}: a model of one spot "
+            "predicts that spot's expression everywhere, whatever the image. Fit on more spots (a whole slide "
+            "or more; several slides for the default pipeline's choices and calibration)."
+        )
     cls = recipe.model_class
     hparams = dict(recipe.hparams)
     for key in cls.bank_size_hparams:
@@ -229,7 +238,9 @@ def fit_recipe(
     -------
     The fitted model; ``model.recipe`` is ``recipe``.
     """
-    model = build_model(recipe, genes, n_train=train.n_spots, features_key=features_key, encoder_spec=encoder_spec)
+    model = build_model(
+        recipe, genes, n_train=train.n_spots, features_key=features_key, encoder_spec=encoder_spec, inner=inner
+    )
     model.fit(train, validation, device=device, num_workers=num_workers, devices=devices)
     return finish_recipe(recipe, model, train, validation, seed=seed)
 

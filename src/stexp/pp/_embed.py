@@ -96,12 +96,7 @@ def _embed_plan(
     from stexp.images._views import STAIN_THUMBNAIL_PX, encode, resample_slide, stain_normalizer
 
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
-        if mpp is not None:
-            raise ValueError(
-                f"library {plan.view.library_id!r}: mpp= resamples the whole decoded slide, but this slide is read "
-                "region by region (a whole-slide file); embed it without mpp= (patches are resampled to the "
-                "encoder's input size from the pyramid level nearest the patch's µm/px)."
-            )
+        assert mpp is None  # refused before any work by _check_mpp_for_slides
         batches = plan.stream(int(enc.input_px), batch_size)
         normalize = None
         if stain_norm is not None:
@@ -128,11 +123,80 @@ def _embed_plan(
                     f"encoder {enc.name!r} returned {shape} for a batch of {len(patches)} patches; "
                     f"expected ({len(patches)}, {enc.out_dim})."
                 )
-            out[rows] = y.float().cpu().numpy()
+            values = y.float().cpu().numpy()
+            _check_finite_output(enc, plan, rows, values)
+            out[rows] = values
             if pbar is not None:
                 pbar.update(len(patches))
     out[~plan.inside] = np.nan
     return out
+
+
+def _check_finite_output(enc, plan, rows: np.ndarray, values: np.ndarray) -> None:
+    """Raise when the encoder gave NaN / inf features for some patches of a batch (checked as they are made).
+
+    Nothing has been written then: features reach ``adata.obsm`` and the disk cache only when every
+    library is done.
+    """
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"encoder {enc.name!r} returned NaN or infinite features for {int(bad.sum())} of the {len(rows)} "
+            f"spots of a batch of library {plan.view.library_id!r} (the first batch with any); nothing was "
+            "stored in adata.obsm or the cache. Check the encoder (its weights, input normalisation, a "
+            "division by zero), or, on a GPU, try device='cpu' (half-precision overflow)."
+        )
+
+
+#: At most this many pixels in a slide resampled by ``mpp=`` (about 3 GB of RGB).
+MAX_RESAMPLED_PIXELS = 1_000_000_000
+
+
+def _check_mpp_for_slides(adata, libs: list[str], mpp: float | None) -> None:
+    """Refuse ``mpp=`` before any work where it cannot be done: a slide read region by region, or a too large result.
+
+    ``mpp`` resamples the whole decoded slide, which a whole-slide file (read region by region) never is;
+    and a much finer ``mpp`` than a slide's own would make an image of billions of pixels.
+    """
+    if mpp is None:
+        return
+    from stexp.images._slide import image_um_per_px, slide_view
+
+    for lib in libs:
+        view = slide_view(adata, lib)
+        if view.lazy:
+            raise ValueError(
+                f"library {lib!r}: mpp= resamples the whole decoded slide, but this slide is read region by "
+                "region (a whole-slide file); embed it without mpp= (patches are resampled to the encoder's "
+                "input size from the pyramid level nearest the patch's µm/px)."
+            )
+        own = image_um_per_px(adata, view)
+        factor = own / mpp
+        w, h = view.size
+        n_px = round(w * factor) * round(h * factor)
+        if n_px > MAX_RESAMPLED_PIXELS:
+            raise ValueError(
+                f"library {lib!r}: mpp={mpp:g} µm/px would resample its {w} x {h} px image at {own:.3g} µm/px to "
+                f"{n_px / 1e6:,.0f} million pixels (at most {MAX_RESAMPLED_PIXELS / 1e6:,.0f} million); choose "
+                f"an mpp at least {own * (w * h / MAX_RESAMPLED_PIXELS) ** 0.5:.3g} µm/px, or none."
+            )
+
+
+def _check_encoder_kwargs(encoder_kwargs) -> None:
+    """``encoder_kwargs`` is None or a mapping with string keys (a TypeError naming the parameter otherwise)."""
+    if encoder_kwargs is None:
+        return
+    if not isinstance(encoder_kwargs, Mapping):
+        raise TypeError(
+            f"encoder_kwargs must be a mapping of keyword arguments, e.g. encoder_kwargs={{'drop_rate': 0.1}}, "
+            f"got {type(encoder_kwargs).__name__} {encoder_kwargs!r}."
+        )
+    bad = [k for k in encoder_kwargs if not isinstance(k, str)]
+    if bad:
+        raise TypeError(
+            f"encoder_kwargs keys must be argument names (strings), e.g. encoder_kwargs={{'drop_rate': 0.1}}; "
+            f"got {bad[:3]}."
+        )
 
 
 #: Where ``uns["stexp"]["features"][key]`` records the content hash of each library's image.
@@ -449,7 +513,9 @@ def embed_images(
     mpp
         Resample every slide to this many µm per pixel before cutting patches (``None``: each slide's own
         resolution). Scans of different resolution then reach the encoder alike; a value at least as
-        coarse as the coarsest scan expected makes finer scans look like it.
+        coarse as the coarsest scan expected makes finer scans look like it. A plausible pixel size
+        (``stexp._layout.UM_PER_PX_RANGE``, 0.05-50 µm/px, as everywhere in stexp); not for whole-slide
+        files read region by region.
     stain_norm
         ``"reinhard"``: map each slide's colour statistics (CIELAB, tissue pixels of a thumbnail) onto a
         fixed H&E target before embedding (:class:`stexp.images._stain.ReinhardNormalizer`); ``None``: none.
@@ -465,17 +531,29 @@ def embed_images(
     ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
     ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library,
     ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
+
+    Raises
+    ------
+    TypeError
+        If ``encoder_kwargs`` is not a mapping, or ``mpp`` is not a number.
+    ValueError
+        If an option is out of range (``mpp`` outside 0.05-50 µm/px, or given for a whole-slide file, or
+        resampling a slide to more than :data:`MAX_RESAMPLED_PIXELS`), stored features would be replaced
+        (see ``overwrite``), or the encoder returns NaN / infinite features (raised at the first such batch;
+        nothing is written to ``adata.obsm`` or the cache).
     """
     from stexp.images._patches import resolve_patch_um
     from stexp.images._views import check_options
 
     _check_call(adata, batch_size, on_outside)
     device = check_device(device)  # also when the features are cached and no device is used
+    _check_encoder_kwargs(encoder_kwargs)
     checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
     views: dict[str, Any] = {"mpp": checked_mpp, "stain_norm": checked_norm, "tta": checked_tta}
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
+    _check_mpp_for_slides(adata, libs, checked_mpp)
     per_lib_um = resolve_patch_um(adata, libs, patch_um)
     stored = adata.uns.get(UNS_KEY, {}).get("features", {})
 

@@ -141,7 +141,8 @@ def domains(
     ValueError
         If nothing can be clustered (all NaN, too few spots), a spot has NaN or infinite values, the
         method or ``n_domains`` is invalid, or (k-means) the expression has fewer distinct spot profiles
-        than the domains asked for (``n_domains=None``: fewer than 2); never silently fewer domains.
+        than the domains asked for (``n_domains=None``: fewer than 2); never silently fewer domains. With
+        ``spatial > 0``: spot centres (``obsm["spatial"]``) that are NaN or infinite (the spots are named).
     TypeError
         If ``n_domains`` is not an integer.
     """
@@ -165,6 +166,10 @@ def domains(
         raise ValueError(f"n_domains must be between 2 and the number of spots - 1 ({n_spots - 1}), got {n_domains}.")
     if n_spots < 3:
         raise ValueError(f"at least 3 spots are needed to find domains, got {n_spots}.")
+    if spatial:  # the spot centres, checked (finite) before any work
+        from ._spatial_domains import spot_coords_um, with_neighbourhood
+
+        coords, coord_libs = spot_coords_um(adata, library_key)
 
     X, used = _expression(adata, layer, genes)
     n_distinct = _n_distinct_rows(X)
@@ -173,9 +178,7 @@ def domains(
         raise ValueError(_too_few_profiles(n_distinct, n_domains, n_spots))
     Z = StandardScaler().fit_transform(X)
     if spatial:
-        from ._spatial_domains import with_neighbourhood
-
-        Z = with_neighbourhood(adata, Z, float(spatial), library_key=library_key)
+        Z = with_neighbourhood(Z, float(spatial), coords, coord_libs)
     n_comps = max(1, min(n_pcs, Z.shape[1], n_spots - 1))
     pcs = PCA(n_components=n_comps, random_state=seed).fit_transform(Z) if Z.shape[1] > 1 else Z
 

@@ -64,6 +64,28 @@ def resolve_recipe(
     return recipe.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
+def check_var_names(adata) -> None:
+    """Refuse duplicated ``adata.var_names``, naming them: which column a gene names would be ambiguous.
+
+    Checked once, where ``fit``, ``predict`` and ``cross_validate`` first read the AnnData (before any
+    embedding or training).
+
+    Raises
+    ------
+    ValueError
+        Naming the duplicated genes and the fix (``adata.var_names_make_unique()``).
+    """
+    names = adata.var_names
+    if names.is_unique:
+        return
+    dup = list(dict.fromkeys(names[names.duplicated()].astype(str)))
+    raise ValueError(
+        f"adata.var_names holds {len(dup)} duplicated gene name(s): {dup[:10]}{' ...' if len(dup) > 10 else ''}; "
+        "which column such a gene names would be ambiguous. Make them unique with adata.var_names_make_unique() "
+        "(it renames the later copies, e.g. 'G-1'), or drop the duplicates first."
+    )
+
+
 def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
     """The gene panel: ``genes`` when given, else ``var[PANEL_KEY]`` from :func:`stexp.pp.select_hvg`, else all genes.
 
@@ -71,7 +93,10 @@ def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
     ------
     KeyError
         If some genes are not in ``adata.var_names``.
+    ValueError
+        If ``adata.var_names`` or the panel hold duplicates (named).
     """
+    check_var_names(adata)
     genes = as_list(genes)
     if genes is None:
         if PANEL_KEY in adata.var:
@@ -81,7 +106,8 @@ def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
     if len(genes) == 0:
         raise ValueError("the gene panel is empty.")
     if len(set(genes)) != len(genes):
-        raise ValueError("the gene panel contains duplicated genes.")
+        dup = list(dict.fromkeys(g for i, g in enumerate(genes) if g in genes[:i]))
+        raise ValueError(f"the gene panel names {len(dup)} gene(s) twice: {dup[:10]}.")
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"{len(missing)} of {len(genes)} panel genes are not in adata.var_names, e.g. {missing[:5]}.")
@@ -89,7 +115,11 @@ def resolve_genes(adata, genes: str | Sequence[str] | None) -> list[str]:
 
 
 def resolve_features(adata, features_key: str | None, *, library_key: str, encoder: str = DEFAULT_ENCODER) -> str:
-    """The ``obsm`` key of the image features; embeds images with ``encoder`` when ``features_key`` is None."""
+    """The ``obsm`` key of the image features; embeds images with ``encoder`` when ``features_key`` is None.
+
+    ``adata.var_names`` are checked first (:func:`check_var_names`), before any embedding.
+    """
+    check_var_names(adata)
     if features_key is None:
         from stexp.pp import embed_images
         from stexp.pp._embed import default_key
@@ -122,12 +152,14 @@ def spot_data(
     Raises
     ------
     ValueError
-        If the features contain NaN or have the wrong number of rows, or the AnnData is empty.
+        If the features contain NaN or have the wrong number of rows, the AnnData is empty, or its
+        ``var_names`` hold duplicates.
     """
     from stexp.pp._target import expression_target_and_depth
 
     if adata.n_obs == 0:
         raise ValueError("the AnnData has no spots.")
+    check_var_names(adata)
     if features_key is None:
         feats = np.zeros((adata.n_obs, 0), dtype=np.float32)
     else:

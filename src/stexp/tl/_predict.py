@@ -13,7 +13,7 @@ from stexp._process import leaves_process_state
 from stexp._settings import logger
 from stexp.images._spec import check_encoder_spec
 
-from ._inputs import features_spec, spot_data
+from ._inputs import check_var_names, features_spec, spot_data
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -125,13 +125,16 @@ def predict(
     Raises
     ------
     ValueError
-        If the features were made with another encoder, weights or patch size than the model's, or
-        ``coverage`` is given for a model without calibration.
+        If the features were made with another encoder, weights or patch size than the model's;
+        ``coverage`` is given for a model without calibration or above the largest coverage its
+        calibration supports (the message says which); or ``adata.var_names`` hold duplicates (named).
+        All before any embedding or prediction.
     """
     device = None if device is None else check_device(device)
     calibration = model.calibration
     if coverage is not None:  # refused before any work
         model.check_intervals(coverage)
+    check_var_names(adata)  # before any embedding
     adata = adata.copy() if copy else adata
     library_ids(adata, library_key)
     features_key = features_key or model.features_key
