@@ -77,7 +77,8 @@ def _score_grid(pred: np.ndarray, data: SpotData, folds: InnerFolds | None, grid
     if folds is not None:  # a block never borrows from the spots an inner model trained on
         library = np.char.add(np.char.add(library, "|"), np.asarray(folds.fold).astype(str))
     score_lib = library if folds is None else folds.scoring_library(data.library)
-    return [mean_gene_pearson(smooth(pred, data.coords_um, library, s), data.target, score_lib) for s in grid]
+    target = np.asarray(data.target)
+    return [mean_gene_pearson(smooth(pred, data.coords_um, library, s), target, score_lib) for s in grid]
 
 
 def choose_smoothing(
@@ -115,7 +116,7 @@ def choose_smoothing(
     if data.n_spots < 2:
         return {"sigma_um": 0.0, "pitch_um": pitch, "grid_um": grid, "inner_pcc": [], "inner_cv": "too few spots"}
     folds = inner_folds(data, n_folds)
-    pred = np.full(np.shape(data.target), np.nan)
+    pred = np.full(np.asarray(data.target).shape, np.nan)
     for fit_idx, held_idx in folds.splits:
         pred[held_idx] = fit_predict(fit_idx, held_idx)
     return _best_sigma(_score_grid(pred, data, folds, grid), grid, pitch, folds.how) | {"n_inner_folds": folds.n_folds}

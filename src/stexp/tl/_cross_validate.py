@@ -440,7 +440,6 @@ def cross_validate(
         for r in recipes
         for name in renderings
     }
-    fit_kw = {"features_key": features_key, "encoder_spec": spec, "device": device, "devices": devices}
     oof, fitted = _run_folds(
         recipes,
         data,
@@ -452,7 +451,10 @@ def cross_validate(
         coverage=coverage,
         describe=lambda fold: f"test {split_by}={order[fold]!r} ({fold_rows[fold]['test_libraries']})",
         seed=int(seed or 0),
-        **fit_kw,
+        features_key=features_key,
+        encoder_spec=spec,
+        device=device,
+        devices=devices,
     )
     assert data[features_key].target is not None  # spot_data(genes=union) computed it
     target = (union, data[features_key].target)

@@ -153,7 +153,7 @@ def fit(
         encoder_spec=spec,
         device=device,
         num_workers=num_workers,
-        devices=devices,
+        devices=list(devices) if isinstance(devices, Sequence) else devices,
         seed=int(seed or 0),
     )
 
