@@ -21,34 +21,44 @@ def test_demo_runs_the_users_path_end_to_end(tmp_path, capsys):
         assert f"{lib}: 256 spots, 55 µm spots, 2 µm/px" in printed
     assert "hires 925x800 px" in printed and "lowres" in printed  # width x height of the synthetic image
     assert "3 epochs" in printed
+    assert "default pipeline (stexp.tl.fit without model=)" in printed
     for name in ("report.md", "spatial_genes.png", "scores.png", "domains.png", "predictions.h5ad"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert report in printed
-    for model in ("mean", "ridge", "mclstexp"):
-        assert f"| {model} " in report
-    assert "Domains of the predicted expression against `obs['domain']`" in report
+    # the default pipeline (what stexp.tl.fit trains without model=) beside mclSTExp and the baselines
+    for model in ("default", "mean", "ridge", "mclstexp"):
+        assert f"| {model} " in report, model
+    assert "`default` is what `stexp.tl.fit(adata)` trains when given no `model=`" in report
+    assert "90% prediction intervals of `default`" in report and "Expected PCC (ACG) of `default`" in report
+    assert "Domains of the predicted expression (default) against `obs['domain']`" in report
+    assert "default_model/ (the default pipeline" in report
 
     import anndata as ad
 
     import stexp
+    from stexp.tl._fit import DEFAULT_MODEL
+    from stexp.tl._storage import has_prediction
 
     pred = ad.read_h5ad(out / "predictions.h5ad")
     assert set(pred.obs["library_id"].astype(str)) == {"slide_2"}
-    from stexp.tl._storage import has_prediction
-
     # panel-only predictions (obsm DataFrames) when var is wider than the panel; they survive the h5ad round trip
-    assert all(has_prediction(pred, k) for k in ("pred_mean", "pred_ridge", "pred_mclstexp", "pred_mclstexp_std"))
-    # the saved model reproduces the predictions written by the demo
-    model = stexp.models.load(out / "mclstexp_model")
+    keys = ("pred_default", "pred_default_lo", "pred_default_hi", "pred_mean", "pred_ridge", "pred_mclstexp")
+    assert all(has_prediction(pred, k) for k in keys)
+    assert "stexp_domain" in pred.obs
+    # the saved model is the default pipeline, calibrated, and reproduces the predictions written by the demo
+    model = stexp.models.load(out / "default_model")
+    assert model.name == DEFAULT_MODEL and model.calibration is not None
+    assert not (out / "mclstexp_model").exists()
     again = pred.copy()
-    stexp.tl.predict(again, model, key_added="again")
-    np.testing.assert_allclose(
-        stexp.tl.get_prediction(again, "again").to_numpy(),
-        stexp.tl.get_prediction(pred, "pred_mclstexp").to_numpy(),
-        rtol=1e-5,
-        equal_nan=True,
-    )
+    stexp.tl.predict(again, model, key_added="again", coverage=0.9)
+    for suffix in ("", "_lo", "_hi"):
+        np.testing.assert_allclose(
+            stexp.tl.get_prediction(again, f"again{suffix}").to_numpy(),
+            stexp.tl.get_prediction(pred, f"pred_default{suffix}").to_numpy(),
+            rtol=1e-5,
+            equal_nan=True,
+        )
 
 
 def test_describe_single_library(synth):

@@ -8,8 +8,12 @@ from pathlib import Path
 from stexp._settings import logger
 from stexp.images._encoders import DEFAULT_ENCODER
 
-#: Models the demo compares: the training mean (chance), the ridge probe and mclSTExp.
+#: Models the demo compares with the default pipeline: the training mean (chance), the ridge probe and mclSTExp.
 DEMO_MODELS = ("mean", "ridge", "mclstexp")
+#: Name of the default pipeline (``stexp.tl.fit(train)`` without ``model=``) in the demo's keys, table and files.
+DEFAULT_NAME = "default"
+#: Nominal coverage of the default pipeline's prediction intervals (when its calibration makes them).
+DEMO_COVERAGE = 0.9
 #: The encoder of the demo: the default (real ImageNet weights that install offline from the package registry).
 DEMO_ENCODER = DEFAULT_ENCODER
 #: Annotation values that are not a tissue class (left out of domain counts and scores).
@@ -40,6 +44,40 @@ def _n_classes(labels) -> int | None:
     return int(n) if n >= 2 else None
 
 
+def _describe_pipeline(model, n_train: int) -> str:
+    """What the fitted default pipeline is and what it chose on the training slides, read from the model."""
+    hparams, history = getattr(model, "hparams", {}) or {}, getattr(model, "history", {}) or {}
+    parts = [f"`{model.name}`"]
+    k = hparams.get("k")
+    if isinstance(k, int):
+        parts.append(f"k={k}" + (" (every training spot)" if k >= n_train else ""))
+    if "temperature" in history:
+        temperature = history["temperature"]
+        parts.append(f"temperature {'equal weights' if temperature is None else f'{temperature:g}'}")
+    sigma = (getattr(model, "smoothing", None) or {}).get("sigma_um")
+    if sigma is not None:
+        parts.append(f"smoothing σ={float(sigma):g} µm" if sigma else "no smoothing")
+    chosen = ", ".join(parts[1:])
+    calibrated = getattr(model, "calibration", None) is not None
+    return (
+        f"`{DEFAULT_NAME}` is what `stexp.tl.fit(adata)` trains when given no `model=`: {parts[0]} retrieval"
+        + (f" ({chosen}, chosen on the training slides only)" if chosen else "")
+        + (", calibrated on inner folds of the training slides" if calibrated else "")
+        + "; it is the saved model."
+    )
+
+
+def _fit_and_predict(train, test, name: str | None, *, key: str, coverage: float | None = None, **kwargs):
+    """Fit ``name`` (``None``: the default pipeline) on ``train`` and predict ``test`` under ``key``."""
+    import stexp
+
+    model = stexp.tl.fit(train, **kwargs) if name is None else stexp.tl.fit(train, model=name, **kwargs)
+    if coverage is not None and getattr(model, "calibration", None) is None:
+        coverage = None  # the pipeline was not calibrated (e.g. too few spots for its inner folds): no intervals
+    stexp.tl.predict(test, model, key_added=key, coverage=coverage)
+    return model, coverage
+
+
 def run_demo(
     out: str | Path = "stexp_demo",
     *,
@@ -52,10 +90,12 @@ def run_demo(
     """Run the whole user path and write a markdown report, PNG figures, the model and the predictions into ``out``.
 
     Steps: read -> :func:`stexp.pp.embed_images` (EfficientNet-Lite0, ImageNet) ->
-    :func:`stexp.pp.select_hvg` on the training slides -> :func:`stexp.tl.fit` of each model ->
-    :func:`stexp.tl.predict` on the held-out slide -> :func:`stexp.tl.evaluate` ->
-    :func:`stexp.tl.domains` on the predicted expression (scored against the annotation when there is
-    one) -> :func:`stexp.pl.spatial_genes`, :func:`stexp.pl.scores`, :func:`stexp.pl.domains`.
+    :func:`stexp.pp.select_hvg` on the training slides -> :func:`stexp.tl.fit` of the default pipeline
+    (no ``model=``) and of each compared model -> :func:`stexp.tl.predict` on the held-out slide (the
+    default pipeline with ``coverage=0.9`` intervals when it is calibrated) -> :func:`stexp.tl.evaluate` ->
+    :func:`stexp.tl.domains` on the default pipeline's predicted expression (scored against the annotation
+    when there is one) -> :func:`stexp.pl.spatial_genes`, :func:`stexp.pl.scores`, :func:`stexp.pl.domains`.
+    The default pipeline is saved (``out/default_model``).
 
     Parameters
     ----------
@@ -69,7 +109,7 @@ def run_demo(
     seed
         Random seed.
     models
-        Registered model names to fit; the last one is the one plotted and clustered.
+        Registered model names fitted beside the default pipeline, for comparison.
     loaded
         What :func:`load_demo_data` returned for ``data``, when the caller has read it already
         (the slides are not read twice).
@@ -104,20 +144,26 @@ def run_demo(
     train, test = adata[~is_test].copy(), adata[is_test].copy()
     stexp.pp.select_hvg(train, n_top_genes=300 if data == "her2st" else 50)
     genes = train.var_names[train.var["stexp_panel"].to_numpy()].tolist()
+    common = {"genes": genes, "features_key": features_key, "seed": seed}
 
-    tables = []
+    # the default pipeline: stexp.tl.fit without model=, its settings chosen by fit itself
+    main_key = f"pred_{DEFAULT_NAME}"
+    t = time.perf_counter()
+    pipeline, coverage = _fit_and_predict(train, test, None, key=main_key, coverage=DEMO_COVERAGE, **common)
+    timings[f"fit+predict {DEFAULT_NAME}"] = time.perf_counter() - t
+    pipeline.save(out / f"{DEFAULT_NAME}_model", overwrite=True)
+    tables = [stexp.tl.evaluate(test, pred_key=main_key, genes=genes).assign(model=DEFAULT_NAME)]
+    interval_scores = tables[0]
+
     for name in models:
         t = time.perf_counter()
-        kwargs = {"max_epochs": epochs} if name not in ("mean", "ridge", "knn") else {}
-        model = stexp.tl.fit(train, model=name, genes=genes, features_key=features_key, seed=seed, **kwargs)
-        stexp.tl.predict(test, model, key_added=f"pred_{name}")
+        # the baselines are compared on their point predictions: their calibration (extra fits) is not needed
+        kwargs = {"max_epochs": epochs} if name not in ("mean", "ridge", "knn") else {"calibrate": False}
+        _fit_and_predict(train, test, name, key=f"pred_{name}", **common, **kwargs)
         timings[f"fit+predict {name}"] = time.perf_counter() - t
         tables.append(stexp.tl.evaluate(test, pred_key=f"pred_{name}", genes=genes).assign(model=name))
-        if name == models[-1]:
-            model.save(out / f"{name}_model", overwrite=True)
     table = pd.concat(tables).rename_axis("library_id").reset_index()
 
-    main_key = f"pred_{models[-1]}"
     if truth_key is not None and truth_key in test.obs:
         n_domains = _n_classes(test.obs[truth_key])
     else:
@@ -127,11 +173,17 @@ def run_demo(
 
     per_gene = pd.Series(test.var[PredictionKeys(main_key).pcc]).dropna().sort_values()
     best, worst = per_gene.index[-2:][::-1].tolist(), per_gene.index[:1].tolist()
+    compared = [f"pred_{m}" for m in models if m == "mclstexp"]  # the contrastive model beside the pipeline
     figures = {
         "spatial_genes.png": lambda: stexp.pl.spatial_genes(
-            test, best + worst, library_id=test_lib, layers=(None, main_key), return_fig=True
+            test,
+            best + worst,
+            library_id=test_lib,
+            layers=(None, main_key, *compared),
+            interval_width=coverage is not None,
+            return_fig=True,
         ),
-        "scores.png": lambda: stexp.pl.scores(test, key=[f"pred_{m}" for m in models], return_fig=True),
+        "scores.png": lambda: stexp.pl.scores(test, key=[main_key, *(f"pred_{m}" for m in models)], return_fig=True),
         "domains.png": lambda: stexp.pl.domains(test, truth_key=truth_key, library_id=test_lib, return_fig=True),
     }
     for fname, make in figures.items():
@@ -149,6 +201,10 @@ def run_demo(
         f"slide {test_lib!r} ({test.n_obs} spots) from its image alone; {len(genes)} genes selected on the "
         f"training slides; features: {DEMO_ENCODER} (ImageNet weights), frozen.",
         "",
+        _describe_pipeline(pipeline, train.n_obs),
+        f"Compared with: {', '.join(f'`{m}`' for m in models)}"
+        + (f" ({epochs} epochs for the neural models)." if set(models) - {"mean", "ridge", "knn"} else "."),
+        "",
         "## Expression prediction on the held-out slide",
         "",
         "Pearson r per gene across the spots of the slide, averaged over all panel genes (ACG), the 50",
@@ -156,23 +212,44 @@ def run_demo(
         "",
         table[[c for c in cols if c in table.columns]].to_markdown(index=False, floatfmt=".3f"),
         "",
-        f"Best predicted genes ({models[-1]}): {', '.join(best)}; worst: {', '.join(worst)} (spatial_genes.png).",
     ]
+    row = interval_scores.iloc[0]
+    if coverage is not None and "coverage" in interval_scores.columns:
+        lines += [
+            f"{coverage:.0%} prediction intervals of `{DEFAULT_NAME}` (split-conformal, from its calibration): "
+            f"{row['coverage']:.1%} of the held-out slide's measured values fall inside, mean width "
+            f"{row['interval_width']:.2f} (log1p units); interval width in spatial_genes.png.",
+            "",
+        ]
+    expected_key = f"{main_key}_expected_pcc"
+    if expected_key in test.var:
+        expected = pd.Series(test.var[expected_key]).loc[genes].mean()
+        lines += [
+            f"Expected PCC (ACG) of `{DEFAULT_NAME}` on a new slide, from its calibration: {expected:.3f}; "
+            f"measured here: {row['pcc_acg']:.3f}.",
+            "",
+        ]
+    lines.append(
+        f"Best predicted genes ({DEFAULT_NAME}): {', '.join(best)}; worst: {', '.join(worst)} (spatial_genes.png)."
+    )
     if domain_scores is not None:
         lines += [
             "",
-            f"## Domains of the predicted expression against `obs[{truth_key!r}]`",
+            f"## Domains of the predicted expression ({DEFAULT_NAME}) against `obs[{truth_key!r}]`",
             "",
             domain_scores.to_markdown(floatfmt=".3f"),
         ]
     else:
-        lines += ["", "Domains of the predicted expression: domains.png (no annotation to score them against)."]
+        lines += [
+            "",
+            f"Domains of the predicted expression ({DEFAULT_NAME}): domains.png (no annotation to score them against).",
+        ]
     lines += [
         "",
         "## Files",
         "",
         "report.md, spatial_genes.png, scores.png, domains.png, predictions.h5ad (held-out slide with the "
-        f"predictions in layers), {models[-1]}_model/ (load with stexp.models.load).",
+        f"predictions in layers), {DEFAULT_NAME}_model/ (the default pipeline; load with stexp.models.load).",
         "",
         "## Time (s)",
         "",

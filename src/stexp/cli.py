@@ -41,7 +41,7 @@ def describe(adata, *, library_key: str = "library_id") -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stexp._demo import load_demo_data, run_demo
+    from stexp._demo import DEFAULT_NAME, DEMO_MODELS, load_demo_data, run_demo
     from stexp._settings import settings
 
     if args.quiet:
@@ -49,7 +49,10 @@ def _demo(args: argparse.Namespace) -> int:
     loaded = load_demo_data(args.data)
     print(f"stexp demo ({args.data} data)")
     print(describe(loaded[0]))
-    print(f"embed images -> fit ({args.epochs} epochs) -> predict {loaded[1]!r} -> evaluate -> domains -> plots")
+    print(
+        f"embed images -> fit the {DEFAULT_NAME} pipeline (stexp.tl.fit without model=) and {', '.join(DEMO_MODELS)} "
+        f"({args.epochs} epochs) -> predict {loaded[1]!r} -> evaluate -> domains -> plots"
+    )
     report = run_demo(args.out, data=args.data, epochs=args.epochs, seed=args.seed, loaded=loaded)
     print()
     print(report.read_text())
@@ -324,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stexp", description="Predict spatial gene expression from H&E histology.")
     parser.add_argument("--version", action="version", version=f"stexp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the user's path on demo data", description="Run stexp on demo data.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the user's path on demo data",
+        description="Run stexp on demo data: the default pipeline (what stexp.tl.fit trains without model=) "
+        "beside mclSTExp and baselines, on a held-out slide.",
+    )
     demo.add_argument("--out", default="stexp_demo", help="output folder (default: %(default)s)")
     demo.add_argument(
         "--data",
@@ -332,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="synthetic",
         help="synthetic (built in, no downloads) or her2st (HER2+ sections from $STEXP_DATA_DIR)",
     )
-    demo.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default: %(default)s)")
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=40, help="training epochs of mclSTExp (default: %(default)s)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="warnings only: no progress bars or step messages")
     demo.set_defaults(func=_demo)
