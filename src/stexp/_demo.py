@@ -121,7 +121,6 @@ def run_demo(
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
     import stexp
@@ -173,23 +172,8 @@ def run_demo(
 
     per_gene = pd.Series(test.var[PredictionKeys(main_key).pcc]).dropna().sort_values()
     best, worst = per_gene.index[-2:][::-1].tolist(), per_gene.index[:1].tolist()
-    compared = [f"pred_{m}" for m in models if m == "mclstexp"]  # the contrastive model beside the pipeline
-    figures = {
-        "spatial_genes.png": lambda: stexp.pl.spatial_genes(
-            test,
-            best + worst,
-            library_id=test_lib,
-            layers=(None, main_key, *compared),
-            interval_width=coverage is not None,
-            return_fig=True,
-        ),
-        "scores.png": lambda: stexp.pl.scores(test, key=[main_key, *(f"pred_{m}" for m in models)], return_fig=True),
-        "domains.png": lambda: stexp.pl.domains(test, truth_key=truth_key, library_id=test_lib, return_fig=True),
-    }
-    for fname, make in figures.items():
-        fig = make()
-        fig.savefig(out / fname, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+    _save_figures(test, out, test_lib=test_lib, main_key=main_key, models=models, genes=best + worst,
+                  truth_key=truth_key, intervals=coverage is not None)  # fmt: skip
     test.write_h5ad(out / "predictions.h5ad")
     timings["total"] = time.perf_counter() - t0
 
@@ -213,37 +197,11 @@ def run_demo(
         table[[c for c in cols if c in table.columns]].to_markdown(index=False, floatfmt=".3f"),
         "",
     ]
-    row = interval_scores.iloc[0]
-    if coverage is not None and "coverage" in interval_scores.columns:
-        lines += [
-            f"{coverage:.0%} prediction intervals of `{DEFAULT_NAME}` (split-conformal, from its calibration): "
-            f"{row['coverage']:.1%} of the held-out slide's measured values fall inside, mean width "
-            f"{row['interval_width']:.2f} (log1p units); interval width in spatial_genes.png.",
-            "",
-        ]
-    expected_key = f"{main_key}_expected_pcc"
-    if expected_key in test.var:
-        expected = pd.Series(test.var[expected_key]).loc[genes].mean()
-        lines += [
-            f"Expected PCC (ACG) of `{DEFAULT_NAME}` on a new slide, from its calibration: {expected:.3f}; "
-            f"measured here: {row['pcc_acg']:.3f}.",
-            "",
-        ]
+    lines += _uncertainty_lines(test, interval_scores.iloc[0], main_key, genes, coverage)
     lines.append(
         f"Best predicted genes ({DEFAULT_NAME}): {', '.join(best)}; worst: {', '.join(worst)} (spatial_genes.png)."
     )
-    if domain_scores is not None:
-        lines += [
-            "",
-            f"## Domains of the predicted expression ({DEFAULT_NAME}) against `obs[{truth_key!r}]`",
-            "",
-            domain_scores.to_markdown(floatfmt=".3f"),
-        ]
-    else:
-        lines += [
-            "",
-            f"Domains of the predicted expression ({DEFAULT_NAME}): domains.png (no annotation to score them against).",
-        ]
+    lines += _domain_lines(domain_scores, truth_key)
     lines += [
         "",
         "## Files",
@@ -260,3 +218,70 @@ def run_demo(
     report.write_text("\n".join(lines))
     logger.info(f"stexp demo finished in {timings['total']:.0f} s; report: {report}")
     return report
+
+
+def _save_figures(
+    test, out: Path, *, test_lib: str, main_key: str, models, genes: list[str], truth_key, intervals: bool
+) -> None:
+    """spatial_genes.png (measured, the pipeline, mclSTExp), scores.png and domains.png into ``out``."""
+    import matplotlib.pyplot as plt
+
+    import stexp
+
+    compared = [f"pred_{m}" for m in models if m == "mclstexp"]  # the contrastive model beside the pipeline
+    figures = {
+        "spatial_genes.png": lambda: stexp.pl.spatial_genes(
+            test,
+            genes,
+            library_id=test_lib,
+            layers=(None, main_key, *compared),
+            interval_width=intervals,
+            return_fig=True,
+        ),
+        "scores.png": lambda: stexp.pl.scores(test, key=[main_key, *(f"pred_{m}" for m in models)], return_fig=True),
+        "domains.png": lambda: stexp.pl.domains(test, truth_key=truth_key, library_id=test_lib, return_fig=True),
+    }
+    for fname, make in figures.items():
+        fig = make()
+        fig.savefig(out / fname, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+
+def _uncertainty_lines(test, row, main_key: str, genes: list[str], coverage: float | None) -> list[str]:
+    """The report's lines on the pipeline's intervals and expected PCC (none when it is not calibrated)."""
+    import pandas as pd
+
+    from stexp.tl._keys import PredictionKeys
+
+    lines: list[str] = []
+    if coverage is not None and "coverage" in row.index:
+        lines += [
+            f"{coverage:.0%} prediction intervals of `{DEFAULT_NAME}` (split-conformal, from its calibration): "
+            f"{row['coverage']:.1%} of the held-out slide's measured values fall inside, mean width "
+            f"{row['interval_width']:.2f} (log1p units); interval width in spatial_genes.png.",
+            "",
+        ]
+    expected_key = PredictionKeys(main_key).expected_pcc
+    if expected_key in test.var:
+        expected = pd.Series(test.var[expected_key]).loc[genes].mean()
+        lines += [
+            f"Expected PCC (ACG) of `{DEFAULT_NAME}` on a new slide, from its calibration: {expected:.3f}; "
+            f"measured here: {row['pcc_acg']:.3f}.",
+            "",
+        ]
+    return lines
+
+
+def _domain_lines(domain_scores, truth_key) -> list[str]:
+    """The report's section on the domains of the predicted expression."""
+    if domain_scores is None:
+        return [
+            "",
+            f"Domains of the predicted expression ({DEFAULT_NAME}): domains.png (no annotation to score them against).",
+        ]
+    return [
+        "",
+        f"## Domains of the predicted expression ({DEFAULT_NAME}) against `obs[{truth_key!r}]`",
+        "",
+        domain_scores.to_markdown(floatfmt=".3f"),
+    ]
