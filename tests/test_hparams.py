@@ -204,6 +204,8 @@ def test_old_model_folders_load_and_unknown_keys_still_raise(featured, tmp_path)
     model = stexp.tl.fit(featured, model="knn", features_key=FEATURES, k=20, smoothing=None, calibrate=False)
     path = model.save(tmp_path / "knn")
     config = json.loads((path / "model.json").read_text())
+    config.pop("content_sha256")  # an older (format 1) folder: model.json not checksummed
+    config["format_version"] = 1
     config["hparams"]["k"] = 20.0  # as an older writer might have stored it
     (path / "model.json").write_text(json.dumps(config))
     assert stexp.models.load(path).hparams["k"] == 20
