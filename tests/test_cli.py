@@ -37,7 +37,7 @@ def test_demo_runs_the_users_path_end_to_end(tmp_path, capsys):
     import anndata as ad
 
     import stexp
-    from stexp.tl._fit import DEFAULT_MODEL
+    from stexp.models import DEFAULT_RECIPE
     from stexp.tl._storage import has_prediction
 
     pred = ad.read_h5ad(out / "predictions.h5ad")
@@ -48,7 +48,7 @@ def test_demo_runs_the_users_path_end_to_end(tmp_path, capsys):
     assert "stexp_domain" in pred.obs
     # the saved model is the default pipeline, calibrated, and reproduces the predictions written by the demo
     model = stexp.models.load(out / "default_model")
-    assert model.name == DEFAULT_MODEL and model.calibration is not None
+    assert model.recipe.label == DEFAULT_RECIPE.label and model.name == DEFAULT_RECIPE.model and model.calibration is not None
     assert not (out / "mclstexp_model").exists()
     again = pred.copy()
     stexp.tl.predict(again, model, key_added="again", coverage=0.9)

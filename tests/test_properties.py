@@ -292,3 +292,35 @@ def test_read_wsi_any_numeric_option(wsi_slide, option, data):
     assert adata.n_obs > 0 and np.isfinite(adata.obsm["spatial"]).all()
     xy = adata.obsm["spatial"]
     assert (xy >= 0).all() and (xy[:, 0] < 300).all() and (xy[:, 1] < 250).all()
+
+
+NUMERIC_CLI_OPTIONS = ("--mpp", "--spot-diameter-um", "--spacing-um", "--batch-size")
+
+
+@FAST
+@given(
+    option=st.sampled_from(NUMERIC_CLI_OPTIONS),
+    value=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.integers(min_value=-(10**12), max_value=10**12).map(str),
+        st.text(max_size=8),
+    ),
+)
+def test_cli_numeric_options_parse_to_a_positive_number_or_exit_with_a_usage_error(option, value, capsys):
+    """Any text given to a numeric option of ``stexp predict`` is a finite positive number, or argparse's exit 2."""
+    from stexp.cli import build_parser
+
+    if value.startswith("-"):  # argparse reads a leading dash as an option; pass it attached
+        args = ["predict", "slide.tif", "--model", "m", f"{option}={value}"]
+    else:
+        args = ["predict", "slide.tif", "--model", "m", option, value]
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        err = capsys.readouterr().err
+        assert option in err or "error" in err
+        return
+    got = getattr(parsed, option.lstrip("-").replace("-", "_"))
+    assert isinstance(got, (int, float)) and not isinstance(got, bool)
+    assert np.isfinite(got) and got > 0
