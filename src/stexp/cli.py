@@ -7,12 +7,9 @@ predicts expression over the tissue of a whole-slide image with a saved model.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -147,38 +144,21 @@ def _check_outputs(out: Path, figure: Path, *, overwrite: bool) -> None:
         raise NotADirectoryError(f"{parent} is a file, so --out {out} cannot be written; choose another --out.")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _write_replacing(out: Path, write: Callable[[Path], object]) -> None:
     """``write`` into a hidden sibling of ``out``, renamed into place when complete.
 
     An existing ``out`` (``--overwrite``) stays intact until the new one is complete; an interrupted write
     leaves nothing behind.
     """
-    sibling = lambda tag: out.with_name(f".{out.stem}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}{out.suffix}")
-    tmp = sibling("tmp")
+    from stexp._files import hidden_sibling, move_into_place, remove_path
+
+    tmp = hidden_sibling(out, "tmp")
+    tmp = tmp.with_name(tmp.name + out.suffix)  # writers pick the format from the suffix
     try:
         write(tmp)
-        if tmp.is_file() and not out.is_dir():
-            os.replace(tmp, out)
-        elif out.exists() or out.is_symlink():  # a Zarr store (or what --overwrite replaces with one)
-            old = sibling("old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)  # put the old output back
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 

@@ -25,12 +25,12 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stexp._files import hidden_sibling, move_into_place
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -74,11 +74,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _sibling(path: Path, tag: str) -> Path:
-    """A hidden sibling name unique to this process, thread and call."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
-
-
 def write_model_dir(path: str | os.PathLike, config: dict, state: dict[str, np.ndarray], *, overwrite: bool) -> Path:
     """Write a model folder atomically: ``model.json`` (``config`` + checksums) and ``weights.safetensors``.
 
@@ -120,7 +115,7 @@ def write_model_dir(path: str | os.PathLike, config: dict, state: dict[str, np.n
     json.dumps(config, default=_json_default)  # content errors surface before anything is written
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
+    tmp = hidden_sibling(path, "tmp")
     try:
         tmp.mkdir()
         weights = tmp / WEIGHTS_FILE
@@ -140,20 +135,10 @@ def write_model_dir(path: str | os.PathLike, config: dict, state: dict[str, np.n
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename the complete ``tmp`` folder to ``path``; an existing ``path`` is moved aside first and removed after."""
+    """Rename the complete ``tmp`` folder to ``path`` (an empty folder there first removed; see :func:`move_into_place`)."""
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = _sibling(path, "old")
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)  # put the old model back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    move_into_place(tmp, path)
 
 
 def _read_config(file: Path) -> dict:
