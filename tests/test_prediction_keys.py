@@ -16,10 +16,10 @@ from stexp.tl._storage import get_prediction, has_prediction
 KEY = "stexp_pred"
 #: Where a prediction goes: the panel is all of var (layers) or smaller than var (obsm DataFrame).
 STORAGES = ("layers", "obsm")
-#: Companions a model can write through stexp.tl.predict today.
-PREDICTED = ("std", "lo", "hi", "expected_pcc")
-#: Every companion (``shift`` is reserved: written here by hand until a model writes it).
-COMPANIONS = (*PREDICTED, "shift")
+#: Companions a model can write through stexp.tl.predict.
+PREDICTED = ("std", "lo", "hi", "expected_pcc", "shift")
+#: Every companion.
+COMPANIONS = PREDICTED
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,15 @@ def _genes(adata, storage: str) -> list[str]:
 @pytest.fixture(scope="module")
 def models(_data):
     """Per storage: ``full`` (calibrated kNN: spread, intervals, expected PCC), ``other`` (calibrated training
-    mean: the same companions, other values) and ``bare`` (uncalibrated ridge: the mean only)."""
+    mean: the same companions, other values) and ``bare`` (uncalibrated ridge without a shift reference, as
+    a folder saved before the shift score existed loads: the mean only)."""
     out = {}
     for storage in STORAGES:
         kw = {"features_key": "X_random", "genes": _genes(_data, storage)}
         out["full", storage] = stexp.tl.fit(_data, model="knn", calibrate=True, **kw)
         out["other", storage] = stexp.tl.fit(_data, model="mean", calibrate=True, **kw)
         out["bare", storage] = stexp.tl.fit(_data, model="ridge", calibrate=False, **kw)
+        out["bare", storage].shift = None
     return out
 
 
@@ -59,9 +61,8 @@ def _everywhere(adata, name: str) -> list[str]:
 
 
 def _predict_full(adata, models, storage: str, key: str = KEY) -> None:
-    """Every companion under ``key``: the kNN model with intervals, plus a shift score written by hand."""
+    """Every companion under ``key``: the kNN model with intervals and its shift score."""
     stexp.tl.predict(adata, models["full", storage], key_added=key, coverage=0.9)
-    adata.obs[PredictionKeys(key).shift] = np.linspace(0, 1, adata.n_obs)
     for companion in COMPANIONS:
         assert _everywhere(adata, getattr(PredictionKeys(key), companion)), companion
 
@@ -106,6 +107,9 @@ def test_companion_written_again_is_replaced(data, models, companion, first, sec
     if companion == "expected_pcc":
         assert _everywhere(data, name) == ["var"]
         np.testing.assert_array_equal(data.var[name].to_numpy(), fresh.var[name].to_numpy())
+    elif companion == "shift":
+        assert _everywhere(data, name) == ["obs"]
+        np.testing.assert_array_equal(data.obs[name].to_numpy(), fresh.obs[name].to_numpy())
     else:
         assert _everywhere(data, name) == [second]  # and nothing left in the other storage
         np.testing.assert_array_equal(get_prediction(data, name).to_numpy(), get_prediction(fresh, name).to_numpy())

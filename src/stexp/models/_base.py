@@ -126,6 +126,10 @@ class ExpressionModel(ABC):
         self.smoothing: dict[str, Any] = {"option": None, "sigma_um": 0.0}
         #: What the model was fitted as (:func:`stexp.models._recipe.fit_recipe` sets it); ``None`` before.
         self.recipe: Any = None  # a stexp.models._recipe.Recipe
+        #: Per-slide feature normalisation applied to every query (``stexp.models._feature_norm``), or ``None``.
+        self.feature_norm: str | None = None
+        #: How far query spots lie from the training data (``stexp.models._shift.ShiftReference``), once fitted.
+        self.shift: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Accept a subclass that declares ``default_hparams`` as a dict (the older way; untyped, unchecked).
@@ -243,13 +247,25 @@ class ExpressionModel(ABC):
         """Predicted expression and spread for the spots of ``data`` (on ``device``; default: the model's).
 
         With ``smooth`` (default), the mean is averaged over neighbouring spots of the same slide with
-        the fitted smoothing σ (``self.smoothing["sigma_um"]``; 0: unchanged).
+        the fitted smoothing σ (``self.smoothing["sigma_um"]``; 0: unchanged). A model fitted with a
+        per-slide ``feature_norm`` normalises each slide of ``data`` first.
         """
+        return self._predict_query(self.query(data), device=device, smooth=smooth)
+
+    def query(self, data: SpotData) -> SpotData:
+        """``data`` in the model's feature space (checked; normalised per slide when the model's recipe says so)."""
         if not self.is_fitted:
             raise RuntimeError(f"this {self.name} model is not fitted yet; call stexp.tl.fit first.")
+        self.check_features(data)
+        from ._feature_norm import normalise_spots
+
+        return normalise_spots(data, self.feature_norm)
+
+    def _predict_query(
+        self, data: SpotData, *, device: str | None = None, smooth: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if device is not None:
             self.device = device
-        self.check_features(data)
         mean, spread = self._predict(data)
         sigma = float(self.smoothing.get("sigma_um") or 0.0)
         if smooth and sigma > 0:
@@ -257,6 +273,12 @@ class ExpressionModel(ABC):
 
             mean = smooth_values(np.asarray(mean, dtype=np.float32), data.coords_um, data.library, sigma)
         return np.asarray(mean, dtype=np.float32), None if spread is None else np.asarray(spread, dtype=np.float32)
+
+    def shift_scores(self, data: SpotData) -> np.ndarray | None:
+        """Each spot's shift score (``stexp.models._shift``), or ``None`` for a model without a shift reference."""
+        if self.shift is None or self.reads_patches:
+            return None
+        return self.shift.spot_scores(self.query(data).features)
 
     def check_intervals(self, coverage: float) -> None:
         """Raise a ValueError unless ``coverage`` is in (0, 1) and the model's calibration can give it.
@@ -286,7 +308,8 @@ class ExpressionModel(ABC):
             See :meth:`check_intervals`.
         """
         self.check_intervals(coverage)
-        mean, spread = self.predict(data, device=device)
+        data = self.query(data)
+        mean, spread = self._predict_query(data, device=device)
         lo, hi = self.calibration.intervals(mean, data.features, spread, float(coverage))
         return mean, spread, lo, hi
 
@@ -315,6 +338,7 @@ class ExpressionModel(ABC):
             "history": self.history,
             "smoothing": self.smoothing,
             "recipe": None if self.recipe is None else self.recipe.to_dict(),
+            "feature_norm": self.feature_norm,
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
@@ -322,6 +346,9 @@ class ExpressionModel(ABC):
         if getattr(self, "calibration", None) is not None:  # saved beside the weights, under "calibration."
             config["calibration"] = self.calibration.config()
             state.update(self.calibration.state())
+        if getattr(self, "shift", None) is not None:  # saved beside the weights, under "shift."
+            config["shift"] = self.shift.config()
+            state.update(self.shift.state())
         # model.json (with the weights' checksum) + weights.safetensors, renamed into place when complete
         write_model_dir(path, config, state, overwrite=overwrite)
         logger.info(f"saved {self.name} model to {path}")
@@ -395,8 +422,12 @@ def load(
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})
     from ._calibration import Calibration, split_state
+    from ._shift import ShiftReference
+    from ._shift import split_state as split_shift_state
 
     state, calibration_state = split_state(state)  # folders saved before calibration existed have none
+    state, shift_state = split_shift_state(state)  # folders saved before the shift score existed have none
+    model.feature_norm = config.get("feature_norm")
     # folders saved before smoothing existed have none: no smoothing
     model.smoothing = dict(config.get("smoothing") or {"option": None, "sigma_um": 0.0})
     if config.get("recipe"):  # folders saved before recipes existed have none
@@ -406,6 +437,8 @@ def load(
     model._load_state(state)
     if config.get("calibration") is not None:
         model.calibration = Calibration.from_saved(config["calibration"], calibration_state)
+    if config.get("shift") is not None:
+        model.shift = ShiftReference.from_saved(config["shift"], shift_state)
     model.is_fitted = True
     return model
 

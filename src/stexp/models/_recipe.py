@@ -62,6 +62,9 @@ class Recipe:
         Inner folds of the calibration.
     calibration_score
         The calibration's difficulty score.
+    feature_norm
+        Per-slide normalisation of the image features at fit and prediction (``"slide_centre"``,
+        ``"slide_standardise"``; :mod:`stexp.models._feature_norm`), or ``None``.
     name
         A label for logs and records (e.g. ``"default"``); ``None``: the model name.
     """
@@ -72,6 +75,7 @@ class Recipe:
     calibrate: bool | None = None
     calibration_folds: int = INNER_FOLDS
     calibration_score: str = DEFAULT_CALIBRATION_SCORE
+    feature_norm: str | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -88,7 +92,11 @@ class Recipe:
         if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
             raise ValueError(f"calibration_folds must be an integer >= 2, got {folds!r}.")
         from ._calibration import SCORES
+        from ._feature_norm import check_feature_norm
 
+        check_feature_norm(self.feature_norm)
+        if self.feature_norm is not None and self.hparams.get("finetune_encoder", False):
+            raise ValueError("feature_norm works on frozen features; a model that fine-tunes its encoder has none.")
         if self.calibration_score not in SCORES:
             raise ValueError(f"calibration_score must be one of {SCORES}, got {self.calibration_score!r}.")
 
@@ -144,9 +152,10 @@ class Recipe:
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         calibrate = {None: "auto", True: "on", False: "off"}[self.calibrate]
+        norm = f", feature_norm={self.feature_norm!r}" if self.feature_norm else ""
         return (
             f"{self.label}: {self.model}({params}), smoothing={self.smoothing!r}, calibrate={calibrate} "
-            f"({self.calibration_score!r}, {self.calibration_folds} folds)"
+            f"({self.calibration_score!r}, {self.calibration_folds} folds){norm}"
         )
 
 
@@ -238,11 +247,16 @@ def fit_recipe(
     -------
     The fitted model; ``model.recipe`` is ``recipe``.
     """
+    from ._feature_norm import normalise_spots
+
+    train = normalise_spots(train, recipe.feature_norm)
+    validation = None if validation is None else normalise_spots(validation, recipe.feature_norm)
     model = build_model(
         recipe, genes, n_train=train.n_spots, features_key=features_key, encoder_spec=encoder_spec, inner=inner
     )
+    model.feature_norm = recipe.feature_norm
     model.fit(train, validation, device=device, num_workers=num_workers, devices=devices)
-    return finish_recipe(recipe, model, train, validation, seed=seed)
+    return finish_recipe(recipe, model, train, validation, seed=seed, inner=inner)
 
 
 def finish_recipe(
@@ -252,15 +266,22 @@ def finish_recipe(
     validation: SpotData | None = None,
     *,
     seed: int = 0,
+    inner: bool = False,
 ) -> ExpressionModel:
-    """The steps after training, in order: choose the smoothing σ, then calibrate (on the smoothed predictor).
+    """The steps after training, in order: the shift reference, the smoothing σ, then the calibration.
 
     For a model trained by :func:`fit_recipe`, or made from another fitted model without training (e.g.
-    :meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`).
+    :meth:`stexp.models._mclstexp_plus.MclSTExpPlus.from_mclstexp`). ``train`` and ``validation`` are in the
+    model's feature space (normalised per slide when the recipe says so). An ``inner`` refit gets no shift
+    reference (nothing scores its predictions).
     """
+    from ._shift import fit_shift_reference
     from ._smoothing import fit_smoothing
 
     model.recipe = recipe
+    model.feature_norm = recipe.feature_norm
+    if not inner and not model.reads_patches:
+        model.shift = fit_shift_reference(train, seed=seed)
     model.smoothing = fit_smoothing(model, recipe.smoothing, train, validation, refit=_refitter(model, recipe, seed))
     if not recipe.wants_calibration():
         return model
@@ -294,7 +315,10 @@ def _refitter(model: ExpressionModel, recipe: Recipe, seed: int, *, keep_sigma: 
 
     def refit(data: SpotData, fixed: Mapping[str, Any] | None = None) -> ExpressionModel:
         sigma = float(model.smoothing.get("sigma_um") or 0.0) if keep_sigma else 0.0
-        inner = recipe.replace(hparams={**recipe.hparams, **(fixed or {})}, smoothing=sigma or None, calibrate=False)
+        # the data are already in the model's feature space: the inner copy normalises nothing again
+        inner = recipe.replace(
+            hparams={**recipe.hparams, **(fixed or {})}, smoothing=sigma or None, calibrate=False, feature_norm=None
+        )
         return fit_recipe(
             inner,
             data,

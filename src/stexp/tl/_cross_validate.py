@@ -225,6 +225,7 @@ def _fit_fold(recipes: list[Recipe], train: SpotData, val: SpotData | None, **fi
     hyper-parameters) is made from that recipe's fitted model without training again (``from_trained``),
     then finished (smoothing, calibration) on its own.
     """
+    from stexp.models._feature_norm import normalise_spots
     from stexp.models._recipe import finish_recipe, fit_recipe
 
     fitted: dict[str, tuple] = {}
@@ -236,8 +237,10 @@ def _fit_fold(recipes: list[Recipe], train: SpotData, val: SpotData | None, **fi
             fitted[recipe.label] = (model, time.perf_counter() - t0)
             continue
         base_model, base_seconds = fitted[base.label]
-        derived = recipe.model_class.from_trained(base_model, train, val, **recipe.hparams)
-        model = finish_recipe(recipe, derived, train, val, seed=fit_kw.get("seed", 0))
+        own_train = normalise_spots(train, recipe.feature_norm)  # the base model's feature space (same norm)
+        own_val = None if val is None else normalise_spots(val, recipe.feature_norm)
+        derived = recipe.model_class.from_trained(base_model, own_train, own_val, **recipe.hparams)
+        model = finish_recipe(recipe, derived, own_train, own_val, seed=fit_kw.get("seed", 0))
         fitted[recipe.label] = (model, base_seconds + time.perf_counter() - t0)
     return fitted
 
@@ -250,7 +253,7 @@ def _trained_as(recipe: Recipe, recipes: list[Recipe], fitted: dict[str, tuple])
         return None
     own = {**cls.default_hparams, **recipe.hparams}
     for other in recipes:
-        if other.model != parent or other.label not in fitted:
+        if other.model != parent or other.label not in fitted or other.feature_norm != recipe.feature_norm:
             continue
         theirs = {**other.model_class.default_hparams, **other.hparams}
         if all(own.get(k) == v for k, v in theirs.items()):
@@ -268,6 +271,8 @@ class _OutOfFold:
     hi: np.ndarray | None = None
     expected: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[int, tuple[float, float]] = field(default_factory=dict)
+    shift: np.ndarray | None = None
+    shift_slides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def put(self, name: str, rows: np.ndarray, cols: np.ndarray, values: np.ndarray | None) -> None:
         if values is None:
@@ -554,6 +559,11 @@ def _run_folds(
                 out.put(what, rows, cols, values)
             if model.calibration is not None:
                 out.expected[fold] = np.asarray(model.calibration.expected_pcc, dtype=np.float64)
+            shift = model.shift_scores(test)
+            if shift is not None:
+                out.shift = np.full(n_obs, np.nan) if out.shift is None else out.shift
+                out.shift[rows] = shift
+                out.shift_slides.update(model.shift.summary(shift, test.library))
         for label, (model, _) in models.items():
             fitted[label].append(model)
     return oof, fitted
@@ -645,6 +655,7 @@ def _score(
         std=out.std,
         lo=out.lo,
         hi=out.hi,
+        shift=out.shift,
         record={"model": name, "out_of_fold": True, "target": "log1p of counts per 10,000"},
     )
     scores = score_prediction(adata, pred_key=key, library_key=library_key, top_n=top_n, layer=layer, target=target)
@@ -662,6 +673,16 @@ def _score(
             spearman(out.expected[f], realised.reindex(panels[f])[lib].to_numpy()) if f in out.expected else np.nan
             for f, lib in zip(scores["fold"], scores["library_id"], strict=True)
         ]
+    if out.shift_slides:  # the slide's shift score against its fold's training range
+        slide = lambda lib, what: out.shift_slides.get(str(lib), {}).get(what, np.nan)
+        scores["shift_score"] = [slide(lib, "score") for lib in scores["library_id"]]
+        scores["shift_flagged"] = [slide(lib, "flagged") for lib in scores["library_id"]]
+        scores["shift_range_max"] = [slide(lib, "range_max") for lib in scores["library_id"]]
+        factor = np.asarray([slide(lib, "expected_pcc_factor") for lib in scores["library_id"]], dtype=float)
+        scores["expected_pcc_factor"] = factor
+        if out.expected:
+            base = [np.nanmean(out.expected[f]) if f in out.expected else np.nan for f in scores["fold"]]
+            scores["expected_pcc"] = np.asarray(base) * factor
     return scores
 
 

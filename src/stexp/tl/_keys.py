@@ -7,7 +7,7 @@ A prediction under ``key`` is a set of entries that belong together:
   :mod:`stexp.tl._storage`;
 - ``adata.var["key_expected_pcc"]`` (a calibrated model) and ``adata.var["key_pcc"]`` (written by
   :func:`stexp.tl.evaluate`);
-- ``adata.obs["key_shift"]`` (reserved: how far each spot lies from the training distribution);
+- ``adata.obs["key_shift"]``: how far each spot lies from the training data (``stexp.models._shift``);
 - the record ``adata.uns["stexp"][key]`` and the scores ``adata.uns["stexp"]["evaluate"][key]``.
 
 Rule: a new prediction under a key replaces the whole set. :func:`write_prediction_set` first removes
@@ -82,7 +82,7 @@ class PredictionKeys:
 
     @property
     def shift(self) -> str:
-        """``adata.obs`` column: how far each spot lies from the model's training distribution (reserved)."""
+        """``adata.obs`` column: how far each spot lies from the model's training data (the shift score)."""
         return f"{self.key}_shift"
 
     @property

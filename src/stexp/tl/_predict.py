@@ -167,6 +167,8 @@ def predict(
     else:
         mean, spread, lo, hi = model.predict_intervals(data, coverage, device=device)
     in_var = lambda values: None if values is None else np.asarray(values)[:, present]
+    shift, shift_record, factor = _shift(model, data)
+    expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set
 
@@ -180,7 +182,8 @@ def predict(
         std=in_var(spread),
         lo=in_var(lo),
         hi=in_var(hi),
-        expected_pcc=None if calibration is None else np.asarray(calibration.expected_pcc)[present],
+        expected_pcc=expected,
+        shift=shift,
         record={
             "model": model.name,
             "features_key": features_key,
@@ -191,9 +194,44 @@ def predict(
             "hparams": model.hparams,
             "coverage": None if coverage is None else float(coverage),
             "calibration": None if calibration is None else calibration.config(),
+            "shift": shift_record,
         },
     )
     if n_missing:
         logger.warning(f"{n_missing} of the model's genes are not in adata.var_names and were not written.")
     logger.info(f"added {', '.join(added)}")
     return adata if copy else None
+
+
+def _shift(model: ExpressionModel, data) -> tuple[np.ndarray | None, dict | None, float]:
+    """Per-spot shift scores, their record (per slide) and the factor applied to the expected PCC; warns per slide.
+
+    The factor is the smallest of the slides' (``stexp.models._shift.expected_pcc_factor``): ``var`` holds one
+    expected PCC per gene for all the slides predicted together, so it is the most shifted slide's.
+    """
+    scores = model.shift_scores(data)
+    if scores is None:
+        return None, None, 1.0
+    reference = model.shift
+    slides = reference.summary(scores, data.library)
+    record = {
+        "what": "median over the slide's spots of the distance to the nearest training spots in image-feature "
+        "space, in units of the training slides' own held-out distance (1: like a training slide)",
+        "training_range": reference.describe_range(),
+        "range_max": reference.range_max,
+        "slides": slides,
+    }
+    factor = float(np.nanmin([s["expected_pcc_factor"] for s in slides.values()]))
+    factor = factor if np.isfinite(factor) else 1.0
+    for lib, s in slides.items():
+        if s["flagged"]:
+            logger.warning(
+                f"slide {lib!r} looks unlike the model's training slides (shift score {s['score']:.2f}; "
+                f"{reference.describe_range()}): its stain, scanner, resolution or tissue lies outside what the "
+                f"model was trained on, so its predictions are likely unreliable (expected PCC scaled by "
+                f"{s['expected_pcc_factor']:.2f}). Check the slide's µm/px and staining; measure one section "
+                "of this source and add it to the training slides (docs/reliability.md)."
+            )
+        else:
+            logger.info(f"slide {lib!r}: shift score {s['score']:.2f} ({reference.describe_range()})")
+    return scores, record, factor

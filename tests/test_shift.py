@@ -1,0 +1,136 @@
+"""The shift score (``stexp.models._shift``) and per-slide feature normalisation (``stexp.models._feature_norm``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from _features import STATS_KEY, stat_features
+
+import stexp
+from stexp.models import Recipe
+from stexp.models._shift import FLAG_FACTOR, expected_pcc_factor
+from stexp.tl._keys import PredictionKeys
+
+
+@pytest.fixture
+def split(synth):
+    """Two training slides (two patients) and a held-out slide, with cheap image features."""
+    stat_features(synth)
+    synth.obs["patient"] = synth.obs["library_id"].map({"slide_0": "P0", "slide_1": "P1", "slide_2": "P2"})
+    train = synth[synth.obs["library_id"] != "slide_2"].copy()
+    test = synth[synth.obs["library_id"] == "slide_2"].copy()
+    return train, test
+
+
+def _shifted(adata, amount: float):
+    """A copy whose features moved as a stain change would move them: scaled and offset, then noised."""
+    out = adata.copy()
+    X = np.asarray(out.obsm[STATS_KEY], dtype=np.float32)
+    rng = np.random.default_rng(1)
+    out.obsm[STATS_KEY] = X * (1 + amount) + amount * X.std(axis=0) * (2.0 + rng.normal(size=X.shape))
+    return out
+
+
+def test_expected_pcc_factor_is_one_within_range_and_falls_beyond():
+    assert expected_pcc_factor(0.5, 1.2) == 1.0
+    assert expected_pcc_factor(1.2, 1.2) == 1.0
+    values = [expected_pcc_factor(s, 1.2) for s in (1.3, 1.8, 3.0)]
+    assert 1.0 > values[0] > values[1] > values[2] > 0.0
+    assert np.isnan(expected_pcc_factor(float("nan"), 1.2))
+
+
+def test_predict_writes_shift_and_warns_on_a_shifted_slide(split, caplog):
+    train, test = split
+    model = stexp.tl.fit(train, features_key=STATS_KEY)
+    reference = model.shift
+    assert reference is not None and set(reference.slide_scores) == {"slide_0", "slide_1"}
+    assert reference.info["folds"].endswith("by patients")
+    keys = PredictionKeys("stexp_pred")
+
+    stexp.tl.predict(test, model)
+    clean = test.uns["stexp"]["stexp_pred"]["shift"]["slides"]["slide_2"]
+    assert test.obs[keys.shift].notna().all() and (test.obs[keys.shift] > 0).all()
+
+    shifted = _shifted(test, 1.0)
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(shifted, model)
+    far = shifted.uns["stexp"]["stexp_pred"]["shift"]["slides"]["slide_2"]
+    assert far["score"] > clean["score"]
+    assert far["flagged"] and far["score"] > FLAG_FACTOR * reference.range_max
+    assert "looks unlike the model's training slides" in caplog.text
+    # a flagged slide is expected to be predicted worse than a clean one, gene by gene
+    expected_clean = test.var[keys.expected_pcc].dropna()
+    expected_far = shifted.var[keys.expected_pcc].dropna()
+    assert far["expected_pcc_factor"] < 1.0
+    np.testing.assert_allclose(
+        expected_far, expected_clean * far["expected_pcc_factor"] / clean["expected_pcc_factor"], rtol=1e-4
+    )
+
+
+def test_shift_score_grows_with_the_shift(split):
+    train, test = split
+    model = stexp.tl.fit(train, model=Recipe("knn", {"k": 20}), features_key=STATS_KEY)
+    data_scores = []
+    for amount in (0.0, 0.3, 1.0, 3.0):
+        a = _shifted(test, amount)
+        stexp.tl.predict(a, model)
+        data_scores.append(a.uns["stexp"]["stexp_pred"]["shift"]["slides"]["slide_2"]["score"])
+    assert data_scores == sorted(data_scores) and data_scores[-1] > 2 * data_scores[0]
+
+
+def test_shift_reference_survives_save_and_load(split, tmp_path):
+    train, test = split
+    model = stexp.tl.fit(train, model="ridge", features_key=STATS_KEY)  # every model gets one, not only kNN
+    model.save(tmp_path / "m")
+    loaded = stexp.models.load(tmp_path / "m")
+    a, b = test.copy(), test.copy()
+    stexp.tl.predict(a, model)
+    stexp.tl.predict(b, loaded)
+    np.testing.assert_array_equal(a.obs["stexp_pred_shift"], b.obs["stexp_pred_shift"])
+    assert loaded.shift.slide_scores == model.shift.slide_scores
+
+
+def test_cross_validate_reports_shift_per_slide(split):
+    train, test = split
+    adata = stexp.datasets.synthetic(n_slides=3, n_spots=144, n_genes=60, seed=0)
+    stat_features(adata)
+    adata.obsm["X_far"] = _shifted(adata, 2.0).obsm[STATS_KEY]
+    result = stexp.tl.cross_validate(
+        adata,
+        model=Recipe("knn", {"k": 20}),
+        split_by="library_id",
+        features_key=STATS_KEY,
+        test_features={"far": "X_far"},
+        genes=list(adata.var_names[:20]),
+    )
+    rows = result.per_fold.set_index(["model", "library_id"])
+    assert {"shift_score", "shift_flagged", "shift_range_max"} <= set(rows.columns)
+    clean, far = rows.loc["knn", "shift_score"], rows.loc["knn@far", "shift_score"]
+    assert (far.to_numpy() > clean.reindex(far.index).to_numpy()).all()
+    assert rows.loc["knn@far", "shift_flagged"].all()
+
+
+def test_slide_centring_cancels_a_common_offset_of_the_query(split):
+    train, test = split
+    recipe = Recipe("knn", {"k": 20}, feature_norm="slide_centre")
+    model = stexp.tl.fit(train, model=recipe, features_key=STATS_KEY)
+    assert model.feature_norm == "slide_centre"
+    moved = test.copy()
+    moved.obsm[STATS_KEY] = np.asarray(moved.obsm[STATS_KEY]) + np.linspace(0.1, 0.5, moved.obsm[STATS_KEY].shape[1])
+    stexp.tl.predict(test, model)
+    stexp.tl.predict(moved, model)
+    np.testing.assert_allclose(test.layers["stexp_pred"], moved.layers["stexp_pred"], atol=1e-4)
+    np.testing.assert_allclose(test.obs["stexp_pred_shift"], moved.obs["stexp_pred_shift"], rtol=1e-3)
+    raw = stexp.tl.fit(train, model=Recipe("knn", {"k": 20}), features_key=STATS_KEY)
+    a, b = test.copy(), moved.copy()
+    stexp.tl.predict(a, raw)
+    stexp.tl.predict(b, raw)
+    assert not np.allclose(a.layers["stexp_pred"], b.layers["stexp_pred"], atol=1e-4)  # the lever does something
+
+
+def test_feature_norm_is_checked():
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        Recipe("knn", feature_norm="per_slide")
+    assert "feature_norm='slide_centre'" in str(Recipe("knn", feature_norm="slide_centre"))
