@@ -134,3 +134,21 @@ def test_feature_norm_is_checked():
     with pytest.raises(ValueError, match="feature_norm must be one of"):
         Recipe("knn", feature_norm="per_slide")
     assert "feature_norm='slide_centre'" in str(Recipe("knn", feature_norm="slide_centre"))
+
+
+def test_prediction_report_names_trusted_genes_and_the_shift(split):
+    from stexp.tl._report import prediction_report
+
+    train, test = split
+    model = stexp.tl.fit(train, features_key=STATS_KEY)
+    stexp.tl.predict(test, model)
+    expected = test.var["stexp_pred_expected_pcc"]
+    threshold = float(expected.quantile(0.8))
+    lines = prediction_report(test, "stexp_pred", min_expected_pcc=threshold)
+    assert lines[0].startswith("shift     slide_2:") and "within the training range" in lines[0]
+    assert f"{int((expected >= threshold).sum())} of {int(expected.notna().sum())} genes" in lines[1]
+    assert str(expected.idxmax()) in lines[1]
+    far = _shifted(test, 1.0)
+    stexp.tl.predict(far, model)
+    lines = prediction_report(far, "stexp_pred", min_expected_pcc=1.0)
+    assert "BEYOND the training range" in lines[0] and lines[1].startswith("trusted   none of")

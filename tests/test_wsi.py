@@ -251,7 +251,7 @@ def test_cli_predict_and_exit_codes(tmp_path, image, pool_encoder, capsys):
             "--spot-diameter-um", "40", "--batch-size", "7", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for word in ("spots", "genes     3 predicted", "time", "peak", "written"):
+    for word in ("spots", "genes     3 predicted", "time", "peak", "written", "\nshift     ", "\ntrusted   "):
         assert word in printed
     import anndata as ad
 

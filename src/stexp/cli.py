@@ -279,6 +279,9 @@ def _predict(args: argparse.Namespace) -> int:
         f"written   {out}",
         f"figure    {figure} (H&E thumbnail, then {', '.join(shown)})",
     ]
+    from stexp.tl._report import prediction_report
+
+    lines += prediction_report(adata, args.key, min_expected_pcc=args.min_expected_pcc)
     print("\n".join(lines))
     return 0
 
@@ -363,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         "about the same speed)",
     )
     pred.add_argument("--key", default="stexp_pred", help="key of the prediction (default: %(default)s)")
+    pred.add_argument(
+        "--min-expected-pcc",
+        type=float,
+        default=0.1,
+        help="the summary names the genes whose expected PCC on the slide reaches this (default: %(default)s)",
+    )
     pred.add_argument("--quiet", action="store_true", help="warnings only: no progress bar or step messages")
     pred.set_defaults(func=_predict)
     return parser

@@ -1,0 +1,58 @@
+"""What a prediction can be trusted for, in a few lines: the slides' shift and the genes worth using."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._keys import PredictionKeys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+#: Genes whose expected PCC on the slide reaches this are listed as worth using (``stexp predict``).
+MIN_EXPECTED_PCC = 0.1
+#: At most this many trusted genes are named.
+MAX_NAMED = 10
+
+
+def prediction_report(adata: AnnData, key: str, *, min_expected_pcc: float = MIN_EXPECTED_PCC) -> list[str]:
+    """``shift`` and ``trusted`` lines for the prediction under ``key`` (``stexp predict``'s summary).
+
+    The shift line gives each slide's shift score against the model's training range, and says when a
+    slide lies beyond it. The trusted line names the genes whose expected PCC (after the slide's shift
+    factor) reaches ``min_expected_pcc``; without a calibration it says that nothing is known.
+    """
+    keys = PredictionKeys(key)
+    record = adata.uns.get("stexp", {}).get(key, {})
+    lines = []
+    shift = record.get("shift")
+    if shift:
+        for lib, s in shift["slides"].items():
+            verdict = (
+                "BEYOND the training range: predictions likely unreliable"
+                if s["flagged"]
+                else "within the training range"
+            )
+            lines.append(f"shift     {lib}: {s['score']:.2f} against {shift['training_range']}; {verdict}")
+    else:
+        lines.append("shift     not scored (the model has no shift reference)")
+    if keys.expected_pcc not in adata.var:
+        lines.append("trusted   unknown: the model is not calibrated (fit with calibrate=True to know which genes)")
+        return lines
+    expected = adata.var[keys.expected_pcc].dropna().sort_values(ascending=False)
+    good = expected[expected >= min_expected_pcc]
+    named = ", ".join(f"{g} ({v:.2f})" for g, v in good.iloc[:MAX_NAMED].items())
+    more = f", and {len(good) - MAX_NAMED} more" if len(good) > MAX_NAMED else ""
+    best = float(expected.iloc[0]) if len(expected) else np.nan
+    if len(good):
+        lines.append(
+            f"trusted   {len(good)} of {len(expected)} genes with expected PCC >= {min_expected_pcc:g}: {named}{more}"
+        )
+    else:
+        lines.append(
+            f"trusted   none of {len(expected)} genes reaches expected PCC {min_expected_pcc:g} (best {best:.2f}); "
+            "treat the prediction as exploratory"
+        )
+    return lines
