@@ -268,7 +268,7 @@ for _preset in (
         files=("model.safetensors", "pytorch_model.bin"),
         layout="hf-dinov2",
         params_m=303.0,
-        licence="Owkin non-commercial licence",
+        licence="see the model card (not verified here)",
         gated=False,
         shapes={
             "embeddings.position_embeddings": (1, 197, 1024),
@@ -317,6 +317,8 @@ def preset_table():
                 "pool": p.pool,
                 "out_dim": p.out_dim,
                 "params_m": p.params_m,
+                "files": p.files,
+                "layout": p.layout,
                 "licence": p.licence,
             }
             for p in PRESETS.values()
@@ -349,6 +351,24 @@ def checkpoint_state(preset: Preset, vit) -> dict:
     if preset.layout == "timm":
         return dict(sd)
     return _timm_to_dinov2(sd, depth=len(vit.blocks))
+
+
+def preset_checkpoint(encoder: Encoder) -> dict:
+    """The weights of an encoder built from a preset, as the preset's published checkpoint holds them.
+
+    ``torch.save(preset_checkpoint(enc), "pytorch_model.bin")`` writes a file that ``build_encoder(enc.name,
+    weights=...)`` loads (key names and shapes of the published file; transformers' names for Phikon-v2).
+
+    Raises
+    ------
+    ValueError
+        If ``encoder`` was not built from a timm-based preset.
+    """
+    preset = PRESETS.get(encoder.name)
+    vit = getattr(encoder.module, "vit", None)
+    if preset is None or vit is None:
+        raise ValueError(f"encoder {encoder.name!r} was not built from a timm-based preset ({list_presets()}).")
+    return checkpoint_state(preset, vit)
 
 
 def _pooled_module(preset: Preset, vit):
