@@ -185,3 +185,19 @@ def test_unpack_refuses_an_archive_without_a_model(tmp_path):
     with pytest.raises(ValueError, match="holds no model folder"):
         pre._unpack(out, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+def test_float16_keeps_small_integer_and_out_of_range_arrays():
+    from stexp.models._base import HALF_MIN_SIZE, _to_half
+
+    rng = np.random.default_rng(0)
+    state = {
+        "bank": rng.normal(size=(HALF_MIN_SIZE, 2)).astype(np.float32),
+        "small": rng.normal(size=10).astype(np.float32),
+        "groups": np.repeat(np.arange(4097, dtype=np.float32), 2),  # whole numbers beyond float16's exact 2048
+        "huge": np.full(HALF_MIN_SIZE, 1e6, dtype=np.float32),
+        "index": np.arange(HALF_MIN_SIZE, dtype=np.int64),
+    }
+    out, record = _to_half(state, "float16")
+    assert record["arrays"] == ["bank"] and out["bank"].dtype == np.float16
+    assert all(out[k].dtype == state[k].dtype for k in ("small", "groups", "huge", "index"))

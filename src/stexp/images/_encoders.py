@@ -457,7 +457,10 @@ def _read_state_dict(path: str) -> dict:
 
             sd = load_file(path, device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a 4.5 GB checkpoint is not held twice while it is copied into the model
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # files of the legacy (non-zip) torch.save format cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file gets the same clear message
         raise ValueError(f"Could not read weights file {path!r} as a state dict: {type(e).__name__}: {e}") from e
     # common checkpoint wrappers: {"state_dict": {...}} / {"model": {...}}

@@ -395,7 +395,7 @@ def _conch_module(preset: Preset, file: str | None):
     import torch
 
     try:
-        from conch.open_clip_custom import create_model_from_pretrained  # type: ignore[import-not-found]
+        from conch.open_clip_custom import create_model_from_pretrained
     except ImportError as e:
         raise ImportError(
             "encoder 'conch' needs MahmoodLab's conch package (pip install git+https://github.com/mahmoodlab/CONCH); "

@@ -359,15 +359,22 @@ HALF_MIN_SIZE = 4096
 def _to_half(state: dict[str, np.ndarray], storage_dtype: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``state`` with its large float arrays in float16, and the record of what was converted.
 
-    Small arrays (scalers, temperatures, penalties) keep their precision; an array with a value beyond the
-    float16 range (65,504) stays float32 rather than turn into infinities.
+    Small arrays (scalers, temperatures, penalties) keep their precision; so do arrays of whole numbers
+    (indices, group labels: float16 holds integers exactly only up to 2,048) and arrays with a value beyond
+    the float16 range (65,504), which would turn into infinities.
     """
     if storage_dtype != "float16":
         raise ValueError(f"storage_dtype must be 'float32' or 'float16', got {storage_dtype!r}.")
     limit = float(np.finfo(np.float16).max)
     out, halved = {}, []
     for k, v in state.items():
-        if v.dtype.kind == "f" and v.size >= HALF_MIN_SIZE and np.all(np.abs(v[np.isfinite(v)]) <= limit):
+        finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+        if (
+            v.dtype.kind == "f"
+            and v.size >= HALF_MIN_SIZE
+            and np.all(np.abs(finite) <= limit)
+            and not np.array_equal(finite, np.round(finite))
+        ):
             out[k] = v.astype(np.float16)
             halved.append(k)
         else:

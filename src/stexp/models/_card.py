@@ -144,7 +144,7 @@ class ModelCard:
         if patients:
             training["patients"] = patients
         spec = model.encoder_spec.to_uns() if model.encoder_spec else {}
-        encoder = {k: spec[k] for k in ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px",
+        encoder: dict[str, Any] = {k: spec[k] for k in ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px",
                                         "normalization", "out_dim", "mpp", "stain_norm", "tta") if k in spec}  # fmt: skip
         if model.features_key:
             encoder["features_key"] = model.features_key
