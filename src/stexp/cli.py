@@ -218,6 +218,18 @@ def _predict(args: argparse.Namespace) -> int:
     from stexp._devices import check_device
     from stexp._settings import settings
 
+    if args.describe:  # the model card, then exit: no slide or output needed
+        try:
+            import stexp
+
+            stexp.models.describe(args.model)
+        except (*INPUT_ERRORS, RuntimeError) as err:
+            return _fail("predict", err)
+        return 0
+    if args.slide is None or args.out is None:
+        missing = [name for name, value in (("SLIDE", args.slide), ("--out", args.out)) if value is None]
+        print(f"stexp predict: error: the following arguments are required: {', '.join(missing)}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     out = Path(args.out)
     figure = out.with_name(out.stem + "_genes.png")
@@ -336,12 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict expression on pseudo-spots over the tissue of a slide (SVS, NDPI, MRXS, SCN, "
         "pyramidal TIFF, OME-TIFF, JPEG...) with a saved model; the slide is read region by region.",
     )
-    pred.add_argument("slide", help="the slide file")
-    pred.add_argument("--model", required=True, help="folder of a model saved with model.save()")
+    pred.add_argument("slide", nargs="?", default=None, help="the slide file (required unless --describe)")
+    pred.add_argument(
+        "--model",
+        required=True,
+        help="folder of a model saved with model.save(), or a pretrained model's name (stexp.models.pretrained(), "
+        "e.g. her2st-breast)",
+    )
+    pred.add_argument("--describe", action="store_true", help="print the model's card and exit")
     pred.add_argument(
         "--out",
-        required=True,
-        help="output: OUT.h5ad (AnnData) or OUT.zarr (SpatialData), and the figure OUT_genes.png beside it; "
+        default=None,
+        help="output (required unless --describe): OUT.h5ad (AnnData) or OUT.zarr (SpatialData), and the figure "
+        "OUT_genes.png beside it; "
         "existing ones are refused before any work unless --overwrite is given",
     )
     pred.add_argument(

@@ -19,7 +19,9 @@ Weights
 
 Foundation models
 -----------------
-``encoder=<folder>`` (or ``"local-dir:<folder>"``) loads a model saved the way timm and the Hugging Face
+Presets (``encoder="uni"``, ``"uni2"``, ``"h_optimus_0"``, ``"virchow2"``, ``"phikon_v2"``, ``"conch"``;
+:mod:`stexp.images._presets`) build the published architecture and load its published checkpoint from a
+local file or folder. ``encoder=<folder>`` (or ``"local-dir:<folder>"``) loads a model saved the way timm and the Hugging Face
 hub keep it: ``config.json`` (architecture, model arguments, ``pretrained_cfg`` with mean/std and input
 size) next to ``model.safetensors`` / ``pytorch_model.bin``; ``huggingface_hub.snapshot_download`` of
 UNI, H-optimus-0, Virchow2 or Phikon's timm port gives such a folder. Extra keyword arguments of
@@ -196,8 +198,13 @@ class Encoder:
 
 
 def list_encoders() -> list[str]:
-    """Names of the built-in encoders (``timm:<model>``, ``hf-hub:<org>/<model>`` and callables also work)."""
-    return list(_REGISTRY)
+    """Names of the built-in encoders and foundation-model presets.
+
+    ``timm:<model>``, ``hf-hub:<org>/<model>``, local model folders and callables also work.
+    """
+    from ._presets import list_presets
+
+    return [*_REGISTRY, *(p for p in list_presets() if p not in _REGISTRY)]
 
 
 def build_encoder(
@@ -217,7 +224,10 @@ def build_encoder(
         A name from :func:`list_encoders` (``"efficientnet_lite0_ml"``, the default: EfficientNet-Lite0 pooled
         at four intermediate blocks and its head, 1704-d, ImageNet weights available offline;
         ``"efficientnet_lite0"``: the head alone, 1280-d; ``"densenet121"``: 1024-d, the mclSTExp encoder;
-        ``"resnet50"``: 2048-d; or any name added with :func:`register_encoder`),
+        ``"resnet50"``: 2048-d; or any name added with :func:`register_encoder`), a pathology foundation-model
+        preset (``"uni"``, ``"uni2"``, ``"h_optimus_0"``, ``"virchow2"``, ``"phikon_v2"``, ``"conch"``:
+        architecture, input size, normalisation and pooling as their model cards publish them; see
+        ``stexp.images._presets`` and ``docs/encoders.md``),
         ``"timm:<model>"`` / ``"hf-hub:<org>/<model>"`` (needs ``timm``; input size and mean/std come from
         the model's data config), a local model folder (a path, or ``"local-dir:<path>"``: ``config.json``
         plus ``model.safetensors`` / ``pytorch_model.bin`` as timm and the Hugging Face hub save them; its
@@ -225,7 +235,9 @@ def build_encoder(
         ``(B, 3, H, W)`` to ``(B, D)``.
     weights
         ``"imagenet"`` (pretrained; for timm the model's default pretrained tag, for a local folder the
-        folder's weights), ``None`` / ``"random"`` (random init) or a path to a local state dict. Ignored for
+        folder's weights, for a preset the file in ``stexp.settings.cachedir / "encoders" / <name>``),
+        ``None`` / ``"random"`` (random init) or a path to a local state dict (for a preset also a folder
+        holding its published file, or ``"hub"``: download it from the Hugging Face hub). Ignored for
         modules and callables unless it is a path (an error: load your weights into your module yourself).
     input_px
         Patch side for modules and callables (default 224); for named encoders it must match theirs.
@@ -257,6 +269,20 @@ def build_encoder(
     """
     import torch
 
+    from ._presets import PRESETS, build_preset
+
+    if isinstance(encoder, str) and encoder in PRESETS and encoder not in _REGISTRY:
+        if encoder_kwargs or encoder_id is not None:
+            raise ValueError(
+                f"encoder {encoder!r} is a preset: its architecture is fixed by its model card; encoder_kwargs and "
+                "encoder_id are for 'timm:<model>' encoders and callables."
+            )
+        enc = build_preset(encoder, weights)
+        if input_px is not None and int(input_px) != enc.input_px:
+            raise ValueError(
+                f"input_px={input_px} does not match encoder {encoder!r}, which expects {enc.input_px} px."
+            )
+        return enc
     weights = _check_weights(weights)
     if encoder_id is not None and (isinstance(encoder, (str, os.PathLike))):
         raise ValueError(
@@ -431,7 +457,10 @@ def _read_state_dict(path: str) -> dict:
 
             sd = load_file(path, device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a 4.5 GB checkpoint is not held twice while it is copied into the model
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # files of the legacy (non-zip) torch.save format cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file gets the same clear message
         raise ValueError(f"Could not read weights file {path!r} as a state dict: {type(e).__name__}: {e}") from e
     # common checkpoint wrappers: {"state_dict": {...}} / {"model": {...}}

@@ -2,8 +2,10 @@
 
 from stexp._lazy import lazy_namespace
 
-from ._base import ExpressionModel, load
+from ._base import ExpressionModel
+from ._card import ModelCard, describe
 from ._data import SpotData
+from ._pretrained import PretrainedModel, load, pretrained, register_pretrained
 from ._recipe import DEFAULT_RECIPE, Recipe
 from ._registry import available_models, get_model_class, register_model
 
@@ -21,12 +23,17 @@ __all__ = [
     "CALIBRATION_SCORES",
     "DEFAULT_RECIPE",
     "ExpressionModel",
+    "ModelCard",
+    "PretrainedModel",
     "Recipe",
     "SpotData",
     "TorchExpressionModel",
     "TrainingPlan",
     "available_models",
+    "describe",
     "get_model_class",
     "load",
+    "pretrained",
     "register_model",
+    "register_pretrained",
 ]

@@ -130,6 +130,10 @@ class ExpressionModel(ABC):
         self.feature_norm: str | None = None
         #: How far query spots lie from the training data (``stexp.models._shift.ShiftReference``), once fitted.
         self.shift: Any = None
+        from ._card import ModelCard
+
+        #: The model card (:class:`stexp.models.ModelCard`): :func:`stexp.tl.fit` fills it, the trainer adds text.
+        self.card = ModelCard()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Accept a subclass that declares ``default_hparams`` as a dict (the older way; untyped, unchecked).
@@ -313,10 +317,22 @@ class ExpressionModel(ABC):
         lo, hi = self.calibration.intervals(mean, data.features, spread, float(coverage))
         return mean, spread, lo, hi
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Save as a directory: ``model.json`` (hyper-parameters, genes, encoder) and ``weights.safetensors``.
+    def save(self, path: str | Path, *, overwrite: bool = False, storage_dtype: str = "float32") -> Path:
+        """Save as a directory: ``model.json`` (hyper-parameters, genes, encoder, card) and ``weights.safetensors``.
 
         Nothing is pickled: weights and the reference bank are stored as plain tensors.
+
+        Parameters
+        ----------
+        path
+            The model folder.
+        overwrite
+            Replace an existing non-empty folder (kept until the new one is complete).
+        storage_dtype
+            ``"float32"`` or ``"float16"``: store the large float arrays (reference banks, weights, calibration
+            residuals: :data:`HALF_MIN_SIZE` values or more) in half precision, half
+            the folder's size. :func:`stexp.models.load` reads them back as float32, so computation stays
+            float32; the values are rounded to about 3 significant digits.
         """
         from ._format import write_model_dir
 
@@ -342,6 +358,7 @@ class ExpressionModel(ABC):
             "target": "log1p of counts per 10,000 (natural log), from raw counts over all genes",
             "versions": versions(),
         }
+        config["card"] = self.card.to_dict()
         state = {k: np.ascontiguousarray(v) for k, v in self._state().items()}
         if getattr(self, "calibration", None) is not None:  # saved beside the weights, under "calibration."
             config["calibration"] = self.calibration.config()
@@ -349,6 +366,8 @@ class ExpressionModel(ABC):
         if getattr(self, "shift", None) is not None:  # saved beside the weights, under "shift."
             config["shift"] = self.shift.config()
             state.update(self.shift.state())
+        if storage_dtype != "float32":
+            state, config["storage"] = _to_half(state, storage_dtype)
         # model.json (with the weights' checksum) + weights.safetensors, renamed into place when complete
         write_model_dir(path, config, state, overwrite=overwrite)
         logger.info(f"saved {self.name} model to {path}")
@@ -358,6 +377,36 @@ class ExpressionModel(ABC):
         status = "fitted" if self.is_fitted else "not fitted"
         enc = self.encoder_spec.encoder or "?"
         return f"{type(self).__name__}({len(self.genes)} genes, features={self.features_key!r} [{enc}], {status})"
+
+
+#: Float arrays of at least this many values are stored in half precision by ``save(storage_dtype="float16")``.
+HALF_MIN_SIZE = 4096
+
+
+def _to_half(state: dict[str, np.ndarray], storage_dtype: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``state`` with its large float arrays in float16, and the record of what was converted.
+
+    Small arrays (scalers, temperatures, penalties) keep their precision; so do arrays of whole numbers
+    (indices, group labels: float16 holds integers exactly only up to 2,048) and arrays with a value beyond
+    the float16 range (65,504), which would turn into infinities.
+    """
+    if storage_dtype != "float16":
+        raise ValueError(f"storage_dtype must be 'float32' or 'float16', got {storage_dtype!r}.")
+    limit = float(np.finfo(np.float16).max)
+    out, halved = {}, []
+    for k, v in state.items():
+        finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+        if (
+            v.dtype.kind == "f"
+            and v.size >= HALF_MIN_SIZE
+            and np.all(np.abs(finite) <= limit)
+            and not np.array_equal(finite, np.round(finite))
+        ):
+            out[k] = v.astype(np.float16)
+            halved.append(k)
+        else:
+            out[k] = v
+    return out, {"dtype": "float16", "arrays": halved, "min_size": HALF_MIN_SIZE}
 
 
 def load(
@@ -401,6 +450,7 @@ def load(
     path = Path(path)
     # format version first (a newer stexp's folder says so), then every file against its checksum, named on damage
     config, state = read_model_dir(path)
+    state = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in state.items()}  # computed in float32
     if genes is not None:
         check_genes(config["genes"], list(genes), what=f"model at {path}")
     if encoder_spec is not None:
@@ -419,6 +469,9 @@ def load(
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path / 'model.json'} describes a model this stexp cannot build: {err}") from err
     model.device = device
+    from ._card import ModelCard
+
+    model.card = ModelCard.from_dict(config.get("card"))  # folders saved before cards existed: an empty card
     model.n_features = config.get("n_features")
     model.history = config.get("history", {})
     from ._calibration import Calibration, split_state

@@ -144,7 +144,7 @@ def fit(
         f"fitting {recipe} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
         + (f", validating on {val_libs}" if val_libs else "")
     )
-    return fit_recipe(
+    fitted = fit_recipe(
         recipe,
         train,
         val,
@@ -156,6 +156,30 @@ def fit(
         devices=list(devices) if isinstance(devices, Sequence) else devices,
         seed=int(seed or 0),
     )
+    fitted.card = _card(adata, fitted, train, library_key)
+    return fitted
+
+
+def _card(adata, model: ExpressionModel, train, library_key: str):
+    """The model card of a fit: the training slides (spots, patient, pixel and spot size) and the model."""
+    from stexp._layout import spot_diameter_um, um_per_px
+    from stexp.models._card import ModelCard
+
+    libs: dict[str, dict[str, Any]] = {}
+    obs_libs = adata.obs[library_key].astype(str).to_numpy()
+    for lib in train.libraries:
+        info: dict[str, Any] = {"spots": int(np.sum(train.library == lib))}
+        if "patient" in adata.obs:
+            patients = adata.obs["patient"].astype(str).to_numpy()[obs_libs == str(lib)]
+            if len(set(patients)) == 1:
+                info["patient"] = str(patients[0])
+        for name, get in (("um_per_px", um_per_px), ("spot_diameter_um", spot_diameter_um)):
+            try:
+                info[name] = round(float(get(adata, str(lib))), 4)
+            except (KeyError, ValueError, TypeError):  # not recorded for this library: left out of the card
+                pass
+        libs[str(lib)] = info
+    return ModelCard.from_fit(model, libraries=libs)
 
 
 def _validation_libraries(adata, validation: str | Sequence[str] | None, library_key: str) -> list[str]:
