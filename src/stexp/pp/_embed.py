@@ -358,7 +358,7 @@ class _Embedded:
 def _embed_libraries(
     adata, enc, spec, libs: list[str], *, per_lib_um, views, on_outside, library_key, batch_size, device, use_disk,
     devices=None,
-) -> _Embedded:
+) -> _Embedded:  # fmt: skip
     """Features of every spot, library by library: from the disk cache when there, else computed (and cached).
 
     With ``devices`` (more than one process) the libraries not in the cache are embedded together by

@@ -116,6 +116,12 @@ class EmbedShards(L.LightningModule):
         )  # fmt: skip
         self.parts.append((int(j), rows, feats))
 
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of every process, stacked (one process: ``x`` itself)."""
+        gathered = self.all_gather(x)
+        assert isinstance(gathered, torch.Tensor)
+        return gathered
+
     def on_predict_epoch_end(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -125,14 +131,14 @@ class EmbedShards(L.LightningModule):
         local_ids = np.concatenate(ids) if ids else np.zeros((0, 2), dtype=np.int64)
         local = np.concatenate([f for *_, f in self.parts]) if self.parts else np.zeros((0, dim), np.float32)
         # processes hold different numbers of spots: gather the counts, pad to the largest, gather, trim
-        counts = self.all_gather(torch.tensor(len(local_ids), device=self.device)).reshape(-1).cpu().tolist()
+        counts = self._gather(torch.tensor(len(local_ids), device=self.device)).reshape(-1).cpu().tolist()
         width = max(counts)
         pad_ids = torch.full((width, 2), -1, dtype=torch.int64)
         pad_ids[: len(local_ids)] = torch.from_numpy(local_ids.astype(np.int64))
         pad = torch.full((width, dim), float("nan"), dtype=torch.float32)
         pad[: len(local)] = torch.from_numpy(local)
-        all_ids = self.all_gather(pad_ids.to(self.device)).reshape(-1, width, 2).cpu()
-        all_feats = self.all_gather(pad.to(self.device)).reshape(-1, width, dim).cpu()
+        all_ids = self._gather(pad_ids.to(self.device)).reshape(-1, width, 2).cpu()
+        all_feats = self._gather(pad.to(self.device)).reshape(-1, width, dim).cpu()
         all_ids = torch.cat([all_ids[r, :n] for r, n in enumerate(counts)])
         all_feats = torch.cat([all_feats[r, :n] for r, n in enumerate(counts)])
         self.result = _assemble(self.jobs, all_ids.numpy(), all_feats.numpy(), dim)
