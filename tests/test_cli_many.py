@@ -115,7 +115,7 @@ def test_predict_many_slides_resumes_and_reports_failures(tmp_path, slides, mode
             rf"\[{k}/4\] {name}\.png: {n} spots in [0-9.]+ s -> {re.escape(str(out))}/{name}\.h5ad", printed
         )
     assert "2 of 4 slide(s) done, 1 skipped (output complete already), 1 failed" in printed
-    assert "failed: broken.png:" in err
+    assert "  failed: broken.png: RuntimeError: " in err and "broken.png" in err.split("failed: broken.png:")[-1]
     for name in ("s0", "s1", "s2"):
         pred = ad.read_h5ad(out / f"{name}.h5ad")
         assert pred.n_obs > 10 and np.isfinite(stexp.tl.get_prediction(pred, "stexp_pred").to_numpy()).all()
@@ -132,6 +132,14 @@ def test_predict_many_slides_resumes_and_reports_failures(tmp_path, slides, mode
     # everything done: a rerun without the broken slide does nothing and exits 0
     status, printed, _ = _predict([tmp_path / "slides" / "s*.png"], out, capsys)
     assert status == 0 and "0 of 3 slide(s) done, 3 skipped" in printed
+    assert len(calls) == 3  # nothing to predict: the model was not loaded
+
+
+def test_predict_many_stops_when_the_model_cannot_be_loaded(tmp_path, slides, capsys):
+    status, printed, err = _predict([tmp_path / "slides" / "s*.png"], tmp_path / "out", capsys)
+    assert status == 1 and "stopped after 0 slide(s)" in err
+    assert err.strip().splitlines()[-1].startswith("stexp predict: error: ") and "MODEL" in err
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_embed_many_slides_shards_and_skips(tmp_path, slides, capsys):
@@ -148,6 +156,15 @@ def test_embed_many_slides_shards_and_skips(tmp_path, slides, capsys):
     for s in slides:
         feats = ad.read_h5ad(out / f"{s.stem}.h5ad").obsm[key]
         assert feats.shape[1] == 12 and np.isfinite(feats).all()
+    # what stexp.pp.embed_images gives (the encoder built once for the run records the same spec)
+    ref = stexp.io.read_wsi(slides[2], mpp=2.0, spacing_um=60, spot_diameter_um=40)
+    stexp.pp.embed_images(ref, encoder=POOL, weights=None, patch_um=40.0, device="cpu", cache=False)
+    cli = ad.read_h5ad(out / "s2.h5ad")
+    np.testing.assert_allclose(cli.obsm[key], ref.obsm[key], rtol=1e-6)
+    spec = {k: v for k, v in ref.uns["stexp"]["features"][key].items() if k != "versions"}
+    assert {k: cli.uns["stexp"]["features"][key][k] for k in spec if k != "n_outside"} == {
+        k: v for k, v in spec.items() if k != "n_outside"
+    }
     # an .h5ad input is embedded as it is; outputs of another encoder are refused, not taken as done
     one = ad.read_h5ad(out / "s0.h5ad")
     del one.obsm[key]

@@ -93,6 +93,10 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
+class StopRun(Exception):
+    """A failure that no slide of the run can avoid (e.g. the model cannot be loaded): the run stops."""
+
+
 @dataclass
 class Run:
     """What a batch run did, slide by slide."""
@@ -183,6 +187,8 @@ def _loop(
         except KeyboardInterrupt:
             run.say(f"{head}: interrupted; rerun the same command to go on from this slide", err=True)
             raise
+        except StopRun:
+            raise
         except Exception as err:  # noqa: BLE001 - one slide's failure must not stop the others
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             why = f"{type(err).__name__}: {' '.join(str(message).split())}"
@@ -192,6 +198,32 @@ def _loop(
         run.done.append(slide.name)
         run.say(f"{head}: {n} spots in {time.perf_counter() - t0:.1f} s -> {out}")
     return run.summary()
+
+
+class _Tee:
+    """Copy what is written to ``sys.stderr`` in the block into :attr:`text`, still writing it through."""
+
+    def __enter__(self) -> _Tee:
+        self.text = ""
+        self._stderr = sys.stderr
+        tee = self
+
+        class _Writer:
+            def write(self, s: str) -> int:
+                tee.text += s
+                return tee._stderr.write(s)
+
+            def flush(self) -> None:
+                tee._stderr.flush()
+
+            def __getattr__(self, name: str):
+                return getattr(tee._stderr, name)  # isatty, encoding...
+
+        sys.stderr = _Writer()  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr = self._stderr
 
 
 # -- stexp predict ---------------------------------------------------------------------------------------------
@@ -237,23 +269,29 @@ def predict_many(args: argparse.Namespace, predict_one: Callable[[argparse.Names
 
     def work(slide: Path, out: Path) -> int:
         nonlocal model
-        if model is None:
+        if model is None:  # loaded at the first slide to predict (not at all when every slide is done)
             import stexp
 
-            model = stexp.models.load(args.model, device=device)
+            try:
+                model = stexp.models.load(args.model, device=device)
+            except INPUT_ERRORS as err:
+                raise StopRun(err) from err
         one = argparse.Namespace(**{**vars(args), "slide": str(slide), "out": str(out), "overwrite": True})
         one.loaded_model = model
-        status = predict_one(one)
+        with _Tee() as tee:  # the one-slide command prints its error itself: keep it for the summary
+            status = predict_one(one)
         if status != 0:
-            raise RuntimeError("see the error above")
+            errors = [ln for ln in tee.text.splitlines() if ln.startswith("stexp predict: error: ")]
+            raise RuntimeError(errors[-1].removeprefix("stexp predict: error: ") if errors else f"exit status {status}")
         return _n_obs(out)
 
     if todo:
         out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _loop(run, todo, complete=complete, work=work)
-    except INPUT_ERRORS as err:  # the model could not be loaded: no slide can be predicted
-        return _fail("predict", err)
+    except StopRun as err:  # the model could not be loaded: no slide can be predicted
+        run.say(f"stexp predict: stopped after {len(run.done)} slide(s)", err=True)
+        return _fail("predict", err.__cause__ or err)
 
 
 # -- stexp embed -----------------------------------------------------------------------------------------------
@@ -324,12 +362,20 @@ def embed_command(args: argparse.Namespace) -> int:
     def complete(out: Path) -> str | None:
         return None if args.overwrite else _features_state(out, key, args.encoder)
 
+    encoder = None
+
     def work(slide: Path, out: Path) -> int:
+        nonlocal encoder
         import stexp
 
         adata = _read_slide(slide, args)
+        if encoder is None:  # built once for the run, at the first slide to embed (loading weights takes seconds)
+            try:
+                encoder = stexp.images.build_encoder(args.encoder, weights)
+            except INPUT_ERRORS as err:
+                raise StopRun(err) from err
         stexp.pp.embed_images(
-            adata, encoder=args.encoder, weights=weights, patch_um=args.patch_um, batch_size=args.batch_size,
+            adata, encoder=encoder, patch_um=args.patch_um, batch_size=args.batch_size,
             device=device, devices=args.devices, key_added=key, overwrite=args.overwrite,
         )  # fmt: skip
         if speak:
@@ -337,7 +383,11 @@ def embed_command(args: argparse.Namespace) -> int:
             _write_replacing(out, adata.write_h5ad)
         return int(adata.n_obs)
 
-    return _loop(run, todo, complete=complete, work=work)
+    try:
+        return _loop(run, todo, complete=complete, work=work)
+    except StopRun as err:  # the encoder could not be built: no slide can be embedded
+        run.say(f"stexp embed: stopped after {len(run.done)} slide(s)", err=True)
+        return _fail("embed", err.__cause__ or err) if speak else 1
 
 
 def add_batch_options(parser: argparse.ArgumentParser, command: str) -> None:

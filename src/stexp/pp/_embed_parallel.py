@@ -210,6 +210,8 @@ def _run(plan: dict[str, Any], module: EmbedShards, loader, jobs: list[EmbedJob]
             if type(err).__name__ != "ProcessRaisedException":  # torch.multiprocessing's wrapper of a worker's error
                 raise
             last = [line for line in str(err).strip().splitlines() if line.strip()][-1]
+            if last.startswith("ValueError: "):  # e.g. NaN features: raised as on one device
+                raise ValueError(last.removeprefix("ValueError: ")) from err
             raise RuntimeError(f"embedding on {plan['world_size']} processes failed in a worker: {last}") from err
     if module.result is not None:  # this process was a rank (a launcher started it)
         return module.result
