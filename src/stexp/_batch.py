@@ -219,7 +219,7 @@ class _Tee:
             def __getattr__(self, name: str):
                 return getattr(tee._stderr, name)  # isatty, encoding...
 
-        sys.stderr = _Writer()  # type: ignore[assignment]
+        sys.stderr = _Writer()
         return self
 
     def __exit__(self, *exc) -> None:
