@@ -159,11 +159,13 @@ def test_notebook_strategy_forks_and_returns_the_history(split, monkeypatch):
 def _pool_encoder():
     import torch
 
-    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())  # picklable: 12-d features
+    # picklable; 768-d, so the 90 spots' features (276 KB) exceed a pipe's buffer (a deadlock when they were
+    # sent back through Lightning's return queue)
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(16), torch.nn.Flatten())
 
 
-EMBED = {"encoder_id": "pool2", "device": "cpu", "patch_um": 40, "batch_size": 16}
-EMBED_KEY = "X_stexp_callable_pool2"
+EMBED = {"encoder_id": "pool16", "device": "cpu", "patch_um": 40, "batch_size": 16}
+EMBED_KEY = "X_stexp_callable_pool16"
 
 
 def test_embed_devices_is_checked():

@@ -5,13 +5,15 @@ launchers as training: ``ddp_spawn`` from a script, ``ddp_notebook`` in Jupyter,
 SLURM, see :func:`stexp.models._engine.parallel_plan`) hands every process one chunk of every library,
 which it embeds with the one-process code (:func:`stexp.pp._embed._embed_plan`: same decoding, resampling,
 stain normalisation and batching). The features of every process are then gathered (``all_gather``, no
-shared file system needed) and come back to the calling process (through Lightning's results of rank 0
-under the fork/spawn launchers; every rank holds them under a launcher).
+shared file system needed); under the fork/spawn launchers rank 0 hands them to the calling process
+through a temporary file on this machine, under a launcher every rank holds them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +23,6 @@ import numpy as np
 import torch
 
 from stexp.models._engine import _sharing_strategy, parallel_plan
-
-_FEATURES = "stexp_embed/features"
-_IDS = "stexp_embed/ids"
 
 
 @dataclass
@@ -84,6 +83,8 @@ class EmbedShards(L.LightningModule):
         self.views = dict(views)
         self.n_threads = int(n_threads)
         self.progress = bool(progress)
+        #: where rank 0 saves the gathered features for the calling process (fork/spawn launchers)
+        self.handoff: str | None = None
         self.parts: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.result: list[np.ndarray] | None = None
         self._bar = None
@@ -142,9 +143,10 @@ class EmbedShards(L.LightningModule):
         all_ids = torch.cat([all_ids[r, :n] for r, n in enumerate(counts)])
         all_feats = torch.cat([all_feats[r, :n] for r, n in enumerate(counts)])
         self.result = _assemble(self.jobs, all_ids.numpy(), all_feats.numpy(), dim)
-        # the fork/spawn launchers send rank 0's callback_metrics back to the calling process
-        self.trainer.callback_metrics[_IDS] = all_ids
-        self.trainer.callback_metrics[_FEATURES] = all_feats
+        if self.handoff is not None and self.global_rank == 0:
+            # not through Lightning's return queue: its pipe is read only after the workers exit, so a
+            # payload larger than the pipe's buffer never leaves the worker (a deadlock)
+            np.savez(self.handoff, ids=all_ids.numpy(), features=all_feats.numpy())
 
 
 def _assemble(jobs: list[EmbedJob], ids: np.ndarray, feats: np.ndarray, dim: int) -> list[np.ndarray]:
@@ -181,7 +183,16 @@ def embed_jobs(
     loader = torch.utils.data.DataLoader(
         _Units([len(j.plan) for j in jobs], world), batch_size=1, shuffle=False, collate_fn=_one
     )
-    with warnings.catch_warnings():
+    from stexp._settings import logger
+
+    n_spots = sum(len(j.plan) for j in jobs)
+    logger.info(
+        f"embedding {n_spots} spots of {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'} on {world} "
+        f"{plan['accelerator']} process(es) (Lightning strategy {plan['strategy']!r})"
+    )
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="stexp-embed-") as tmp:
+        if plan["strategy"] in ("ddp_spawn", "ddp_notebook"):  # workers on this machine, then gone
+            module.handoff = os.path.join(tmp, "features.npz")
         levels = _quiet_lightning()
         try:
             return _run(plan, module, loader, jobs, int(enc.out_dim))
@@ -215,6 +226,7 @@ def _run(plan: dict[str, Any], module: EmbedShards, loader, jobs: list[EmbedJob]
             raise RuntimeError(f"embedding on {plan['world_size']} processes failed in a worker: {last}") from err
     if module.result is not None:  # this process was a rank (a launcher started it)
         return module.result
-    ids = trainer.callback_metrics[_IDS].numpy()
-    feats = trainer.callback_metrics[_FEATURES].numpy()
-    return _assemble(jobs, ids, feats, dim)
+    if module.handoff is None or not os.path.isfile(module.handoff):
+        raise RuntimeError("the embedding processes ended without handing their features back; please report this.")
+    with np.load(module.handoff, allow_pickle=False) as saved:
+        return _assemble(jobs, saved["ids"], saved["features"], dim)
