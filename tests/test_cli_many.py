@@ -200,3 +200,23 @@ def test_slide_lists(tmp_path, slides, capsys):
     with pytest.raises(SystemExit):
         main(["embed", str(slides[0]), "--out", "x", "--shard", "2/2"])
     assert "0 <= I < N" in capsys.readouterr().err
+
+
+def test_under_a_launcher_only_rank_zero_writes_and_reports(tmp_path, slides, capsys, monkeypatch):
+    """torchrun / srun run the command on every rank: the others embed with it but write and print nothing."""
+    from stexp._batch import is_rank_zero
+
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    assert is_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not is_rank_zero()
+    argv = ["embed", str(slides[0]), "--out", str(tmp_path / "f"), "--encoder", POOL, "--weights", "none",
+            "--patch-um", "40", "--device", "cpu", "--quiet", *GRID]  # fmt: skip
+    assert main(argv) == 0
+    assert not (tmp_path / "f").exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert is_rank_zero() and main(argv) == 0
+    assert (tmp_path / "f" / "s0.h5ad").exists() and "1 of 1 slide(s) done" in capsys.readouterr().out
