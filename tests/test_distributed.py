@@ -151,3 +151,61 @@ def test_notebook_strategy_forks_and_returns_the_history(split, monkeypatch):
     assert len(losses) == 6 and losses[-1] < losses[0]
     mse, base = _mse(est, train, test.copy())
     assert mse < base
+
+
+# embed_images(devices=N): the patches sharded over processes through Lightning
+
+
+def _pool_encoder():
+    import torch
+
+    # picklable; 768-d, so the 90 spots' features (276 KB) exceed a pipe's buffer (a deadlock when they were
+    # sent back through Lightning's return queue)
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(16), torch.nn.Flatten())
+
+
+EMBED = {"encoder_id": "pool16", "device": "cpu", "patch_um": 40, "batch_size": 16}
+EMBED_KEY = "X_stexp_callable_pool16"
+
+
+def test_embed_devices_is_checked():
+    adata = stexp.datasets.synthetic(n_slides=1, n_spots=8, n_genes=5, seed=0)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="devices must be None"):
+            stexp.pp.embed_images(adata, encoder=_pool_encoder(), devices=bad, **EMBED)
+
+
+def test_embed_two_processes_match_one_and_share_the_cache(monkeypatch):
+    """2 CPU processes (forked, as in Jupyter; gloo) give the features of one; cached libraries are not redone."""
+    from stexp.images._cache import cache_dir
+    from stexp.pp import _embed_parallel
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_engine, "is_interactive", lambda: True)
+    adata = stexp.datasets.synthetic(n_slides=2, n_spots=45, n_genes=5, seed=1)  # odd counts: uneven shards
+    one = stexp.pp.embed_images(adata, encoder=_pool_encoder(), cache=False, copy=True, **EMBED)
+    jobs = []
+    real = _embed_parallel.embed_jobs
+
+    def counted(enc, todo, **kw):
+        jobs.append(len(todo))
+        return real(enc, todo, **kw)
+
+    monkeypatch.setattr(_embed_parallel, "embed_jobs", counted)
+    two = stexp.pp.embed_images(adata, encoder=_pool_encoder(), devices=2, copy=True, **EMBED)
+    assert jobs == [2]
+    np.testing.assert_allclose(two.obsm[EMBED_KEY], one.obsm[EMBED_KEY], rtol=0, atol=1e-6)
+    assert np.isfinite(two.obsm[EMBED_KEY]).all() and two.obsm[EMBED_KEY].std(0).mean() > 0
+    assert two.uns["stexp"]["features"][EMBED_KEY] == one.uns["stexp"]["features"][EMBED_KEY]
+    # both libraries were cached by the calling process: a new call loads them and starts no process
+    files = sorted(cache_dir().glob("*.npy"))
+    assert len(files) == 2
+    again = stexp.pp.embed_images(adata, encoder=_pool_encoder(), devices=2, copy=True, **EMBED)
+    assert jobs == [2]
+    np.testing.assert_array_equal(again.obsm[EMBED_KEY], two.obsm[EMBED_KEY])
+    # one library's cache gone: only that one is embedded again
+    files[0].unlink()
+    part = stexp.pp.embed_images(adata, encoder=_pool_encoder(), devices=2, copy=True, **EMBED)
+    assert jobs == [2, 1]
+    np.testing.assert_allclose(part.obsm[EMBED_KEY], one.obsm[EMBED_KEY], rtol=0, atol=1e-6)

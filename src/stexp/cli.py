@@ -1,7 +1,8 @@
 """The ``stexp`` command line.
 
 ``stexp demo`` runs the user's path end to end on demo data; ``stexp predict SLIDE --model DIR --out OUT``
-predicts expression over the tissue of a whole-slide image with a saved model.
+predicts expression over the tissue of a whole-slide image with a saved model; ``stexp embed`` writes image
+features. Both take many slides into an output folder (:mod:`stexp._batch`).
 """
 
 from __future__ import annotations
@@ -245,7 +246,8 @@ def _predict(args: argparse.Namespace) -> int:
         import stexp
 
         given = ()
-        model = stexp.models.load(args.model, device=device)
+        # stexp._batch loads the model once for many slides
+        model = getattr(args, "loaded_model", None) or stexp.models.load(args.model, device=device)
         given = ("mpp", "spot_diameter_um", "spacing_um")
         adata = stexp.io.read_wsi(
             args.slide, mpp=args.mpp, spot_diameter_um=args.spot_diameter_um, spacing_um=args.spacing_um,
@@ -298,6 +300,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_command(args: argparse.Namespace) -> int:
+    """``stexp predict``: one slide (:func:`_predict`), or several into a folder (:func:`stexp._batch.predict_many`)."""
+    from stexp._batch import is_batch, predict_many
+
+    if args.describe or not args.slide or args.out is None:  # the card, or the one-slide command's usage error
+        args.slide = args.slide[0] if args.slide else None
+        return _predict(args)
+    if is_batch(args.slide, args.out):
+        return predict_many(args, _predict)
+    args.slide = args.slide[0]
+    return _predict(args)
+
+
 def _positive_int(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -318,6 +333,7 @@ def _positive_float(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stexp`` command."""
     from stexp import __version__
+    from stexp._batch import SLIDES_HELP, add_batch_options, add_embed_parser
 
     parser = argparse.ArgumentParser(prog="stexp", description="Predict spatial gene expression from H&E histology.")
     parser.add_argument("--version", action="version", version=f"stexp {__version__}")
@@ -348,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict expression on pseudo-spots over the tissue of a slide (SVS, NDPI, MRXS, SCN, "
         "pyramidal TIFF, OME-TIFF, JPEG...) with a saved model; the slide is read region by region.",
     )
-    pred.add_argument("slide", nargs="?", default=None, help="the slide file (required unless --describe)")
+    pred.add_argument("slide", nargs="*", help=SLIDES_HELP + " (none with --describe)")
     pred.add_argument(
         "--model",
         required=True,
@@ -360,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="output (required unless --describe): OUT.h5ad (AnnData) or OUT.zarr (SpatialData), and the figure "
-        "OUT_genes.png beside it; "
-        "existing ones are refused before any work unless --overwrite is given",
+        "OUT_genes.png beside it; existing ones are refused before any work unless --overwrite is given; a "
+        "folder for several slides (complete outputs in it are skipped)",
     )
     pred.add_argument(
         "--overwrite",
@@ -392,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the summary names the genes whose expected PCC on the slide reaches this (default: %(default)s)",
     )
     pred.add_argument("--quiet", action="store_true", help="warnings only: no progress bar or step messages")
-    pred.set_defaults(func=_predict)
+    add_batch_options(pred, "predict")
+    pred.set_defaults(func=_predict_command)
+    add_embed_parser(sub, _positive_int, _positive_float)
     return parser
 
 

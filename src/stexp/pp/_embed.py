@@ -233,6 +233,16 @@ def _check_call(adata, batch_size, on_outside) -> None:
         raise ValueError("the AnnData has no spots.")
 
 
+def _check_devices(devices) -> None:
+    """``devices`` is ``None`` or a positive integer (a ValueError naming it otherwise)."""
+    if devices is None:
+        return
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
+        raise ValueError(
+            f"devices must be None (this process) or a positive number of processes / GPUs, got {devices!r}."
+        )
+
+
 def _named_features_current(
     adata, libs: list[str], stored: dict, *, encoder: str, weights, encoder_kwargs, key_added, per_lib_um, views
 ) -> str | None:
@@ -346,11 +356,14 @@ class _Embedded:
 
 
 def _embed_libraries(
-    adata, enc, spec, libs: list[str], *, per_lib_um, views, on_outside, library_key, batch_size, device, use_disk
-) -> _Embedded:
+    adata, enc, spec, libs: list[str], *, per_lib_um, views, on_outside, library_key, batch_size, device, use_disk,
+    devices=None,
+) -> _Embedded:  # fmt: skip
     """Features of every spot, library by library: from the disk cache when there, else computed (and cached).
 
-    Spots outside their image get NaN features. Sets torch's thread count (``embed_images`` restores it).
+    With ``devices`` (more than one process) the libraries not in the cache are embedded together by
+    :func:`stexp.pp._embed_parallel.embed_jobs`, then cached one by one as here. Spots outside their image
+    get NaN features. Sets torch's thread count (``embed_images`` restores it).
     """
     import torch
 
@@ -363,30 +376,42 @@ def _embed_libraries(
     n_outside: dict[str, int] = {}
     fingerprints: dict[str, str] = {}
     n_loaded = 0
+    todo: list[tuple[np.ndarray, Any, str | None]] = []  # (rows, plan, cache key) of the libraries to compute
+    for lib in libs:
+        rows = np.flatnonzero(library_mask(adata, lib, library_key))
+        plan = plan_patches(adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key)
+        n_outside[lib] = int((~plan.inside).sum())
+        fingerprints[lib] = plan.view.fingerprint()
+        ckey = None
+        if use_disk:
+            ckey = _library_cache_key(adata, lib, rows, spec, per_lib_um[lib], views, fingerprints[lib])
+            hit = load_features(ckey, (len(rows), enc.out_dim))
+            if hit is not None:
+                feats[rows] = hit
+                n_loaded += len(rows)
+                continue
+        todo.append((rows, plan, ckey))
+    if devices is not None and todo:
+        from stexp.pp._embed_parallel import EmbedJob, embed_jobs
+
+        jobs = [EmbedJob(plan, image_um_per_px(adata, plan.view)) for _, plan, _ in todo]
+        results = embed_jobs(
+            enc, jobs, devices=devices, device=device, batch_size=batch_size, views=views, n_threads=settings.n_jobs,
+            progress=settings.show_progress,
+        )  # fmt: skip
+        for (rows, _, ckey), values in zip(todo, results, strict=True):
+            feats[rows] = values
+            if ckey is not None:
+                save_features(ckey, values)
+        return _Embedded(feats, n_outside, fingerprints, n_loaded)
     pbar = None
-    if settings.show_progress:
+    if settings.show_progress and todo:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(total=adata.n_obs, desc=f"embed {enc.name}", unit="spot", leave=False)
+        pbar = tqdm(total=sum(len(r) for r, _, _ in todo), desc=f"embed {enc.name}", unit="spot", leave=False)
     torch.set_num_threads(settings.n_jobs)  # restored by leaves_process_state
     try:
-        for lib in libs:
-            rows = np.flatnonzero(library_mask(adata, lib, library_key))
-            plan = plan_patches(
-                adata, lib, rows, patch_um=per_lib_um[lib], on_outside=on_outside, library_key=library_key
-            )
-            n_outside[lib] = int((~plan.inside).sum())
-            fingerprints[lib] = plan.view.fingerprint()
-            ckey = None
-            if use_disk:
-                ckey = _library_cache_key(adata, lib, rows, spec, per_lib_um[lib], views, fingerprints[lib])
-                hit = load_features(ckey, (len(rows), enc.out_dim))
-                if hit is not None:
-                    feats[rows] = hit
-                    n_loaded += len(rows)
-                    if pbar is not None:
-                        pbar.update(len(rows))
-                    continue
+        for rows, plan, ckey in todo:
             feats[rows] = _embed_plan(
                 enc,
                 plan,
@@ -396,8 +421,8 @@ def _embed_libraries(
                 image_um_per_px=image_um_per_px(adata, plan.view),
                 **views,
             )
-            if pbar is not None and n_outside[lib]:
-                pbar.update(n_outside[lib])
+            if pbar is not None and (n_out := int((~plan.inside).sum())):
+                pbar.update(n_out)
             if ckey is not None:
                 save_features(ckey, feats[rows])
     finally:
@@ -442,6 +467,7 @@ def embed_images(
     mpp: float | None = None,
     stain_norm: Literal["reinhard"] | None = None,
     tta: bool = False,
+    devices: int | None = None,
 ) -> AnnData | None:
     """Embed the H&E patch around every spot with an image encoder.
 
@@ -462,8 +488,12 @@ def embed_images(
     module encoders cannot be identified across calls unless you name them with ``encoder_id``: without it
     they are always recomputed and never cached on disk.
 
-    The disk cache also shards work: embed subsets of the libraries in separate processes or on separate
-    GPUs (``embed_images(adata[adata.obs.library_id.isin(part)].copy(), device="cuda:1")``), then one call on
+    Several devices: ``devices=N`` shards the patches of the libraries to embed over N processes (N GPUs,
+    or N CPU processes with ``device="cpu"``) through Lightning, the launchers of training (spawned from a
+    script, forked in Jupyter, started by torchrun / SLURM ``srun``); every process embeds a part of every
+    library and the features come back to this process, the same as on one device. The disk cache also
+    shards work: embed subsets of the libraries in separate processes or on separate machines
+    (``embed_images(adata[adata.obs.library_id.isin(part)].copy(), device="cuda:1")``), then one call on
     the whole AnnData loads every library from the cache (see the distributed-training docs).
 
     Parameters
@@ -522,6 +552,13 @@ def embed_images(
     tta
         Test-time augmentation: average the features of the 8 flips/rotations of each patch (8x the
         encoder's work); the features are then invariant to the patch's orientation.
+    devices
+        ``None`` (default): embed in this process. ``N``: shard the patches over N processes through Lightning
+        (N GPUs with ``device="cuda"``, N CPU processes with ``device="cpu"``; under torchrun / SLURM ``srun``,
+        N per node of the launcher's layout, every rank calling ``embed_images``). A script needs an
+        ``if __name__ == "__main__":`` guard (the processes are spawned), and the encoder must be picklable
+        (a module or a top-level class, not a lambda). A runtime choice: the features and their record are
+        those of one process. Libraries in the disk cache are loaded, not embedded.
 
     Returns
     -------
@@ -546,6 +583,7 @@ def embed_images(
     from stexp.images._views import check_options
 
     _check_call(adata, batch_size, on_outside)
+    _check_devices(devices)
     device = check_device(device)  # also when the features are cached and no device is used
     _check_encoder_kwargs(encoder_kwargs)
     checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
@@ -580,6 +618,7 @@ def embed_images(
     embedded = _embed_libraries(
         adata, enc, spec, libs, per_lib_um=per_lib_um, views=views, on_outside=on_outside,
         library_key=library_key, batch_size=int(batch_size), device=device, use_disk=cache and not is_callable,
+        devices=None if devices is None else int(devices),
     )  # fmt: skip
     _write_features(adata, key, enc, spec, embedded)
     return adata if copy else None
