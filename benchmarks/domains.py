@@ -46,7 +46,7 @@ def against_pathologist(data_dir: Path) -> pd.DataFrame:
         labels = a.obs["label"].astype(str)
         n = int(labels[~labels.str.lower().isin(["undetermined", "nan"])].nunique())
         for weight in WEIGHTS:
-            stexp.tl.domains(a, n_domains=n, genes=genes, spatial=weight)
+            stexp.tl.domains(a, layer=None, n_domains=n, genes=genes, spatial=weight)
             score = stexp.tl.score_domains(a).iloc[0]
             rows.append({"section": section, "spatial": weight, "ari": float(score["ari"]), "nmi": float(score["nmi"])})
     return pd.DataFrame(rows)
@@ -66,7 +66,7 @@ def predicted_vs_measured(data_dir: Path, n_domains: int = 5) -> pd.DataFrame:
     for section in IMAGES:
         s = a[a.obs["library_id"] == section].copy()
         for weight in WEIGHTS:
-            stexp.tl.domains(s, n_domains=n_domains, genes=genes, spatial=weight, key_added="measured")
+            stexp.tl.domains(s, layer=None, n_domains=n_domains, genes=genes, spatial=weight, key_added="measured")
             stexp.tl.domains(s, layer="cv", n_domains=n_domains, genes=genes, spatial=weight, key_added="predicted")
             ari = adjusted_rand_score(s.obs["measured"], s.obs["predicted"])
             rows.append({"section": section, "spatial": weight, "ari": float(ari)})

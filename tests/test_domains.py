@@ -192,8 +192,10 @@ def test_spatial_mode_follows_the_tissue_on_noisy_predictions(synth):
     rng = np.random.default_rng(3)
     synth.layers["stexp_pred"] = (target + rng.normal(0, 4.0, target.shape)).astype(np.float32)
     n_true = synth.obs["domain"].nunique()
-    alone = stexp.tl.domains(synth, n_domains=n_true, copy=True)
+    alone = stexp.tl.domains(synth, n_domains=n_true, spatial=0.0, copy=True)
     spatial = stexp.tl.domains(synth, n_domains=n_true, spatial=0.8, copy=True)
+    default = stexp.tl.domains(synth, n_domains=n_true, copy=True)
+    assert default.uns["stexp"]["stexp_domain"]["spatial"] == 0.6  # the measured default (benchmarks/domains.py)
     ari_alone = stexp.tl.score_domains(alone, truth_key="domain")["ari"].mean()
     ari_spatial = stexp.tl.score_domains(spatial, truth_key="domain")["ari"].mean()
     assert ari_spatial > ari_alone + 0.3, (ari_alone, ari_spatial)  # ~0.11 -> ~0.56

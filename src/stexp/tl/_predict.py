@@ -230,7 +230,7 @@ def _shift(model: ExpressionModel, data) -> tuple[np.ndarray | None, dict | None
                 f"{reference.describe_range()}): its stain, scanner, resolution or tissue lies outside what the "
                 f"model was trained on, so its predictions are likely unreliable (expected PCC scaled by "
                 f"{s['expected_pcc_factor']:.2f}). Check the slide's µm/px and staining; measure one section "
-                "of this source and add it to the training slides (docs/reliability.md)."
+                "of this source and add it to the training slides (docs/shift.md)."
             )
         else:
             logger.info(f"slide {lib!r}: shift score {s['score']:.2f} ({reference.describe_range()})")
