@@ -81,7 +81,9 @@ def slide_name(path: Path) -> str:
 def is_batch(slides: Sequence[str], out: str) -> bool:
     """Whether a command works on many slides: several, a glob or a list file, or an ``--out`` folder."""
     one = len(slides) == 1 and not slides[0].startswith("@") and not glob.has_magic(slides[0])
-    return not (one and Path(out).suffix in (".h5ad", ".zarr"))
+    out_path = Path(out)
+    names_file = bool(out_path.suffix) and not out_path.is_dir()  # e.g. pred.csv: a one-slide output, checked there
+    return not (one and (out_path.suffix in (".h5ad", ".zarr") or names_file))
 
 
 def is_rank_zero() -> bool:

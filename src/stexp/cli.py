@@ -128,7 +128,9 @@ def _check_outputs(out: Path, figure: Path, *, overwrite: bool) -> None:
         output's folder is a file.
     """
     if out.suffix not in (".h5ad", ".zarr"):
-        raise ValueError(f"--out must end in .h5ad or .zarr (SpatialData), got {str(out)!r}.")
+        raise ValueError(
+            f"--out must end in .h5ad or .zarr (SpatialData), got {str(out)!r}; for several slides pass a folder."
+        )
     existing = [p for p in (out, figure) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         names = " and ".join(str(p) for p in existing)
