@@ -44,7 +44,7 @@ def test_retrieve_weights_by_inverse_squared_distance():
     bank = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=np.float32)
     expr = np.array([[1.0], [3.0], [10.0], [100.0]], dtype=np.float32)
     query = np.array([[1.5, 0.1]], dtype=np.float32)
-    mean, std = retrieve(query, bank, expr, k=2)  # cosine top-2: the two spots on the x axis
+    mean, std = retrieve(query, bank, expr, k=2, distance="l2")  # cosine top-2: the two spots on the x axis
     d2 = ((bank[:2] - query) ** 2).sum(1)
     w = (1 / d2) / (1 / d2).sum()
     expected = (w * expr[:2, 0]).sum()
@@ -168,6 +168,25 @@ def test_paper_defaults():
         "batch_size": 128,
         "max_epochs": 90,
         "top_k": 200,
+        "dropout": 0.0,
+        "attn_dropout": 0.0,
         "finetune_encoder": False,
     }
     assert {k: hp[k] for k in expected} == expected
+
+
+def test_retrieval_weights_use_the_l1_distance_as_the_official_evaluation():
+    from stexp.models._mclstexp import retrieve
+
+    # two bank spots at the same Euclidean distance from the query but different L1 distances
+    bank = np.array([[1.0, 0.0], [1.6, 1.8]], dtype=np.float32)
+    query = np.array([[1.0, 1.0]], dtype=np.float32)
+    expr = np.array([[0.0], [1.0]], dtype=np.float32)
+    l1 = np.abs(bank - query).sum(1)
+    w = (1 / l1**2) / (1 / l1**2).sum()
+    mean, _ = retrieve(query, bank, expr, k=2)
+    assert mean[0, 0] == pytest.approx(w[1], rel=1e-5)
+    mean_l2, _ = retrieve(query, bank, expr, k=2, distance="l2")
+    assert mean_l2[0, 0] == pytest.approx(0.5, rel=1e-5)  # equal Euclidean distances: equal weights
+    with pytest.raises(ValueError, match="distance"):
+        retrieve(query, bank, expr, k=2, distance="cos")

@@ -234,3 +234,85 @@ def test_bad_input(featured, fitted):
     data.features = data.features[:, :5]
     with pytest.raises(ValueError, match="12-dimensional"):
         fitted.predict(data)
+
+
+# -- the official code's choices (issue 27: docs/methods.md) ----------------------------------------
+
+
+def test_info_nce_negative_weight_and_one_direction():
+    from stexp.models._layers import info_nce
+
+    torch.manual_seed(1)
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    logits = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T / 0.05
+    scaled = torch.where(torch.eye(16, dtype=torch.bool), logits, 0.1 * logits)
+    labels = torch.arange(16)
+    expected = torch.nn.functional.cross_entropy(scaled, labels)  # NH2ST: image -> gene rows only
+    got = info_nce(a, b, temperature=0.05, negative_weight=0.1, symmetric=False)
+    torch.testing.assert_close(got, expected)
+    # the symmetric form differs (columns too), and weight 1 is plain InfoNCE
+    assert not torch.isclose(info_nce(a, b, temperature=0.05, negative_weight=0.1), expected)
+    plain = info_nce(a, b, temperature=0.05, negative_weight=1.0, symmetric=False)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match="negative_weight"):
+        info_nce(a, b, negative_weight=-1.0)
+
+
+def test_hyperedges_follow_image_similarity_not_distance():
+    from stexp.models._neighbors import hypergraph_from_distances, knn_hypergraph
+    from stexp.models._nh2st import feature_distances
+
+    # one neighbourhood of 4 nodes on a line; node 3 (farthest from node 0) has node 0's image
+    coords = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    feats = np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 1.0], [1.0, 0.01]], dtype=np.float32)
+    nodes, mask = np.arange(4)[None, :], np.ones((1, 4), dtype=bool)
+    by_image = hypergraph_from_distances(feature_distances(feats, nodes), mask, k=1)[0]
+    by_space = knn_hypergraph(coords, nodes, mask, k=1)[0]
+    # hyperedge of node 0 (column 0): itself and its most similar node
+    assert set(np.flatnonzero(by_image[:, 0])) == {0, 3}
+    assert set(np.flatnonzero(by_space[:, 0])) == {0, 1}
+
+
+def test_official_defaults():
+    hp = stexp.models.get_model_class("nh2st").default_hparams
+    expected = {
+        "dim": 512,
+        "n_neighbors": 8,
+        "hyperedge_k": 3,
+        "hypergraph_layers": 2,
+        "hypergraph_on": "features",
+        "temperature_query": 0.05,
+        "temperature_neighbor": 0.05,
+        "weight_query": 1.0,
+        "weight_neighbor": 0.5,
+        "weight_mse": 1.0,
+        "negative_weight": 0.1,
+        "symmetric_loss": False,
+        "linear_heads": True,
+        "lr": 5e-4,
+        "weight_decay": 0.0,
+        "early_stopping_patience": 20,
+    }
+    assert {k: hp[k] for k in expected} == expected
+    net = stexp.models.get_model_class("nh2st")(["a", "b"], dim=32, n_heads=4).build_network(n_features=5, encoder=None)
+    linears = [type(m).__name__ for m in net.gene_encoder] + [type(m).__name__ for m in net.regressor]
+    assert linears == ["Linear"] * 4  # no activation in NH2ST's exp_encoder and Decoder
+    assert net.regressor[0].out_features == 16  # Decoder hidden = dim // 2 (256 at dim 512)
+    with pytest.raises(ValueError, match="hypergraph_on"):
+        stexp.models.get_model_class("nh2st")(["a"], hypergraph_on="pixels")
+
+
+def test_folder_saved_before_the_audit_keeps_its_architecture(featured):
+    from stexp.models._nh2st import NH2ST
+
+    train, test = _split(featured)
+    old = _fit(train, max_epochs=1, linear_heads=False, hypergraph_on="space", calibrate=False)
+    state = old._state()
+    assert "net.gene_encoder.3.weight" in state
+    hp = {k: v for k, v in old.hparams.items() if k not in ("linear_heads", "hypergraph_on")}
+    new = NH2ST(old.genes, features_key=old.features_key, encoder_spec=old.encoder_spec, **hp)
+    new._load_state(state)
+    new.is_fitted = True
+    assert new.hparams["linear_heads"] is False and new.hparams["hypergraph_on"] == "space"
+    data = spot_data(test, features_key=FEATURES, library_key="library_id")
+    np.testing.assert_allclose(new.predict(data)[0], old.predict(data)[0], rtol=1e-5, atol=1e-6)

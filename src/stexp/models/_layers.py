@@ -48,12 +48,14 @@ def info_nce(
     *,
     temperature: float = 1.0,
     normalize: bool = True,
+    negative_weight: float = 1.0,
+    symmetric: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) loss between two batches of paired embeddings.
 
     Row ``i`` of ``a`` and row ``i`` of ``b`` are a positive pair; every other row of the batch is a
     negative. The loss is the mean of the cross-entropies in both directions (``a -> b`` and
-    ``b -> a``, each weighted 0.5), computed in float32.
+    ``b -> a``, each weighted 0.5), computed in float32; with ``symmetric=False`` only ``a -> b``.
 
     Parameters
     ----------
@@ -63,10 +65,15 @@ def info_nce(
         Logits are divided by it (e.g. 0.05 for NH2ST on L2-normalised embeddings, 1 for mclSTExp).
     normalize
         L2-normalise the embeddings first (cosine similarities); ``False`` uses raw dot products.
+    negative_weight
+        Factor on the off-diagonal (negative) logits; NH2ST's code uses 0.1 (``contrastive_loss`` of
+        ``models/NGHist2ST.py``), which softens the negatives. 1: plain InfoNCE.
+    symmetric
+        Average both directions (CLIP, mclSTExp); ``False``: ``a -> b`` only (NH2ST's code).
 
     Returns
     -------
-    A scalar tensor; ``ln(batch)`` at chance.
+    A scalar tensor; ``ln(batch)`` at chance (with ``negative_weight=1``).
     """
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(
@@ -74,9 +81,16 @@ def info_nce(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}.")
+    if not negative_weight >= 0:
+        raise ValueError(f"negative_weight must be non-negative, got {negative_weight!r}.")
     a, b = a.float(), b.float()
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = a @ b.T / temperature
+    if negative_weight != 1.0:
+        eye = torch.eye(a.shape[0], device=a.device, dtype=torch.bool)
+        logits = torch.where(eye, logits, logits * negative_weight)
     labels = torch.arange(a.shape[0], device=a.device)
+    if not symmetric:
+        return F.cross_entropy(logits, labels)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

@@ -6,7 +6,7 @@ Imported by the model registry on first use of ``model="mclstexp"`` (this module
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -185,15 +185,17 @@ class MclSTExp(FinetunableExpressionModel):
     Prediction
         Images only: each query spot's image embedding is compared (cosine) with the spot
         embeddings of the reference bank (the training spots); the ``top_k`` most similar give the
-        prediction, the average of their measured expression with weights ∝ 1/d², d the
-        Euclidean distance between the un-normalised embeddings (as in the paper). The spread is
+        prediction, the average of their measured expression with weights ∝ 1/d², d the L1
+        (Manhattan) distance between the un-normalised embeddings, as the official evaluation does
+        (``evel_her2st.py``: ``np.linalg.norm(..., ord=1)``). The spread is
         the weighted standard deviation over those neighbours. The retrieval runs in torch in
         chunks of queries (bounded memory).
 
     Hyper-parameters (the keyword arguments of ``__init__``; ``default_hparams``)
         Paper defaults: ``projection_dim=256``, ``n_layers=2``, ``n_heads=8``, ``head_dim=64``,
-        ``mlp_dim=None`` (the number of genes), ``attn_dropout=0``, ``dropout=0.1`` (projection
-        heads), ``temperature=1``, ``normalize_embeddings=False`` (logits are raw dot products),
+        ``mlp_dim=None`` (the number of genes), ``attn_dropout=0``, ``dropout=0`` (projection
+        heads: the official ``ProjectionHead`` defaults to 0 and ``mclSTExp_Attention`` never passes
+        ``dropout`` on; 0.1 is BLEEP's), ``temperature=1``, ``normalize_embeddings=False`` (logits are raw dot products),
         ``lr=1e-4``, ``weight_decay=1e-3``, ``batch_size=128``, ``max_epochs=90``, ``top_k=200``.
         stexp's: ``position_margin=8``, ``bank_passes=1``, ``standardize_features=True``,
         ``early_stopping_patience=10`` (only with ``validation=``), ``seed=0``. Fine-tuning
@@ -202,12 +204,13 @@ class MclSTExp(FinetunableExpressionModel):
         ``hed_jitter=0`` (HED stain augmentation of that strength when fine-tuning, e.g. 0.05),
         ``encoder_lr=None`` (the encoder's learning rate; ``None``: ``lr``).
 
-    Deviations from the paper
-        The loss uses diagonal (one-hot) positives as CLIP does; the paper's code used BLEEP's soft
-        targets (softmax of the mean within-modality similarities). Frozen features replace the
-        end-to-end DenseNet-121 by default (fine-tuning is an option; GPU advised). Position tables
-        are sized to the data. Bank sentences are built like training sentences (see above). The
-        target is log1p of counts per 10k (see :mod:`stexp.pp._target`).
+    Deviations from the official code (the full audit: ``docs/methods.md``)
+        Frozen features (z-scored) replace the end-to-end DenseNet-121 by default (fine-tuning is an
+        option; GPU advised). Position tables are sized to the data. Bank sentences are built like
+        training sentences (see above). AdamW (decoupled weight decay) instead of Adam with an L2
+        penalty. The target is log1p of counts per 10k over all genes (see :mod:`stexp.pp._target`);
+        the official code uses log10(1 + counts per median library size over the panel genes). The
+        loss is the official one: one-hot (``torch.eye``) targets, raw dot products, temperature 1.
     """
 
     bank_size_hparams: ClassVar[tuple[str, ...]] = ("top_k",)
@@ -221,7 +224,7 @@ class MclSTExp(FinetunableExpressionModel):
         n_heads: int = 8,
         head_dim: int = 64,
         mlp_dim: int | None = None,
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         attn_dropout: float = 0.0,
         temperature: float = 1.0,
         normalize_embeddings: bool = False,
@@ -380,6 +383,7 @@ class MclSTExp(FinetunableExpressionModel):
             self.bank_expression,
             k=self.hparams["top_k"],
             device=settings.resolve_device(self.device),
+            distance="l1",
         )
 
     def extra_state(self) -> dict[str, np.ndarray]:
@@ -413,6 +417,7 @@ def retrieve(
     k: int,
     chunk_size: int | None = None,
     device: str = "cpu",
+    distance: Literal["l1", "l2"] = "l1",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict by top-k retrieval: cosine top-``k`` of the bank, weights ∝ 1/d² on the un-normalised embeddings.
 
@@ -430,12 +435,16 @@ def retrieve(
         1024 queries took 3 GB with k=200 and 785 genes.
     device
         Torch device of the computation.
+    distance
+        ``d`` of the weights: ``"l1"`` (mclSTExp's evaluation code, ``evel_her2st.py``) or ``"l2"`` (Euclidean).
 
     Returns
     -------
     The weighted mean ``(n, G)`` and the weighted standard deviation ``(n, G)`` of the neighbours' expression.
     """
     m = bank_embeddings.shape[0]
+    if distance not in ("l1", "l2"):
+        raise ValueError(f"distance must be 'l1' or 'l2', got {distance!r}.")
     if not 1 <= k <= m:
         raise ValueError(f"k={k} must be between 1 and the size of the reference bank ({m}).")
     bank = torch.from_numpy(np.ascontiguousarray(bank_embeddings, dtype=np.float32)).to(device)
@@ -449,7 +458,8 @@ def retrieve(
         for start in range(0, q_all.shape[0], chunk_size):
             q = q_all[start : start + chunk_size].to(device)
             top = (F.normalize(q, dim=-1) @ bank_unit.T).topk(k, dim=1).indices  # (c, k)
-            d2 = (bank[top] - q[:, None, :]).pow(2).sum(-1).double()  # (c, k)
+            diff = bank[top] - q[:, None, :]  # (c, k, P)
+            d2 = (diff.abs().sum(-1).pow(2) if distance == "l1" else diff.pow(2).sum(-1)).double()  # (c, k)
             w = 1.0 / d2.clamp(min=1e-12)
             w = (w / w.sum(1, keepdim=True)).float().unsqueeze(-1)  # (c, k, 1)
             neighbours = expr[top]  # (c, k, G)

@@ -157,12 +157,24 @@ def knn_hypergraph(coords_um: np.ndarray, nodes: np.ndarray, node_mask: np.ndarr
     node_mask = np.asarray(node_mask, dtype=bool)
     if nodes.shape != node_mask.shape or nodes.ndim != 2:
         raise ValueError(f"nodes {nodes.shape} and node_mask {node_mask.shape} must be the same (n, m) shape.")
-    if k < 0:
-        raise ValueError(f"k must be non-negative, got {k!r}.")
-    n, m = nodes.shape
     pts = coords[nodes]  # (n, m, 2)
     dist = np.linalg.norm(pts[:, :, None, :] - pts[:, None, :, :], axis=-1)  # (n, centre, member)
-    dist[:, np.arange(m), np.arange(m)] = -1.0  # the centre always comes first
+    return hypergraph_from_distances(dist, node_mask, k=k)
+
+
+def hypergraph_from_distances(dist: np.ndarray, node_mask: np.ndarray, *, k: int = 3) -> np.ndarray:
+    """:func:`knn_hypergraph` from any within-neighbourhood distances ``(n, m, m)`` (e.g. 1 - cosine of image features).
+
+    Each real node spans one hyperedge: itself and its ``k`` nearest real nodes by ``dist`` (a copy is modified).
+    """
+    node_mask = np.asarray(node_mask, dtype=bool)
+    dist = np.array(dist, dtype=np.float64)
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k!r}.")
+    n, m = node_mask.shape
+    if dist.shape != (n, m, m):
+        raise ValueError(f"dist has shape {dist.shape}, expected {(n, m, m)} for node_mask {node_mask.shape}.")
+    dist[:, np.arange(m), np.arange(m)] = -np.inf  # the centre always comes first
     dist[~node_mask[:, None, :].repeat(m, axis=1)] = np.inf  # padding is never a member
     order = np.argsort(dist, axis=-1, kind="stable")[:, :, : min(k, m - 1) + 1]
     member_ok = np.take_along_axis(node_mask[:, None, :].repeat(m, axis=1), order, axis=-1)

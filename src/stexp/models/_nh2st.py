@@ -5,7 +5,7 @@ Imported by the model registry on first use of ``model="nh2st"`` (this module im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,9 +16,24 @@ from stexp.models._base import check_hparams
 from stexp.models._data import SpotData
 from stexp.models._finetune import FinetunableExpressionModel
 from stexp.models._layers import ProjectionHead, info_nce
-from stexp.models._neighbors import knn_hypergraph, neighborhoods
+from stexp.models._neighbors import hypergraph_from_distances, knn_hypergraph, neighborhoods
 from stexp.models._registry import register_model
 from stexp.models._torch import as_tensor
+
+
+def feature_distances(features: np.ndarray, nodes: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """``1 - cosine`` similarity of the image features between the nodes of each neighbourhood, ``(n, m, m)``.
+
+    NH2ST's ``build_hypergraph`` ranks the nodes of a neighbourhood by the cosine similarity of their
+    image features; here the frozen features (rows of ``features``) of ``nodes`` ``(n, m)``.
+    """
+    feats = np.asarray(features, dtype=np.float32)
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    out = np.empty((*nodes.shape, nodes.shape[1]), dtype=np.float32)
+    for start in range(0, nodes.shape[0], chunk):
+        x = unit[nodes[start : start + chunk]]  # (c, m, D)
+        out[start : start + chunk] = 1.0 - np.einsum("cid,cjd->cij", x, x)
+    return out
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,6 +117,11 @@ class NH2STNetwork(nn.Module):
         Feed the regression head the neighbourhood's image context besides the target's image embedding.
     temperature_query, temperature_neighbor
         InfoNCE temperatures at the two scales.
+    negative_weight, symmetric_loss
+        Factor on the negative logits and whether both directions are averaged (:func:`info_nce`).
+    linear_heads
+        Gene encoder ``Linear-Linear`` and regression head ``Linear(dim//2)-Linear`` without activation
+        (NH2ST's ``exp_encoder`` and ``Decoder``); ``False``: ``Linear-GELU-Dropout-Linear`` (stexp before issue 27).
     encoder
         The image encoder ``(B, 3, H, W) -> (B, n_features)`` when it is fine-tuned; ``None`` on frozen features.
     """
@@ -123,14 +143,23 @@ class NH2STNetwork(nn.Module):
         use_neighbor_context: bool,
         temperature_query: float = 0.05,
         temperature_neighbor: float = 0.05,
+        negative_weight: float = 1.0,
+        symmetric_loss: bool = True,
+        linear_heads: bool = False,
         encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.temperature_query, self.temperature_neighbor = float(temperature_query), float(temperature_neighbor)
+        self.negative_weight, self.symmetric_loss = float(negative_weight), bool(symmetric_loss)
         self.image_encoder = encoder  # fine-tuned end to end (finetune_encoder=True); None on frozen features
         self.use_neighbor_context = use_neighbor_context
         self.image_proj = ProjectionHead(n_features, dim, dropout=dropout)
-        self.gene_encoder = nn.Sequential(nn.Linear(n_genes, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        if linear_heads:  # NH2ST's exp_encoder: two Linear layers, nothing between them
+            self.gene_encoder = nn.Sequential(nn.Linear(n_genes, dim), nn.Linear(dim, dim))
+        else:
+            self.gene_encoder = nn.Sequential(
+                nn.Linear(n_genes, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+            )
         self.image_hypergraph = nn.ModuleList([_HypergraphBlock(dim, dropout) for _ in range(hypergraph_layers)])
         self.gene_hypergraph = nn.ModuleList([_HypergraphBlock(dim, dropout) for _ in range(hypergraph_layers)])
         self.query_image_attn = _CrossAttention(dim, n_heads, attn_dropout)  # image attends to gene
@@ -138,7 +167,13 @@ class NH2STNetwork(nn.Module):
         self.neighbor_image_attn = _CrossAttention(dim, n_heads, attn_dropout)
         self.neighbor_gene_attn = _CrossAttention(dim, n_heads, attn_dropout)
         in_dim = 2 * dim if use_neighbor_context else dim
-        self.regressor = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, n_genes))
+        if linear_heads:  # NH2ST's Decoder: Linear(512, 256) -> Linear(256, genes), no activation
+            hidden = max(1, dim // 2)
+            self.regressor = nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, n_genes))
+        else:
+            self.regressor = nn.Sequential(
+                nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, n_genes)
+            )
         # Image features are z-scored with the training spots' frozen-feature mean and std (set by NH2ST._fit, saved).
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
@@ -202,13 +237,14 @@ class NH2STNetwork(nn.Module):
         q_img, q_gene = image[:, :1], gene[:, :1]
         z_img = self.query_image_attn(q_img, q_gene)[:, 0]
         z_gene = self.query_gene_attn(q_gene, q_img)[:, 0]
-        nce_query = info_nce(z_img, z_gene, temperature=self.temperature_query)
+        w, sym = self.negative_weight, self.symmetric_loss
+        nce_query = info_nce(z_img, z_gene, temperature=self.temperature_query, negative_weight=w, symmetric=sym)
         # Neighbour scale: hypergraph aggregation over the neighbourhood, cross-attention, then a mean.
         img_nodes = self._aggregate(self.image_hypergraph, image, incidence, mask)
         gene_nodes = self._aggregate(self.gene_hypergraph, gene, incidence, mask)
         u_img = _masked_mean(self.neighbor_image_attn(img_nodes, gene_nodes, padding), mask)
         u_gene = _masked_mean(self.neighbor_gene_attn(gene_nodes, img_nodes, padding), mask)
-        nce_neighbor = info_nce(u_img, u_gene, temperature=self.temperature_neighbor)
+        nce_neighbor = info_nce(u_img, u_gene, temperature=self.temperature_neighbor, negative_weight=w, symmetric=sym)
         # Regression from the target's image embedding (and the image-only neighbourhood context).
         pred = self._regress(image, img_nodes, mask)
         mse = F.mse_loss(pred.float(), expression[:, 0].float())
@@ -225,15 +261,20 @@ class NH2ST(FinetunableExpressionModel):
     Design
         *Query branch*: the target spot's frozen image features go through a projection head
         (Linear-GELU-Linear, residual, LayerNorm) into ``dim``; its expression through the gene
-        encoder (two linear layers). *Neighbour branch*: the target and its ``n_neighbors`` nearest
-        spots of the same slide (:func:`stexp.models._neighbors.spatial_neighbors`, in µm) are the
-        nodes of a k-NN hypergraph (each node spans a hyperedge with its ``hyperedge_k`` nearest
-        nodes), on which ``hypergraph_layers`` HGNN convolutions aggregate the image tokens and,
+        encoder (two linear layers, no activation between them, as NH2ST's ``exp_encoder``).
+        *Neighbour branch*: the target and its ``n_neighbors`` nearest spots of the same slide
+        (:func:`stexp.models._neighbors.spatial_neighbors`, in µm) are the nodes of a k-NN hypergraph:
+        each node spans a hyperedge with its ``hyperedge_k`` most similar nodes by cosine similarity
+        of their image features (``hypergraph_on="features"``, NH2ST's ``build_hypergraph``; the
+        frozen features from ``obsm``, also when the encoder is fine-tuned) or nearest in µm
+        (``"space"``), on which ``hypergraph_layers`` HGNN convolutions aggregate the image tokens and,
         separately, the gene tokens. At each scale, cross-attention (``nn.MultiheadAttention``) lets
         the image tokens attend to the gene tokens and then the gene tokens attend to the image
-        tokens; the attended tokens are averaged over the neighbourhood. Losses: symmetric InfoNCE
-        between the attended image and gene embeddings at the query scale (``weight_query``) and
-        the neighbour scale (``weight_neighbor``), plus the MSE of a regression head (``weight_mse``)
+        tokens; the attended tokens are averaged over the neighbourhood. Losses: InfoNCE between
+        the attended image and gene embeddings at the query scale (``weight_query``) and the
+        neighbour scale (``weight_neighbor``), as NH2ST's ``contrastive_loss``: image -> gene only
+        (``symmetric_loss=False``) with the negative logits scaled by ``negative_weight=0.1``; plus
+        the MSE of a regression head (``weight_mse``; ``Linear(dim//2)-Linear``, NH2ST's ``Decoder``)
         that predicts the target's expression from its image embedding.
 
     Prediction
@@ -250,13 +291,16 @@ class NH2ST(FinetunableExpressionModel):
         Paper defaults (NH2ST's public configuration): ``dim=512``, ``n_heads=8``, ``n_neighbors=8``
         (9-spot neighbourhoods), ``temperature_query = temperature_neighbor = 0.05``, loss weights
         1.0 / 0.5 / 1.0, ``lr=5e-4`` with Adam, ``max_epochs=200``, early stopping patience 20 on the
-        validation loss (when ``validation=`` is given). Chosen here (the paper does not say, or
-        works on pixels): ``hyperedge_k=3``, ``hypergraph_layers=1``, ``dropout=0.1`` (the paper's 0.5
-        belongs to its transformer blocks on raw patches; on frozen features it underfits),
-        ``attn_dropout=0.1``, ``batch_size=128`` (the paper's 8 is for end-to-end ResNet-18 training;
-        contrastive losses need more negatives), AdamW with ``weight_decay``.
+        validation loss (when ``validation=`` is given), ``hyperedge_k=3``, ``hypergraph_layers=2``
+        (NH2ST's ``HGNN``: two ``HypergraphConv`` layers), ``negative_weight=0.1``,
+        ``symmetric_loss=False``, ``weight_decay=0`` (Adam without decay), ``linear_heads=True``,
+        ``hypergraph_on="features"``. Chosen here (the paper does not say, or works on pixels):
+        ``dropout=0.1`` (the paper's 0.5 belongs to its cross-attention blocks on 7x7 feature maps; on
+        frozen features it underfits), ``attn_dropout=0.1``, ``batch_size=128`` (the paper's 8 is for
+        end-to-end ResNet-18 training; contrastive losses need more negatives), AdamW. Folders saved
+        before these defaults (issue 27) load with the architecture they were trained with.
 
-    Deviations from the paper
+    Deviations from the official code (the full audit: ``docs/methods.md``)
         Frozen features replace the end-to-end ResNet-18 by default. ``finetune_encoder=True`` trains
         the encoder that made the features (rebuilt from their spec, e.g. EfficientNet-Lite0 or a
         timm ResNet-18) end to end on augmented patches (flips, 90° rotations, colour jitter;
@@ -276,7 +320,8 @@ class NH2ST(FinetunableExpressionModel):
         *,
         n_neighbors: int = 8,
         hyperedge_k: int = 3,
-        hypergraph_layers: int = 1,
+        hypergraph_layers: int = 2,
+        hypergraph_on: Literal["features", "space"] = "features",
         dim: int = 512,
         n_heads: int = 8,
         dropout: float = 0.1,
@@ -286,11 +331,14 @@ class NH2ST(FinetunableExpressionModel):
         weight_query: float = 1.0,
         weight_neighbor: float = 0.5,
         weight_mse: float = 1.0,
+        negative_weight: float = 0.1,
+        symmetric_loss: bool = False,
+        linear_heads: bool = True,
         use_neighbor_context: bool = True,
         mc_samples: int = 0,
         max_epochs: int = 200,
         lr: float = 5e-4,
-        weight_decay: float = 1e-3,
+        weight_decay: float = 0.0,
         early_stopping_patience: int = 20,
         **kwargs: Any,
     ) -> None:
@@ -299,6 +347,7 @@ class NH2ST(FinetunableExpressionModel):
             n_neighbors=n_neighbors,
             hyperedge_k=hyperedge_k,
             hypergraph_layers=hypergraph_layers,
+            hypergraph_on=hypergraph_on,
             dim=dim,
             n_heads=n_heads,
             dropout=dropout,
@@ -308,6 +357,9 @@ class NH2ST(FinetunableExpressionModel):
             weight_query=weight_query,
             weight_neighbor=weight_neighbor,
             weight_mse=weight_mse,
+            negative_weight=negative_weight,
+            symmetric_loss=symmetric_loss,
+            linear_heads=linear_heads,
             use_neighbor_context=use_neighbor_context,
             mc_samples=mc_samples,
             max_epochs=max_epochs,
@@ -322,11 +374,13 @@ class NH2ST(FinetunableExpressionModel):
             non_negative_int=("n_neighbors", "hyperedge_k", "hypergraph_layers", "mc_samples"),
             positive_int=("dim", "n_heads"),
             positive=("temperature_query", "temperature_neighbor"),
-            non_negative=("weight_query", "weight_neighbor", "weight_mse"),
+            non_negative=("weight_query", "weight_neighbor", "weight_mse", "negative_weight"),
             fraction=("dropout", "attn_dropout"),
         )
         if hp["dim"] % hp["n_heads"]:
             raise ValueError(f"nh2st: dim={hp['dim']} must be divisible by n_heads={hp['n_heads']}.")
+        if hp["hypergraph_on"] not in ("features", "space"):
+            raise ValueError(f"nh2st: hypergraph_on must be 'features' or 'space', got {hp['hypergraph_on']!r}.")
         if hp["weight_mse"] == 0:
             raise ValueError("nh2st: weight_mse=0 would leave the regression head, which predicts, untrained.")
 
@@ -344,6 +398,9 @@ class NH2ST(FinetunableExpressionModel):
             use_neighbor_context=hp["use_neighbor_context"],
             temperature_query=hp["temperature_query"],
             temperature_neighbor=hp["temperature_neighbor"],
+            negative_weight=hp["negative_weight"],
+            symmetric_loss=hp["symmetric_loss"],
+            linear_heads=hp["linear_heads"],
             encoder=encoder,
         )
 
@@ -354,7 +411,12 @@ class NH2ST(FinetunableExpressionModel):
     def _graph(self, data: SpotData) -> dict[str, torch.Tensor]:
         """Neighbourhoods and their hypergraphs for the spots of ``data``, as tensors."""
         nodes, node_mask = neighborhoods(data.coords_um, data.library, k=self.hparams["n_neighbors"])
-        incidence = knn_hypergraph(data.coords_um, nodes, node_mask, k=self.hparams["hyperedge_k"])
+        if self.hparams["hypergraph_on"] == "features":
+            incidence = hypergraph_from_distances(
+                feature_distances(data.features, nodes), node_mask, k=self.hparams["hyperedge_k"]
+            )
+        else:
+            incidence = knn_hypergraph(data.coords_um, nodes, node_mask, k=self.hparams["hyperedge_k"])
         return {
             "nodes": torch.from_numpy(nodes),
             "mask": torch.from_numpy(node_mask),
@@ -366,6 +428,11 @@ class NH2ST(FinetunableExpressionModel):
 
     def node_index(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return tensors["nodes"]
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        if "net.gene_encoder.3.weight" in state:  # saved before issue 27: non-linear heads, hypergraph in µm
+            self.hparams.update(linear_heads=False, hypergraph_on="space")
+        super()._load_state(state)
 
     def initialise(self, network: Any, train: SpotData) -> None:
         super().initialise(network, train)
