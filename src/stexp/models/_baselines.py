@@ -311,7 +311,11 @@ class KNNModel(ExpressionModel):
         self.index_: Any = None  # a stexp.models._ann.AnnIndex over the bank, or None (exact search)
 
     def _normalise(self, X: np.ndarray) -> np.ndarray:
-        return unit_rows((X - self.feature_mean_) / self.feature_scale_)
+        """Standardised unit rows, made 16,384 rows at a time (features on disk are read by chunks)."""
+        out = np.empty(X.shape, dtype=np.float32)
+        for s in range(0, X.shape[0], 16_384):
+            out[s : s + 16_384] = unit_rows((X[s : s + 16_384] - self.feature_mean_) / self.feature_scale_)
+        return out
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         X = np.asarray(train.features, dtype=np.float32)

@@ -20,7 +20,8 @@ class SpotData:
     Attributes
     ----------
     features
-        Frozen image features ``(n_spots, D)``, float32.
+        Frozen image features ``(n_spots, D)``, float32; may be a read-only memory map (features on disk,
+        read by rows where a model allows).
     library
         Slide of each spot ``(n_spots,)``, strings.
     array_rc
@@ -71,7 +72,14 @@ class SpotData:
         return list(dict.fromkeys(self.library.tolist()))
 
     def subset(self, mask: np.ndarray) -> SpotData:
-        """The spots selected by a boolean mask or integer index."""
+        """The spots selected by a boolean mask or integer index.
+
+        A boolean mask that keeps every spot returns a shallow copy that shares the arrays (features on disk,
+        e.g. a memory map, stay on disk).
+        """
+        mask = np.asarray(mask)
+        if mask.dtype == bool and mask.shape == (self.n_spots,) and mask.all():
+            return replace(self)
         take = lambda a: None if a is None else a[mask]
         return SpotData(
             features=self.features[mask],
