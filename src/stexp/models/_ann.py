@@ -8,12 +8,18 @@ calibration's and the shift score's neighbour distances) searches an inverted-fi
 - a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by doubling it
   until the recall@k against exact search, measured on a seeded sample of bank rows, reaches
   :data:`TARGET_RECALL` (recorded in :attr:`AnnIndex.info`);
-- the cells store the vectors uncompressed (``IndexIVFFlat``), so the similarities (distances) returned
-  are exact for the neighbours found: only *which* neighbours are found is approximate.
+- the cells hold the bank rows uncompressed, sorted by cell, so the similarities (distances) returned are
+  exact for the neighbours found: only *which* neighbours are found is approximate.
 
-The index is saved as its centroids and each bank row's cell (:meth:`AnnIndex.state`, a few MB) and
-rebuilt at load by placing the rows into their saved cells (:meth:`AnnIndex.from_state`): no k-means and
-no assignment, the same index bit for bit. faiss is optional (``pip install stexp[scale]``); without it
+faiss gives the k-means and the coarse quantizer (which cells a query probes). The cells are scanned here,
+a block of queries at a time, as one matrix product per cell (BLAS): faiss's ``IndexIVFFlat`` scans each
+query on its own, which on this workload (thousands of queries, 1,704-d) is about 12 times slower per
+scanned row than a matrix product (measured: 2,000 queries on a 50k bank, 5.0 s of CPU through
+``IndexIVFFlat`` at 7% of the bank scanned against 4.9 s for exact search of all of it).
+
+The index is saved as its centroids and each bank row's cell (:meth:`AnnIndex.state`, a few MB beside the
+bank) and rebuilt at load by sorting the rows into their saved cells (:meth:`AnnIndex.from_state`): no
+k-means and no assignment, the same index bit for bit. faiss is optional (``pip install stexp[scale]``); without it
 every search is exact and a large bank logs once that it is.
 """
 
@@ -122,8 +128,8 @@ class AnnIndex:
         self.nlist = min(self.nlist, n)
         t0 = time.perf_counter()
         centroids = self._train(bank)
-        self._index = self._empty(centroids)
-        assign = self._index.quantizer.search(bank, 1)[1].ravel().astype(np.int64)
+        self._quantizer = self._empty(centroids)
+        assign = self._quantizer.search(bank, 1)[1].ravel().astype(np.int64)
         self._fill(bank, assign)
         self.info: dict[str, Any] = {"nlist": self.nlist, "metric": metric, "n_bank": n}
         self.nprobe = self._choose_nprobe(bank, k)
@@ -150,22 +156,21 @@ class AnnIndex:
         return np.asarray(kmeans.centroids, dtype=np.float32)
 
     def _empty(self, centroids: np.ndarray):
+        """The coarse quantizer: a flat faiss index over the centroids."""
         import faiss
 
-        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         quantizer.add(_as_rows(centroids))
-        index = faiss.IndexIVFFlat(quantizer, self.dim, centroids.shape[0], metric)
-        index.is_trained = True
-        index.own_fields = False
-        self._quantizer = quantizer  # kept alive with the index
-        return index
+        return quantizer
 
     def _fill(self, bank: np.ndarray, assign: np.ndarray) -> None:
-        import faiss
-
+        """Sort the bank rows by cell (a copy): cell ``c`` holds ``rows[offsets[c]:offsets[c + 1]]``."""
         self._assign = np.ascontiguousarray(assign, dtype=np.int64)
-        self._index.add_core(bank.shape[0], faiss.swig_ptr(bank), None, faiss.swig_ptr(self._assign))
+        order = np.argsort(self._assign, kind="stable")
+        self._order = order
+        self._rows = bank[order]
+        self._sq = np.einsum("ij,ij->i", self._rows, self._rows) if self.metric == "l2" else None
+        self._offsets = np.concatenate([[0], np.cumsum(np.bincount(self._assign, minlength=self.nlist))])
 
     def _choose_nprobe(self, bank: np.ndarray, k: int) -> int:
         """The smallest power-of-two ``nprobe`` (from 8) whose recall@k on sampled bank rows reaches the target."""
@@ -175,8 +180,8 @@ class AnnIndex:
         exact = _exact(q, bank, k, self.metric)
         nprobe, recall = min(8, self.nlist), 0.0
         while True:
-            self._index.nprobe = nprobe
-            found = self._index.search(q, k)[1]
+            self.nprobe = nprobe
+            found = self.search(q, k)[0]
             recall = recall_at_k(found, exact)
             if recall >= TARGET_RECALL or nprobe >= self.nlist:
                 break
@@ -210,7 +215,7 @@ class AnnIndex:
         self.metric, self.seed, self.dim = METRICS[metric], seed, int(bank.shape[1])
         self.nlist = int(centroids.shape[0])
         t0 = time.perf_counter()
-        self._index = self._empty(centroids)
+        self._quantizer = self._empty(centroids)
         self._fill(bank, assign)
         self.nprobe = nprobe
         self.info = {"nlist": self.nlist, "metric": self.metric, "n_bank": int(bank.shape[0]), "nprobe": nprobe}
@@ -220,25 +225,62 @@ class AnnIndex:
     # -- searching -------------------------------------------------------------------------------
     @property
     def n_bank(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._rows.shape[0])
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices, scores)`` of the ``k`` nearest bank rows of each query row.
+        """``(indices, scores)`` of the ``k`` nearest bank rows of each query row (unordered).
 
         Scores are inner products (``"ip"``) or squared Euclidean distances (``"l2"``), exact for the rows
-        found. A query with fewer than ``k`` rows in its probed cells gets its missing neighbours by exact
-        search (rare: a cell of a handful of rows).
+        found. A query whose probed cells hold fewer than ``k`` rows gets the rows of its nearest further
+        cells (its probe list is widened).
         """
         query = _as_rows(query)
         k = min(int(k), self.n_bank)
-        self._index.nprobe = self.nprobe
-        scores, idx = self._index.search(query, k)
-        short = (idx < 0).any(axis=1)
-        if short.any():  # too few rows in the probed cells: widen the search for those queries
-            self._index.nprobe = self.nlist
-            scores[short], idx[short] = self._index.search(query[short], k)
-            self._index.nprobe = self.nprobe
-        return idx.astype(np.int64), scores.astype(np.float64)
+        nprobe = min(self.nprobe, self.nlist)
+        sizes = np.diff(self._offsets)
+        while nprobe < self.nlist and np.sort(sizes)[:nprobe].sum() < k:  # even the smallest cells must hold k
+            nprobe = min(2 * nprobe, self.nlist)
+        idx = np.empty((query.shape[0], k), dtype=np.int64)
+        score = np.empty((query.shape[0], k), dtype=np.float64)
+        block = max(64, 16_000_000 // (nprobe * k))  # candidates held per block of queries
+        for s in range(0, query.shape[0], block):
+            q = query[s : s + block]
+            probes = self._quantizer.search(q, nprobe)[1]
+            i, sc = self._scan(q, probes, k)
+            idx[s : s + block], score[s : s + block] = i, sc
+        if self.metric == "l2":  # |q|² - (2 q·x - |x|²)
+            score = np.einsum("ij,ij->i", query, query)[:, None].astype(np.float64) - score
+        return idx, score
+
+    def _scan(self, q: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of the probed cells of a block of queries: one matrix product per cell."""
+        nq, nprobe = probes.shape
+        cand_score = np.full((nq, nprobe * k), -np.inf, dtype=np.float32)
+        cand_row = np.zeros((nq, nprobe * k), dtype=np.int64)
+        flat = probes.ravel()
+        by_cell = np.argsort(flat, kind="stable")
+        cells, starts = np.unique(flat[by_cell], return_index=True)
+        ends = np.append(starts[1:], flat.size)
+        for cell, a, b in zip(cells, starts, ends, strict=True):
+            if cell < 0:
+                continue
+            lo, hi = self._offsets[cell], self._offsets[cell + 1]
+            if hi == lo:
+                continue
+            which = by_cell[a:b]
+            qi, slot = np.divmod(which, nprobe)
+            sim = q[qi] @ self._rows[lo:hi].T
+            if self._sq is not None:
+                sim = 2 * sim - self._sq[lo:hi][None, :]
+            take = min(k, hi - lo)
+            top = np.argpartition(-sim, take - 1, axis=1)[:, :take] if take < hi - lo else np.arange(hi - lo)[None, :]
+            top = np.broadcast_to(top, (qi.size, take))
+            cols = slot[:, None] * k + np.arange(take)[None, :]
+            cand_score[qi[:, None], cols] = np.take_along_axis(sim, top, axis=1)
+            cand_row[qi[:, None], cols] = lo + top
+        best = np.argpartition(-cand_score, k - 1, axis=1)[:, :k]
+        rows = np.take_along_axis(cand_row, best, axis=1)
+        return self._order[rows], np.take_along_axis(cand_score, best, axis=1).astype(np.float64)
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
