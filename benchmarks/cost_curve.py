@@ -7,7 +7,11 @@ chosen on inner folds) is fitted on 10k, 100k (and, with ``--sizes``, 1M) spots,
 (``search="exact"``) and approximate search (``search="approximate"``, a faiss index), then predicts 20,000
 spots of other patients. Each point runs in its own process, so its peak memory (``VmHWM``) is its own.
 
-Output: ``benchmarks/results/cost_curve.{json,md}`` with the fitted exponent of time in the training size.
+``--mode retrieval`` measures the retrieval alone (kNN k=200 at a fixed temperature, no smoothing or
+calibration): the bank, the index and the search of the 20,000 query spots.
+
+Output: ``benchmarks/results/cost_curve.{json,md}`` (``cost_curve_retrieval.*`` for ``--mode retrieval``) with
+the fitted exponent of CPU time in the training size.
 Wall times on a shared machine are indicative. Public API only.
 
 Usage::
@@ -92,8 +96,12 @@ def cohort(n_spots: int, *, seed: int, first_patient: int = 0):
     return adata
 
 
-def point(n_spots: int, search: str) -> dict:
-    """Fit the default pipeline on ``n_spots`` and predict N_QUERY spots; times, peak memory, scores."""
+def point(n_spots: int, search: str, mode: str = "pipeline") -> dict:
+    """Fit on ``n_spots`` and predict N_QUERY spots; times, peak memory, scores.
+
+    ``mode="pipeline"``: the default pipeline; ``"retrieval"``: its retrieval alone (kNN k=200 at a fixed
+    temperature, no smoothing, no calibration: the bank, the index and the search).
+    """
     import stexp
 
     stexp.settings.verbosity = 1
@@ -101,8 +109,9 @@ def point(n_spots: int, search: str) -> dict:
     train = cohort(n_spots, seed=1)
     query = cohort(N_QUERY, seed=2, first_patient=10_000)
     t_data, mem_data = time.perf_counter() - t0, peak_rss_mb()
+    options = {} if mode == "pipeline" else {"model": "knn", "k": 200, "temperature": 0.1, "calibrate": False}
     t0, c0 = time.perf_counter(), time.process_time()
-    model = stexp.tl.fit(train, features_key=KEY, search=search)
+    model = stexp.tl.fit(train, features_key=KEY, search=search, **options)
     t_fit, c_fit, mem_fit = time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     stexp.tl.predict(query, model)
@@ -112,6 +121,7 @@ def point(n_spots: int, search: str) -> dict:
     return {
         "n_train": n_spots,
         "search": search,
+        "mode": mode,
         "data_seconds": round(t_data, 1),
         "fit_seconds": round(t_fit, 1),
         "predict_seconds": round(t_predict, 1),
@@ -122,7 +132,7 @@ def point(n_spots: int, search: str) -> dict:
         "peak_mb": round(peak_rss_mb()),
         "pcc_acg": round(float(scores["pcc_acg"].mean()), 4),
         "temperature": h.get("temperature"),
-        "sigma_um": model.smoothing.get("sigma_um"),
+        "sigma_um": model.smoothing.get("sigma_um") or 0.0,
         "n_queries_temperature": h.get("n_queries"),
         "n_queries_smoothing": model.smoothing.get("n_queries"),
         "n_calibration": None if model.calibration is None else model.calibration.n_calibration,
@@ -139,8 +149,9 @@ def exponent(rows: list[dict], key: str) -> float | None:
 
 
 def report(runs: list[dict], command: str) -> str:
+    what = "retrieval alone" if runs and runs[0].get("mode") == "retrieval" else "the default pipeline"
     lines = [
-        "# Cost curve of the default pipeline (synthetic 1,704-d features, 785 genes)",
+        f"# Cost curve of {what} (synthetic 1,704-d features, 785 genes)",
         "",
         f"`{command}` on {platform.node()} ({platform.processor() or platform.machine()}, "
         "2 cores shared with several other jobs, so times are CPU seconds of the process, all threads; wall times "
@@ -173,19 +184,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--searches", default="exact,approximate")
+    parser.add_argument("--mode", default="pipeline", choices=["pipeline", "retrieval"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--point", nargs=2, metavar=("N", "SEARCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--point", nargs=3, metavar=("N", "SEARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
-        print("RESULT " + json.dumps(point(int(args.point[0]), args.point[1])), flush=True)
+        print("RESULT " + json.dumps(point(int(args.point[0]), args.point[1], args.point[2])), flush=True)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
+    suffix = "" if args.mode == "pipeline" else "_retrieval"
     for n in (int(s) for s in args.sizes.split(",")):
         for search in args.searches.split(","):
             proc = subprocess.run(
-                [sys.executable, __file__, "--point", str(n), search], capture_output=True, text=True, check=False
+                [sys.executable, __file__, "--point", str(n), search, args.mode],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not result:
@@ -193,9 +209,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"the point n={n} search={search} failed (exit {proc.returncode})")
             runs.append(json.loads(result[-1][len("RESULT ") :]))
             print(runs[-1], flush=True)
-            (out / "cost_curve.json").write_text(json.dumps({"runs": runs}, indent=1))
+            (out / f"cost_curve{suffix}.json").write_text(json.dumps({"runs": runs}, indent=1))
     command = "python benchmarks/cost_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "cost_curve.md").write_text(report(runs, command.strip()))
+    (out / f"cost_curve{suffix}.md").write_text(report(runs, command.strip()))
     print(report(runs, command.strip()))
 
 
