@@ -105,11 +105,16 @@ def weighted_retrieval(
     temperature: float | None,
     chunk: int,
     index: AnnIndex | None = None,
+    search: str = "exact",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-``k`` retrieval with softmax weights: the weighted mean and standard deviation of the neighbours.
 
     ``index``: an approximate index over ``bank_unit`` (:func:`bank_index`) to search instead of exact search.
+    Without one, ``search="auto"`` indexes a bank of :data:`~stexp.models._ann.ANN_MIN_BANK` rows or more for
+    this call (a model that keeps its bank should build the index once and pass it).
     """
+    if index is None and search != "exact" and query_unit.shape[0]:
+        index = bank_index(bank_unit, k, search=search)
     mean = np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
     spread = np.empty_like(mean)
     for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index):
