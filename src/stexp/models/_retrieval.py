@@ -21,6 +21,8 @@ from ._ann import AnnIndex, use_ann
 from ._data import MAX_INNER_QUERIES, SpotData, inner_query_sample
 from ._folds import INNER_FOLDS, inner_folds
 
+#: Query rows an approximate index searches at once (its cells are scanned as one matrix product per block).
+INDEX_BLOCK = 8192
 #: Softmax temperatures that ``temperature="auto"`` chooses from (``None``: equal weights).
 TEMPERATURE_GRID: tuple[float | None, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, None)
 
@@ -48,11 +50,14 @@ def _top_k(query: np.ndarray, bank: np.ndarray, k: int, chunk: int, index: AnnIn
 
     Exact blocked search, or ``index``'s approximate search (same similarities for the rows it finds).
     """
+    if index is not None:  # the index scans a cell for many queries at once: search big blocks, yield chunks
+        block = max(chunk, INDEX_BLOCK)
+        for b in range(0, query.shape[0], block):
+            top, sim = index.search(query[b : b + block], k)
+            for start in range(0, top.shape[0], chunk):
+                yield slice(b + start, b + start + chunk), top[start : start + chunk], sim[start : start + chunk]
+        return
     for start in range(0, query.shape[0], chunk):
-        if index is not None:
-            top, sim = index.search(query[start : start + chunk], k)
-            yield slice(start, start + chunk), top, sim
-            continue
         sim = query[start : start + chunk] @ bank.T
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         yield slice(start, start + chunk), top, np.take_along_axis(sim, top, axis=1).astype(np.float64)
