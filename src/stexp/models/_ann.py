@@ -98,7 +98,10 @@ def _exact(query: np.ndarray, bank: np.ndarray, k: int, metric: str) -> np.ndarr
 
 
 class AnnIndex:
-    """An inverted-file faiss index over a bank's rows (see the module doc).
+    """An inverted-file index over a bank's rows: faiss k-means cells, scanned by matrix products (module doc).
+
+    It holds a copy of the bank sorted by cell (``n x D`` float32, like faiss's ``IndexIVFFlat``), the
+    centroids and each row's cell.
 
     Parameters
     ----------
