@@ -155,7 +155,8 @@ def test_knn_message_reads_like_its_signature():
         Recipe("knn", {"neighbours": 5})
     assert str(info.value) == (
         "model 'knn' does not take ['neighbours']; it takes k: int = 50, "
-        "temperature: float | Literal['auto'] | None = 0.1, standardize: bool = True, chunk_size: int = 256."
+        "temperature: float | Literal['auto'] | None = 0.1, standardize: bool = True, chunk_size: int = 256, "
+        "search: Literal['auto', 'exact', 'approximate'] = 'auto'."
     )
 
 

@@ -18,6 +18,7 @@ from stexp.models._data import SpotData
 from stexp.models._folds import inner_folds
 from stexp.models._registry import register_model
 from stexp.models._retrieval import (
+    bank_index,
     choose_temperature,
     temperature_from_state,
     temperature_state,
@@ -273,6 +274,10 @@ class KNNModel(ExpressionModel):
         Standardise the features with the training mean and standard deviation.
     chunk_size
         Query spots per similarity block (bounds memory).
+    search
+        ``"auto"``: exact search below :data:`stexp.models._ann.ANN_MIN_BANK` training spots, an approximate
+        faiss index above it (when faiss is installed; built at fit, saved with the model, its recall in
+        ``history["ann"]``); ``"exact"``; or ``"approximate"`` (needs faiss).
     **kwargs
         ``features_key``, ``encoder_spec`` (:class:`~stexp.models.ExpressionModel`).
     """
@@ -288,15 +293,29 @@ class KNNModel(ExpressionModel):
         temperature: float | Literal["auto"] | None = 0.1,
         standardize: bool = True,
         chunk_size: int = 256,
+        search: Literal["auto", "exact", "approximate"] = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(genes, k=k, temperature=temperature, standardize=standardize, chunk_size=chunk_size, **kwargs)
+        super().__init__(
+            genes,
+            k=k,
+            temperature=temperature,
+            standardize=standardize,
+            chunk_size=chunk_size,
+            search=search,
+            **kwargs,
+        )
         check_hparams(self, positive_int=("k", "chunk_size"), positive=("temperature",))
         t = self.hparams["temperature"]
         self.temperature_: float | None = None if t == "auto" else t
+        self.index_: Any = None  # a stexp.models._ann.AnnIndex over the bank, or None (exact search)
 
     def _normalise(self, X: np.ndarray) -> np.ndarray:
-        return unit_rows((X - self.feature_mean_) / self.feature_scale_)
+        """Standardised unit rows, made 16,384 rows at a time (features on disk are read by chunks)."""
+        out = np.empty(X.shape, dtype=np.float32)
+        for s in range(0, X.shape[0], 16_384):
+            out[s : s + 16_384] = unit_rows((X[s : s + 16_384] - self.feature_mean_) / self.feature_scale_)
+        return out
 
     def _fit(self, train: SpotData, validation: SpotData | None = None) -> None:
         X = np.asarray(train.features, dtype=np.float32)
@@ -311,6 +330,9 @@ class KNNModel(ExpressionModel):
         self.bank_features_ = self._normalise(X)
         self.bank_target_ = np.asarray(train.target, dtype=np.float32)
         self.n_features = int(X.shape[1])
+        self.index_ = bank_index(self.bank_features_, self.hparams["k"], search=self.hparams["search"])
+        if self.index_ is not None:
+            self.history["ann"] = dict(self.index_.info)
         if self.hparams["temperature"] == "auto":
             val_unit = None
             if validation is not None and validation.target is not None:
@@ -322,6 +344,7 @@ class KNNModel(ExpressionModel):
                 validation_unit=val_unit,
                 validation=validation,
                 default=self.default_hparams["temperature"],
+                search=self.hparams["search"],
             )
             self.history.update(info)
             logger.debug(f"knn: temperature {self.temperature_} chosen on {info['inner_cv']}")
@@ -342,10 +365,11 @@ class KNNModel(ExpressionModel):
             k=k,
             temperature=self.temperature_,
             chunk=self.hparams["chunk_size"],
+            index=self.index_,
         )
 
     def _state(self) -> dict[str, np.ndarray]:
-        return {
+        state = {
             "feature_mean": self.feature_mean_,
             "feature_scale": self.feature_scale_,
             "bank_features": self.bank_features_,
@@ -353,6 +377,9 @@ class KNNModel(ExpressionModel):
             # the temperature in use, so that a model fitted with "auto" predicts the same when loaded
             "temperature": temperature_state(self.temperature_),
         }
+        if self.index_ is not None:  # centroids and cells: the index is rebuilt at load without k-means
+            state.update(self.index_.state())
+        return state
 
     def _load_state(self, state: dict[str, np.ndarray]) -> None:
         self.feature_mean_ = _state_array(state, "feature_mean", self.name).astype(np.float32)
@@ -363,3 +390,14 @@ class KNNModel(ExpressionModel):
         _check_panel(self, self.bank_target_.shape[1], "bank_target")
         if "temperature" in state:  # folders saved before temperature="auto" keep the hyper-parameter
             self.temperature_ = temperature_from_state(state["temperature"])
+        self.index_ = None
+        if "ann.centroids" in state:
+            from stexp.models._ann import AnnIndex, faiss_available
+
+            if faiss_available():
+                self.index_ = AnnIndex.from_state(self.bank_features_, state)
+            else:
+                logger.warning(
+                    f"{self.name}: the model was fitted with an approximate index, but faiss is not installed; "
+                    "predicting by exact search (slower on this bank, same or better neighbours)."
+                )

@@ -37,7 +37,7 @@ import numpy as np
 from stexp._metrics import per_slide_pearson
 from stexp._settings import logger
 
-from ._data import SpotData
+from ._data import MAX_INNER_QUERIES, SpotData, inner_query_sample
 from ._folds import InnerFolds, inner_folds
 from ._retrieval import euclidean_neighbours
 from ._scaling import feature_scaling
@@ -379,19 +379,32 @@ def _oof_difficulty(
 
 
 def out_of_fold(
-    model: ExpressionModel, train: SpotData, n_folds: int, refit: Callable[[SpotData], ExpressionModel]
+    model: ExpressionModel,
+    train: SpotData,
+    n_folds: int,
+    refit: Callable[[SpotData], ExpressionModel],
+    *,
+    max_queries: int | None = MAX_INNER_QUERIES,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Out-of-fold mean, spread and fold of every training spot, from inner models fitted by ``refit``.
+    """Out-of-fold mean, spread and fold of the training spots, from inner models fitted by ``refit``.
 
     The inner folds are :func:`stexp.models._folds.inner_folds` (``oof["folds"]``); ``refit(data)`` fits an
-    inner copy of the model's recipe on ``data`` (:func:`stexp.models._recipe.fit_recipe`).
+    inner copy of the model's recipe on ``data`` (:func:`stexp.models._recipe.fit_recipe`). Each inner model
+    predicts at most ``max_queries / n_folds`` of its held-out spots, a slide-stratified sample of spatial
+    windows (:func:`stexp.models._data.inner_query_sample`; ``None``: all): ``oof["rows"]`` are the spots
+    predicted (NaN elsewhere).
     """
     folds = inner_folds(train, n_folds)
     n, g = train.n_spots, len(model.genes)
     mean = np.full((n, g), np.nan, dtype=np.float32)
     spread = None
     inner_models = []
-    for fit_idx, held_idx in folds.splits:
+    budget = None if max_queries is None else max(1, int(max_queries) // folds.n_folds)
+    rows = []
+    for f, (fit_idx, held_idx) in enumerate(folds.splits):
+        held_idx = inner_query_sample(train, held_idx, budget, seed=seed + f)
+        rows.append(held_idx)
         inner = refit(train.subset(fit_idx))
         m, s = inner.predict(train.subset(held_idx))
         mean[held_idx] = m
@@ -399,7 +412,14 @@ def out_of_fold(
             spread = np.full((n, g), np.nan, dtype=np.float32) if spread is None else spread
             spread[held_idx] = s
         inner_models.append(inner)
-    return {"mean": mean, "spread": spread, "fold": folds.fold, "folds": folds, "models": inner_models}
+    return {
+        "mean": mean,
+        "spread": spread,
+        "fold": folds.fold,
+        "folds": folds,
+        "models": inner_models,
+        "rows": np.sort(np.concatenate(rows)),
+    }
 
 
 def calibrate(
@@ -464,13 +484,15 @@ def calibrate(
     t_fits = time.perf_counter() - t0
     if score == "model_spread" and oof["spread"] is None:
         raise ValueError(f"the {model.name} model gives no spread; choose another score among {SCORES}.")
+    n_training = train.n_spots
+    oof, train = _sampled(oof, train)  # the calibration spots: those the inner models predicted
     target = np.asarray(train.target, dtype=np.float64)
     mean, fold = oof["mean"].astype(np.float64), oof["fold"]
     residual = np.abs(target - mean)
 
     # Expected PCC: per held-out slide (per block of a single slide), per gene, then averaged over slides.
     folds: InnerFolds = oof["folds"]
-    per_slide = list(per_slide_pearson(mean, target, folds.scoring_library(train.library)).values())
+    per_slide = list(per_slide_pearson(mean, target, oof["scoring_library"]).values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a gene constant on every held-out slide: NaN
         expected = np.nanmean(np.vstack(per_slide), axis=0) if per_slide else np.full(target.shape[1], np.nan)
@@ -512,6 +534,7 @@ def calibrate(
         "n_components": int(n_components),
         "distance_ref": distance_ref,
         "quantile_mode": quantile_mode,
+        "n_training_spots": int(n_training),  # n_calibration of them were predicted (a bounded sample)
         "refit_seconds": round(t_fits, 2),
         "oof_pcc_mean": float(np.nanmean(expected)) if np.isfinite(expected).any() else None,
     }
@@ -534,6 +557,18 @@ def calibrate(
         bank=bank,
         info=info,
     )
+
+
+def _sampled(oof: dict[str, Any], train: SpotData) -> tuple[dict[str, Any], SpotData]:
+    """``oof`` and ``train`` restricted to the spots the inner models predicted (``oof["rows"]``; all when absent)."""
+    folds: InnerFolds = oof["folds"]
+    rows = oof.get("rows")
+    if rows is None or len(rows) == train.n_spots:
+        return {**oof, "scoring_library": folds.scoring_library(train.library)}, train
+    take = lambda a: None if a is None else np.asarray(a)[rows]
+    sub = {**oof, "mean": take(oof["mean"]), "spread": take(oof["spread"]), "fold": take(oof["fold"])}
+    sub["scoring_library"] = folds.scoring_library(train.library)[rows]
+    return sub, train.subset(rows)
 
 
 def _floor(raw: np.ndarray) -> np.ndarray:

@@ -171,6 +171,7 @@ class MclSTExpPlus(MclSTExp):
             k=k,
             temperature=self.temperature_,
             chunk=max(1, RETRIEVAL_CHUNK_ELEMENTS // (k * max(1, len(self.genes)))),
+            search="auto",  # an approximate index above stexp.models._ann.ANN_MIN_BANK bank spots (faiss)
         )
 
     def extra_state(self) -> dict[str, np.ndarray]:

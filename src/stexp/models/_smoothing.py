@@ -21,7 +21,7 @@ import numpy as np
 
 from stexp._metrics import mean_gene_pearson
 
-from ._data import SpotData
+from ._data import MAX_INNER_QUERIES, SpotData, inner_query_sample
 from ._folds import INNER_FOLDS, InnerFolds, inner_folds
 from ._neighbors import radius_pairs, spot_pitch
 
@@ -87,8 +87,14 @@ def choose_smoothing(
     *,
     multiples: Sequence[float] = PITCH_MULTIPLES,
     n_folds: int = INNER_FOLDS,
+    max_queries: int | None = MAX_INNER_QUERIES,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Choose the smoothing σ on training spots only, on their inner folds (:func:`stexp.models._folds.inner_folds`).
+
+    At most ``max_queries`` held-out spots are predicted and scored: a slide-stratified sample of spatial
+    windows (:func:`stexp.models._data.inner_query_sample`), so that the cost grows linearly with the
+    training spots; a window keeps each spot's neighbours for the smoothing.
 
     Parameters
     ----------
@@ -101,11 +107,16 @@ def choose_smoothing(
         The σ grid in multiples of the spot pitch; ``0`` (no smoothing) must be among them.
     n_folds
         Inner folds.
+    max_queries
+        Held-out spots scored at most (``None``: all).
+    seed
+        Seeds the sample.
 
     Returns
     -------
-    ``{"sigma_um", "pitch_um", "grid_um", "inner_pcc", "inner_cv", "n_inner_folds"}``: the chosen σ,
-    the pitch, the grid, the inner PCC(ACG) of each σ and how the inner folds were made.
+    ``{"sigma_um", "pitch_um", "grid_um", "inner_pcc", "inner_cv", "n_inner_folds", "n_queries"}``: the chosen
+    σ, the pitch, the grid, the inner PCC(ACG) of each σ, how the inner folds were made and the held-out spots
+    scored.
     """
     if 0.0 not in [float(m) for m in multiples]:
         raise ValueError(f"the smoothing grid must contain 0 (no smoothing), got {list(multiples)}.")
@@ -116,10 +127,16 @@ def choose_smoothing(
     if data.n_spots < 2:
         return {"sigma_um": 0.0, "pitch_um": pitch, "grid_um": grid, "inner_pcc": [], "inner_cv": "too few spots"}
     folds = inner_folds(data, n_folds)
-    pred = np.full(np.asarray(data.target).shape, np.nan)
-    for fit_idx, held_idx in folds.splits:
-        pred[held_idx] = fit_predict(fit_idx, held_idx)
-    return _best_sigma(_score_grid(pred, data, folds, grid), grid, pitch, folds.how) | {"n_inner_folds": folds.n_folds}
+    budget = None if max_queries is None else max(1, int(max_queries) // folds.n_folds)
+    held = [inner_query_sample(data, h, budget, seed=seed + f) for f, (_, h) in enumerate(folds.splits)]
+    rows = np.sort(np.concatenate(held))
+    position = np.searchsorted(rows, np.arange(data.n_spots))
+    pred = np.full((rows.size, np.asarray(data.target).shape[1]), np.nan)
+    for (fit_idx, _), held_idx in zip(folds.splits, held, strict=True):
+        pred[position[held_idx]] = fit_predict(fit_idx, held_idx)
+    sampled = InnerFolds(splits=[], fold=folds.fold[rows], groups=folds.groups[rows], unit=folds.unit)
+    scores = _score_grid(pred, data.subset(rows), sampled, grid)
+    return _best_sigma(scores, grid, pitch, folds.how) | {"n_inner_folds": folds.n_folds, "n_queries": int(rows.size)}
 
 
 def _best_sigma(scores: list[float], grid: list[float], pitch: float, how: str) -> dict[str, Any]:

@@ -163,10 +163,10 @@ def spot_data(
     if features_key is None:
         feats = np.zeros((adata.n_obs, 0), dtype=np.float32)
     else:
-        feats = np.asarray(adata.obsm[features_key], dtype=np.float32)
+        feats = _features(adata.obsm[features_key])
     if feats.ndim != 2:
         raise ValueError(f"adata.obsm[{features_key!r}] must be 2-D (spots x features), got shape {feats.shape}.")
-    bad = ~np.isfinite(feats).all(axis=1)
+    bad = _non_finite_rows(feats)
     if bad.any():
         raise ValueError(
             f"adata.obsm[{features_key!r}] has NaN/inf features for {int(bad.sum())} spots "
@@ -182,7 +182,12 @@ def spot_data(
         array_rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.int64)
     else:  # no array grid: derive one from the spot pitch
         array_rc = np.round(coords_um[:, ::-1] / 50.0).astype(np.int64)
-    target, depth = (None, None) if genes is None else expression_target_and_depth(adata, genes, layer=layer)
+    if genes is None:
+        target, depth = None, None
+    elif _on_disk(adata, layer):
+        target, depth = _target_in_chunks(adata, genes, layer=layer)
+    else:
+        target, depth = expression_target_and_depth(adata, genes, layer=layer)
     patient = adata.obs["patient"].astype(str).to_numpy() if "patient" in adata.obs else None
     return SpotData(
         features=feats,
@@ -195,6 +200,59 @@ def spot_data(
         depth=None if depth is None else np.asarray(depth, dtype=np.float64),
         patches=None if patches is None else _patch_source(adata, patches, library_key),
     )
+
+
+#: Rows read at a time from features or counts that live on disk (a backed AnnData, a memory map).
+CHUNK_ROWS = 16_384
+
+
+def _features(values) -> np.ndarray:
+    """The features as float32 rows: an in-memory float32 array or memory map is used as it is (no copy).
+
+    Anything else with rows (another dtype, an h5py / zarr / dask array) is read into memory in chunks of
+    :data:`CHUNK_ROWS` rows, so no temporary larger than a chunk is made on the way.
+    """
+    if isinstance(values, np.ndarray) and values.dtype == np.float32:
+        return values
+    if isinstance(values, np.ndarray) or not hasattr(values, "shape") or len(values.shape) != 2:
+        return np.asarray(values, dtype=np.float32)
+    out = np.empty(tuple(int(v) for v in values.shape), dtype=np.float32)
+    for start in range(0, out.shape[0], CHUNK_ROWS):
+        out[start : start + CHUNK_ROWS] = np.asarray(values[start : start + CHUNK_ROWS], dtype=np.float32)
+    return out
+
+
+def _non_finite_rows(feats: np.ndarray) -> np.ndarray:
+    """Rows holding NaN or inf, checked :data:`CHUNK_ROWS` rows at a time (no full-size temporary)."""
+    bad = np.zeros(feats.shape[0], dtype=bool)
+    for start in range(0, feats.shape[0], CHUNK_ROWS):
+        bad[start : start + CHUNK_ROWS] = ~np.isfinite(feats[start : start + CHUNK_ROWS]).all(axis=1)
+    return bad
+
+
+def _on_disk(adata, layer: str | None) -> bool:
+    """Whether the counts live on disk (a backed AnnData's ``X``; layers of a backed AnnData are in memory)."""
+    return bool(getattr(adata, "isbacked", False)) and layer is None
+
+
+def _target_in_chunks(adata, genes: Sequence[str], *, layer: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stexp.pp._target.expression_target_and_depth` of counts on disk, read :data:`CHUNK_ROWS` rows at a time.
+
+    Each chunk is checked and transformed as in memory (the target of a spot needs only its own row), so the
+    result is the same; peak memory is one chunk of counts plus the ``(n_spots, n_genes)`` target.
+    """
+    import anndata as ad
+
+    from stexp.pp._target import expression_target_and_depth
+
+    target = np.empty((adata.n_obs, len(genes)), dtype=np.float32)
+    depth = np.empty(adata.n_obs, dtype=np.float64)
+    var = adata.var[[]]
+    for start in range(0, adata.n_obs, CHUNK_ROWS):
+        rows = slice(start, min(start + CHUNK_ROWS, adata.n_obs))
+        chunk = ad.AnnData(X=adata.X[rows], obs=adata.obs.iloc[rows][[]], var=var)
+        target[rows], depth[rows] = expression_target_and_depth(chunk, genes, layer=layer)
+    return target, depth
 
 
 def _patch_source(adata, spec: EncoderSpec, library_key: str):
