@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,6 +46,7 @@ def fit(
     calibration_folds: int | None = None,
     calibration_score: str | None = None,
     smoothing: float | str | None = None,
+    slide_weights: Mapping[str, int] | None = None,
     **model_kwargs: Any,
 ) -> ExpressionModel:
     """Train an expression model on the slides of ``adata``.
@@ -104,6 +105,11 @@ def fit(
         :func:`stexp.tl.predict`. ``"auto"`` chooses σ on training slides only: on the ``validation``
         slides when given, else on the inner folds (up to 3 extra fits; costly for neural models). A number
         is σ in µm; ``0``: none. ``None``: the recipe's (none for a model name; ``"auto"`` for the default).
+    slide_weights
+        How many times a training slide counts, e.g. ``{{"C2": 3}}``: its spots enter the fit (the retrieval bank,
+        the model's training set, the inner folds) that many times; slides not named count once. The workflow
+        of adapting to a new patient with one measured section (:doc:`/shift`): on HER2+ a weight of 3 for the
+        new patient's measured section beat 1 (``benchmarks/adapt.py``). Recorded in the model card.
     **model_kwargs
         Model hyper-parameters (see each model's ``default_hparams``). For ``"mclstexp"`` and
         ``"nh2st"``, ``finetune_encoder=True`` trains the image encoder that made ``features_key``
@@ -140,8 +146,13 @@ def fit(
     )
     is_val = np.isin(data.library, val_libs)
     train, val = data.subset(~is_val), (data.subset(is_val) if is_val.any() else None)
+    weights = _slide_weights(slide_weights, train.libraries, val_libs)
+    n_spots = train.n_spots
+    if weights:
+        train = train.subset(_weighted_rows(train.library, weights))
     logger.info(
-        f"fitting {recipe} on {train.n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
+        f"fitting {recipe} on {n_spots} spots of {len(train.libraries)} slide(s), {len(genes)} genes"
+        + (f", slide weights {weights} ({train.n_spots} weighted spots)" if weights else "")
         + (f", validating on {val_libs}" if val_libs else "")
     )
     fitted = fit_recipe(
@@ -156,11 +167,40 @@ def fit(
         devices=list(devices) if isinstance(devices, Sequence) else devices,
         seed=int(seed or 0),
     )
-    fitted.card = _card(adata, fitted, train, library_key)
+    fitted.card = _card(adata, fitted, train, library_key, weights)
     return fitted
 
 
-def _card(adata, model: ExpressionModel, train, library_key: str):
+def _slide_weights(
+    slide_weights: Mapping[str, int] | None, libraries: Sequence[str], validation: Sequence[str]
+) -> dict[str, int]:
+    """The slide weights that differ from 1, checked: training slides, positive integers."""
+    if not slide_weights:
+        return {}
+    if not isinstance(slide_weights, Mapping):
+        raise TypeError(f"slide_weights must map library ids to integers, e.g. {{'C2': 3}}, got {slide_weights!r}.")
+    known = {str(lib) for lib in libraries}
+    checked: dict[str, int] = {}
+    for lib, weight in slide_weights.items():
+        if str(lib) in validation:
+            raise ValueError(f"slide_weights names {lib!r}, a validation slide: it is not trained on.")
+        if str(lib) not in known:
+            raise KeyError(f"slide_weights names {lib!r}, not a training slide ({sorted(known)}).")
+        if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or weight < 1:
+            raise ValueError(f"slide_weights[{lib!r}] must be a positive integer (times it counts), got {weight!r}.")
+        if int(weight) != 1:
+            checked[str(lib)] = int(weight)
+    return checked
+
+
+def _weighted_rows(library: np.ndarray, weights: dict[str, int]) -> np.ndarray:
+    """Row indices in which the spots of each weighted slide appear ``weight`` times (in slide order)."""
+    rows = np.arange(len(library))
+    extra = [rows[library.astype(str) == lib] for lib, w in weights.items() for _ in range(w - 1)]
+    return np.concatenate([rows, *extra])
+
+
+def _card(adata, model: ExpressionModel, train, library_key: str, weights: dict[str, int] | None = None):
     """The model card of a fit: the training slides (spots, patient, pixel and spot size) and the model."""
     from stexp._layout import spot_diameter_um, um_per_px
     from stexp.models._card import ModelCard
@@ -168,7 +208,10 @@ def _card(adata, model: ExpressionModel, train, library_key: str):
     libs: dict[str, dict[str, Any]] = {}
     obs_libs = adata.obs[library_key].astype(str).to_numpy()
     for lib in train.libraries:
-        info: dict[str, Any] = {"spots": int(np.sum(train.library == lib))}
+        weight = (weights or {}).get(str(lib), 1)
+        info: dict[str, Any] = {"spots": int(np.sum(train.library == lib)) // weight}
+        if weight != 1:
+            info["weight"] = weight
         if "patient" in adata.obs:
             patients = adata.obs["patient"].astype(str).to_numpy()[obs_libs == str(lib)]
             if len(set(patients)) == 1:
