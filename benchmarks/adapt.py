@@ -2,8 +2,8 @@
 
 The workflow: measure one section of a new patient's block, add it to the training slides, predict the rest
 of the block from H&E. On HER2+ the new patient is C (five serial sections with images): the model is fitted on
-patient B's section (B4) plus one measured C section, repeated ``w`` times (``w`` = the weight the fit gives
-it), and predicts the other C sections; every C section takes its turn as the measured one. Baselines: B4 alone
+patient B's section (B4) plus one measured C section counted ``w`` times
+(``stexp.tl.fit(..., slide_weights={section: w})``), and predicts the other C sections; every C section takes its turn as the measured one. Baselines: B4 alone
 (the new patient unmeasured, i.e. leave-one-patient-out) and the measured section alone.
 
 ``--lab``: the same, but the new patient's slides come from another lab: the measured and the predicted
@@ -11,11 +11,11 @@ sections are the ``combined2`` rendering of ``benchmarks/shift.py`` (the stronge
 C4 only, so each predicts the other).
 
 Features and counts come from ``benchmarks/shift.py --embed-only`` (``stexp.settings.cachedir /
-"benchmark_shift.h5ad"``). Public API only: ``stexp.tl.fit``, ``stexp.tl.predict``, ``stexp.tl.evaluate``.
+"benchmark_shift.h5ad"``). Public API only: ``stexp.tl.fit`` (``slide_weights``), ``stexp.tl.predict``, ``stexp.tl.evaluate``.
 
 Usage::
 
-    python benchmarks/adapt.py [--lab] [--weights 1,2,4,8]
+    python benchmarks/adapt.py [--lab] [--weights 1,2,3,5]
 
 Results: ``benchmarks/results/adapt.{json,md}`` (``adapt_lab``).
 """
@@ -36,14 +36,11 @@ LAB_SECTIONS = ["C2", "C4"]
 
 
 def _training_set(adata, measured: str, weight: int):
-    """B4 plus the measured section's spots repeated ``weight`` times (``weight=0``: B4 alone; -1: measured only)."""
-    libs = adata.obs["library_id"].astype(str).to_numpy()
-    own = np.flatnonzero(libs == measured)
-    base = np.flatnonzero(libs == "B4") if weight >= 0 else np.empty(0, dtype=int)
-    rows = np.concatenate([base, *([own] * max(weight, 1 if weight < 0 else 0))])
-    train = adata[rows].copy()
-    train.obs_names_make_unique()
-    return train
+    """The training slides and the fit's slide weights: B4 plus the measured section counted ``weight`` times
+    (``weight=0``: B4 alone; -1: the measured section alone)."""
+    libs = {0: ["B4"], -1: [measured]}.get(weight, ["B4", measured])
+    train = adata[adata.obs["library_id"].isin(libs).to_numpy()].copy()
+    return train, ({measured: weight} if weight > 1 else None)
 
 
 def run(adata, *, lab: bool, weights: list[int]) -> pd.DataFrame:
@@ -59,7 +56,8 @@ def run(adata, *, lab: bool, weights: list[int]) -> pd.DataFrame:
         test = adata[adata.obs["library_id"].isin([s for s in sections if s != measured])].copy()
         for weight in [0, -1, *weights]:
             t0 = time.perf_counter()
-            model = stexp.tl.fit(_training_set(adata, measured, weight), features_key="X_clean", genes=genes)
+            train, slide_weights = _training_set(adata, measured, weight)
+            model = stexp.tl.fit(train, features_key="X_clean", genes=genes, slide_weights=slide_weights)
             stexp.tl.predict(test, model, key_added="pred")
             scores = stexp.tl.evaluate(test, pred_key="pred")
             shift = test.uns["stexp"]["pred"]["shift"]["slides"]
@@ -87,7 +85,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lab", action="store_true")
-    parser.add_argument("--weights", default="1,2,4,8")
+    parser.add_argument("--weights", default="1,2,3,5")
     args = parser.parse_args()
     stexp.settings.verbosity = 1
     adata = ad.read_h5ad(Path(stexp.settings.cachedir) / "benchmark_shift.h5ad")

@@ -48,7 +48,11 @@ def test_demo_runs_the_users_path_end_to_end(tmp_path, capsys):
     assert "stexp_domain" in pred.obs
     # the saved model is the default pipeline, calibrated, and reproduces the predictions written by the demo
     model = stexp.models.load(out / "default_model")
-    assert model.recipe.label == DEFAULT_RECIPE.label and model.name == DEFAULT_RECIPE.model and model.calibration is not None
+    assert (
+        model.recipe.label == DEFAULT_RECIPE.label
+        and model.name == DEFAULT_RECIPE.model
+        and model.calibration is not None
+    )
     assert not (out / "mclstexp_model").exists()
     again = pred.copy()
     stexp.tl.predict(again, model, key_added="again", coverage=0.9)
