@@ -82,6 +82,7 @@ def test_out_of_fold_predictions_are_those_of_the_fold_model(four):
     assert "per_fold" in four.uns["stexp"]["cv"]
 
 
+@pytest.mark.filterwarnings("error:Mean of empty slice")
 def test_several_models_run_on_the_same_folds(four):
     res = stexp.tl.cross_validate(
         four, model=["mean", "ridge", "knn"], features_key=FEATURES, genes=four.var_names.tolist(), k=5
@@ -94,6 +95,9 @@ def test_several_models_run_on_the_same_folds(four):
     assert res.summary.loc["ridge", "mse"] < res.summary.loc["mean", "mse"]
     folds = res.per_fold.groupby("model")["fold"].apply(list)
     assert folds["mean"] == folds["ridge"] == folds["knn"]
+    # the mean predicts constants: no expected PCC, reported as NaN without a RuntimeWarning ("Mean of empty slice")
+    expected = res.per_fold.groupby("model")["expected_pcc"].apply(lambda x: np.isfinite(x).all())
+    assert not expected["mean"] and expected["knn"]
     with pytest.raises(TypeError, match="no model"):
         stexp.tl.cross_validate(four, model=["mean", "ridge"], features_key=FEATURES, k=5)
 

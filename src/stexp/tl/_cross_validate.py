@@ -681,9 +681,16 @@ def _score(
         factor = np.asarray([slide(lib, "expected_pcc_factor") for lib in scores["library_id"]], dtype=float)
         scores["expected_pcc_factor"] = factor
         if out.expected:
-            base = [np.nanmean(out.expected[f]) if f in out.expected else np.nan for f in scores["fold"]]
+            base = [_finite_mean(out.expected[f]) if f in out.expected else np.nan for f in scores["fold"]]
             scores["expected_pcc"] = np.asarray(base) * factor
     return scores
+
+
+def _finite_mean(values) -> float:
+    """Mean of the finite values; NaN when there are none (e.g. a constant model's expected PCCs), silently."""
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else np.nan
 
 
 def summarize(per_fold: pd.DataFrame) -> pd.DataFrame:
