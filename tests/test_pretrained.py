@@ -156,7 +156,7 @@ def test_shipped_model_loads_offline_and_the_cli_describes_it(capsys):
         pytest.skip("the shipped her2st-breast-v1 folder is not built in this checkout")
     model = stexp.models.load("her2st-breast", device="cpu")
     assert len(model.genes) == 785 and model.card.name == "her2st-breast-v1"
-    assert model.shift is not None and model.card.shift["training_range"], "shipped without its shift reference"
+    assert model.shift is not None and model.card.shift["training range"], "shipped without its shift reference"
     from stexp.cli import main
 
     assert main(["predict", "--model", "her2st-breast", "--describe"]) == 0
