@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from test_embed import TinyEncoder
@@ -95,15 +98,140 @@ def test_mpp_makes_a_coarser_scan_look_alike(synth):
     assert with_mpp < 0.5 * without
 
 
-def test_reinhard_removes_much_of_a_stain_shift(synth):
+@pytest.mark.parametrize("stain_norm", ["reinhard", "macenko"])
+def test_stain_norm_removes_much_of_a_stain_shift(synth, stain_norm):
     from stexp.images._stain import hed_shift
 
     a, lib = _one_slide(synth)
     shifted = a.copy()
     shifted.uns["spatial"][lib]["images"] = {"hires": hed_shift(spatial_entry(a, lib)["images"]["hires"])}
     without = _rel(_feats(a), _feats(shifted))
-    normalised = _rel(_feats(a, stain_norm="reinhard"), _feats(shifted, stain_norm="reinhard"))
+    normalised = _rel(_feats(a, stain_norm=stain_norm), _feats(shifted, stain_norm=stain_norm))
     assert normalised < 0.75 * without
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+#: A known H&E stain matrix (haematoxylin, eosin; OD unit vectors), each vector at cosine < 0.98 to
+#: MACENKO_TARGET's, so a fit that returned the target (or swapped the stains) fails the recovery test.
+TRUE_STAINS = np.stack([_unit((0.75, 0.62, 0.23)), _unit((0.35, 0.85, 0.39))])
+GLASS_COLS = 24  # the left columns of the synthetic H&E image are glass
+
+
+def _concentrations(seed: int, n: int = 96) -> np.ndarray:
+    """Seeded H and E concentrations ``(n, n, 2)``; zero (glass) in the left :data:`GLASS_COLS` columns."""
+    rng = np.random.default_rng(seed)
+    conc = np.stack([rng.gamma(2.0, 0.35, (n, n)), rng.gamma(2.0, 0.25, (n, n))], axis=-1)
+    conc[:, :GLASS_COLS] = 0.0
+    return conc
+
+
+def _render(stains: np.ndarray, conc: np.ndarray, seed: int = 0) -> np.ndarray:
+    """uint8 RGB of ``conc`` stained with ``stains`` (Beer-Lambert, as the normaliser's OD); glass 252-255."""
+    rgb = 256.0 * np.exp(-(conc @ stains)) - 1.0
+    img = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    glass = np.random.default_rng(seed).integers(0, 4, img[:, :GLASS_COLS].shape)
+    img[:, :GLASS_COLS] = (255 - glass).astype(np.uint8)
+    return img
+
+
+def test_macenko_fit_recovers_the_stain_vectors_in_order():
+    from stexp.images._stain import MACENKO_TARGET, MacenkoNormalizer
+
+    target = np.asarray(MACENKO_TARGET["stain_matrix"])
+    assert (np.diag(TRUE_STAINS @ target.T) < 0.98).all()  # the test could not pass by returning the target
+    norm = MacenkoNormalizer.fit(_render(TRUE_STAINS, _concentrations(0)))
+    fitted = np.asarray(norm.stain_matrix)
+    np.testing.assert_allclose(np.linalg.norm(fitted, axis=1), 1.0, atol=1e-9)
+    cos = fitted @ TRUE_STAINS.T  # rows: fitted H, E; columns: true H, E
+    assert cos[0, 0] > 0.98 and cos[1, 1] > 0.98, cos
+    assert cos[0, 0] > cos[0, 1] and cos[1, 1] > cos[1, 0]  # haematoxylin first
+    assert all(c > 0 for c in norm.max_conc)
+    # hashable and serialisable like the Reinhard normaliser (plain floats in tuples)
+    record = json.loads(json.dumps(dataclasses.asdict(norm)))
+    again = MacenkoNormalizer(tuple(tuple(v) for v in record["stain_matrix"]), tuple(record["max_conc"]))
+    assert again == norm and hash(again) == hash(norm)
+
+
+def test_macenko_maps_another_stain_onto_the_target():
+    from stexp.images._stain import MACENKO_TARGET, MacenkoNormalizer
+
+    conc = _concentrations(1)
+    tissue = conc[:, GLASS_COLS:].reshape(-1, 2)
+    conc = conc / np.percentile(tissue, 99, axis=0) * np.asarray(MACENKO_TARGET["max_conc"])
+    reference = _render(np.asarray(MACENKO_TARGET["stain_matrix"]), conc).astype(np.int16)
+    shifted = _render(TRUE_STAINS, conc * np.array([1.5, 1.0]))  # another stain, stronger haematoxylin
+    out = MacenkoNormalizer.fit(shifted)(shifted)
+    assert out.dtype == np.uint8 and out.shape == shifted.shape
+    before = np.abs(shifted[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
+    after = np.abs(out[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
+    assert after < 0.5 * before, (before, after)
+    # white stays (near) white: the glass columns (252-255 in the input)
+    assert out[:, :GLASS_COLS].min() >= 250
+    pure = (shifted == 255).all(axis=-1)
+    assert pure[:, :GLASS_COLS].any() and (out[pure] == 255).all()  # pure white is kept exactly
+
+
+def test_macenko_applies_to_batches_in_chunks_and_checks_its_input():
+    from stexp.images._stain import MacenkoNormalizer
+
+    img = _render(TRUE_STAINS, _concentrations(2))
+    norm = MacenkoNormalizer.fit(img)
+    patches = np.stack([img[:32, :32], img[32:64, 40:72], img[-32:, -32:]])  # (3, 32, 32, 3)
+    whole = norm(patches)
+    assert whole.shape == patches.shape and whole.dtype == np.uint8
+    np.testing.assert_array_equal(whole, norm(patches, chunk_pixels=1000))  # chunk edges change nothing
+    np.testing.assert_array_equal(whole[1], norm(patches[1]))
+    assert not np.array_equal(whole[2], patches[2])
+    for bad in (patches.astype(np.float32), patches[..., :2], np.zeros((4, 3), np.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            norm(bad)
+    with pytest.raises(ValueError, match="uint8"):
+        MacenkoNormalizer.fit(img.astype(np.float64))
+
+
+def test_macenko_refuses_an_image_without_tissue():
+    from stexp.images._stain import MacenkoNormalizer
+
+    for blank in (np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 235, np.uint8)):
+        with pytest.raises(ValueError, match="no tissue"):
+            MacenkoNormalizer.fit(blank)
+    almost = np.full((64, 64, 3), 255, np.uint8)
+    almost[:5, :5] = _render(TRUE_STAINS, _concentrations(3))[:5, GLASS_COLS : GLASS_COLS + 5]  # 25 tissue px
+    with pytest.raises(ValueError, match="no tissue"):
+        MacenkoNormalizer.fit(almost)
+
+
+def test_stain_norm_options_and_normalizers():
+    from PIL import Image
+
+    from stexp.images._stain import MacenkoNormalizer, ReinhardNormalizer
+    from stexp.images._views import check_options, stain_normalizer
+
+    for value in (None, "reinhard", "macenko"):
+        assert check_options(None, value, False) == (None, value, False)
+    for bad in ("macenko?", "Macenko", "vahadane", ""):
+        with pytest.raises(ValueError, match="stain_norm"):
+            check_options(None, bad, False)
+    image = Image.fromarray(_render(TRUE_STAINS, _concentrations(4)))
+    assert stain_normalizer(image, None) is None
+    assert isinstance(stain_normalizer(image, "reinhard"), ReinhardNormalizer)
+    assert isinstance(stain_normalizer(image, "macenko"), MacenkoNormalizer)
+    with pytest.raises(ValueError, match="slide 'S1'.*macenko.*no tissue"):
+        stain_normalizer(Image.new("RGB", (50, 40), (255, 255, 255)), "macenko", library_id="S1")
+
+
+def test_embed_images_macenko_names_a_slide_without_tissue(synth):
+    a, lib = _one_slide(synth)
+    a = a[:8].copy()
+    blank = np.full_like(spatial_entry(a, lib)["images"]["hires"], 255)
+    a.uns["spatial"][lib]["images"] = {"hires": blank}
+    _feats(a, stain_norm="reinhard")  # Reinhard falls back to every pixel
+    with pytest.raises(ValueError, match=f"slide '{lib}'.*no tissue"):
+        _feats(a, stain_norm="macenko")
 
 
 def test_view_options_are_recorded_checked_and_cached_apart(synth):

@@ -126,6 +126,7 @@ def _spec(adata, key):
         pytest.param({"encoder": POOL, "weights": None, "patch_um": {"slide_0": 50.0, "slide_1": 70.0}}, id="patch_um"),
         pytest.param({"encoder": POOL, "weights": None, "tta": True, "mpp": 3.0}, id="tta+mpp"),
         pytest.param({"encoder": POOL, "weights": None, "stain_norm": "reinhard", "patch_um": 60.0}, id="stain_norm"),
+        pytest.param({"encoder": POOL, "weights": None, "stain_norm": "macenko", "patch_um": 60.0}, id="macenko"),
         pytest.param({"encoder": "timm:test_resnet", "encoder_kwargs": {"global_pool": "max"}}, id="encoder_kwargs"),
     ],
 )
@@ -191,6 +192,7 @@ CLI_CASES = [
     pytest.param("ome", {"encoder": POOL, "weights": None, "patch_um": 40.0, "tta": True}, id="tta"),
     pytest.param("png", {"encoder": POOL, "weights": None, "patch_um": 40.0, "mpp": 4.0}, id="mpp"),
     pytest.param("ome", {"encoder": POOL, "weights": None, "patch_um": 40.0, "stain_norm": "reinhard"}, id="stain"),
+    pytest.param("ome", {"encoder": POOL, "weights": None, "patch_um": 40.0, "stain_norm": "macenko"}, id="macenko"),
     pytest.param(
         "ome",
         {"encoder": "timm:test_resnet", "encoder_kwargs": {"global_pool": "max"}, "patch_um": 40.0},

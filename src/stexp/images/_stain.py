@@ -1,4 +1,4 @@
-"""H&E stain: a fixed perturbation in HED space (a stand-in for another lab's staining) and Reinhard normalisation.
+"""H&E stain: a fixed HED perturbation (a stand-in for another lab's staining), Reinhard and Macenko normalisation.
 
 :func:`hed_shift` scales and offsets the haematoxylin, eosin and DAB optical densities of an RGB image
 (:func:`skimage.color.rgb2hed` / :func:`~skimage.color.hed2rgb`): a stand-in for another lab's staining
@@ -6,6 +6,10 @@
 statistics of a slide's tissue pixels onto a fixed target (Reinhard et al., IEEE CG&A 21(5), 2001), so
 slides stained or scanned differently give comparable patches; ``stexp.pp.embed_images(...,
 stain_norm="reinhard")`` uses it (statistics from each slide's own thumbnail, then applied per patch).
+:class:`MacenkoNormalizer` estimates a slide's haematoxylin and eosin optical-density vectors and their
+concentration range (Macenko et al., "A method for normalizing histology slides for quantitative
+analysis", ISBI 2009) and re-renders every pixel's stain concentrations with :data:`MACENKO_TARGET`;
+``stain_norm="macenko"`` uses it, fitted and applied as Reinhard's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,21 @@ DEFAULT_HED_SHIFT = {"scale": (1.3, 0.75, 1.0), "offset": (0.0, 0.02, 0.0)}
 REINHARD_TARGET = {"mean": (65.0, 25.0, -12.0), "std": (15.0, 8.0, 6.0)}
 #: Pixels with all RGB channels above this are background (glass), excluded from the statistics.
 WHITE = 215
+#: Macenko target: the haematoxylin and eosin optical-density unit vectors (RGB order) and the 99th percentile
+#: of each stain's concentration. These are the commonly used reference values of Macenko implementations
+#: (e.g. the StainTools and torchstain packages), fitted once on a reference H&E slide; fixed, not fitted here.
+MACENKO_TARGET = {
+    "stain_matrix": ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581)),
+    "max_conc": (1.9705, 1.0308),
+}
+#: Macenko: pixels with an optical density below this in any channel are background (left out of the fit).
+MACENKO_BETA = 0.15
+#: Macenko: percentiles (``alpha``, ``100 - alpha``) of the angles in the stain plane that give the two stains.
+MACENKO_ALPHA = 1.0
+#: Fewest tissue pixels :meth:`MacenkoNormalizer.fit` accepts.
+MACENKO_MIN_TISSUE = 100
+#: :meth:`MacenkoNormalizer.fit` reads at most this many pixels (evenly spaced) of a larger image.
+MACENKO_FIT_PIXELS = 1 << 22
 
 
 def hed_shift(
@@ -86,3 +105,97 @@ class ReinhardNormalizer:
         white = (flat > WHITE).all(axis=-1)
         rgb[white] = flat[white]
         return rgb.reshape(shape)
+
+
+def _check_rgb(image: np.ndarray, what: str, shape: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim < 3 or image.shape[-1] != 3:
+        raise ValueError(f"{what} expects uint8 {shape} RGB, got {image.dtype} {image.shape}.")
+    return image
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    """``-log((I + 1) / 256)`` per channel of uint8 ``rgb`` (0 for white 255; never infinite); float64."""
+    return -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+
+
+@dataclass(frozen=True)
+class MacenkoNormalizer:
+    """Per-slide Macenko normalisation: each pixel's H and E concentrations re-rendered with :data:`MACENKO_TARGET`.
+
+    Optical density ``OD = -log((I + 1) / 256)`` (``I`` in 0-255; white is 0, black finite), inverted by
+    ``I = 256 exp(-OD) - 1``. ``stain_matrix`` holds the slide's haematoxylin and eosin OD unit vectors (RGB
+    order, haematoxylin first), ``max_conc`` the 99th percentile of each stain's concentration over the
+    slide's tissue pixels.
+    """
+
+    stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    max_conc: tuple[float, float]
+
+    @classmethod
+    def fit(cls, image: np.ndarray) -> MacenkoNormalizer:
+        """Stain vectors and concentration range of a slide image (a thumbnail is enough), uint8 ``(H, W, 3)``.
+
+        Tissue pixels (of at most :data:`MACENKO_FIT_PIXELS`, evenly spaced): optical density at least :data:`MACENKO_BETA` in every channel and not glass (all
+        channels above :data:`WHITE`). The plane of the two largest eigenvectors of their OD covariance holds
+        both stains; the :data:`MACENKO_ALPHA` and ``100 - alpha`` percentiles of the pixels' angles in that
+        plane give the two stain vectors, the one with the larger red-channel OD being haematoxylin.
+
+        Raises
+        ------
+        ValueError
+            If ``image`` is not uint8 RGB, or has fewer than :data:`MACENKO_MIN_TISSUE` tissue pixels.
+        """
+        image = _check_rgb(image, "MacenkoNormalizer.fit", "(H, W, 3)")
+        pixels = image.reshape(-1, 3)
+        if len(pixels) > MACENKO_FIT_PIXELS:  # a whole slide rather than a thumbnail: bounded memory
+            pixels = pixels[:: -(-len(pixels) // MACENKO_FIT_PIXELS)]
+        od = _optical_density(pixels)
+        tissue = (od >= MACENKO_BETA).all(axis=1) & ~(pixels > WHITE).all(axis=1)
+        od = od[tissue]
+        if len(od) < MACENKO_MIN_TISSUE:
+            raise ValueError(
+                f"MacenkoNormalizer: the thumbnail has no tissue to fit stain vectors on ({len(od)} of "
+                f"{len(pixels)} pixels have an optical density >= {MACENKO_BETA} in every channel; at least "
+                f"{MACENKO_MIN_TISSUE} are needed). Is the image blank, or all glass?"
+            )
+        _, vectors = np.linalg.eigh(np.cov(od, rowvar=False))  # eigenvalues ascending
+        plane = vectors[:, [2, 1]]
+        if plane[:, 0].sum() < 0:  # the main axis points into positive optical density, as the tissue does
+            plane[:, 0] = -plane[:, 0]
+        projected = od @ plane
+        angles = np.arctan2(projected[:, 1], projected[:, 0])
+        lo, hi = np.percentile(angles, [MACENKO_ALPHA, 100.0 - MACENKO_ALPHA])
+        stains = np.stack([plane @ np.array([np.cos(a), np.sin(a)]) for a in (lo, hi)])
+        stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+        if stains[0, 0] < stains[1, 0]:  # haematoxylin first: it absorbs more red than eosin
+            stains = stains[::-1]
+        conc = od @ np.linalg.pinv(stains)  # least squares: od ~ conc @ stains
+        max_conc = np.maximum(np.percentile(conc, 99, axis=0), 1e-3)
+        (h0, h1, h2), (e0, e1, e2) = stains.tolist()
+        return cls(((h0, h1, h2), (e0, e1, e2)), (float(max_conc[0]), float(max_conc[1])))
+
+    def __call__(self, patches: np.ndarray, *, chunk_pixels: int = 1 << 18) -> np.ndarray:
+        """uint8 RGB ``(..., H, W, 3)`` patches with their stains re-rendered as :data:`MACENKO_TARGET`.
+
+        Every pixel's concentrations (least squares on the slide's ``stain_matrix``) are scaled by
+        ``target max_conc / max_conc`` and rendered with the target's stain matrix; white (zero optical
+        density) stays white. Processed ``chunk_pixels`` pixels at a time, so memory stays bounded.
+
+        Raises
+        ------
+        ValueError
+            If ``patches`` is not uint8 with RGB last.
+        """
+        patches = _check_rgb(patches, "MacenkoNormalizer", "(..., H, W, 3)")
+        unmix = np.linalg.pinv(np.asarray(self.stain_matrix, dtype=np.float64))  # (3, 2)
+        scale = np.asarray(MACENKO_TARGET["max_conc"], dtype=np.float64) / np.asarray(self.max_conc, np.float64)
+        target = np.asarray(MACENKO_TARGET["stain_matrix"], dtype=np.float64)  # (2, 3)
+        flat = patches.reshape(-1, 3)
+        out = np.empty_like(flat)
+        step = max(1, int(chunk_pixels))
+        for start in range(0, len(flat), step):
+            conc = _optical_density(flat[start : start + step]) @ unmix * scale
+            rgb = 256.0 * np.exp(-(conc @ target)) - 1.0
+            out[start : start + step] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        return out.reshape(patches.shape)

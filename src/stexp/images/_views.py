@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 #: ``stain_norm`` values of ``embed_images``.
-STAIN_NORMS = (None, "reinhard")
+STAIN_NORMS = (None, "reinhard", "macenko")
 #: Longest side (px) of the thumbnail a slide's stain statistics are taken from (``stain_norm``); smaller
 #: than the readers' in-memory copy (:data:`stexp._layout.THUMBNAIL_PX`): colour statistics need no detail.
 STAIN_THUMBNAIL_PX = 1024
@@ -67,15 +67,33 @@ def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):
     return resized, dataclasses.replace(plan, centres=centres, side=float(plan.side) * fx)
 
 
-def stain_normalizer(image, stain_norm: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
-    """A transform of uint8 patches fitted on the slide's thumbnail, or ``None`` without ``stain_norm``."""
+def stain_normalizer(
+    image, stain_norm: str | None, *, library_id: str | None = None
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A transform of uint8 patches fitted on the slide's thumbnail, or ``None`` without ``stain_norm``.
+
+    ``"reinhard"``: :class:`~stexp.images._stain.ReinhardNormalizer`; ``"macenko"``:
+    :class:`~stexp.images._stain.MacenkoNormalizer` (a ``ValueError`` naming ``library_id`` when the
+    thumbnail shows no tissue).
+    """
     if stain_norm is None:
         return None
-    from ._stain import ReinhardNormalizer
+    from ._stain import MacenkoNormalizer, ReinhardNormalizer
 
+    fit: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+    if stain_norm == "reinhard":
+        fit = ReinhardNormalizer.fit
+    elif stain_norm == "macenko":
+        fit = MacenkoNormalizer.fit
+    else:
+        raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
     thumb = image.copy()
     thumb.thumbnail((STAIN_THUMBNAIL_PX, STAIN_THUMBNAIL_PX))
-    return ReinhardNormalizer.fit(np.asarray(thumb.convert("RGB")))
+    try:
+        return fit(np.asarray(thumb.convert("RGB")))
+    except ValueError as err:
+        slide = "" if library_id is None else f"slide {library_id!r}: "
+        raise ValueError(f"{slide}stain_norm={stain_norm!r} failed: {err}") from err
 
 
 def encode(module, x, *, tta: bool):

@@ -103,10 +103,10 @@ def _embed_plan(
             from PIL import Image
 
             thumb = Image.fromarray(plan.view.reader().thumbnail(STAIN_THUMBNAIL_PX)[0])
-            normalize = stain_normalizer(thumb, stain_norm)
+            normalize = stain_normalizer(thumb, stain_norm, library_id=plan.view.library_id)
     else:  # decoded once; resampled to mpp first when asked
         image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
-        normalize = stain_normalizer(image, stain_norm)
+        normalize = stain_normalizer(image, stain_norm, library_id=plan.view.library_id)
         batches = ((np.arange(s, s + len(p)), p) for s, p in plan.batches(image, int(enc.input_px), batch_size))
     with torch.inference_mode():  # a JPEG is decoded once; a whole-slide file is read region by region
         for rows, patches in batches:
@@ -465,7 +465,7 @@ def embed_images(
     cache: bool = True,
     copy: bool = False,
     mpp: float | None = None,
-    stain_norm: Literal["reinhard"] | None = None,
+    stain_norm: Literal["reinhard", "macenko"] | None = None,
     tta: bool = False,
     devices: int | None = None,
 ) -> AnnData | None:
@@ -548,7 +548,11 @@ def embed_images(
         files read region by region.
     stain_norm
         ``"reinhard"``: map each slide's colour statistics (CIELAB, tissue pixels of a thumbnail) onto a
-        fixed H&E target before embedding (:class:`stexp.images._stain.ReinhardNormalizer`); ``None``: none.
+        fixed H&E target before embedding (:class:`stexp.images._stain.ReinhardNormalizer`); ``"macenko"``:
+        estimate each slide's haematoxylin and eosin vectors and concentration range on a thumbnail and
+        re-render every pixel's stain concentrations with a fixed reference H&E
+        (:class:`stexp.images._stain.MacenkoNormalizer`; a slide whose thumbnail shows no tissue raises a
+        ``ValueError``); ``None``: none.
     tta
         Test-time augmentation: average the features of the 8 flips/rotations of each patch (8x the
         encoder's work); the features are then invariant to the patch's orientation.
