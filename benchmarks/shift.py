@@ -20,14 +20,19 @@ AUROC of the shift score between clean and shifted slides (per slide and per spo
 the realised PCC loss, and the expected PCC against the realised one. The shuffled control permutes the
 features among the spots of each slide.
 
+``--stain-norm reinhard|macenko`` measures the lever "stain normalisation": every slide, clean and rendered,
+training and held out, is embedded with ``stexp.pp.embed_images(stain_norm=...)`` (each slide normalised on
+its own thumbnail), into ``benchmark_shift_<norm>.h5ad``; results in ``results/shift_<norm>.{json,md}``.
+
 Usage::
 
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --embed-only      # renderings + features (~30 min)
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py                   # the default pipeline, control
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --variants default,raw
+    STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --stain-norm macenko  # everything Macenko-normalised
 
 Renderings and features are cached under ``stexp.settings.cachedir`` (``benchmark_images/``, features cache).
-Results: ``benchmarks/results/shift.{json,md}``.
+Results: ``benchmarks/results/shift.{json,md}`` (``shift_<norm>.{json,md}`` with ``--stain-norm``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,13 @@ HED = {
 }
 DARK = (28, 26, 30)
 RESULTS = Path(__file__).parent / "results"
+#: ``--stain-norm`` values (``stexp.pp.embed_images(stain_norm=...)``); without it, no normalisation.
+STAIN_NORMS = ("reinhard", "macenko")
+
+
+def _suffix(stain_norm: str | None) -> str:
+    """``""`` without stain normalisation (the default files), ``"_<norm>"`` with it."""
+    return "" if stain_norm is None else f"_{stain_norm}"
 
 
 # -- renderings ---------------------------------------------------------------------------------------
@@ -177,11 +189,16 @@ def rendered_copy(adata, name: str):
     return a
 
 
-def prepare(data_dir: Path, renderings: list[str]) -> Path:
-    """Read the sections, embed clean and rendered images with the defaults (cached); write a slim h5ad."""
+def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None = None) -> Path:
+    """Read the sections, embed clean and rendered images with the defaults (cached); write a slim h5ad.
+
+    With ``stain_norm`` every ``embed_images`` call (clean and rendered) normalises the stain alike, and the
+    h5ad is ``benchmark_shift_<stain_norm>.h5ad``.
+    """
     import stexp
 
-    out = Path(stexp.settings.cachedir) / "benchmark_shift.h5ad"
+    out = Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm)}.h5ad"
+    views = {} if stain_norm is None else {"stain_norm": stain_norm}
     adata = stexp.datasets.her2st(SECTIONS, path=data_dir)
     panel = [g.strip() for g in (data_dir / "her2st_785_genes.txt").read_text().split() if g.strip()]
     genes = [g for g in panel if g in adata.var_names]
@@ -190,7 +207,7 @@ def prepare(data_dir: Path, renderings: list[str]) -> Path:
     for name in [CLEAN, *renderings]:
         t0 = time.perf_counter()
         a = adata if name == CLEAN else rendered_copy(adata, name)
-        stexp.pp.embed_images(a, key_added=f"X_{name}")
+        stexp.pp.embed_images(a, key_added=f"X_{name}", **views)
         if name == CLEAN:
             obsm[f"X_{name}"] = np.asarray(a.obsm[f"X_{name}"])
         else:  # the slides not rendered keep their clean features (left out of the rendered scores)
@@ -240,8 +257,19 @@ def _shuffle_within_slides(adata, keys: list[str], seed: int = 0) -> None:
             adata.obsm[key][rows] = np.asarray(adata.obsm[key])[perm]
 
 
-def run(path: Path, names: list[str], renderings: list[str], *, shuffled: bool, coverage: float = 0.9) -> pd.DataFrame:
-    """One ``stexp.tl.cross_validate`` call (LOPO) of every variant; per-slide rows with rendering and spot scores."""
+def run(
+    path: Path,
+    names: list[str],
+    renderings: list[str],
+    *,
+    shuffled: bool,
+    coverage: float = 0.9,
+    stain_norm: str | None = None,
+) -> pd.DataFrame:
+    """One ``stexp.tl.cross_validate`` call (LOPO) of every variant; per-slide rows with rendering and spot scores.
+
+    ``path`` is :func:`prepare`'s h5ad (``stain_norm`` only names the option in a message).
+    """
     import anndata as ad
 
     import stexp
@@ -250,7 +278,10 @@ def run(path: Path, names: list[str], renderings: list[str], *, shuffled: bool, 
     keys = {r: f"X_{r}" for r in renderings if f"X_{r}" in adata.obsm}
     missing = sorted(set(renderings) - set(keys))
     if missing:
-        sys.exit(f"renderings {missing} are not embedded; run with --embed-only --renderings {','.join(missing)}")
+        option = "" if stain_norm is None else f" --stain-norm {stain_norm}"
+        sys.exit(
+            f"renderings {missing} are not embedded; run with --embed-only{option} --renderings {','.join(missing)}"
+        )
     if shuffled:
         _shuffle_within_slides(adata, [f"X_{CLEAN}", *keys.values()])
     t0 = time.perf_counter()
@@ -372,8 +403,15 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_report(rows: pd.DataFrame, shuffled: pd.DataFrame | None, renderings: list[str], *, command: str) -> None:
-    """``results/shift.json`` and ``results/shift.md``."""
+def write_report(
+    rows: pd.DataFrame,
+    shuffled: pd.DataFrame | None,
+    renderings: list[str],
+    *,
+    command: str,
+    stain_norm: str | None = None,
+) -> None:
+    """``results/shift.json`` and ``results/shift.md`` (``shift_<stain_norm>.*`` with ``stain_norm``)."""
     import platform
 
     analysis = analyse(rows)
@@ -391,7 +429,10 @@ def write_report(rows: pd.DataFrame, shuffled: pd.DataFrame | None, renderings: 
         "shuffled_control": control,
         "per_slide": json.loads(rows.drop(columns=["shuffled"]).to_json(orient="records")),
     }
-    (RESULTS / "shift.json").write_text(json.dumps(payload, indent=1))
+    if stain_norm is not None:  # the default report stays as it was
+        payload = {"command": command, "stain_norm": stain_norm, **payload}
+    stem = f"shift{_suffix(stain_norm)}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [
         "# Shift protocol (HER2+ LOPO, held-out slides rendered as another lab would give them)",
         "",
@@ -404,6 +445,11 @@ def write_report(rows: pd.DataFrame, shuffled: pd.DataFrame | None, renderings: 
         "width of the 90% intervals; expected = the model's expected PCC(ACG) after its shift factor.",
         "",
     ]
+    if stain_norm is not None:
+        lines[3:3] = [
+            f"Stain normalisation: `embed_images(stain_norm={stain_norm!r})` on every slide, clean and rendered, "
+            "training and held out (each normalised on its own thumbnail).  "
+        ]
     header = "| rendering | slides | PCC(ACG) | ratio | PCC(HEG) | shift | flagged | AUROC slides | AUROC spots | coverage | width | expected |"
     for variant, summary in analysis.items():
         lines += [f"## {variant}", "", header, "|" + "---|" * 12]
@@ -440,7 +486,7 @@ def write_report(rows: pd.DataFrame, shuffled: pd.DataFrame | None, renderings: 
         for variant, summary in control.items():
             lines.append(f"| {variant} | " + " | ".join(_fmt(e["pcc_acg"]) for e in summary["table"]) + " |")
         lines.append("")
-    (RESULTS / "shift.md").write_text("\n".join(lines))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -451,13 +497,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-only", action="store_true")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--controls", default="default", help="variants also run on shuffled features")
+    parser.add_argument(
+        "--stain-norm",
+        choices=STAIN_NORMS,
+        default=None,
+        help="embed every slide (clean and rendered) with embed_images(stain_norm=...); features in "
+        "benchmark_shift_<norm>.h5ad, results in results/shift_<norm>.{json,md} (default: no normalisation)",
+    )
     args = parser.parse_args(argv)
     if not args.data_dir:
         sys.exit("set STEXP_DATA_DIR (e.g. ../shared/data) or pass --data-dir")
     data_dir = Path(args.data_dir)
     data_dir = data_dir / "her2st" if (data_dir / "her2st").is_dir() else data_dir
     renderings = [r for r in args.renderings.split(",") if r]
-    path = prepare(data_dir, renderings)
+    path = prepare(data_dir, renderings, args.stain_norm)
     print(f"features in {path}")
     if args.embed_only:
         return
@@ -465,11 +518,15 @@ def main(argv: list[str] | None = None) -> None:
 
     stexp.settings.verbosity = 1
     names = [v for v in args.variants.split(",") if v]
-    rows = run(path, names, renderings, shuffled=False)
+    rows = run(path, names, renderings, shuffled=False, stain_norm=args.stain_norm)
     controls = [v for v in args.controls.split(",") if v]
-    shuffled = run(path, controls, renderings, shuffled=True) if controls else None
+    shuffled = run(path, controls, renderings, shuffled=True, stain_norm=args.stain_norm) if controls else None
     write_report(
-        rows, shuffled, renderings, command=" ".join(["python", "benchmarks/shift.py", *(argv or sys.argv[1:])])
+        rows,
+        shuffled,
+        renderings,
+        command=" ".join(["python", "benchmarks/shift.py", *(argv or sys.argv[1:])]),
+        stain_norm=args.stain_norm,
     )
 
 
