@@ -156,6 +156,18 @@ def test_macenko_fit_recovers_the_stain_vectors_in_order():
     assert again == norm and hash(again) == hash(norm)
 
 
+def test_macenko_fit_ignores_a_dark_background():
+    from stexp.images._stain import MacenkoNormalizer
+
+    img = _render(TRUE_STAINS, _concentrations(0))
+    dark = img.copy()
+    dark[:, :GLASS_COLS] = (28, 26, 30)  # the glass painted dark, as a 2000-px rendering on black gives it
+    clean, painted = MacenkoNormalizer.fit(img), MacenkoNormalizer.fit(dark)
+    cos = np.asarray(painted.stain_matrix) @ np.asarray(clean.stain_matrix).T
+    assert cos[0, 0] > 0.999 and cos[1, 1] > 0.999, cos
+    np.testing.assert_allclose(painted.max_conc, clean.max_conc, rtol=0.02)
+
+
 def test_macenko_maps_another_stain_onto_the_target():
     from stexp.images._stain import MACENKO_TARGET, MacenkoNormalizer
 

@@ -33,6 +33,9 @@ MACENKO_TARGET = {
 }
 #: Macenko: pixels with an optical density below this in any channel are background (left out of the fit).
 MACENKO_BETA = 0.15
+#: Macenko: pixels with all RGB channels below this are dark glass (a slide rendered on a black background),
+#: not tissue: their high optical density in every channel would pull the stain vectors towards grey.
+DARK_GLASS = 45
 #: Macenko: percentiles (``alpha``, ``100 - alpha``) of the angles in the stain plane that give the two stains.
 MACENKO_ALPHA = 1.0
 #: Fewest tissue pixels :meth:`MacenkoNormalizer.fit` accepts.
@@ -137,7 +140,7 @@ class MacenkoNormalizer:
         """Stain vectors and concentration range of a slide image (a thumbnail is enough), uint8 ``(H, W, 3)``.
 
         Tissue pixels (of at most :data:`MACENKO_FIT_PIXELS`, evenly spaced): optical density at least :data:`MACENKO_BETA` in every channel and not glass (all
-        channels above :data:`WHITE`). The plane of the two largest eigenvectors of their OD covariance holds
+        channels above :data:`WHITE`, or all below :data:`DARK_GLASS`: a dark background). The plane of the two largest eigenvectors of their OD covariance holds
         both stains; the :data:`MACENKO_ALPHA` and ``100 - alpha`` percentiles of the pixels' angles in that
         plane give the two stain vectors, the one with the larger red-channel OD being haematoxylin.
 
@@ -151,7 +154,8 @@ class MacenkoNormalizer:
         if len(pixels) > MACENKO_FIT_PIXELS:  # a whole slide rather than a thumbnail: bounded memory
             pixels = pixels[:: -(-len(pixels) // MACENKO_FIT_PIXELS)]
         od = _optical_density(pixels)
-        tissue = (od >= MACENKO_BETA).all(axis=1) & ~(pixels > WHITE).all(axis=1)
+        glass = (pixels > WHITE).all(axis=1) | (pixels < DARK_GLASS).all(axis=1)
+        tissue = (od >= MACENKO_BETA).all(axis=1) & ~glass
         od = od[tissue]
         if len(od) < MACENKO_MIN_TISSUE:
             raise ValueError(
