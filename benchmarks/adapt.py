@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from shift import STAIN_NORMS, cache_path, stain_norm_arg
 
 RESULTS = Path(__file__).parent / "results"
 NEW_PATIENT = ["C2", "C3", "C4", "C5", "C6"]
@@ -86,9 +87,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lab", action="store_true")
     parser.add_argument("--weights", default="1,2,3,5")
+    parser.add_argument(
+        "--stain-norm",
+        choices=STAIN_NORMS,
+        default=None,
+        help="the features of `shift.py --stain-norm` (default: embed_images' default)",
+    )
     args = parser.parse_args()
     stexp.settings.verbosity = 1
-    adata = ad.read_h5ad(Path(stexp.settings.cachedir) / "benchmark_shift.h5ad")
+    import stexp.images
+
+    norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
+    adata = ad.read_h5ad(cache_path(norm))
     weights = [int(w) for w in args.weights.split(",")]
     rows = run(adata, lab=args.lab, weights=weights)
     name = "adapt_lab" if args.lab else "adapt"
@@ -100,7 +110,7 @@ def main() -> None:
     lines = [
         f"# Adapting with one measured section: {what}",
         "",
-        f"Command: `python benchmarks/adapt.py{' --lab' if args.lab else ''} --weights {args.weights}`. Mean over "
+        f"Command: `python benchmarks/adapt.py{' --lab' if args.lab else ''} --weights {args.weights} --stain-norm {norm or 'none'}`. Mean over "
         "(measured section, predicted section) pairs; weight = times the measured section counts in the fit.",
         "",
         "| training | PCC(ACG) | PCC(HEG) | shift score | flagged |",

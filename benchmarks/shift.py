@@ -20,9 +20,11 @@ AUROC of the shift score between clean and shifted slides (per slide and per spo
 the realised PCC loss, and the expected PCC against the realised one. The shuffled control permutes the
 features among the spots of each slide.
 
-``--stain-norm reinhard|macenko`` measures the lever "stain normalisation": every slide, clean and rendered,
-training and held out, is embedded with ``stexp.pp.embed_images(stain_norm=...)`` (each slide normalised on
-its own thumbnail), into ``benchmark_shift_<norm>.h5ad``; results in ``results/shift_<norm>.{json,md}``.
+``--stain-norm none|reinhard|macenko`` (default: ``embed_images``' default, ``stexp.images.DEFAULT_STAIN_NORM``)
+measures the lever "stain normalisation": every slide, clean and rendered, training and held out, is embedded
+with ``stexp.pp.embed_images(stain_norm=...)`` (each slide normalised on its own thumbnail). The default's
+features are ``benchmark_shift.h5ad`` and its results ``results/shift.{json,md}``; another value's
+``benchmark_shift_<norm>.h5ad`` and ``results/shift_<norm>.{json,md}``.
 
 Usage::
 
@@ -69,13 +71,27 @@ HED = {
 }
 DARK = (28, 26, 30)
 RESULTS = Path(__file__).parent / "results"
-#: ``--stain-norm`` values (``stexp.pp.embed_images(stain_norm=...)``); without it, no normalisation.
-STAIN_NORMS = ("reinhard", "macenko")
+#: ``--stain-norm`` values (``stexp.pp.embed_images(stain_norm=...)``; ``none`` is ``None``).
+STAIN_NORMS = ("none", "reinhard", "macenko")
 
 
 def _suffix(stain_norm: str | None) -> str:
-    """``""`` without stain normalisation (the default files), ``"_<norm>"`` with it."""
-    return "" if stain_norm is None else f"_{stain_norm}"
+    """``""`` for ``embed_images``' default stain normalisation (the default files), ``"_<norm>"`` otherwise."""
+    import stexp.images
+
+    return "" if stain_norm == stexp.images.DEFAULT_STAIN_NORM else f"_{stain_norm or 'none'}"
+
+
+def cache_path(stain_norm: str | None):
+    """The h5ad :func:`prepare` writes for ``stain_norm`` (also read by ``adapt.py`` and ``shift_augment.py``)."""
+    import stexp
+
+    return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm)}.h5ad"
+
+
+def stain_norm_arg(value: str) -> str | None:
+    """``--stain-norm``'s value as ``embed_images`` takes it."""
+    return None if value == "none" else value
 
 
 # -- renderings ---------------------------------------------------------------------------------------
@@ -189,16 +205,16 @@ def rendered_copy(adata, name: str):
     return a
 
 
-def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None = None) -> Path:
+def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None) -> Path:
     """Read the sections, embed clean and rendered images with the defaults (cached); write a slim h5ad.
 
-    With ``stain_norm`` every ``embed_images`` call (clean and rendered) normalises the stain alike, and the
-    h5ad is ``benchmark_shift_<stain_norm>.h5ad``.
+    Every ``embed_images`` call (clean and rendered) normalises the stain alike (``stain_norm``); the h5ad is
+    :func:`cache_path`.
     """
     import stexp
 
-    out = Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm)}.h5ad"
-    views = {} if stain_norm is None else {"stain_norm": stain_norm}
+    out = cache_path(stain_norm)
+    views = {"stain_norm": stain_norm}
     adata = stexp.datasets.her2st(SECTIONS, path=data_dir)
     panel = [g.strip() for g in (data_dir / "her2st_785_genes.txt").read_text().split() if g.strip()]
     genes = [g for g in panel if g in adata.var_names]
@@ -278,7 +294,7 @@ def run(
     keys = {r: f"X_{r}" for r in renderings if f"X_{r}" in adata.obsm}
     missing = sorted(set(renderings) - set(keys))
     if missing:
-        option = "" if stain_norm is None else f" --stain-norm {stain_norm}"
+        option = f" --stain-norm {stain_norm or 'none'}"
         sys.exit(
             f"renderings {missing} are not embedded; run with --embed-only{option} --renderings {','.join(missing)}"
         )
@@ -411,7 +427,7 @@ def write_report(
     command: str,
     stain_norm: str | None = None,
 ) -> None:
-    """``results/shift.json`` and ``results/shift.md`` (``shift_<stain_norm>.*`` with ``stain_norm``)."""
+    """``results/shift.json`` and ``results/shift.md`` (``shift_<stain_norm>.*`` for a non-default ``stain_norm``)."""
     import platform
 
     analysis = analyse(rows)
@@ -429,8 +445,7 @@ def write_report(
         "shuffled_control": control,
         "per_slide": json.loads(rows.drop(columns=["shuffled"]).to_json(orient="records")),
     }
-    if stain_norm is not None:  # the default report stays as it was
-        payload = {"command": command, "stain_norm": stain_norm, **payload}
+    payload = {"command": command, "stain_norm": stain_norm, **payload}
     stem = f"shift{_suffix(stain_norm)}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [
@@ -445,11 +460,10 @@ def write_report(
         "width of the 90% intervals; expected = the model's expected PCC(ACG) after its shift factor.",
         "",
     ]
-    if stain_norm is not None:
-        lines[3:3] = [
-            f"Stain normalisation: `embed_images(stain_norm={stain_norm!r})` on every slide, clean and rendered, "
-            "training and held out (each normalised on its own thumbnail).  "
-        ]
+    lines[3:3] = [  # the stain normalisation every slide was embedded with
+        f"Stain normalisation: `embed_images(stain_norm={stain_norm!r})` on every slide, clean and rendered, "
+        "training and held out (each normalised on its own thumbnail).  "
+    ]
     header = "| rendering | slides | PCC(ACG) | ratio | PCC(HEG) | shift | flagged | AUROC slides | AUROC spots | coverage | width | expected |"
     for variant, summary in analysis.items():
         lines += [f"## {variant}", "", header, "|" + "---|" * 12]
@@ -502,9 +516,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=STAIN_NORMS,
         default=None,
         help="embed every slide (clean and rendered) with embed_images(stain_norm=...); features in "
-        "benchmark_shift_<norm>.h5ad, results in results/shift_<norm>.{json,md} (default: no normalisation)",
+        "benchmark_shift_<norm>.h5ad, results in results/shift_<norm>.{json,md} (default: embed_images' default, "
+        "whose files are benchmark_shift.h5ad and results/shift.*)",
     )
     args = parser.parse_args(argv)
+    import stexp
+    import stexp.images
+
+    args.stain_norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
     if not args.data_dir:
         sys.exit("set STEXP_DATA_DIR (e.g. ../shared/data) or pass --data-dir")
     data_dir = Path(args.data_dir)
@@ -514,8 +533,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"features in {path}")
     if args.embed_only:
         return
-    import stexp
-
     stexp.settings.verbosity = 1
     names = [v for v in args.variants.split(",") if v]
     rows = run(path, names, renderings, shuffled=False, stain_norm=args.stain_norm)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from shift import STAIN_NORMS, cache_path, stain_norm_arg
 
 RESULTS = Path(__file__).parent / "results"
 RENDERED = ["B4", "C2", "C4"]
@@ -76,10 +77,19 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--augment", default="hed1,colour2,jpeg2,blur2")
+    parser.add_argument(
+        "--stain-norm",
+        choices=STAIN_NORMS,
+        default=None,
+        help="the features of `shift.py --stain-norm` (default: embed_images' default)",
+    )
     args = parser.parse_args()
     augment = [a for a in args.augment.split(",") if a]
     stexp.settings.verbosity = 1
-    adata = ad.read_h5ad(Path(stexp.settings.cachedir) / "benchmark_shift.h5ad")
+    import stexp.images
+
+    norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
+    adata = ad.read_h5ad(cache_path(norm))
     rows = run(adata, augment)
     table = rows.pivot_table(index="rendering", columns="variant", values=["pcc_acg", "pcc_heg"], sort=False)
     RESULTS.mkdir(exist_ok=True)
@@ -88,7 +98,7 @@ def main() -> None:
     lines = [
         "# Shift lever: augmented training bank",
         "",
-        f"Command: `python benchmarks/shift_augment.py --augment {args.augment}`. LOPO; held-out slides B4, C2, C4; "
+        f"Command: `python benchmarks/shift_augment.py --augment {args.augment} --stain-norm {norm or 'none'}`. LOPO; held-out slides B4, C2, C4; "
         'mean over them. "seen": a rendering of a kind used for augmentation.',
         "",
         "| rendering | default PCC(ACG) | augmented PCC(ACG) | default PCC(HEG) | augmented PCC(HEG) |",

@@ -173,6 +173,13 @@ def test_embed_many_slides_shards_and_skips(tmp_path, slides, capsys):
                  POOL, "--weights", "none", "--patch-um", "40", "--device", "cpu", "--quiet"]) == 0  # fmt: skip
     again = ad.read_h5ad(tmp_path / "again_out.h5ad")
     np.testing.assert_allclose(again.obsm[key], ad.read_h5ad(out / "s0.h5ad").obsm[key], rtol=1e-6)
+    # --stain-norm none embeds as embed_images(stain_norm=None) and records it; the default is Macenko
+    assert main(["embed", str(tmp_path / "again.h5ad"), "--out", str(tmp_path / "plain.h5ad"), "--encoder",
+                 POOL, "--weights", "none", "--patch-um", "40", "--device", "cpu", "--quiet", "--stain-norm", "none"]) == 0  # fmt: skip
+    plain = ad.read_h5ad(tmp_path / "plain.h5ad")
+    assert plain.uns["stexp"]["features"][key].get("stain_norm") is None
+    assert again.uns["stexp"]["features"][key]["stain_norm"] == "macenko"
+    assert not np.allclose(plain.obsm[key], again.obsm[key])
     argv[argv.index(POOL)] = "efficientnet_lite0"
     assert main([*argv, "--key", key]) == 1
     err = capsys.readouterr().err

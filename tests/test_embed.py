@@ -63,7 +63,10 @@ def test_features_and_spec(synth):
         assert k in spec or k in stexp.images._spec.OPTIONAL_FIELDS
     assert spec["patch_um"] == pytest.approx(82.5) and spec["patch_px"] == 16 and spec["out_dim"] == 48
     assert spec["weights"] == "random" and "versions" in spec
-    # each spot's feature is the pooled patch the reader cuts: check one spot against read_patches
+    assert spec["stain_norm"] == "macenko"  # the default
+    # without stain normalisation each spot's feature is the pooled patch the reader cuts: check one spot
+    _embed(synth, enc, batch_size=50, stain_norm=None, key_added="X_plain")
+    f = synth.obsm["X_plain"]
     i = 7
     lib = synth.obs["library_id"].iloc[i]
     p = stexp.images.read_patches(synth, lib, [i], out_px=16)

@@ -105,7 +105,7 @@ def test_stain_norm_removes_much_of_a_stain_shift(synth, stain_norm):
     a, lib = _one_slide(synth)
     shifted = a.copy()
     shifted.uns["spatial"][lib]["images"] = {"hires": hed_shift(spatial_entry(a, lib)["images"]["hires"])}
-    without = _rel(_feats(a), _feats(shifted))
+    without = _rel(_feats(a, stain_norm=None), _feats(shifted, stain_norm=None))
     normalised = _rel(_feats(a, stain_norm=stain_norm), _feats(shifted, stain_norm=stain_norm))
     assert normalised < 0.75 * without
 
@@ -248,13 +248,14 @@ def test_embed_images_macenko_names_a_slide_without_tissue(synth):
 
 def test_view_options_are_recorded_checked_and_cached_apart(synth):
     a, _ = _one_slide(synth)
-    stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu")
+    stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", stain_norm=None)
     plain = a.obsm["X_stexp_tiny"].copy()
     spec = a.uns["stexp"]["features"]["X_stexp_tiny"]
+    assert spec.get("stain_norm") is None
     assert spec["tta"] is False or spec["tta"] == 0
     with pytest.raises(ValueError, match="tta"):
-        stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", tta=True)
-    stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", tta=True, key_added="tta")
+        stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", tta=True, stain_norm=None)
+    stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", tta=True, key_added="tta", stain_norm=None)
     assert a.uns["stexp"]["features"]["tta"]["tta"]
     assert not np.allclose(a.obsm["tta"], plain)  # a cache hit of the plain features would be equal
     # a record written before the options existed reads as the defaults and matches plain features
@@ -263,6 +264,12 @@ def test_view_options_are_recorded_checked_and_cached_apart(synth):
     check_encoder_spec(old, spec)
     with pytest.raises(ValueError, match="tta"):
         check_encoder_spec(old, a.uns["stexp"]["features"]["tta"])
+    # the default (Macenko) differs from the plain features: no cache hit across it, and it is recorded
+    stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", key_added="default")
+    assert a.uns["stexp"]["features"]["default"]["stain_norm"] == stexp.images.DEFAULT_STAIN_NORM == "macenko"
+    assert not np.allclose(a.obsm["default"], plain)
+    with pytest.raises(ValueError, match="stain_norm"):  # a model of normalised features refuses plain ones
+        check_encoder_spec(spec, a.uns["stexp"]["features"]["default"])
     for bad in ({"mpp": 0}, {"mpp": 1e9}, {"mpp": "1"}, {"stain_norm": "macenko?"}, {"tta": "yes"}):
         with pytest.raises((ValueError, TypeError)):  # TypeError: mpp that is not a number
             stexp.pp.embed_images(a, encoder=TinyEncoder(), device="cpu", key_added="bad", **bad)

@@ -379,6 +379,7 @@ def embed_command(args: argparse.Namespace) -> int:
         stexp.pp.embed_images(
             adata, encoder=encoder, patch_um=args.patch_um, batch_size=args.batch_size,
             device=device, devices=args.devices, key_added=key, overwrite=args.overwrite,
+            stain_norm=None if args.stain_norm == "none" else args.stain_norm,
         )  # fmt: skip
         if speak:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +421,7 @@ SLIDES_HELP = (
 def add_embed_parser(sub, positive_int, positive_float) -> None:
     """The ``stexp embed`` subcommand."""
     from stexp.images._encoders import DEFAULT_ENCODER
+    from stexp.images._views import DEFAULT_STAIN_NORM
 
     emb = sub.add_parser(
         "embed",
@@ -441,6 +443,12 @@ def add_embed_parser(sub, positive_int, positive_float) -> None:
         type=positive_int,
         default=None,
         help="shard each slide's patches over N processes / GPUs (Lightning; see docs/distributed.md)",
+    )
+    emb.add_argument(
+        "--stain-norm",
+        choices=["macenko", "reinhard", "none"],
+        default=DEFAULT_STAIN_NORM,
+        help="stain normalisation of every slide before embedding (default: %(default)s, as embed_images)",
     )
     emb.add_argument("--batch-size", type=positive_int, default=32, help="patches per forward pass")
     emb.add_argument("--key", default=None, help="obsm key of the features (default: X_stexp_<encoder>)")

@@ -24,5 +24,6 @@ __getattr__, __dir__, __all__ = lazy_namespace(
         "preset_checkpoint": "._presets",
         "PatchDataset": "._dataset",
         "hed_shift": "._stain",
+        "DEFAULT_STAIN_NORM": "._views",
     },
 )
