@@ -137,7 +137,15 @@ def point(n_spots: int, search: str, mode: str = "pipeline") -> dict:
         "n_queries_smoothing": model.smoothing.get("n_queries"),
         "n_calibration": None if model.calibration is None else model.calibration.n_calibration,
         "ann": h.get("ann"),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The checkout's commit (the code a point measured), or None outside a git checkout."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parent)  # fmt: skip
+    return proc.stdout.strip() or None
 
 
 def exponent(rows: list[dict], key: str) -> float | None:
@@ -193,8 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
     suffix = "" if args.mode == "pipeline" else "_retrieval"
+    # points of earlier invocations are kept (merged by size and search); a point run again replaces its row
+    previous = out / f"cost_curve{suffix}.json"
+    runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
     for n in (int(s) for s in args.sizes.split(",")):
         for search in args.searches.split(","):
             proc = subprocess.run(
@@ -207,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             if proc.returncode or not result:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"the point n={n} search={search} failed (exit {proc.returncode})")
-            runs.append(json.loads(result[-1][len("RESULT ") :]))
-            print(runs[-1], flush=True)
+            point_row = json.loads(result[-1][len("RESULT ") :])
+            runs = [r for r in runs if (r["n_train"], r["search"]) != (n, search)] + [point_row]
+            print(point_row, flush=True)
             (out / f"cost_curve{suffix}.json").write_text(json.dumps({"runs": runs}, indent=1))
     command = "python benchmarks/cost_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / f"cost_curve{suffix}.md").write_text(report(runs, command.strip()))
