@@ -83,18 +83,19 @@ PROTOCOLS = {
     "stain": ("patient", "stain shift (LOPO folds, held-out slides with a fixed HED perturbation)", "stain"),
 }
 #: Feature configurations: keyword arguments of ``stexp.pp.embed_images`` (``parts``: concatenated configs). Each
-#: names its encoder, so that a change of the package's default encoder does not change what a config means.
+#: names its encoder and its stain normalisation, so that a change of the package's defaults (encoder; Macenko
+#: normalisation since issue 23) does not change what a config means.
 FEATURE_CONFIGS: dict[str, dict] = {
-    "p150": {"patch_um": 150.0, "encoder": ENCODER},
-    "p100": {"patch_um": 100.0, "encoder": ENCODER},
-    "p75": {"patch_um": 75.0, "encoder": ENCODER},
+    "p150": {"patch_um": 150.0, "encoder": ENCODER, "stain_norm": None},
+    "p100": {"patch_um": 100.0, "encoder": ENCODER, "stain_norm": None},
+    "p75": {"patch_um": 75.0, "encoder": ENCODER, "stain_norm": None},
     "ms": {"parts": ["p75", "p150"]},
-    "p75tta": {"patch_um": 75.0, "encoder": ENCODER, "tta": True},
+    "p75tta": {"patch_um": 75.0, "encoder": ENCODER, "tta": True, "stain_norm": None},
     "p75rh": {"patch_um": 75.0, "encoder": ENCODER, "stain_norm": "reinhard"},
-    "p75ml": {"patch_um": 75.0, "encoder": f"{ENCODER}_ml"},
-    "p75mpp": {"patch_um": 75.0, "encoder": ENCODER, "mpp": 1.0},
+    "p75ml": {"patch_um": 75.0, "encoder": f"{ENCODER}_ml", "stain_norm": None},
+    "p75mpp": {"patch_um": 75.0, "encoder": ENCODER, "mpp": 1.0, "stain_norm": None},
     "p75mlrh": {"patch_um": 75.0, "encoder": f"{ENCODER}_ml", "stain_norm": "reinhard"},
-    "p150ml": {"patch_um": 150.0, "encoder": f"{ENCODER}_ml"},
+    "p150ml": {"patch_um": 150.0, "encoder": f"{ENCODER}_ml", "stain_norm": None},
     "msml": {"parts": ["p75ml", "p150ml"]},
     "default": {},
 }

@@ -49,7 +49,11 @@ import numpy as np
 import pandas as pd
 
 SECTIONS = ["B4", "C2", "C3", "C4", "C5", "C6"]
-FEATURES = {"patch_um": 150.0, "encoder": "efficientnet_lite0"}  # the p150 set of benchmarks/her2st.py
+FEATURES = {
+    "patch_um": 150.0,
+    "encoder": "efficientnet_lite0",
+    "stain_norm": None,
+}  # the p150 set of benchmarks/her2st.py
 FEATURES_KEY = "X_p150_clean"
 EPOCHS = {"mclstexp": 90, "nh2st": 60}  # as benchmarks/her2st.py (NH2ST's paper allows 200, patience 20)
 METHODS = ("mclstexp", "nh2st")
