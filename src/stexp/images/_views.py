@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Final
 
 import numpy as np
 
@@ -21,7 +22,7 @@ import numpy as np
 STAIN_NORMS = (None, "reinhard", "macenko")
 #: ``embed_images``' default ``stain_norm``: on the shift protocol (``benchmarks/shift.py --stain-norm macenko``,
 #: ``docs/shift.md``) it cost clean LOPO 0.002 PCC(ACG) and raised the strongest rendering from -0.003 to 0.026.
-DEFAULT_STAIN_NORM = "macenko"
+DEFAULT_STAIN_NORM: Final = "macenko"
 #: Longest side (px) of the thumbnail a slide's stain statistics are taken from (``stain_norm``); smaller
 #: than the readers' in-memory copy (:data:`stexp._layout.THUMBNAIL_PX`): colour statistics need no detail.
 STAIN_THUMBNAIL_PX = 1024
