@@ -52,9 +52,11 @@ def _embed(adata, enc, **kw):
     stexp.pp.embed_images(adata, encoder=enc, device="cpu", **kw)
 
 
-def test_features_and_spec(synth):
+def test_features_and_spec(synth, caplog):
     enc = TinyEncoder()
-    _embed(synth, enc, batch_size=50)
+    with caplog.at_level(logging.INFO, logger="stexp"):
+        _embed(synth, enc, batch_size=50)
+    assert "macenko stain normalisation" in caplog.text  # the log says how the patches were prepared
     f = synth.obsm["X_stexp_tiny"]
     assert f.shape == (synth.n_obs, 48) and f.dtype == np.float32 and np.isfinite(f).all()
     assert f.std(axis=0).mean() > 0.01  # spots differ
@@ -65,7 +67,10 @@ def test_features_and_spec(synth):
     assert spec["weights"] == "random" and "versions" in spec
     assert spec["stain_norm"] == "macenko"  # the default
     # without stain normalisation each spot's feature is the pooled patch the reader cuts: check one spot
-    _embed(synth, enc, batch_size=50, stain_norm=None, key_added="X_plain")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stexp"):
+        _embed(synth, enc, batch_size=50, stain_norm=None, key_added="X_plain")
+    assert "added adata.obsm['X_plain']" in caplog.text and "stain normalisation" not in caplog.text
     f = synth.obsm["X_plain"]
     i = 7
     lib = synth.obs["library_id"].iloc[i]

@@ -421,7 +421,7 @@ SLIDES_HELP = (
 def add_embed_parser(sub, positive_int, positive_float) -> None:
     """The ``stexp embed`` subcommand."""
     from stexp.images._encoders import DEFAULT_ENCODER
-    from stexp.images._views import DEFAULT_STAIN_NORM
+    from stexp.images._views import DEFAULT_STAIN_NORM, STAIN_NORMS
 
     emb = sub.add_parser(
         "embed",
@@ -446,7 +446,7 @@ def add_embed_parser(sub, positive_int, positive_float) -> None:
     )
     emb.add_argument(
         "--stain-norm",
-        choices=["macenko", "reinhard", "none"],
+        choices=[norm or "none" for norm in STAIN_NORMS],
         default=DEFAULT_STAIN_NORM,
         help="stain normalisation of every slide before embedding (default: %(default)s, as embed_images)",
     )

@@ -440,9 +440,18 @@ def _write_features(adata, key: str, enc, spec, embedded: _Embedded) -> None:
     total_out = sum(n_outside.values())
     extra = f"; {total_out} spots outside their image got NaN features" if total_out else ""
     cached = f"; {embedded.n_loaded} spots loaded from the disk cache" if embedded.n_loaded else ""
+    views = "".join(
+        part
+        for part, on in (
+            (f", resampled to {spec.mpp} µm/px", spec.mpp is not None),
+            (f", {spec.stain_norm} stain normalisation", spec.stain_norm is not None),
+            (", 8-view TTA", bool(spec.tta)),
+        )
+        if on
+    )
     logger.info(
         f"added adata.obsm[{key!r}] ({adata.n_obs} x {enc.out_dim} float32, {enc.name}, "
-        f"patch {spec.patch_um} µm -> {spec.patch_px} px{cached}{extra}) and "
+        f"patch {spec.patch_um} µm -> {spec.patch_px} px{views}{cached}{extra}) and "
         f"adata.uns['stexp']['features'][{key!r}]"
     )
 
