@@ -422,5 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def console_main() -> int:
+    """The ``stexp`` console script: :func:`main` in a process of its own, its allocator tuned for CPU inference.
+
+    :func:`stexp._malloc.tune_for_inference` changes this process only; ``main`` called from Python (a
+    notebook, the tests) leaves the caller's allocator alone.
+    """
+    from stexp._malloc import tune_for_inference
+
+    tune_for_inference()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    raise SystemExit(console_main())

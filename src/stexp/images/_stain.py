@@ -117,9 +117,13 @@ def _check_rgb(image: np.ndarray, what: str, shape: str) -> np.ndarray:
     return image
 
 
-def _optical_density(rgb: np.ndarray) -> np.ndarray:
-    """``-log((I + 1) / 256)`` per channel of uint8 ``rgb`` (0 for white 255; never infinite); float64."""
-    return -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+#: ``-log((I + 1) / 256)`` of every uint8 intensity ``I``: the optical density, looked up rather than computed.
+_OD_TABLE = -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
+
+
+def _optical_density(rgb: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """``-log((I + 1) / 256)`` per channel of uint8 ``rgb`` (0 for white 255; never infinite)."""
+    return _OD_TABLE.astype(dtype, copy=False)[rgb]
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class MacenkoNormalizer:
         (h0, h1, h2), (e0, e1, e2) = stains.tolist()
         return cls(((h0, h1, h2), (e0, e1, e2)), (float(max_conc[0]), float(max_conc[1])))
 
-    def __call__(self, patches: np.ndarray, *, chunk_pixels: int = 1 << 18) -> np.ndarray:
+    def __call__(self, patches: np.ndarray, *, chunk_pixels: int = 1 << 16) -> np.ndarray:
         """uint8 RGB ``(..., H, W, 3)`` patches with their stains re-rendered as :data:`MACENKO_TARGET`.
 
         Every pixel's concentrations (least squares on the slide's ``stain_matrix``) are scaled by
@@ -192,14 +196,22 @@ class MacenkoNormalizer:
             If ``patches`` is not uint8 with RGB last.
         """
         patches = _check_rgb(patches, "MacenkoNormalizer", "(..., H, W, 3)")
+        # float32 throughout (the output is uint8), in chunks small enough for the allocator to reuse
         unmix = np.linalg.pinv(np.asarray(self.stain_matrix, dtype=np.float64))  # (3, 2)
         scale = np.asarray(MACENKO_TARGET["max_conc"], dtype=np.float64) / np.asarray(self.max_conc, np.float64)
         target = np.asarray(MACENKO_TARGET["stain_matrix"], dtype=np.float64)  # (2, 3)
+        render = ((unmix * scale) @ target).astype(np.float32)  # (3, 3): OD in -> target OD out
+        table = _OD_TABLE.astype(np.float32)
         flat = patches.reshape(-1, 3)
         out = np.empty_like(flat)
         step = max(1, int(chunk_pixels))
         for start in range(0, len(flat), step):
-            conc = _optical_density(flat[start : start + step]) @ unmix * scale
-            rgb = 256.0 * np.exp(-(conc @ target)) - 1.0
-            out[start : start + step] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+            od = table[flat[start : start + step]] @ render  # the target's optical density of every pixel
+            np.negative(od, out=od)
+            np.exp(od, out=od)
+            od *= 256.0
+            od -= 1.0
+            np.rint(od, out=od)
+            np.clip(od, 0, 255, out=od)
+            out[start : start + step] = od
         return out.reshape(patches.shape)
