@@ -287,3 +287,12 @@ def test_multilevel_encoder_ends_with_the_plain_features():
         y, y0 = ml.module(x), plain.module(x)
     assert y.shape == (2, 1704)
     torch.testing.assert_close(y[:, -1280:], y0)
+
+
+def test_fit_without_features_key_uses_the_features_the_user_embedded():
+    """Features embedded with stain_norm=None under the default key are used by tl.fit, not refused."""
+    a = stexp.datasets.synthetic(n_slides=2, n_spots=48, n_genes=24)
+    stexp.pp.embed_images(a, stain_norm=None, device="cpu", cache=False)
+    model = stexp.tl.fit(a, model="ridge", calibrate=False)
+    assert model.encoder_spec.stain_norm is None
+    assert a.uns["stexp"]["features"][model.features_key].get("stain_norm") is None

@@ -124,8 +124,16 @@ def resolve_features(adata, features_key: str | None, *, library_key: str, encod
         from stexp.pp import embed_images
         from stexp.pp._embed import default_key
 
-        embed_images(adata, encoder=encoder, library_key=library_key)
-        return default_key(encoder)
+        key = default_key(encoder)
+        stored = adata.uns.get(UNS_KEY, {}).get("features", {}).get(key) if key in adata.obsm else None
+        views = {}
+        if stored:  # features the user embedded (e.g. stain_norm=None): their view options stand, checked as such
+            from stexp.images._spec import EncoderSpec
+
+            spec = EncoderSpec.from_mapping(stored)
+            views = {"mpp": spec.mpp, "stain_norm": spec.stain_norm, "tta": spec.tta}
+        embed_images(adata, encoder=encoder, library_key=library_key, **views)
+        return key
     if features_key not in adata.obsm:
         raise KeyError(
             f"features key {features_key!r} not in adata.obsm (it has {list(adata.obsm)}); "
