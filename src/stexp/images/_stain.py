@@ -143,9 +143,10 @@ class MacenkoNormalizer:
     def fit(cls, image: np.ndarray) -> MacenkoNormalizer:
         """Stain vectors and concentration range of a slide image (a thumbnail is enough), uint8 ``(H, W, 3)``.
 
-        Tissue pixels (of at most :data:`MACENKO_FIT_PIXELS`, evenly spaced): optical density at least :data:`MACENKO_BETA` in every channel and not glass (all
-        channels above :data:`WHITE`, or all below :data:`DARK_GLASS`: a dark background). The plane of the two largest eigenvectors of their OD covariance holds
-        both stains; the :data:`MACENKO_ALPHA` and ``100 - alpha`` percentiles of the pixels' angles in that
+        Tissue pixels (of at most :data:`MACENKO_FIT_PIXELS`, evenly spaced): optical density at least
+        :data:`MACENKO_BETA` in every channel and not glass (all channels above :data:`WHITE`, or all below
+        :data:`DARK_GLASS`: a dark background). The plane of the two largest eigenvectors of their OD
+        covariance holds both stains; the :data:`MACENKO_ALPHA` and ``100 - alpha`` percentiles of the pixels' angles in that
         plane give the two stain vectors, the one with the larger red-channel OD being haematoxylin.
 
         Raises
@@ -201,12 +202,11 @@ class MacenkoNormalizer:
         scale = np.asarray(MACENKO_TARGET["max_conc"], dtype=np.float64) / np.asarray(self.max_conc, np.float64)
         target = np.asarray(MACENKO_TARGET["stain_matrix"], dtype=np.float64)  # (2, 3)
         render = ((unmix * scale) @ target).astype(np.float32)  # (3, 3): OD in -> target OD out
-        table = _OD_TABLE.astype(np.float32)
         flat = patches.reshape(-1, 3)
         out = np.empty_like(flat)
         step = max(1, int(chunk_pixels))
         for start in range(0, len(flat), step):
-            od = table[flat[start : start + step]] @ render  # the target's optical density of every pixel
+            od = _optical_density(flat[start : start + step], np.float32) @ render  # the target's optical density
             np.negative(od, out=od)
             np.exp(od, out=od)
             od *= 256.0

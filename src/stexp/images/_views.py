@@ -84,13 +84,11 @@ def stain_normalizer(
         return None
     from ._stain import MacenkoNormalizer, ReinhardNormalizer
 
-    fit: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
-    if stain_norm == "reinhard":
-        fit = ReinhardNormalizer.fit
-    elif stain_norm == "macenko":
-        fit = MacenkoNormalizer.fit
-    else:
+    fits: dict[str, Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]]
+    fits = {"reinhard": ReinhardNormalizer.fit, "macenko": MacenkoNormalizer.fit}
+    if stain_norm not in fits:
         raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
+    fit = fits[stain_norm]
     thumb = image.copy()
     thumb.thumbnail((STAIN_THUMBNAIL_PX, STAIN_THUMBNAIL_PX))
     try:
