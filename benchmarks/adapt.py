@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from shift import STAIN_NORMS, cache_path, stain_norm_arg
+from shift import add_stain_norm_option, cache_path, stain_norm_arg
 
 RESULTS = Path(__file__).parent / "results"
 NEW_PATIENT = ["C2", "C3", "C4", "C5", "C6"]
@@ -87,17 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lab", action="store_true")
     parser.add_argument("--weights", default="1,2,3,5")
-    parser.add_argument(
-        "--stain-norm",
-        choices=STAIN_NORMS,
-        default=None,
-        help="the features of `shift.py --stain-norm` (default: embed_images' default)",
-    )
+    add_stain_norm_option(parser, "the features of `shift.py --stain-norm` (default: embed_images' default)")
     args = parser.parse_args()
     stexp.settings.verbosity = 1
-    import stexp.images
-
-    norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
+    norm = stain_norm_arg(args.stain_norm)
     adata = ad.read_h5ad(cache_path(norm))
     weights = [int(w) for w in args.weights.split(",")]
     rows = run(adata, lab=args.lab, weights=weights)

@@ -89,8 +89,17 @@ def cache_path(stain_norm: str | None):
     return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm)}.h5ad"
 
 
-def stain_norm_arg(value: str) -> str | None:
-    """``--stain-norm``'s value as ``embed_images`` takes it."""
+def add_stain_norm_option(parser, help: str) -> None:
+    """``--stain-norm none|reinhard|macenko`` (default: ``embed_images``' default), shared by the shift scripts."""
+    parser.add_argument("--stain-norm", choices=STAIN_NORMS, default=None, help=help)
+
+
+def stain_norm_arg(value: str | None) -> str | None:
+    """``--stain-norm``'s value as ``embed_images`` takes it (``None``: ``embed_images``' default)."""
+    import stexp.images
+
+    if value is None:
+        return stexp.images.DEFAULT_STAIN_NORM
     return None if value == "none" else value
 
 
@@ -511,19 +520,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-only", action="store_true")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--controls", default="default", help="variants also run on shuffled features")
-    parser.add_argument(
-        "--stain-norm",
-        choices=STAIN_NORMS,
-        default=None,
-        help="embed every slide (clean and rendered) with embed_images(stain_norm=...); features in "
+    add_stain_norm_option(
+        parser,
+        "embed every slide (clean and rendered) with embed_images(stain_norm=...); features in "
         "benchmark_shift_<norm>.h5ad, results in results/shift_<norm>.{json,md} (default: embed_images' default, "
         "whose files are benchmark_shift.h5ad and results/shift.*)",
     )
     args = parser.parse_args(argv)
     import stexp
-    import stexp.images
 
-    args.stain_norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
+    args.stain_norm = stain_norm_arg(args.stain_norm)
     if not args.data_dir:
         sys.exit("set STEXP_DATA_DIR (e.g. ../shared/data) or pass --data-dir")
     data_dir = Path(args.data_dir)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from shift import STAIN_NORMS, cache_path, stain_norm_arg
+from shift import add_stain_norm_option, cache_path, stain_norm_arg
 
 RESULTS = Path(__file__).parent / "results"
 RENDERED = ["B4", "C2", "C4"]
@@ -77,18 +77,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--augment", default="hed1,colour2,jpeg2,blur2")
-    parser.add_argument(
-        "--stain-norm",
-        choices=STAIN_NORMS,
-        default=None,
-        help="the features of `shift.py --stain-norm` (default: embed_images' default)",
-    )
+    add_stain_norm_option(parser, "the features of `shift.py --stain-norm` (default: embed_images' default)")
     args = parser.parse_args()
     augment = [a for a in args.augment.split(",") if a]
     stexp.settings.verbosity = 1
-    import stexp.images
-
-    norm = stexp.images.DEFAULT_STAIN_NORM if args.stain_norm is None else stain_norm_arg(args.stain_norm)
+    norm = stain_norm_arg(args.stain_norm)
     adata = ad.read_h5ad(cache_path(norm))
     rows = run(adata, augment)
     table = rows.pivot_table(index="rendering", columns="variant", values=["pcc_acg", "pcc_heg"], sort=False)
