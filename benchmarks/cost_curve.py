@@ -31,14 +31,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _memory import peak_rss_mb
+from _memory import AnonymousPeak, peak_rss_mb
 
 N_FEATURES, N_GENES, SLIDE_SPOTS, N_QUERY = 1704, 785, 4000, 20_000
 KEY = "X_synthetic"
 
 
-def cohort(n_spots: int, *, seed: int, first_patient: int = 0):
-    """A synthetic AnnData of ``n_spots`` spots (slides of SLIDE_SPOTS) with features in ``obsm[KEY]``."""
+def cohort(n_spots: int, *, seed: int, first_patient: int = 0, features_path: Path | None = None):
+    """A synthetic AnnData of ``n_spots`` spots (slides of SLIDE_SPOTS) with features in ``obsm[KEY]``.
+
+    ``features_path``: the features are written there (a ``.npy`` file, block by block) instead of ``obsm``.
+    """
     import anndata as ad
     import pandas as pd
     from scipy import sparse
@@ -77,7 +80,10 @@ def cohort(n_spots: int, *, seed: int, first_patient: int = 0):
         )
         xy.append(np.column_stack([c * 100.0, r * 100.0]))
     latent = np.vstack(latent_all)
-    features = np.empty((n_spots, N_FEATURES), dtype=np.float32)
+    if features_path is None:
+        features = np.empty((n_spots, N_FEATURES), dtype=np.float32)
+    else:
+        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float32, shape=(n_spots, N_FEATURES))
     for start in range(0, n_spots, 50_000):  # bounded temporaries
         chunk = latent[start : start + 50_000].astype(np.float32) @ to_features
         features[start : start + 50_000] = chunk + rng.normal(0, 1.0, chunk.shape).astype(np.float32)
@@ -88,7 +94,11 @@ def cohort(n_spots: int, *, seed: int, first_patient: int = 0):
     )
     adata.obs["library_id"] = adata.obs["library_id"].astype("category")
     adata.obsm["spatial"] = np.vstack(xy)
-    adata.obsm[KEY] = features
+    if features_path is None:
+        adata.obsm[KEY] = features
+    else:
+        features.flush()
+        del features
     adata.uns["spatial"] = {
         lib: {"images": {}, "scalefactors": {"microns_per_pixel": 1.0, "spot_diameter_fullres": 55.0}}
         for lib in adata.obs["library_id"].cat.categories
@@ -96,32 +106,64 @@ def cohort(n_spots: int, *, seed: int, first_patient: int = 0):
     return adata
 
 
-def point(n_spots: int, search: str, mode: str = "pipeline") -> dict:
+def make_on_disk(n_spots: int, folder: Path) -> None:
+    """Write the training cohort to ``folder``: counts in ``train.h5ad``, features in ``features.npy``."""
+    adata = cohort(n_spots, seed=1, features_path=folder / "features.npy")
+    adata.write_h5ad(folder / "train.h5ad")
+
+
+def training_cohort(n_spots: int, storage: str, folder: Path):
+    """The training AnnData: in memory, or (``storage="disk"``) backed counts with memory-mapped features.
+
+    On disk, the cohort is generated and written by a child process, so this process's peak memory is the
+    fit's own.
+    """
+    if storage == "memory":
+        return cohort(n_spots, seed=1)
+    import anndata as ad
+
+    subprocess.run([sys.executable, __file__, "--make", str(n_spots), str(folder)], check=True)
+    adata = ad.read_h5ad(folder / "train.h5ad", backed="r")
+    adata.obsm[KEY] = np.load(folder / "features.npy", mmap_mode="r")
+    return adata
+
+
+def point(n_spots: int, search: str, mode: str = "pipeline", storage: str = "memory") -> dict:
     """Fit on ``n_spots`` and predict N_QUERY spots; times, peak memory, scores.
 
     ``mode="pipeline"``: the default pipeline; ``"retrieval"``: its retrieval alone (kNN k=200 at a fixed
-    temperature, no smoothing, no calibration: the bank, the index and the search).
+    temperature, no smoothing, no calibration: the bank, the index and the search). ``storage="disk"``: the
+    training counts and features live on disk (a backed AnnData, a memory-mapped ``.npy``).
     """
+    import tempfile
+
     import stexp
 
     stexp.settings.verbosity = 1
-    t0 = time.perf_counter()
-    train = cohort(n_spots, seed=1)
-    query = cohort(N_QUERY, seed=2, first_patient=10_000)
-    t_data, mem_data = time.perf_counter() - t0, peak_rss_mb()
-    options = {} if mode == "pipeline" else {"model": "knn", "k": 200, "temperature": 0.1, "calibrate": False}
-    t0, c0 = time.perf_counter(), time.process_time()
-    model = stexp.tl.fit(train, features_key=KEY, search=search, **options)
-    t_fit, c_fit, mem_fit = time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb()
-    t0, c0 = time.perf_counter(), time.process_time()
-    stexp.tl.predict(query, model)
-    t_predict, c_predict = time.perf_counter() - t0, time.process_time() - c0
+    with tempfile.TemporaryDirectory(prefix="stexp_cost_") as tmp:
+        t0 = time.perf_counter()
+        train = training_cohort(n_spots, storage, Path(tmp))
+        query = cohort(N_QUERY, seed=2, first_patient=10_000)
+        t_data, mem_data = time.perf_counter() - t0, peak_rss_mb()
+        options = {} if mode == "pipeline" else {"model": "knn", "k": 200, "temperature": 0.1, "calibrate": False}
+        with AnonymousPeak() as anon_fit:
+            t0, c0 = time.perf_counter(), time.process_time()
+            model = stexp.tl.fit(train, features_key=KEY, search=search, **options)
+            t_fit, c_fit, mem_fit = time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb()
+        del train
+        with AnonymousPeak() as anon:
+            t0, c0 = time.perf_counter(), time.process_time()
+            stexp.tl.predict(query, model)
+            t_predict, c_predict = time.perf_counter() - t0, time.process_time() - c0
     scores = stexp.tl.evaluate(query)
     h = model.history
     return {
         "n_train": n_spots,
         "search": search,
         "mode": mode,
+        "storage": storage,
+        "peak_anon_mb_fit": round(anon_fit.mb),
+        "peak_anon_mb": round(max(anon.mb, anon_fit.mb)),
         "data_seconds": round(t_data, 1),
         "fit_seconds": round(t_fit, 1),
         "predict_seconds": round(t_predict, 1),
@@ -165,18 +207,23 @@ def report(runs: list[dict], command: str) -> str:
         "2 cores shared with several other jobs, so times are CPU seconds of the process, all threads; wall times "
         "are in the JSON only). Fit = `stexp.tl.fit(adata, features_key=...)`"
         " (temperature, σ and calibration on inner folds, each scoring at most 20,000 held-out spots); predict = "
-        f"`stexp.tl.predict` of {N_QUERY:,} spots of other patients. Peak memory is the process's VmHWM.",
+        f"`stexp.tl.predict` of {N_QUERY:,} spots of other patients. Peak memory: the process's VmHWM (which "
+        "counts the pages of memory-mapped features it read) and, where measured, its peak anonymous memory "
+        "(RssAnon sampled every 50 ms: its own arrays). Storage: training counts and features in memory, or on "
+        "disk (backed AnnData, memory-mapped features).",
         "",
-        "| training spots | search | fit CPU s | predict CPU s | peak MB (fit) | peak MB | PCC(ACG) | temperature | σ µm "
+        "| training spots | storage | search | fit CPU s | fit wall s | predict CPU s | predict wall s "
+        "| peak MB (fit) | peak MB | peak anonymous MB | PCC(ACG) | temperature | σ µm "
         "| inner queries (T / σ / cal.) | index |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in sorted(runs, key=lambda r: (r["n_train"], r["search"])):
+    for r in sorted(runs, key=lambda r: (r["n_train"], r.get("storage", "memory"), r["search"])):
         ann = r.get("ann") or {}
         idx = f"nlist {ann['nlist']}, nprobe {ann['nprobe']}, recall@200 {ann['recall_at_k']}" if ann else "exact"
         lines.append(
-            f"| {r['n_train']:,} | {r['search']} | {r['fit_cpu_seconds']} | {r['predict_cpu_seconds']} | {r['peak_mb_fit']} "
-            f"| {r['peak_mb']} | {r['pcc_acg']} | {r['temperature']} | {r['sigma_um']:.0f} "
+            f"| {r['n_train']:,} | {r.get('storage', 'memory')} | {r['search']} | {r['fit_cpu_seconds']} "
+            f"| {r['fit_seconds']} | {r['predict_cpu_seconds']} | {r['predict_seconds']} | {r['peak_mb_fit']} "
+            f"| {r['peak_mb']} | {r.get('peak_anon_mb', '')} | {r['pcc_acg']} | {r['temperature']} | {r['sigma_um']:.0f} "
             f"| {r['n_queries_temperature']} / {r['n_queries_smoothing']} / {r['n_calibration']} | {idx} |"
         )
     lines += ["", "Exponent of CPU time in the training size (log-log slope, smallest to largest size):", ""]
@@ -194,10 +241,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--searches", default="exact,approximate")
     parser.add_argument("--mode", default="pipeline", choices=["pipeline", "retrieval"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--storage", default="memory", choices=["memory", "disk"], help="training data in memory or on disk"
+    )
     parser.add_argument("--point", nargs=3, metavar=("N", "SEARCH", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=2, metavar=("N", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.make:
+        make_on_disk(int(args.make[0]), Path(args.make[1]))
+        return
     if args.point:
-        print("RESULT " + json.dumps(point(int(args.point[0]), args.point[1], args.point[2])), flush=True)
+        row = point(int(args.point[0]), args.point[1], args.point[2], args.storage)
+        print("RESULT " + json.dumps(row), flush=True)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         for search in args.searches.split(","):
             proc = subprocess.run(
-                [sys.executable, __file__, "--point", str(n), search, args.mode],
+                [sys.executable, __file__, "--point", str(n), search, args.mode, "--storage", args.storage],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -218,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"the point n={n} search={search} failed (exit {proc.returncode})")
             point_row = json.loads(result[-1][len("RESULT ") :])
-            runs = [r for r in runs if (r["n_train"], r["search"]) != (n, search)] + [point_row]
+            same = (n, search, args.storage)
+            runs = [r for r in runs if (r["n_train"], r["search"], r.get("storage", "memory")) != same] + [point_row]
             print(point_row, flush=True)
             (out / f"cost_curve{suffix}.json").write_text(json.dumps({"runs": runs}, indent=1))
     command = "python benchmarks/cost_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -8,8 +8,13 @@ calibration's and the shift score's neighbour distances) searches an inverted-fi
 - a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by doubling it
   until the recall@k against exact search, measured on a seeded sample of bank rows, reaches
   :data:`TARGET_RECALL` (recorded in :attr:`AnnIndex.info`);
-- the cells hold the bank rows uncompressed, sorted by cell, so the similarities (distances) returned are
-  exact for the neighbours found: only *which* neighbours are found is approximate.
+- the index keeps each cell's list of bank rows and searches the bank itself (no copy of it: at a million
+  1,704-d rows a copy would be 6.8 GB), so the similarities (distances) returned are exact for the neighbours
+  found: only *which* neighbours are found is approximate;
+- a search may exclude bank rows (``exclude=``: the rows of held-out slides when a choice is made on inner
+  folds of the bank itself, :mod:`stexp.models._retrieval`). Its ``nprobe`` is chosen for that exclusion
+  the first time it is seen, on a sample of the search's own queries, as at build time: a query's nearest
+  cells may hold mostly its own (excluded) slide.
 
 faiss gives the k-means and the coarse quantizer (which cells a query probes). The cells are scanned here,
 a block of queries at a time, as one matrix product per cell: faiss's ``IndexIVFFlat`` scans each query on
@@ -88,23 +93,34 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def _exact(query: np.ndarray, bank: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Exact top-``k`` bank rows of each query row (unordered), blocked."""
+def _exact(query: np.ndarray, bank: np.ndarray, k: int, metric: str, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Exact top-``k`` bank rows of each query row (unordered), blocked; never a row of ``exclude`` (a mask)."""
     out = np.empty((query.shape[0], k), dtype=np.int64)
     b2 = None if metric == "ip" else np.einsum("ij,ij->i", bank, bank)
-    for s in range(0, query.shape[0], 256):
-        score = query[s : s + 256] @ bank.T
+    excluded = None if exclude is None else np.flatnonzero(exclude)
+    block = max(1, 2**26 // max(1, bank.shape[0]))  # query rows per block: a 256 MB score matrix at most
+    for s in range(0, query.shape[0], block):
+        score = query[s : s + block] @ bank.T
         if b2 is not None:
             score = 2 * score - b2[None, :]  # -(|b|² - 2 q·b): larger is nearer
-        out[s : s + 256] = np.argpartition(-score, k - 1, axis=1)[:, :k]
+        if excluded is not None:
+            score[:, excluded] = -np.inf
+        out[s : s + block] = np.argpartition(-score, k - 1, axis=1)[:, :k]
     return out
+
+
+def _mask_key(exclude: np.ndarray, k: int) -> str:
+    """A short key of an exclusion mask and ``k`` (the ``nprobe`` chosen for them is remembered under it)."""
+    import hashlib
+
+    return f"{k}:" + hashlib.blake2b(np.packbits(exclude).tobytes(), digest_size=16).hexdigest()
 
 
 class AnnIndex:
     """An inverted-file index over a bank's rows: faiss k-means cells, scanned by matrix products (module doc).
 
-    It holds a copy of the bank sorted by cell (``n x D`` float32, like faiss's ``IndexIVFFlat``), the
-    centroids and each row's cell.
+    It holds the centroids, each row's cell and the rows of each cell, and searches ``bank`` itself (a
+    reference, not a copy: the bank must not change while the index is used).
 
     Parameters
     ----------
@@ -170,30 +186,45 @@ class AnnIndex:
         return quantizer
 
     def _fill(self, bank: np.ndarray, assign: np.ndarray) -> None:
-        """Sort the bank rows by cell (a copy): cell ``c`` holds ``rows[offsets[c]:offsets[c + 1]]``."""
+        """Each cell's rows: cell ``c`` holds bank rows ``order[offsets[c]:offsets[c + 1]]`` (the bank is not copied)."""
         self._assign = np.ascontiguousarray(assign, dtype=np.int64)
-        order = np.argsort(self._assign, kind="stable")
-        self._order = order
-        self._rows = bank[order]
-        self._sq = np.einsum("ij,ij->i", self._rows, self._rows) if self.metric == "l2" else None
+        self._order = np.argsort(self._assign, kind="stable")
+        self._bank = bank
+        self._sq = np.einsum("ij,ij->i", bank, bank)[self._order] if self.metric == "l2" else None
         self._offsets = np.concatenate([[0], np.cumsum(np.bincount(self._assign, minlength=self.nlist))])
+        self._nprobe_excluding: dict[str, int] = {}
 
     def _choose_nprobe(self, bank: np.ndarray, k: int) -> int:
         """The smallest power-of-two ``nprobe`` (from 8) whose recall@k on sampled bank rows reaches the target."""
         k = min(int(k), bank.shape[0])
         rng = np.random.default_rng(self.seed + 1)
         q = bank[np.sort(rng.choice(bank.shape[0], min(RECALL_QUERIES, bank.shape[0]), replace=False))]
-        exact = _exact(q, bank, k, self.metric)
-        nprobe, recall = min(8, self.nlist), 0.0
-        while True:
-            self.nprobe = nprobe
-            found = self.search(q, k)[0]
-            recall = recall_at_k(found, exact)
-            if recall >= TARGET_RECALL or nprobe >= self.nlist:
-                break
-            nprobe = min(2 * nprobe, self.nlist)
+        nprobe, recall = self._enough_probes(q, k, None, min(8, self.nlist))
         self.info.update({"nprobe": int(nprobe), "recall_at_k": round(float(recall), 4), "recall_k": k})
         return int(nprobe)
+
+    def _enough_probes(self, q: np.ndarray, k: int, exclude: np.ndarray | None, start: int) -> tuple[int, float]:
+        """The smallest ``nprobe`` (``start`` doubled) whose recall@k on the queries ``q`` reaches the target."""
+        exact = _exact(q, self._bank, k, self.metric, exclude)
+        nprobe = start
+        while True:
+            recall = recall_at_k(self._search(q, k, nprobe, exclude)[0], exact)
+            if recall >= TARGET_RECALL or nprobe >= self.nlist:
+                return nprobe, recall
+            nprobe = min(2 * nprobe, self.nlist)
+
+    def _nprobe_for(self, query: np.ndarray, k: int, exclude: np.ndarray) -> int:
+        """``nprobe`` for searches that exclude the rows of ``exclude``, chosen on a sample of ``query`` once."""
+        key = _mask_key(exclude, k)
+        if key not in self._nprobe_excluding:
+            rng = np.random.default_rng(self.seed + 2)
+            q = query[np.sort(rng.choice(query.shape[0], min(RECALL_QUERIES, query.shape[0]), replace=False))]
+            nprobe, recall = self._enough_probes(q, k, exclude, self.nprobe)
+            self._nprobe_excluding[key] = nprobe
+            self.info.setdefault("nprobe_excluding", []).append(
+                {"excluded": int(exclude.sum()), "nprobe": int(nprobe), "recall_at_k": round(float(recall), 4)}
+            )
+        return self._nprobe_excluding[key]
 
     # -- saving ----------------------------------------------------------------------------------
     def state(self, prefix: str = "ann.") -> dict[str, np.ndarray]:
@@ -231,18 +262,34 @@ class AnnIndex:
     # -- searching -------------------------------------------------------------------------------
     @property
     def n_bank(self) -> int:
-        return int(self._rows.shape[0])
+        return int(self._order.size)
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, scores)`` of the ``k`` nearest bank rows of each query row (unordered).
 
         Scores are inner products (``"ip"``) or squared Euclidean distances (``"l2"``), exact for the rows
         found. A query whose probed cells hold fewer than ``k`` rows gets the rows of its nearest further
-        cells (its probe list is widened).
+        cells (its probe list is widened). ``exclude``: a boolean mask of bank rows never returned (``k`` is
+        then at most the rows left); ``nprobe`` is chosen for that mask (module docstring).
         """
         query = _as_rows(query)
+        if exclude is None:
+            return self._search(query, k, self.nprobe, None)
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (self.n_bank,):
+            raise ValueError(f"exclude must be a mask of the {self.n_bank} bank rows, got shape {exclude.shape}.")
+        k = min(int(k), int(self.n_bank - exclude.sum()))
+        if k < 1:
+            raise ValueError("every bank row is excluded: nothing to search.")
+        nprobe = self._nprobe_for(query, k, exclude) if query.shape[0] else self.nprobe
+        return self._search(query, k, nprobe, exclude)
+
+    def _search(
+        self, query: np.ndarray, k: int, nprobe: int, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), self.n_bank)
-        nprobe = min(self.nprobe, self.nlist)
+        nprobe = min(nprobe, self.nlist)
+        excluded = None if exclude is None else exclude[self._order]  # the mask in cell order
         sizes = np.diff(self._offsets)
         while nprobe < self.nlist and np.sort(sizes)[:nprobe].sum() < k:  # even the smallest cells must hold k
             nprobe = min(2 * nprobe, self.nlist)
@@ -252,14 +299,26 @@ class AnnIndex:
         for s in range(0, query.shape[0], block):
             q = query[s : s + block]
             probes = self._quantizer.search(q, nprobe)[1]
-            i, sc = self._scan(q, probes, k)
+            i, sc = self._scan(q, probes, k, excluded)
+            short = np.flatnonzero(~np.isfinite(sc).all(axis=1))  # probed cells held fewer than k rows not excluded
+            wider = nprobe
+            while short.size and wider < self.nlist:
+                wider = min(2 * wider, self.nlist)
+                probes = self._quantizer.search(q[short], wider)[1]
+                i[short], sc[short] = self._scan(q[short], probes, k, excluded)
+                short = short[~np.isfinite(sc[short]).all(axis=1)]
             idx[s : s + block], score[s : s + block] = i, sc
         if self.metric == "l2":  # |q|² - (2 q·x - |x|²)
             score = np.einsum("ij,ij->i", query, query)[:, None].astype(np.float64) - score
         return idx, score
 
-    def _scan(self, q: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of the probed cells of a block of queries: one matrix product per cell."""
+    def _scan(
+        self, q: np.ndarray, probes: np.ndarray, k: int, excluded: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of the probed cells of a block of queries: one matrix product per cell.
+
+        ``excluded``: the exclusion mask in cell order (rows skipped), or ``None``.
+        """
         nq, nprobe = probes.shape
         cand_score = np.full((nq, nprobe * k), -np.inf, dtype=np.float32)
         cand_row = np.zeros((nq, nprobe * k), dtype=np.int64)
@@ -270,20 +329,26 @@ class AnnIndex:
         for cell, a, b in zip(cells, starts, ends, strict=True):
             if cell < 0:
                 continue
-            lo, hi = self._offsets[cell], self._offsets[cell + 1]
-            if hi == lo:
+            positions = np.arange(self._offsets[cell], self._offsets[cell + 1])
+            if excluded is not None:
+                positions = positions[~excluded[positions]]
+            if positions.size == 0:
                 continue
             which = by_cell[a:b]
             qi, slot = np.divmod(which, nprobe)
-            sim = q[qi] @ self._rows[lo:hi].T
+            sim = q[qi] @ self._bank[self._order[positions]].T
             if self._sq is not None:
-                sim = 2 * sim - self._sq[lo:hi][None, :]
-            take = min(k, hi - lo)
-            top = np.argpartition(-sim, take - 1, axis=1)[:, :take] if take < hi - lo else np.arange(hi - lo)[None, :]
+                sim = 2 * sim - self._sq[positions][None, :]
+            take = min(k, positions.size)
+            top = (
+                np.argpartition(-sim, take - 1, axis=1)[:, :take]
+                if take < positions.size
+                else np.arange(positions.size)[None, :]
+            )
             top = np.broadcast_to(top, (qi.size, take))
             cols = slot[:, None] * k + np.arange(take)[None, :]
             cand_score[qi[:, None], cols] = np.take_along_axis(sim, top, axis=1)
-            cand_row[qi[:, None], cols] = lo + top
+            cand_row[qi[:, None], cols] = positions[top]
         best = np.argpartition(-cand_score, k - 1, axis=1)[:, :k]
         rows = np.take_along_axis(cand_row, best, axis=1)
         return self._order[rows], np.take_along_axis(cand_score, best, axis=1).astype(np.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
 
 
+#: What a model predicts for some spots: the mean and, when the model gives one, a spread (float32 arrays).
+PredictionPair = tuple[np.ndarray, np.ndarray | None]
 #: Runtime options: arguments of fit/predict/load, never saved with a model (older folders that saved them are read).
 RUNTIME_OPTIONS = ("device", "num_workers", "devices")
 
@@ -244,6 +246,17 @@ class ExpressionModel(ABC):
     def inner_fit_hparams(self) -> dict[str, Any]:
         """Choices made on all training slides that inner refits keep fixed (e.g. ridge's penalty); default none."""
         return {}
+
+    def left_out_predictor(self, train: SpotData) -> Callable[[np.ndarray, np.ndarray], PredictionPair] | None:
+        """``predict_held(fit_idx, held_idx)`` without an inner refit, or ``None`` (the default: refit).
+
+        For a model that can predict the rows ``held_idx`` of ``train`` (the spots it was fitted on) as a copy
+        of it fitted on the rows ``fit_idx`` alone would, with :meth:`inner_fit_hparams` fixed, from its own
+        fitted state (e.g. retrieval with the other rows excluded from its bank). The inner folds that
+        choose σ and calibrate the model then cost one prediction each instead of one fit
+        (:func:`stexp.models._recipe.inner_predictor`). Unsmoothed.
+        """
+        return None
 
     def predict(
         self, data: SpotData, *, device: str | None = None, smooth: bool = True

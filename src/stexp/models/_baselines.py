@@ -7,19 +7,20 @@ plain arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from stexp._settings import logger
-from stexp.models._base import ExpressionModel, check_hparams
+from stexp.models._base import ExpressionModel, PredictionPair, check_hparams
 from stexp.models._data import SpotData
 from stexp.models._folds import inner_folds
 from stexp.models._registry import register_model
 from stexp.models._retrieval import (
     bank_index,
     choose_temperature,
+    outside,
     temperature_from_state,
     temperature_state,
     weighted_retrieval,
@@ -332,7 +333,7 @@ class KNNModel(ExpressionModel):
         self.n_features = int(X.shape[1])
         self.index_ = bank_index(self.bank_features_, self.hparams["k"], search=self.hparams["search"])
         if self.index_ is not None:
-            self.history["ann"] = dict(self.index_.info)
+            self.history["ann"] = self.index_.info  # the same dict: later left-out searches add their nprobe
         if self.hparams["temperature"] == "auto":
             val_unit = None
             if validation is not None and validation.target is not None:
@@ -345,6 +346,7 @@ class KNNModel(ExpressionModel):
                 validation=validation,
                 default=self.default_hparams["temperature"],
                 search=self.hparams["search"],
+                index=self.index_,
             )
             self.history.update(info)
             logger.debug(f"knn: temperature {self.temperature_} chosen on {info['inner_cv']}")
@@ -352,6 +354,36 @@ class KNNModel(ExpressionModel):
     def inner_fit_hparams(self) -> dict[str, Any]:
         """Choices inner refits keep fixed: the temperature already chosen."""
         return {"temperature": self.temperature_}
+
+    def left_out_predictor(self, train: SpotData) -> Callable[[np.ndarray, np.ndarray], PredictionPair] | None:
+        """Inner refits without refitting: retrieval from the bank with the held-out rows excluded.
+
+        An inner kNN fitted on the rows ``fit_idx`` of ``train`` would bank exactly those rows; searching this
+        model's bank (``train``, in order) with every other row excluded finds the same neighbours, with no
+        copy of the bank. The one difference: the features are standardised with the mean and scale of all
+        training spots, not of ``fit_idx`` alone (no expression is involved). ``None`` when ``train`` is not
+        the bank this model was fitted on.
+        """
+        n = self.bank_features_.shape[0]
+        if train.n_spots != n or train.target is None:
+            return None
+        head = self._normalise(np.asarray(train.features[:2], dtype=np.float32))
+        if not np.allclose(head, self.bank_features_[:2], atol=1e-5):
+            return None
+
+        def predict_held(fit_idx: np.ndarray, held_idx: np.ndarray) -> PredictionPair:
+            return weighted_retrieval(
+                self.bank_features_[np.asarray(held_idx, dtype=np.int64)],
+                self.bank_features_,
+                self.bank_target_,
+                k=min(self.hparams["k"], len(fit_idx)),
+                temperature=self.temperature_,
+                chunk=self.hparams["chunk_size"],
+                index=self.index_,
+                exclude=outside(fit_idx, n),
+            )
+
+        return predict_held
 
     def _predict(self, data: SpotData) -> tuple[np.ndarray, np.ndarray | None]:
         X = np.asarray(data.features, dtype=np.float32)

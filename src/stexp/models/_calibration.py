@@ -43,7 +43,7 @@ from ._retrieval import euclidean_neighbours
 from ._scaling import feature_scaling
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._base import ExpressionModel
+    from ._base import ExpressionModel, PredictionPair
 
 #: Difficulty scores ``d(x, g)`` that normalise the conformal residuals.
 #: ``"none"``: 1 everywhere (plain per-gene split conformal, constant width per gene);
@@ -310,24 +310,68 @@ def _raw_difficulty(
 DEPTH_ALPHAS = tuple(float(a) for a in np.logspace(-1, 6, 15))
 
 
-def _fit_depth_model(features: np.ndarray, depth: np.ndarray, library: np.ndarray) -> dict[str, np.ndarray]:
-    """Ridge from standardised features to ``log1p(depth)`` centred within each slide (the arrays of ``"depth"``)."""
-    from sklearn.linear_model import RidgeCV
+def _fit_depth_model(
+    features: np.ndarray, depth: np.ndarray, library: np.ndarray, *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Ridge from standardised features to ``log1p(depth)`` centred within each slide (the arrays of ``"depth"``).
 
-    X = np.asarray(features, dtype=np.float64)
+    Fitted on at most :data:`MAX_BANK` spots (a seeded sample beyond), its penalty chosen among
+    :data:`DEPTH_ALPHAS` by exact leave-one-out error (:func:`ridge_loo`).
+    """
+    rows = np.arange(features.shape[0])
+    if rows.size > MAX_BANK:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_BANK, replace=False))
+    X = np.asarray(features[rows], dtype=np.float64)
     mean, scale = feature_scaling(X)
-    y = np.log1p(np.asarray(depth, dtype=np.float64))
-    library = np.asarray(library).astype(str)
+    y = np.log1p(np.asarray(depth, dtype=np.float64)[rows])
+    library = np.asarray(library).astype(str)[rows]
     for lib in np.unique(library):  # depth differs between slides for technical reasons the image cannot show
-        rows = library == lib
-        y[rows] -= y[rows].mean()
-    fitted = RidgeCV(alphas=DEPTH_ALPHAS).fit((X - mean) / scale, y)
+        in_lib = library == lib
+        y[in_lib] -= y[in_lib].mean()
+    coef, intercept = ridge_loo((X - mean) / scale, y, DEPTH_ALPHAS)
     return {
         "depth_mean": mean.astype(np.float32),
         "depth_scale": scale.astype(np.float32),
-        "depth_coef": np.asarray(fitted.coef_, dtype=np.float32).ravel(),
-        "depth_intercept": np.asarray([fitted.intercept_], dtype=np.float32),
+        "depth_coef": coef.astype(np.float32),
+        "depth_intercept": np.asarray([intercept], dtype=np.float32),
     }
+
+
+def ridge_loo(X: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]) -> tuple[np.ndarray, float]:
+    """Ridge with an intercept whose penalty has the smallest exact leave-one-out squared error: coefficients, intercept.
+
+    One eigendecomposition of the centred ``XᵀX`` serves every penalty; the leave-one-out residual of spot ``i``
+    is ``(y_i - ŷ_i) / (1 - h_ii)`` with ``h`` the hat matrix including the intercept (the criterion of
+    :class:`sklearn.linear_model.RidgeCV`'s default, at ``n·p²`` instead of its per-penalty products).
+    """
+    x_mean, y_mean = X.mean(axis=0), float(y.mean())
+    Xc, yc = X - x_mean, y - y_mean
+    n, p = Xc.shape
+    # the smaller of XᵀX (p x p) and XXᵀ (n x n): eigenvalues s², and U (n x m) the left singular vectors times s
+    if n > p:
+        eigval, V = np.linalg.eigh(Xc.T @ Xc)
+        XV = Xc @ V  # = U s
+    else:
+        eigval, U = np.linalg.eigh(Xc @ Xc.T)
+        XV = U * np.sqrt(np.maximum(eigval, 0.0))
+    eigval = np.maximum(eigval, 0.0)
+    r = XV.T @ yc
+    leverage_terms = XV**2
+    best, best_err = alphas[0], np.inf
+    for alpha in alphas:
+        shrink = 1.0 / (eigval + alpha)
+        fitted = XV @ (shrink * r)
+        hat = leverage_terms @ shrink + 1.0 / n
+        err = float(np.mean(((yc - fitted) / (1.0 - hat)) ** 2))
+        if err < best_err:
+            best, best_err = alpha, err
+    # coefficients Xcᵀ (XcXcᵀ + a)⁻¹ yc = V diag(1 / (s² + a)) Vᵀ Xcᵀ yc, with Xc V = XV
+    coef = (
+        Xc.T @ (XV @ (r / (eigval + best) / np.where(eigval > 0, eigval, np.inf)))
+        if n <= p
+        else V @ (r / (eigval + best))
+    )
+    return coef, y_mean - float(x_mean @ coef)
 
 
 def _depth_difficulty(bank: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
@@ -354,6 +398,7 @@ def _oof_difficulty(
     spread: np.ndarray | None,
     fold: np.ndarray,
     k: int,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``d`` of every calibration spot, computed from the training spots of the *other* inner folds only."""
     features = np.asarray(train.features, dtype=np.float32)
@@ -369,7 +414,7 @@ def _oof_difficulty(
         if score == "depth":
             assert train.depth is not None  # checked by calibrate()
             others = fold != f
-            sub.update(_fit_depth_model(features[others], train.depth[others], train.library[others]))
+            sub.update(_fit_depth_model(features[others], train.depth[others], train.library[others], seed=seed))
         out[rows], d = _raw_difficulty(
             score, sub, features[rows], None if spread is None else spread[rows], n_genes, k=k
         )
@@ -382,42 +427,45 @@ def out_of_fold(
     model: ExpressionModel,
     train: SpotData,
     n_folds: int,
-    refit: Callable[[SpotData], ExpressionModel],
+    refit: Callable[[SpotData], ExpressionModel] | None = None,
     *,
+    predict_held: Callable[[np.ndarray, np.ndarray], PredictionPair] | None = None,
     max_queries: int | None = MAX_INNER_QUERIES,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Out-of-fold mean, spread and fold of the training spots, from inner models fitted by ``refit``.
+    """Out-of-fold mean, spread and fold of the training spots, predicted on inner folds.
 
-    The inner folds are :func:`stexp.models._folds.inner_folds` (``oof["folds"]``); ``refit(data)`` fits an
-    inner copy of the model's recipe on ``data`` (:func:`stexp.models._recipe.fit_recipe`). Each inner model
-    predicts at most ``max_queries / n_folds`` of its held-out spots, a slide-stratified sample of spatial
-    windows (:func:`stexp.models._data.inner_query_sample`; ``None``: all): ``oof["rows"]`` are the spots
-    predicted (NaN elsewhere).
+    The inner folds are :func:`stexp.models._folds.inner_folds` (``oof["folds"]``). Each fold's held-out
+    spots are predicted by ``predict_held(fit_idx, held_idx)`` (:func:`stexp.models._recipe.inner_predictor`),
+    or by ``refit(data)``, an inner model fitted on the fold's other spots. At most ``max_queries / n_folds``
+    held-out spots per fold are predicted, a slide-stratified sample of spatial windows
+    (:func:`stexp.models._data.inner_query_sample`; ``None``: all): ``oof["rows"]`` are the spots predicted
+    (NaN elsewhere).
     """
+    if predict_held is None:
+        if refit is None:
+            raise TypeError("out_of_fold needs predict_held= or refit= (how to predict a held-out fold).")
+        fitter = refit
+        predict_held = lambda fit_idx, held_idx: fitter(train.subset(fit_idx)).predict(train.subset(held_idx))
     folds = inner_folds(train, n_folds)
     n, g = train.n_spots, len(model.genes)
     mean = np.full((n, g), np.nan, dtype=np.float32)
     spread = None
-    inner_models = []
     budget = None if max_queries is None else max(1, int(max_queries) // folds.n_folds)
     rows = []
     for f, (fit_idx, held_idx) in enumerate(folds.splits):
         held_idx = inner_query_sample(train, held_idx, budget, seed=seed + f)
         rows.append(held_idx)
-        inner = refit(train.subset(fit_idx))
-        m, s = inner.predict(train.subset(held_idx))
+        m, s = predict_held(fit_idx, held_idx)
         mean[held_idx] = m
         if s is not None:
             spread = np.full((n, g), np.nan, dtype=np.float32) if spread is None else spread
             spread[held_idx] = s
-        inner_models.append(inner)
     return {
         "mean": mean,
         "spread": spread,
         "fold": folds.fold,
         "folds": folds,
-        "models": inner_models,
         "rows": np.sort(np.concatenate(rows)),
     }
 
@@ -432,6 +480,7 @@ def calibrate(
     n_components: int = 32,
     seed: int = 0,
     refit: Callable[[SpotData], ExpressionModel] | None = None,
+    predict_held: Callable[[np.ndarray, np.ndarray], PredictionPair] | None = None,
     oof: dict[str, Any] | None = None,
     quantile_mode: str = DEFAULT_QUANTILE_MODE,
 ) -> Calibration:
@@ -454,8 +503,10 @@ def calibrate(
     seed
         Seeds the subsampling of a bank larger than :data:`MAX_BANK`.
     refit
-        ``refit(data)`` fits an inner copy of the model on ``data`` (given by
-        :func:`stexp.models._recipe.fit_recipe`); not needed with ``oof``.
+        ``refit(data)`` fits an inner copy of the model on ``data``; not needed with ``predict_held`` or ``oof``.
+    predict_held
+        ``predict_held(fit_idx, held_idx)``: held-out rows of ``train`` predicted as by a copy of the model
+        fitted on ``fit_idx`` (:func:`stexp.models._recipe.inner_predictor`, what a fit uses).
     oof
         Precomputed :func:`out_of_fold` result (to compare several scores on one set of refits).
     quantile_mode
@@ -477,10 +528,12 @@ def calibrate(
             "calibration score 'depth' needs the training spots' total counts (SpotData.depth, filled by "
             "stexp.tl.fit from the counts); choose another score among " + str(SCORES) + "."
         )
-    if oof is None and refit is None:
-        raise TypeError("calibrate needs refit= (how to fit an inner model) or a precomputed oof=.")
+    if oof is None and refit is None and predict_held is None:
+        raise TypeError(
+            "calibrate needs predict_held= or refit= (how to predict an inner fold), or a precomputed oof=."
+        )
     t0 = time.perf_counter()
-    oof = oof or out_of_fold(model, train, n_folds, refit)  # type: ignore[arg-type]
+    oof = oof or out_of_fold(model, train, n_folds, refit, predict_held=predict_held, seed=seed)
     t_fits = time.perf_counter() - t0
     if score == "model_spread" and oof["spread"] is None:
         raise ValueError(f"the {model.name} model gives no spread; choose another score among {SCORES}.")
@@ -508,10 +561,10 @@ def calibrate(
     bank["target"] = target[rows].astype(np.float32)
     bank["residual"] = residual[rows].astype(np.float32)
     bank["fold"] = fold[rows]
-    raw, dists = _oof_difficulty(score, bank, train, oof["spread"], fold, k)
+    raw, dists = _oof_difficulty(score, bank, train, oof["spread"], fold, k, seed=seed)
     if score == "depth":
         assert train.depth is not None  # checked above
-        bank.update(_fit_depth_model(features, train.depth, train.library))
+        bank.update(_fit_depth_model(features, train.depth, train.library, seed=seed))
     floor = _floor(raw)
     distance_ref = None if dists is None else float(np.quantile(dists, 0.9))
     normalised = residual / ((raw + floor) * _inflation(dists, distance_ref))

@@ -12,7 +12,7 @@ No AnnData here: :func:`fit_recipe` takes :class:`~stexp.models.SpotData`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from ._smoothing import smoothing_option
 if TYPE_CHECKING:  # pragma: no cover
     from stexp.images._spec import EncoderSpec
 
-    from ._base import ExpressionModel
+    from ._base import ExpressionModel, PredictionPair
 
 #: Options of a fit that a model receives only when it declares them as hyper-parameters.
 TRAINING_OPTIONS = ("max_epochs", "batch_size", "lr", "weight_decay", "seed")
@@ -282,7 +282,9 @@ def finish_recipe(
     model.feature_norm = recipe.feature_norm
     if not inner and not model.reads_patches:
         model.shift = fit_shift_reference(train, seed=seed)
-    model.smoothing = fit_smoothing(model, recipe.smoothing, train, validation, refit=_refitter(model, recipe, seed))
+    model.smoothing = fit_smoothing(
+        model, recipe.smoothing, train, validation, predict_held=inner_predictor(model, recipe, train, seed)
+    )
     if not recipe.wants_calibration():
         return model
     from ._calibration import calibrate
@@ -294,7 +296,7 @@ def finish_recipe(
             n_folds=recipe.calibration_folds,
             score=recipe.calibration_score,
             seed=seed,
-            refit=_refitter(model, recipe, seed, keep_sigma=True),
+            predict_held=inner_predictor(model, recipe, train, seed, keep_sigma=True),
         )
     except ValueError as err:  # e.g. too few spots for the inner folds; asked for explicitly: raise
         if recipe.calibrate:
@@ -305,23 +307,44 @@ def finish_recipe(
     return model
 
 
-def _refitter(model: ExpressionModel, recipe: Recipe, seed: int, *, keep_sigma: bool = False):
-    """``refit(data, fixed)``: fit an inner copy of ``recipe`` on ``data`` with the model's runtime.
+def inner_predictor(
+    model: ExpressionModel, recipe: Recipe, train: SpotData, seed: int, *, keep_sigma: bool = False
+) -> Callable[[np.ndarray, np.ndarray], PredictionPair]:
+    """``predict_held(fit_idx, held_idx)``: the rows ``held_idx`` of ``train`` predicted by ``recipe`` fitted on ``fit_idx``.
 
-    ``fixed`` hyper-parameters (choices the model already made on all training slides, e.g. ridge's
-    penalty) replace the recipe's. The inner model is never calibrated; its smoothing is none, or the
-    model's fitted σ with ``keep_sigma`` (the calibration measures the smoothed predictor).
+    What the inner folds of a fit (the smoothing σ, the calibration) predict with. The choices ``model``
+    already made on all training slides (:meth:`~stexp.models.ExpressionModel.inner_fit_hparams`: kNN's
+    temperature, ridge's penalty) stay fixed, so an inner fold measures the fitted predictor and costs one
+    fit, not a nested choice. A model that can leave rows out of its own fitted state
+    (:meth:`~stexp.models.ExpressionModel.left_out_predictor`: retrieval with them excluded from its bank)
+    predicts without any refit or copy of the training spots; any other is refitted on ``train.subset(fit_idx)``
+    with the model's runtime, never calibrated. The prediction is smoothed with the model's fitted σ when
+    ``keep_sigma`` (the calibration measures the smoothed predictor), else not.
     """
+    fixed = model.inner_fit_hparams()
+    sigma = float(model.smoothing.get("sigma_um") or 0.0) if keep_sigma else 0.0
+    left_out = model.left_out_predictor(train)
+    if left_out is not None:
 
-    def refit(data: SpotData, fixed: Mapping[str, Any] | None = None) -> ExpressionModel:
-        sigma = float(model.smoothing.get("sigma_um") or 0.0) if keep_sigma else 0.0
-        # the data are already in the model's feature space: the inner copy normalises nothing again
-        inner = recipe.replace(
-            hparams={**recipe.hparams, **(fixed or {})}, smoothing=sigma or None, calibrate=False, feature_norm=None
-        )
-        return fit_recipe(
+        def predict_left_out(fit_idx: np.ndarray, held_idx: np.ndarray) -> PredictionPair:
+            mean, spread = left_out(fit_idx, held_idx)
+            if sigma > 0:
+                from ._smoothing import smooth
+
+                held = np.asarray(held_idx, dtype=np.int64)
+                mean = smooth(np.asarray(mean, dtype=np.float32), train.coords_um[held], train.library[held], sigma)
+            return mean, spread
+
+        return predict_left_out
+    # the data are already in the model's feature space: the inner copy normalises nothing again
+    inner = recipe.replace(
+        hparams={**recipe.hparams, **fixed}, smoothing=sigma or None, calibrate=False, feature_norm=None
+    )
+
+    def predict_refitted(fit_idx: np.ndarray, held_idx: np.ndarray) -> PredictionPair:
+        refitted = fit_recipe(
             inner,
-            data,
+            train.subset(fit_idx),
             genes=model.genes,
             features_key=model.features_key,
             encoder_spec=model.encoder_spec,
@@ -331,5 +354,6 @@ def _refitter(model: ExpressionModel, recipe: Recipe, seed: int, *, keep_sigma: 
             seed=seed,
             inner=True,
         )
+        return refitted.predict(train.subset(held_idx))
 
-    return refit
+    return predict_refitted

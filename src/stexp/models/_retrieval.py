@@ -23,6 +23,9 @@ from ._folds import INNER_FOLDS, inner_folds
 
 #: Query rows an approximate index searches at once (its cells are scanned as one matrix product per block).
 INDEX_BLOCK = 8192
+#: Query rows whose neighbours' expression is gathered and weighted at once (``(rows, k, genes)`` float32: 10 MB
+#: at k=200 and 785 genes, so that the batched matrix products run from cache; 4-5x faster than 256 rows).
+WEIGHTING_ROWS = 16
 #: Softmax temperatures that ``temperature="auto"`` chooses from (``None``: equal weights).
 TEMPERATURE_GRID: tuple[float | None, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, None)
 
@@ -45,20 +48,33 @@ def bank_index(bank: np.ndarray, k: int, *, search: str = "auto", metric: str = 
     return index
 
 
-def _top_k(query: np.ndarray, bank: np.ndarray, k: int, chunk: int, index: AnnIndex | None = None):
+def _top_k(
+    query: np.ndarray,
+    bank: np.ndarray,
+    k: int,
+    chunk: int,
+    index: AnnIndex | None = None,
+    exclude: np.ndarray | None = None,
+):
     """Yield ``(rows, top, sim)``: for each block of query rows, the ``k`` most similar bank rows and their similarity.
 
     Exact blocked search, or ``index``'s approximate search (same similarities for the rows it finds).
+    ``exclude``: a boolean mask of bank rows never retrieved (``k`` at most the rows left).
     """
+    if exclude is not None:
+        k = min(k, int(exclude.size - exclude.sum()))
     if index is not None:  # the index scans a cell for many queries at once: search big blocks, yield chunks
         block = max(chunk, INDEX_BLOCK)
         for b in range(0, query.shape[0], block):
-            top, sim = index.search(query[b : b + block], k)
+            top, sim = index.search(query[b : b + block], k, exclude=exclude)
             for start in range(0, top.shape[0], chunk):
                 yield slice(b + start, b + start + chunk), top[start : start + chunk], sim[start : start + chunk]
         return
+    excluded = None if exclude is None else np.flatnonzero(exclude)
     for start in range(0, query.shape[0], chunk):
         sim = query[start : start + chunk] @ bank.T
+        if excluded is not None:
+            sim[:, excluded] = -np.inf
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
         yield slice(start, start + chunk), top, np.take_along_axis(sim, top, axis=1).astype(np.float64)
 
@@ -90,6 +106,13 @@ def euclidean_neighbours(
     return idx, dist
 
 
+def outside(rows: np.ndarray, n: int) -> np.ndarray:
+    """The mask of the ``n`` bank rows that are not in ``rows`` (the rows a left-out search excludes)."""
+    mask = np.ones(n, dtype=bool)
+    mask[np.asarray(rows, dtype=np.int64)] = False
+    return mask
+
+
 def temperature_state(temperature: float | None) -> np.ndarray:
     """The temperature in use as a saved array (``nan``: equal weights)."""
     return np.asarray([np.nan if temperature is None else float(temperature)], dtype=np.float64)
@@ -111,25 +134,36 @@ def weighted_retrieval(
     chunk: int,
     index: AnnIndex | None = None,
     search: str = "exact",
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-``k`` retrieval with softmax weights: the weighted mean and standard deviation of the neighbours.
 
     ``index``: an approximate index over ``bank_unit`` (:func:`bank_index`) to search instead of exact search.
     Without one, ``search="auto"`` indexes a bank of :data:`~stexp.models._ann.ANN_MIN_BANK` rows or more for
-    this call (a model that keeps its bank should build the index once and pass it).
+    this call (a model that keeps its bank should build the index once and pass it). ``exclude``: a boolean
+    mask of bank rows never retrieved (a held-out fold of the bank; ``k`` at most the rows left).
     """
     if index is None and search != "exact" and query_unit.shape[0]:
         index = bank_index(bank_unit, k, search=search)
     mean = np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
     spread = np.empty_like(mean)
-    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index):
-        w = _neighbour_weights(sim, temperature)
-        neighbours = bank_target[top]  # (chunk, k, genes)
-        m = np.einsum("qk,qkg->qg", w, neighbours)
-        var = np.einsum("qk,qkg->qg", w, (neighbours - m[:, None, :]) ** 2)
-        mean[rows] = m
-        spread[rows] = np.sqrt(np.maximum(var, 0.0))
+    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index, exclude):
+        w = _neighbour_weights(sim, temperature).astype(np.float32)
+        first = rows.start
+        for s in range(0, top.shape[0], WEIGHTING_ROWS):
+            block = slice(s, s + WEIGHTING_ROWS)
+            out = slice(first + s, first + min(s + WEIGHTING_ROWS, top.shape[0]))
+            mean[out], spread[out] = _weighted_moments(w[block], bank_target[top[block]])
     return mean, spread
+
+
+def _weighted_moments(w: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and standard deviation over the neighbours ``(q, k, genes)`` (overwritten) with weights ``(q, k)``."""
+    weights = w[:, None, :]
+    m = np.matmul(weights, neighbours)[:, 0]
+    neighbours -= m[:, None, :]  # two passes: no cancellation of E[x²] - m²
+    np.square(neighbours, out=neighbours)
+    return m, np.sqrt(np.maximum(np.matmul(weights, neighbours)[:, 0], 0.0))
 
 
 def retrieval_by_temperature(
@@ -140,19 +174,27 @@ def retrieval_by_temperature(
     k: int,
     chunk: int = 256,
     search: str = "auto",
+    index: AnnIndex | None = None,
+    exclude: np.ndarray | None = None,
 ) -> dict[float | None, np.ndarray]:
     """Retrieval predictions of ``query_unit`` from a bank (cosine top-``k``), one per temperature of the grid.
 
-    A bank of :data:`~stexp.models._ann.ANN_MIN_BANK` rows or more is searched approximately (``search``).
+    ``index``: an approximate index over the bank; without one, a bank of
+    :data:`~stexp.models._ann.ANN_MIN_BANK` rows or more is indexed for this call (``search``). ``exclude``: a
+    boolean mask of bank rows never retrieved.
     """
     k = min(int(k), bank_unit.shape[0])
-    index = bank_index(bank_unit, k, search=search) if query_unit.shape[0] else None
-    preds = {t: np.empty((query_unit.shape[0], bank_target.shape[1]), dtype=np.float32) for t in TEMPERATURE_GRID}
-    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index):
-        neighbours = bank_target[top]
-        for t in TEMPERATURE_GRID:
-            preds[t][rows] = np.einsum("qk,qkg->qg", _neighbour_weights(sim, t), neighbours)
-    return preds
+    if index is None and query_unit.shape[0]:
+        index = bank_index(bank_unit, k, search=search)
+    preds = np.empty((len(TEMPERATURE_GRID), query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
+    for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index, exclude):
+        w = np.stack([_neighbour_weights(sim, t) for t in TEMPERATURE_GRID], axis=1).astype(np.float32)  # (q, T, k)
+        first = rows.start
+        for s in range(0, top.shape[0], WEIGHTING_ROWS):
+            block = slice(s, s + WEIGHTING_ROWS)
+            out = slice(first + s, first + min(s + WEIGHTING_ROWS, top.shape[0]))
+            preds[:, out] = np.matmul(w[block], bank_target[top[block]]).transpose(1, 0, 2)
+    return dict(zip(TEMPERATURE_GRID, preds, strict=True))
 
 
 def choose_temperature(
@@ -166,13 +208,14 @@ def choose_temperature(
     n_folds: int = INNER_FOLDS,
     max_queries: int | None = MAX_INNER_QUERIES,
     search: str = "auto",
+    index: AnnIndex | None = None,
     seed: int = 0,
 ) -> tuple[float | None, dict[str, Any]]:
     """The retrieval temperature of :data:`TEMPERATURE_GRID` that predicts held-out spots best.
 
     On the validation spots (retrieving from every training spot) when given with a target, else on the
     training spots' inner folds (:func:`stexp.models._folds.inner_folds`): each fold retrieves from the
-    others. Score: PCC(ACG) as :func:`stexp.tl.evaluate` computes it (a block of a single slide scored as
+    others (the whole bank searched with the fold's rows excluded: no copy of the bank per fold). Score: PCC(ACG) as :func:`stexp.tl.evaluate` computes it (a block of a single slide scored as
     a slide). At most ``max_queries`` held-out spots are scored, a slide-stratified sample of spatial
     windows (:func:`stexp.models._data.inner_query_sample`), so the cost is linear in the training spots.
 
@@ -192,6 +235,9 @@ def choose_temperature(
         Held-out spots scored at most (``None``: all).
     search
         ``"auto"``, ``"exact"`` or ``"approximate"`` (:func:`stexp.models._ann.use_ann`).
+    index
+        An approximate index over ``train_unit`` to search (built here when ``search`` asks for one and none
+        is given).
     seed
         Seeds the sample.
 
@@ -204,7 +250,7 @@ def choose_temperature(
     if validation_unit is not None and validation is not None and validation.target is not None:
         how = "the validation slides"
         rows = inner_query_sample(validation, np.arange(validation.n_spots), max_queries, seed=seed)
-        preds = retrieval_by_temperature(train_unit, target, validation_unit[rows], k=k, search=search)
+        preds = retrieval_by_temperature(train_unit, target, validation_unit[rows], k=k, search=search, index=index)
         truth = np.asarray(validation.target, dtype=np.float32)[rows]
         lib = np.asarray(validation.library).astype(str)[rows]
     elif train.n_spots >= 2:
@@ -217,9 +263,11 @@ def choose_temperature(
         rows = np.sort(np.concatenate(held))
         position = np.searchsorted(rows, np.arange(train.n_spots))
         preds = {t: np.full((rows.size, target.shape[1]), np.nan, dtype=np.float32) for t in TEMPERATURE_GRID}
+        if index is None:
+            index = bank_index(train_unit, k, search=search)
         for (fit_idx, _), held_idx in zip(folds.splits, held, strict=True):
             bank_pred = retrieval_by_temperature(
-                train_unit[fit_idx], target[fit_idx], train_unit[held_idx], k=k, search=search
+                train_unit, target, train_unit[held_idx], k=k, index=index, exclude=outside(fit_idx, train.n_spots)
             )
             for t, pred in bank_pred.items():
                 preds[t][position[held_idx]] = pred

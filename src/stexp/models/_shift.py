@@ -37,6 +37,8 @@ from ._scaling import feature_scaling, unit_rows
 K = 10
 #: At most this many training spots form the bank (drawn evenly across slides).
 MAX_BANK = 2000
+#: Spots embedded at a time (fit and prediction read the features in blocks: no full-size temporary).
+EMBED_BLOCK = 16_384
 #: Principal components the bank is stored in (enough to keep the distances of the full standardised space).
 N_COMPONENTS = 256
 #: A slide whose score exceeds this multiple of the training range is flagged (``docs/shift.md``).
@@ -94,8 +96,12 @@ class ShiftReference:
         return float(max(self.slide_scores.values()))
 
     def _embed(self, features: np.ndarray) -> np.ndarray:
-        Z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
-        return unit_rows(Z @ self.components.T)
+        """Unit rows in the reference's PCA axes, :data:`EMBED_BLOCK` spots at a time (features may be on disk)."""
+        out = np.empty((features.shape[0], self.components.shape[0]), dtype=np.float32)
+        for s in range(0, features.shape[0], EMBED_BLOCK):
+            Z = (np.asarray(features[s : s + EMBED_BLOCK], dtype=np.float32) - self.mean) / self.scale
+            out[s : s + EMBED_BLOCK] = unit_rows(Z @ self.components.T)
+        return out
 
     def spot_scores(self, features: np.ndarray) -> np.ndarray:
         """Per spot: mean cosine distance to the :data:`K` nearest bank spots over :attr:`distance_scale`."""
@@ -201,16 +207,16 @@ def fit_shift_reference(train: SpotData, *, seed: int = 0, k: int = K) -> ShiftR
         slide_scores={},
         info={"k": int(k), "folds": folds.how, "n_bank": int(rows.size), "n_components": n_comp},
     )
-    embedded = ref._embed(features)
-    ref.bank = embedded[rows]
+    ref.bank = ref._embed(features[rows])
     bank_fold = folds.fold[rows]
     oof = np.full(train.n_spots, np.nan)
-    for f in np.unique(folds.fold):
-        held = folds.fold == f
-        others = ref.bank[bank_fold != f]
-        if others.shape[0] == 0:
-            continue
-        oof[held] = _distances(embedded[held], others, k)
+    for start in range(0, train.n_spots, EMBED_BLOCK):  # every spot against the bank of the other folds
+        block = slice(start, start + EMBED_BLOCK)
+        embedded, fold = ref._embed(features[block]), folds.fold[block]
+        for f in np.unique(fold):
+            others = ref.bank[bank_fold != f]
+            if others.shape[0]:
+                oof[start + np.flatnonzero(fold == f)] = _distances(embedded[fold == f], others, k)
     if np.isnan(oof).all():
         return None
     ref.distance_scale = float(np.nanmedian(oof)) or 1.0

@@ -26,7 +26,7 @@ from ._folds import INNER_FOLDS, InnerFolds, inner_folds
 from ._neighbors import radius_pairs, spot_pitch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._base import ExpressionModel
+    from ._base import ExpressionModel, PredictionPair
 
 #: The σ grid of ``smoothing="auto"``, in multiples of the slide's spot pitch (median nearest-neighbour distance).
 PITCH_MULTIPLES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -166,15 +166,15 @@ def fit_smoothing(
     train: SpotData,
     validation: SpotData | None = None,
     *,
-    refit: Callable[..., ExpressionModel],
+    predict_held: Callable[[np.ndarray, np.ndarray], PredictionPair],
 ) -> dict[str, Any]:
     """The fitted smoothing of ``model`` (just trained on ``train``): its option and σ.
 
     ``None`` or a number is used as it is. ``"auto"`` chooses σ on the ``validation`` slides when given
     (the fitted model's predictions there; no refit), else by :func:`choose_smoothing` on the training
-    slides' inner folds, where ``refit(data, fixed)`` fits an inner model (:func:`stexp.models._recipe.fit_recipe`)
-    with the choices ``model`` already made on all training slides fixed (its ``inner_fit_hparams``, e.g.
-    ridge's penalty, kNN's temperature).
+    slides' inner folds, where ``predict_held(fit_idx, held_idx)`` predicts held-out rows of ``train``
+    unsmoothed, as an inner model fitted on ``fit_idx`` with the choices ``model`` already made fixed
+    (:func:`stexp.models._recipe.inner_predictor`).
     """
     from stexp._settings import logger
 
@@ -187,11 +187,6 @@ def fit_smoothing(
         pred = model.predict(validation, smooth=False)[0]
         result = _best_sigma(_score_grid(pred, validation, None, grid), grid, pitch, "the validation slides")
     else:
-        fixed = model.inner_fit_hparams()
-
-        def fit_predict(fit_idx: np.ndarray, held_idx: np.ndarray) -> np.ndarray:
-            return refit(train.subset(fit_idx), fixed).predict(train.subset(held_idx), smooth=False)[0]
-
-        result = choose_smoothing(fit_predict, train)
+        result = choose_smoothing(lambda fit_idx, held_idx: predict_held(fit_idx, held_idx)[0], train)
     logger.info(f"{model.name}: smoothing σ = {result['sigma_um']:.0f} µm, chosen by {result['inner_cv']}")
     return {"option": "auto", **result}
