@@ -126,9 +126,7 @@ def test_inner_predictions_refit_models_that_cannot_leave_rows_out(monkeypatch):
     assert knn.left_out_predictor(data) is not None
     assert knn.left_out_predictor(data.subset(np.arange(100))) is None  # not the spots it banked
     calls = []
-    monkeypatch.setattr(
-        "stexp.models._recipe.fit_recipe", lambda *a, **kw: calls.append(1) or fit_recipe(*a, **kw)
-    )
+    monkeypatch.setattr("stexp.models._recipe.fit_recipe", lambda *a, **kw: calls.append(1) or fit_recipe(*a, **kw))
     inner_predictor(model, recipe, data, seed=0)(np.arange(300, 600), np.arange(0, 300))
     inner_predictor(knn, knn.recipe, data, seed=0)(np.arange(300, 600), np.arange(0, 300))
     assert len(calls) == 1  # the ridge was refitted, the kNN was not
