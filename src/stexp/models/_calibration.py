@@ -440,7 +440,9 @@ def out_of_fold(
     or by ``refit(data)``, an inner model fitted on the fold's other spots. At most ``max_queries / n_folds``
     held-out spots per fold are predicted, a slide-stratified sample of spatial windows
     (:func:`stexp.models._data.inner_query_sample`; ``None``: all): ``oof["rows"]`` are the spots predicted
-    (NaN elsewhere).
+    (sorted), and row ``i`` of ``oof["mean"]`` / ``oof["spread"]`` is spot ``oof["rows"][i]`` (nothing is held for
+    the spots not predicted: a million training spots would cost two arrays of 3 GB); ``oof["fold"]`` covers
+    every training spot.
     """
     if predict_held is None:
         if refit is None:
@@ -448,26 +450,19 @@ def out_of_fold(
         fitter = refit
         predict_held = lambda fit_idx, held_idx: fitter(train.subset(fit_idx)).predict(train.subset(held_idx))
     folds = inner_folds(train, n_folds)
-    n, g = train.n_spots, len(model.genes)
-    mean = np.full((n, g), np.nan, dtype=np.float32)
-    spread = None
     budget = None if max_queries is None else max(1, int(max_queries) // folds.n_folds)
-    rows = []
-    for f, (fit_idx, held_idx) in enumerate(folds.splits):
-        held_idx = inner_query_sample(train, held_idx, budget, seed=seed + f)
-        rows.append(held_idx)
+    held = [inner_query_sample(train, h, budget, seed=seed + f) for f, (_, h) in enumerate(folds.splits)]
+    rows = np.sort(np.concatenate(held))
+    position = np.searchsorted(rows, np.arange(train.n_spots))
+    mean = np.full((rows.size, len(model.genes)), np.nan, dtype=np.float32)
+    spread = None
+    for (fit_idx, _), held_idx in zip(folds.splits, held, strict=True):
         m, s = predict_held(fit_idx, held_idx)
-        mean[held_idx] = m
+        mean[position[held_idx]] = m
         if s is not None:
-            spread = np.full((n, g), np.nan, dtype=np.float32) if spread is None else spread
-            spread[held_idx] = s
-    return {
-        "mean": mean,
-        "spread": spread,
-        "fold": folds.fold,
-        "folds": folds,
-        "rows": np.sort(np.concatenate(rows)),
-    }
+            spread = np.full_like(mean, np.nan) if spread is None else spread
+            spread[position[held_idx]] = s
+    return {"mean": mean, "spread": spread, "fold": folds.fold, "folds": folds, "rows": rows}
 
 
 def calibrate(
@@ -613,13 +608,15 @@ def calibrate(
 
 
 def _sampled(oof: dict[str, Any], train: SpotData) -> tuple[dict[str, Any], SpotData]:
-    """``oof`` and ``train`` restricted to the spots the inner models predicted (``oof["rows"]``; all when absent)."""
+    """``oof`` and ``train`` restricted to the spots the inner models predicted (``oof["rows"]``; all when absent).
+
+    ``oof["mean"]`` / ``oof["spread"]`` already hold those spots only (:func:`out_of_fold`).
+    """
     folds: InnerFolds = oof["folds"]
     rows = oof.get("rows")
     if rows is None or len(rows) == train.n_spots:
         return {**oof, "scoring_library": folds.scoring_library(train.library)}, train
-    take = lambda a: None if a is None else np.asarray(a)[rows]
-    sub = {**oof, "mean": take(oof["mean"]), "spread": take(oof["spread"]), "fold": take(oof["fold"])}
+    sub = {**oof, "fold": np.asarray(oof["fold"])[rows]}
     sub["scoring_library"] = folds.scoring_library(train.library)[rows]
     return sub, train.subset(rows)
 

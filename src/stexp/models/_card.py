@@ -144,8 +144,10 @@ class ModelCard:
         if patients:
             training["patients"] = patients
         spec = model.encoder_spec.to_uns() if model.encoder_spec else {}
-        encoder: dict[str, Any] = {k: spec[k] for k in ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px",
-                                        "normalization", "out_dim", "mpp", "stain_norm", "tta") if k in spec}  # fmt: skip
+        from stexp.images._spec import VIEW_FIELDS
+
+        described = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization", "out_dim")
+        encoder: dict[str, Any] = {k: spec[k] for k in (*described, *VIEW_FIELDS) if k in spec}
         if model.features_key:
             encoder["features_key"] = model.features_key
         recipe = model.recipe.to_dict() if model.recipe is not None else {"model": model.name}
