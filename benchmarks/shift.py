@@ -26,15 +26,23 @@ with ``stexp.pp.embed_images(stain_norm=...)`` (each slide normalised on its own
 features are ``benchmark_shift.h5ad`` and its results ``results/shift.{json,md}``; another value's
 ``benchmark_shift_<norm>.h5ad`` and ``results/shift_<norm>.{json,md}``.
 
+``--adapt-bn`` measures the lever "test-time BatchNorm re-estimation" (AdaBN): every slide, clean and rendered,
+training and held out, is embedded with ``stexp.pp.embed_images(adapt_bn=True)`` (the encoder's BatchNorm
+statistics re-estimated on each slide's own patches); with the stain normalisation of ``--stain-norm``. Its
+features are ``benchmark_shift[_<norm>]_adabn.h5ad`` and its results ``results/shift[_<norm>]_adabn.{json,md}``
+(``results/shift_adabn.*`` with the default stain normalisation), so the default files are not overwritten.
+
 Usage::
 
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --embed-only      # renderings + features (~30 min)
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py                   # the default pipeline, control
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --variants default,raw
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --stain-norm macenko  # everything Macenko-normalised
+    STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --adapt-bn  # every slide embedded with AdaBN
 
 Renderings and features are cached under ``stexp.settings.cachedir`` (``benchmark_images/``, features cache).
-Results: ``benchmarks/results/shift.{json,md}`` (``shift_<norm>.{json,md}`` with ``--stain-norm``).
+Results: ``benchmarks/results/shift.{json,md}`` (``shift_<norm>.{json,md}`` with ``--stain-norm``, ``..._adabn``
+with ``--adapt-bn``).
 """
 
 from __future__ import annotations
@@ -75,23 +83,29 @@ RESULTS = Path(__file__).parent / "results"
 STAIN_NORMS = ("none", "reinhard", "macenko")
 
 
-def _suffix(stain_norm: str | None) -> str:
-    """``""`` for ``embed_images``' default stain normalisation (the default files), ``"_<norm>"`` otherwise."""
+def _suffix(stain_norm: str | None, adapt_bn: bool = False) -> str:
+    """``""`` for the default files, ``"_<norm>"`` for another stain normalisation, then ``"_adabn"`` (adapt_bn)."""
     import stexp.images
 
-    return "" if stain_norm == stexp.images.DEFAULT_STAIN_NORM else f"_{stain_norm or 'none'}"
+    norm = "" if stain_norm == stexp.images.DEFAULT_STAIN_NORM else f"_{stain_norm or 'none'}"
+    return norm + ("_adabn" if adapt_bn else "")
 
 
-def cache_path(stain_norm: str | None):
-    """The h5ad :func:`prepare` writes for ``stain_norm`` (also read by ``adapt.py`` and ``shift_augment.py``)."""
+def cache_path(stain_norm: str | None, adapt_bn: bool = False):
+    """The h5ad :func:`prepare` writes for ``stain_norm`` / ``adapt_bn`` (read by adapt.py, shift_augment.py)."""
     import stexp
 
-    return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm)}.h5ad"
+    return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm, adapt_bn)}.h5ad"
 
 
 def add_stain_norm_option(parser, help: str) -> None:
     """``--stain-norm none|reinhard|macenko`` (default: ``embed_images``' default), shared by the shift scripts."""
     parser.add_argument("--stain-norm", choices=STAIN_NORMS, default=None, help=help)
+
+
+def add_adapt_bn_option(parser, help: str) -> None:
+    """``--adapt-bn`` (``embed_images(adapt_bn=True)`` on every slide; default off)."""
+    parser.add_argument("--adapt-bn", action="store_true", help=help)
 
 
 def stain_norm_arg(value: str | None) -> str | None:
@@ -214,16 +228,16 @@ def rendered_copy(adata, name: str):
     return a
 
 
-def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None) -> Path:
+def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None, adapt_bn: bool = False) -> Path:
     """Read the sections, embed clean and rendered images with the defaults (cached); write a slim h5ad.
 
-    Every ``embed_images`` call (clean and rendered) normalises the stain alike (``stain_norm``); the h5ad is
-    :func:`cache_path`.
+    Every ``embed_images`` call (clean and rendered) normalises the stain alike (``stain_norm``) and, with
+    ``adapt_bn``, re-estimates the encoder's BatchNorm statistics on each slide; the h5ad is :func:`cache_path`.
     """
     import stexp
 
-    out = cache_path(stain_norm)
-    views = {"stain_norm": stain_norm}
+    out = cache_path(stain_norm, adapt_bn)
+    views = {"stain_norm": stain_norm, "adapt_bn": bool(adapt_bn)}
     adata = stexp.datasets.her2st(SECTIONS, path=data_dir)
     panel = [g.strip() for g in (data_dir / "her2st_785_genes.txt").read_text().split() if g.strip()]
     genes = [g for g in panel if g in adata.var_names]
@@ -290,10 +304,11 @@ def run(
     shuffled: bool,
     coverage: float = 0.9,
     stain_norm: str | None = None,
+    adapt_bn: bool = False,
 ) -> pd.DataFrame:
     """One ``stexp.tl.cross_validate`` call (LOPO) of every variant; per-slide rows with rendering and spot scores.
 
-    ``path`` is :func:`prepare`'s h5ad (``stain_norm`` only names the option in a message).
+    ``path`` is :func:`prepare`'s h5ad (``stain_norm`` and ``adapt_bn`` only name the options in a message).
     """
     import anndata as ad
 
@@ -303,7 +318,7 @@ def run(
     keys = {r: f"X_{r}" for r in renderings if f"X_{r}" in adata.obsm}
     missing = sorted(set(renderings) - set(keys))
     if missing:
-        option = f" --stain-norm {stain_norm or 'none'}"
+        option = f" --stain-norm {stain_norm or 'none'}" + (" --adapt-bn" if adapt_bn else "")
         sys.exit(
             f"renderings {missing} are not embedded; run with --embed-only{option} --renderings {','.join(missing)}"
         )
@@ -435,8 +450,9 @@ def write_report(
     *,
     command: str,
     stain_norm: str | None = None,
+    adapt_bn: bool = False,
 ) -> None:
-    """``results/shift.json`` and ``results/shift.md`` (``shift_<stain_norm>.*`` for a non-default ``stain_norm``)."""
+    """``results/shift.json`` and ``results/shift.md``; ``shift<_suffix>.*`` for other options (:func:`_suffix`)."""
     import platform
 
     analysis = analyse(rows)
@@ -454,8 +470,8 @@ def write_report(
         "shuffled_control": control,
         "per_slide": json.loads(rows.drop(columns=["shuffled"]).to_json(orient="records")),
     }
-    payload = {"command": command, "stain_norm": stain_norm, **payload}
-    stem = f"shift{_suffix(stain_norm)}"
+    payload = {"command": command, "stain_norm": stain_norm, "adapt_bn": bool(adapt_bn), **payload}
+    stem = f"shift{_suffix(stain_norm, adapt_bn)}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [
         "# Shift protocol (HER2+ LOPO, held-out slides rendered as another lab would give them)",
@@ -469,10 +485,15 @@ def write_report(
         "width of the 90% intervals; expected = the model's expected PCC(ACG) after its shift factor.",
         "",
     ]
-    lines[3:3] = [  # the stain normalisation every slide was embedded with
+    lines[3:3] = [  # the stain normalisation (and BatchNorm re-estimation) every slide was embedded with
         f"Stain normalisation: `embed_images(stain_norm={stain_norm!r})` on every slide, clean and rendered, "
         "training and held out (each normalised on its own thumbnail).  "
     ]
+    if adapt_bn:
+        lines[4:4] = [
+            "BatchNorm re-estimation (AdaBN): `embed_images(adapt_bn=True)` on every slide, clean and rendered, "
+            "training and held out (the encoder's BatchNorm statistics re-estimated on each slide's own patches).  "
+        ]
     header = "| rendering | slides | PCC(ACG) | ratio | PCC(HEG) | shift | flagged | AUROC slides | AUROC spots | coverage | width | expected |"
     for variant, summary in analysis.items():
         lines += [f"## {variant}", "", header, "|" + "---|" * 12]
@@ -526,6 +547,12 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark_shift_<norm>.h5ad, results in results/shift_<norm>.{json,md} (default: embed_images' default, "
         "whose files are benchmark_shift.h5ad and results/shift.*)",
     )
+    add_adapt_bn_option(
+        parser,
+        "embed every slide (clean and rendered) with embed_images(adapt_bn=True): the encoder's BatchNorm statistics "
+        "re-estimated on each slide; features in benchmark_shift[_<norm>]_adabn.h5ad, results in "
+        "results/shift[_<norm>]_adabn.{json,md}",
+    )
     args = parser.parse_args(argv)
     import stexp
 
@@ -535,21 +562,26 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data_dir)
     data_dir = data_dir / "her2st" if (data_dir / "her2st").is_dir() else data_dir
     renderings = [r for r in args.renderings.split(",") if r]
-    path = prepare(data_dir, renderings, args.stain_norm)
+    path = prepare(data_dir, renderings, args.stain_norm, args.adapt_bn)
     print(f"features in {path}")
     if args.embed_only:
         return
     stexp.settings.verbosity = 1
     names = [v for v in args.variants.split(",") if v]
-    rows = run(path, names, renderings, shuffled=False, stain_norm=args.stain_norm)
+    rows = run(path, names, renderings, shuffled=False, stain_norm=args.stain_norm, adapt_bn=args.adapt_bn)
     controls = [v for v in args.controls.split(",") if v]
-    shuffled = run(path, controls, renderings, shuffled=True, stain_norm=args.stain_norm) if controls else None
+    shuffled = (
+        run(path, controls, renderings, shuffled=True, stain_norm=args.stain_norm, adapt_bn=args.adapt_bn)
+        if controls
+        else None
+    )
     write_report(
         rows,
         shuffled,
         renderings,
         command=" ".join(["python", "benchmarks/shift.py", *(argv or sys.argv[1:])]),
         stain_norm=args.stain_norm,
+        adapt_bn=args.adapt_bn,
     )
 
 

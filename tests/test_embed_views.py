@@ -224,7 +224,7 @@ def test_stain_norm_options_and_normalizers():
     from stexp.images._views import check_options, stain_normalizer
 
     for value in (None, "reinhard", "macenko"):
-        assert check_options(None, value, False) == (None, value, False)
+        assert check_options(None, value, False) == (None, value, False, False)
     for bad in ("macenko?", "Macenko", "vahadane", ""):
         with pytest.raises(ValueError, match="stain_norm"):
             check_options(None, bad, False)

@@ -87,6 +87,7 @@ def test_embed_kwargs_fields():
             "mpp": 1,
             "stain_norm": "reinhard",
             "tta": True,
+            "adapt_bn": True,
             "library_key": "sample",
         }
     )
@@ -101,6 +102,7 @@ def test_embed_kwargs_fields():
         "mpp": 1.0,
         "stain_norm": "reinhard",
         "tta": True,
+        "adapt_bn": True,
     }
     kwargs["patch_um"]["a"] = 1.0  # a copy: the frozen spec is not changed through it
     assert spec.patch_um == {"a": 60.0, "b": 80.0}
@@ -113,6 +115,7 @@ def test_embed_kwargs_fields():
         "mpp": None,
         "stain_norm": None,
         "tta": False,
+        "adapt_bn": False,
     }
 
 

@@ -365,6 +365,8 @@ def test_spatial_genes_on_spatialdata_matches_scanpy_geometry(visium_tiny_dir):
 def test_scores_reads_what_evaluate_stores(pred, tmp_path):
     import anndata as ad
 
+    from stexp.pl import _scores  # a private module: imported, not reached through the lazy package
+
     stexp.tl.evaluate(pred, pred_key="stexp_pred")
     pred.layers["pred_mean"] = np.broadcast_to(pred.layers["stexp_pred"].mean(axis=0), pred.shape).copy()
     pred.layers["pred_mean"][:5] += 0.01  # not constant: a poor but scorable prediction
@@ -372,7 +374,7 @@ def test_scores_reads_what_evaluate_stores(pred, tmp_path):
     pred.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad")  # what the user has after saving and loading
 
-    table = stexp.pl._scores.score_table(back)
+    table = _scores.score_table(back)
     assert set(table["model"]) == {"stexp_pred", "pred_mean"}
     ours = table[table["model"] == "stexp_pred"].set_index(["gene", "library_id"])["pcc"]
     stored = back.uns["stexp"]["evaluate"]["stexp_pred"]["pcc"]

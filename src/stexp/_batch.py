@@ -379,7 +379,7 @@ def embed_command(args: argparse.Namespace) -> int:
         stexp.pp.embed_images(
             adata, encoder=encoder, patch_um=args.patch_um, batch_size=args.batch_size,
             device=device, devices=args.devices, key_added=key, overwrite=args.overwrite,
-            stain_norm=None if args.stain_norm == "none" else args.stain_norm,
+            stain_norm=None if args.stain_norm == "none" else args.stain_norm, adapt_bn=args.adapt_bn,
         )  # fmt: skip
         if speak:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +449,12 @@ def add_embed_parser(sub, positive_int, positive_float) -> None:
         choices=[norm or "none" for norm in STAIN_NORMS],
         default=DEFAULT_STAIN_NORM,
         help="stain normalisation of every slide before embedding (default: %(default)s, as embed_images)",
+    )
+    emb.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        help="re-estimate the encoder's BatchNorm statistics on each slide's own patches before embedding it "
+        "(AdaBN; embed_images(adapt_bn=True); needs an encoder with BatchNorm layers)",
     )
     emb.add_argument("--batch-size", type=positive_int, default=32, help="patches per forward pass")
     emb.add_argument("--key", default=None, help="obsm key of the features (default: X_stexp_<encoder>)")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: What ``embed_images`` did to the patches besides cutting them (absent in records older than these options).
-VIEW_FIELDS = ("mpp", "stain_norm", "tta")
+VIEW_FIELDS = ("mpp", "stain_norm", "tta", "adapt_bn")
 #: Fields a model's features and the query's features must share (and the view options, :data:`CHECKED_FIELDS`).
 MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
 #: What :meth:`EncoderSpec.diff` compares by default.
@@ -71,6 +71,9 @@ class EncoderSpec:
         Stain normalisation of the patches (``None``, ``"reinhard"`` or ``"macenko"``).
     tta
         Whether the features are averaged over the 8 flips/rotations of each patch.
+    adapt_bn
+        Whether the encoder's BatchNorm statistics were re-estimated on each slide's own patches before
+        embedding it (AdaBN; records older than the option read back as ``False``).
     """
 
     encoder: str | None = None
@@ -85,6 +88,7 @@ class EncoderSpec:
     mpp: float | None = None
     stain_norm: str | None = None
     tta: bool = False
+    adapt_bn: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -108,6 +112,7 @@ class EncoderSpec:
         # records written before the view options existed lack them: the defaults
         values["mpp"] = None if values["mpp"] is None else float(values["mpp"])
         values["tta"] = bool(values["tta"]) if values["tta"] is not None else False
+        values["adapt_bn"] = bool(values["adapt_bn"]) if values["adapt_bn"] is not None else False
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +190,7 @@ class EncoderSpec:
         -------
         ``encoder``, ``weights`` (the recorded ``weights_arg``: ``"imagenet"``, a file path, or ``None`` for
         random weights), ``encoder_kwargs`` (decoded from the recorded JSON, classes imported; ``None`` when
-        there were none), ``patch_um``, ``mpp``, ``stain_norm`` and ``tta``. ``patch_um`` is the recorded
+        there were none), ``patch_um``, ``mpp``, ``stain_norm``, ``tta`` and ``adapt_bn``. ``patch_um`` is the recorded
         number, or the per-library mapping when the libraries had different patch sizes (it recreates the
         features of those libraries; ``embed_images`` raises a KeyError naming any other library), or
         ``None`` when none was recorded (each library's default, :func:`stexp.images.default_patch_um`).
@@ -210,6 +215,7 @@ class EncoderSpec:
             "mpp": self.mpp,
             "stain_norm": self.stain_norm,
             "tta": self.tta,
+            "adapt_bn": self.adapt_bn,
         }
 
     def diff(

@@ -1,20 +1,22 @@
-"""What ``stexp.pp.embed_images`` may do to the patches: resample, stain-normalise, flip and rotate.
+"""What ``stexp.pp.embed_images`` may do to the patches and the encoder: resample, stain-normalise, adapt.
 
-Resampling every slide to one µm/px, stain normalisation and test-time augmentation over the 8
-flips/rotations of each patch.
+Resampling every slide to one µm/px, stain normalisation, test-time augmentation over the 8
+flips/rotations of each patch, and test-time BatchNorm re-estimation per slide (AdaBN).
 
-Kept apart from ``_embed`` so that the embedding loop only calls three hooks:
+Kept apart from ``_embed`` so that the embedding loop only calls a few hooks:
 :func:`resample_slide` (the decoded slide and its patch plan, at ``mpp`` µm/px), :func:`stain_normalizer`
-(a per-slide patch transform, or ``None``) and :func:`encode` (the encoder's output, averaged over the
-dihedral group with ``tta``).
+(a per-slide patch transform, or ``None``), :func:`encode` (the encoder's output, averaged over the
+dihedral group with ``tta``) and, with ``adapt_bn``, :func:`adapt_sample` (which spots adapt the encoder)
+and :func:`adapted_batchnorm` (the encoder with the slide's own BatchNorm statistics, restored afterwards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final
 
 import numpy as np
 
@@ -26,17 +28,26 @@ DEFAULT_STAIN_NORM: Final = "macenko"
 #: Longest side (px) of the thumbnail a slide's stain statistics are taken from (``stain_norm``); smaller
 #: than the readers' in-memory copy (:data:`stexp._layout.THUMBNAIL_PX`): colour statistics need no detail.
 STAIN_THUMBNAIL_PX = 1024
+#: At most this many patches of a slide re-estimate the encoder's BatchNorm statistics (``adapt_bn``).
+ADAPT_BN_PATCHES: Final = 512
+#: Patches per forward pass of that re-estimation: fixed, not ``embed_images``' ``batch_size``, because the
+#: re-estimated statistics (a cumulative average of per-batch statistics) depend on it, and the features
+#: must not depend on how they were computed (the CLI, predict and the cache key ignore ``batch_size``).
+ADAPT_BN_BATCH: Final = 64
 
 
-def check_options(mpp, stain_norm, tta) -> tuple[float | None, str | None, bool]:
-    """Validated ``mpp`` (None, or a plausible µm/px: :func:`stexp._layout.check_um_per_px`), ``stain_norm``, ``tta``.
+def check_options(mpp, stain_norm, tta, adapt_bn=False) -> tuple[float | None, str | None, bool, bool]:
+    """Validated view options: ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``.
+
+    ``mpp`` is None or a plausible µm/px (:func:`stexp._layout.check_um_per_px`).
 
     Raises
     ------
     TypeError
         If ``mpp`` is not a number (``True``, ``"0.5"``...).
     ValueError
-        If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` are not among their values.
+        If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` / ``adapt_bn`` are not
+        among their values.
     """
     if mpp is not None:
         from stexp._layout import check_um_per_px
@@ -46,7 +57,9 @@ def check_options(mpp, stain_norm, tta) -> tuple[float | None, str | None, bool]
         raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
     if not isinstance(tta, (bool, np.bool_)):
         raise ValueError(f"tta must be True or False, got {tta!r}.")
-    return mpp, stain_norm, bool(tta)
+    if not isinstance(adapt_bn, (bool, np.bool_)):
+        raise ValueError(f"adapt_bn must be True or False, got {adapt_bn!r}.")
+    return mpp, stain_norm, bool(tta), bool(adapt_bn)
 
 
 def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):
@@ -66,9 +79,16 @@ def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):
     w, h = image.size
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     resized = image.resize(size, Image.Resampling.LANCZOS)
-    fx, fy = size[0] / w, size[1] / h
+    return resized, rescale_plan(plan, image.size, size)
+
+
+def rescale_plan(plan, size: tuple[int, int], new_size: tuple[int, int]):
+    """``plan`` (of an image of ``size`` = (width, height) px) on the image resized to ``new_size``."""
+    if tuple(size) == tuple(new_size):
+        return plan
+    fx, fy = new_size[0] / size[0], new_size[1] / size[1]
     centres = np.asarray(plan.centres, dtype=np.float64) * np.array([fx, fy])
-    return resized, dataclasses.replace(plan, centres=centres, side=float(plan.side) * fx)
+    return dataclasses.replace(plan, centres=centres, side=float(plan.side) * fx)
 
 
 def stain_normalizer(
@@ -115,3 +135,108 @@ def encode(module, x, *, tta: bool):
             total = y if total is None else total + y
     assert total is not None
     return total / 8.0
+
+
+def batchnorm_layers(module) -> list:
+    """The BatchNorm layers of ``module`` that keep running statistics (what ``adapt_bn`` re-estimates).
+
+    Every subclass of torch's ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's
+    ``BatchNormAct2d``...) with ``track_running_stats``; frozen BatchNorm (a fixed affine map) and the other
+    normalisations (LayerNorm, GroupNorm...) have no statistics to re-estimate.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    modules = module.modules() if hasattr(module, "modules") else ()
+    return [m for m in modules if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
+
+
+def check_adapt_bn(module, name: str) -> None:
+    """Raise a ValueError naming the encoder when ``adapt_bn`` has no BatchNorm statistics to re-estimate in it."""
+    if not batchnorm_layers(module):
+        raise ValueError(
+            f"adapt_bn=True needs BatchNorm layers with running statistics in the encoder, but encoder {name!r} has "
+            "none (e.g. a ViT with LayerNorm: UNI, H-optimus-0...); embed it with adapt_bn=False."
+        )
+
+
+def adapt_sample(inside: np.ndarray, n: int = ADAPT_BN_PATCHES) -> np.ndarray:
+    """Positions (in plan order) of at most ``n`` spots inside the image, evenly spaced over the plan's spots.
+
+    Deterministic: no random generator is used (nor the global ones drawn from).
+    """
+    rows = np.flatnonzero(np.asarray(inside, dtype=bool))
+    if len(rows) > n:
+        rows = rows[np.round(np.linspace(0, len(rows) - 1, n)).astype(np.int64)]
+    return rows
+
+
+def _interleaved(n: int, batch_size: int = ADAPT_BN_BATCH) -> list[np.ndarray]:
+    """``range(n)`` cut into ``k = ceil(n / batch_size)`` batches of nearly equal size, batch b taking b, b + k...
+
+    Interleaved rather than consecutive, so that each batch covers the whole slide rather than one region of it
+    (the plan's spots run across the slide): BatchNorm's cumulative average of per-batch variances then misses
+    little of the between-region variance.
+    """
+    k = max(1, math.ceil(n / max(int(batch_size), 2)))  # BatchNorm in train mode needs two values per channel
+    return [np.arange(b, n, k) for b in range(k) if b < n]
+
+
+@contextlib.contextmanager
+def adapted_batchnorm(
+    module, patches: np.ndarray, to_input: Callable[[np.ndarray], Any], *, name: str, batch_size: int = ADAPT_BN_BATCH,
+    library_id: str | None = None, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[None]:  # fmt: skip
+    """``module`` with every BatchNorm layer's statistics re-estimated on ``patches`` (AdaBN), restored on exit.
+
+    Li et al. 2016, "Revisiting batch normalization for practical domain adaptation": each BatchNorm
+    layer's running mean and variance are reset, then re-estimated as a cumulative average (momentum
+    ``None``) over forward passes of ``patches`` (uint8 ``(n, H, W, 3)``, turned into the encoder's input
+    by ``to_input``) in interleaved batches of about ``batch_size`` (:data:`ADAPT_BN_BATCH`;
+    :func:`_interleaved`) under ``torch.no_grad``, with only the BatchNorm layers in train mode (``autocast``:
+    the context the embedding's forward passes run in). Inside the block the BatchNorm layers are in eval mode
+    and use these statistics. On exit, also on an error, every BatchNorm layer's buffers, momentum and
+    train/eval flag are those it had before; nothing else of ``module`` is changed.
+
+    Raises
+    ------
+    ValueError
+        If ``module`` has no BatchNorm layer with running statistics (the message names the encoder
+        ``name``), or the forward passes fail in train mode (e.g. a BatchNorm layer that sees one value per
+        channel; the message names ``library_id``).
+    """
+    import torch
+
+    layers = batchnorm_layers(module)
+    if not layers:
+        check_adapt_bn(module, name)
+    saved = [
+        (m, m.training, m.momentum, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+        for m in layers
+    ]
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the forward passes
+            m.train()
+        try:
+            with torch.no_grad():
+                for sel in _interleaved(len(patches), batch_size):
+                    x = to_input(patches[sel])
+                    with autocast():
+                        module(x)
+        except ValueError as err:  # e.g. a BatchNorm layer that sees one value per channel
+            slide = "" if library_id is None else f"library {library_id!r}: "
+            raise ValueError(
+                f"{slide}adapt_bn could not re-estimate the BatchNorm statistics of encoder {name!r} from "
+                f"{len(patches)} patches: {err}"
+            ) from err
+        for m in layers:
+            m.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, training, momentum, buffers in saved:
+                for k, value in buffers.items():
+                    getattr(m, k).copy_(value)
+                m.momentum = momentum
+                m.train(training)

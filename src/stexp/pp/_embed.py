@@ -74,17 +74,27 @@ def _autocast(device: str):
 
 
 def _embed_plan(
-    enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False
-) -> np.ndarray:
+    enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False,
+    adapt_bn=False, adapt_plan=None,
+) -> np.ndarray:  # fmt: skip
     """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan`.
 
     Patches come from :meth:`~stexp.images._patches.PatchPlan.stream` (a JPEG decoded once, a whole-slide
     file read region by region); with ``mpp`` the decoded slide is first resampled to that µm/px, which
     needs the whole image (refused for a slide read by region). ``stain_norm`` is fitted on a thumbnail.
 
+    With ``adapt_bn`` the encoder's BatchNorm statistics are first re-estimated on at most
+    :data:`~stexp.images._views.ADAPT_BN_PATCHES` of the library's patches, cut, resampled and normalised as
+    the embedded ones, in batches of :data:`~stexp.images._views.ADAPT_BN_BATCH` whatever ``batch_size``
+    (:func:`~stexp.images._views.adapted_batchnorm`; restored afterwards). They are drawn
+    from ``adapt_plan`` (default ``plan``): the whole library's plan when ``plan`` is one shard of it, so
+    that every shard is embedded with the same statistics.
+
     Patches of batch i+1 are cut in a background thread while batch i runs through the encoder. Spots
     outside the image get NaN features.
     """
+    import contextlib
+
     import torch
 
     out = np.full((len(plan), enc.out_dim), np.nan, dtype=np.float32)
@@ -94,30 +104,53 @@ def _embed_plan(
     module = enc.module.to(device)
     if cuda:
         module = module.to(memory_format=torch.channels_last)
-    from stexp.images._views import STAIN_THUMBNAIL_PX, encode, resample_slide, stain_normalizer
+    from stexp.images import _views
 
+    sample = None
+    if adapt_bn:
+        adapt_plan = plan if adapt_plan is None else adapt_plan
+        sample = adapt_plan.subset(_views.adapt_sample(adapt_plan.inside))
+    px = int(enc.input_px)
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
         assert mpp is None  # refused before any work by _check_mpp_for_slides
-        batches = plan.stream(int(enc.input_px), batch_size)
+        batches = plan.stream(px, batch_size)
         normalize = None
         if stain_norm is not None:
             from PIL import Image
 
-            thumb = Image.fromarray(plan.view.reader().thumbnail(STAIN_THUMBNAIL_PX)[0])
-            normalize = stain_normalizer(thumb, stain_norm, library_id=plan.view.library_id)
+            thumb = Image.fromarray(plan.view.reader().thumbnail(_views.STAIN_THUMBNAIL_PX)[0])
+            normalize = _views.stain_normalizer(thumb, stain_norm, library_id=plan.view.library_id)
+        sample_patches = sample.read(px) if sample is not None else None
     else:  # decoded once; resampled to mpp first when asked
-        image, plan = resample_slide(plan.view.decode(), plan, image_um_per_px=image_um_per_px, mpp=mpp)
-        normalize = stain_normalizer(image, stain_norm, library_id=plan.view.library_id)
-        batches = ((np.arange(s, s + len(p)), p) for s, p in plan.batches(image, int(enc.input_px), batch_size))
-    with torch.inference_mode():  # a JPEG is decoded once; a whole-slide file is read region by region
+        decoded = plan.view.decode()
+        image, plan = _views.resample_slide(decoded, plan, image_um_per_px=image_um_per_px, mpp=mpp)
+        normalize = _views.stain_normalizer(image, stain_norm, library_id=plan.view.library_id)
+        batches = ((np.arange(s, s + len(p)), p) for s, p in plan.batches(image, px, batch_size))
+        sample_patches = None
+        if sample is not None:
+            sample_patches = _views.rescale_plan(sample, decoded.size, image.size).cut(image, px)
+
+    def to_input(patches):
+        """uint8 patches -> the encoder's input on ``device``: stain normalisation, the encoder's preprocessing."""
+        if normalize is not None:
+            patches = normalize(patches)
+        x = enc.preprocess(patches, device=device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    adapted: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if sample_patches is not None:  # un-augmented patches, also with tta
+        adapted = _views.adapted_batchnorm(
+            module, sample_patches, to_input, name=enc.name, library_id=plan.view.library_id,
+            autocast=lambda: _autocast(device),
+        )  # fmt: skip
+    # a JPEG is decoded once; a whole-slide file is read region by region
+    with adapted, torch.inference_mode():
         for rows, patches in batches:
-            if normalize is not None:
-                patches = normalize(patches)
-            x = enc.preprocess(patches, device=device)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_input(patches)
             with _autocast(device):
-                y = encode(module, x, tta=tta)
+                y = _views.encode(module, x, tta=tta)
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(patches), enc.out_dim):
                 shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(
@@ -446,6 +479,7 @@ def _write_features(adata, key: str, enc, spec, embedded: _Embedded) -> None:
             (f", resampled to {spec.mpp} µm/px", spec.mpp is not None),
             (f", {spec.stain_norm} stain normalisation", spec.stain_norm is not None),
             (", 8-view TTA", bool(spec.tta)),
+            (", BatchNorm statistics re-estimated per slide (AdaBN)", bool(spec.adapt_bn)),
         )
         if on
     )
@@ -477,6 +511,7 @@ def embed_images(
     mpp: float | None = None,
     stain_norm: Literal["reinhard", "macenko"] | None = DEFAULT_STAIN_NORM,
     tta: bool = False,
+    adapt_bn: bool = False,
     devices: int | None = None,
 ) -> AnnData | None:
     """Embed the H&E patch around every spot with an image encoder.
@@ -569,6 +604,22 @@ def embed_images(
     tta
         Test-time augmentation: average the features of the 8 flips/rotations of each patch (8x the
         encoder's work); the features are then invariant to the patch's orientation.
+    adapt_bn
+        Test-time BatchNorm re-estimation per slide ("AdaBN", Li et al. 2016, "Revisiting batch normalization
+        for practical domain adaptation"): before a library's patches are embedded, the running mean and
+        variance of every BatchNorm layer of the encoder are re-estimated on at most
+        :data:`stexp.images._views.ADAPT_BN_PATCHES` (512) of that library's patches (evenly spaced over its
+        spots inside the image; deterministic, no random generator is touched), prepared exactly as the
+        embedded ones (``mpp`` resampling, ``stain_norm``, the encoder's input normalisation; without the
+        ``tta`` flips), by forward passes with only the BatchNorm layers in train mode; the library is then
+        embedded in eval mode with these statistics, and the encoder's own statistics are restored
+        afterwards (also on an error), so each slide starts from the pretrained ones and the encoder is
+        left as it was. Removes per-slide shifts of the activations' mean and scale (colour, brightness,
+        staining) at their source. Cost: about one extra forward pass over at most 512 patches per library
+        (with ``devices=N``, in each process). Needs an encoder with BatchNorm layers (the default
+        EfficientNet-Lite0 encoders, ResNet-50, DenseNet-121; not the ViT foundation models, which use
+        LayerNorm: a ``ValueError``). Recorded and part of the features' identity like the other view
+        options; its effect on the shift protocol is measured in ``docs/shift.md``.
     devices
         ``None`` (default): embed in this process. ``N``: shard the patches over N processes through Lightning
         (N GPUs with ``device="cuda"``, N CPU processes with ``device="cpu"``; under torchrun / SLURM ``srun``,
@@ -583,7 +634,8 @@ def embed_images(
     ``adata.uns["stexp"]["features"][key]``: the :class:`~stexp.images.EncoderSpec` fields (``encoder``,
     ``weights`` (the weights identity: ``"imagenet"``, ``"random"``, ``"sha256:..."`` of a file...),
     ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
-    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``), ``n_outside`` per library,
+    ``patch_px``, ``normalization``, ``out_dim``, ``library_key``, and the view options ``mpp``,
+    ``stain_norm``, ``tta``, ``adapt_bn``), ``n_outside`` per library,
     ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
 
     Raises
@@ -593,8 +645,9 @@ def embed_images(
     ValueError
         If an option is out of range (``mpp`` outside 0.05-50 µm/px, or given for a whole-slide file, or
         resampling a slide to more than :data:`MAX_RESAMPLED_PIXELS`), stored features would be replaced
-        (see ``overwrite``), or the encoder returns NaN / infinite features (raised at the first such batch;
-        nothing is written to ``adata.obsm`` or the cache).
+        (see ``overwrite``), ``adapt_bn=True`` is given for an encoder without BatchNorm layers, or the
+        encoder returns NaN / infinite features (raised at the first such batch; nothing is written to
+        ``adata.obsm`` or the cache).
     """
     from stexp.images._patches import resolve_patch_um
     from stexp.images._views import check_options
@@ -603,8 +656,13 @@ def embed_images(
     _check_devices(devices)
     device = check_device(device)  # also when the features are cached and no device is used
     _check_encoder_kwargs(encoder_kwargs)
-    checked_mpp, checked_norm, checked_tta = check_options(mpp, stain_norm, tta)
-    views: dict[str, Any] = {"mpp": checked_mpp, "stain_norm": checked_norm, "tta": checked_tta}
+    checked_mpp, checked_norm, checked_tta, checked_adapt = check_options(mpp, stain_norm, tta, adapt_bn)
+    views: dict[str, Any] = {
+        "mpp": checked_mpp,
+        "stain_norm": checked_norm,
+        "tta": checked_tta,
+        "adapt_bn": checked_adapt,
+    }
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
@@ -623,6 +681,10 @@ def embed_images(
             return adata if copy else None
 
     enc = _build_encoder(encoder, weights, encoder_kwargs, encoder_id)
+    if checked_adapt:  # before any work, also when the features would come from the cache
+        from stexp.images._views import check_adapt_bn
+
+        check_adapt_bn(enc.module, enc.name)
     key = key_added or default_key(enc.name)
     # a callable is identified across calls only by a user-given encoder_id ("id:<name>" weights); identified is
     # not rebuildable: the module itself is stored nowhere (EncoderSpec.rebuildable is False for every callable)

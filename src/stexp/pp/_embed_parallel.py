@@ -4,7 +4,9 @@ Each library's spots are cut into ``world_size`` contiguous chunks; Lightning's 
 launchers as training: ``ddp_spawn`` from a script, ``ddp_notebook`` in Jupyter, ``ddp`` under torchrun or
 SLURM, see :func:`stexp.models._engine.parallel_plan`) hands every process one chunk of every library,
 which it embeds with the one-process code (:func:`stexp.pp._embed._embed_plan`: same decoding, resampling,
-stain normalisation and batching). The features of every process are then gathered (``all_gather``, no
+stain normalisation, BatchNorm re-estimation and batching; with ``adapt_bn`` every process re-estimates the
+statistics on the same sample of the whole library, so that every chunk is embedded with the same ones).
+The features of every process are then gathered (``all_gather``, no
 shared file system needed); under the fork/spawn launchers rank 0 hands them to the calling process
 through a temporary file on this machine, under a launcher every rank holds them.
 """
@@ -113,7 +115,7 @@ class EmbedShards(L.LightningModule):
         rows = np.asarray(rows, dtype=np.int64)
         feats = _embed_plan(
             self.enc, job.plan.subset(rows), batch_size=self.batch_size, device=str(self.device), pbar=self._bar,
-            image_um_per_px=job.image_um_per_px, **self.views,
+            image_um_per_px=job.image_um_per_px, adapt_plan=job.plan, **self.views,
         )  # fmt: skip
         self.parts.append((int(j), rows, feats))
 

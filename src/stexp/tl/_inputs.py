@@ -131,7 +131,7 @@ def resolve_features(adata, features_key: str | None, *, library_key: str, encod
             from stexp.images._spec import EncoderSpec
 
             spec = EncoderSpec.from_mapping(stored)
-            views = {"mpp": spec.mpp, "stain_norm": spec.stain_norm, "tta": spec.tta}
+            views = {"mpp": spec.mpp, "stain_norm": spec.stain_norm, "tta": spec.tta, "adapt_bn": spec.adapt_bn}
         embed_images(adata, encoder=encoder, library_key=library_key, **views)
         return key
     if features_key not in adata.obsm:
