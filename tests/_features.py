@@ -1,5 +1,7 @@
 """Cheap, deterministic image features for tests (no encoder): colour and texture statistics around each spot.
 
+``clustered_unit_rows(n)`` gives synthetic feature rows for retrieval tests.
+
 ``stat_features(adata)`` writes ``adata.obsm[key]`` and a feature spec in
 ``adata.uns["stexp"]["features"][key]`` (``encoder="test_stats"``), as :func:`stexp.pp.embed_images` would.
 """
@@ -52,3 +54,11 @@ def mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean per-gene Pearson r between predicted and true ``(spots, genes)``, over genes that vary in the truth."""
     keep = truth.std(0) > 0
     return float(np.mean([np.corrcoef(pred[:, g], truth[:, g])[0, 1] for g in np.flatnonzero(keep)]))
+
+
+def clustered_unit_rows(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
+    """``n`` unit rows of ``d`` dimensions around 12 fixed centres (a bank or queries for retrieval tests)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 3, (12, d))
+    x = centres[rng.integers(0, 12, n)] + rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

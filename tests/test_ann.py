@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _features import clustered_unit_rows
 
 import stexp
 from stexp.models import _ann
 from stexp.models._data import SpotData, inner_query_sample
 from stexp.models._retrieval import choose_temperature, euclidean_neighbours, weighted_retrieval
-
-
-def _clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(99).normal(0, 3, (12, d))
-    x = centres[rng.integers(0, 12, n)] + rng.normal(size=(n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _exact_top(q: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
@@ -43,7 +37,7 @@ def faiss():
 
 
 def test_index_recall_and_saved_rebuild(faiss):
-    bank, query = _clustered(3000), _clustered(200, seed=1)
+    bank, query = clustered_unit_rows(3000), clustered_unit_rows(200, seed=1)
     index = _ann.AnnIndex(bank, k=20, seed=0)
     idx, sim = index.search(query, 20)
     assert _ann.recall_at_k(idx, _exact_top(query, bank, 20)) >= 0.95
@@ -59,7 +53,7 @@ def test_index_recall_and_saved_rebuild(faiss):
 
 
 def test_retrieval_through_an_index_matches_exact(faiss):
-    bank, query = _clustered(2000), _clustered(300, seed=2)
+    bank, query = clustered_unit_rows(2000), clustered_unit_rows(300, seed=2)
     target = np.random.default_rng(0).normal(size=(2000, 7)).astype(np.float32)
     index = _ann.AnnIndex(bank, k=30)
     exact, _ = weighted_retrieval(query, bank, target, k=30, temperature=0.1, chunk=64)
@@ -68,7 +62,7 @@ def test_retrieval_through_an_index_matches_exact(faiss):
 
 
 def test_euclidean_neighbours_above_the_threshold(faiss, monkeypatch):
-    bank, query = _clustered(1500, d=16) * 3, _clustered(100, d=16, seed=3) * 3
+    bank, query = clustered_unit_rows(1500, d=16) * 3, clustered_unit_rows(100, d=16, seed=3) * 3
     exact_idx, exact_d = euclidean_neighbours(query, bank, 10, search="exact")
     monkeypatch.setattr(_ann, "ANN_MIN_BANK", 1000)
     idx, dist = euclidean_neighbours(query, bank, 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _features import clustered_unit_rows
 
 import stexp
 from stexp.models import _ann, _scaling, _shift
@@ -12,13 +13,6 @@ from stexp.models._calibration import ridge_loo
 from stexp.models._data import SpotData
 from stexp.models._recipe import Recipe, fit_recipe, inner_predictor
 from stexp.models._retrieval import _weighted_moments, outside, retrieval_by_temperature, weighted_retrieval
-
-
-def _clustered(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(7).normal(0, 3, (10, d))
-    x = centres[rng.integers(0, 10, n)] + rng.normal(size=(n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _slides(n_slides: int = 4, per_slide: int = 150, n_genes: int = 6, seed: int = 0) -> SpotData:
@@ -40,7 +34,7 @@ def _slides(n_slides: int = 4, per_slide: int = 150, n_genes: int = 6, seed: int
 
 
 def test_exact_search_with_excluded_rows_is_search_of_the_rest():
-    bank, query = _clustered(400), _clustered(30, seed=1)
+    bank, query = clustered_unit_rows(400), clustered_unit_rows(30, seed=1)
     target = np.random.default_rng(2).normal(size=(400, 5)).astype(np.float32)
     keep = np.arange(400) % 3 != 0
     a = weighted_retrieval(query, bank, target, k=25, temperature=0.1, chunk=7, exclude=~keep)
@@ -77,7 +71,7 @@ def faiss():
 
 
 def test_index_searches_the_bank_without_copying_it_and_honours_exclusion(faiss):
-    bank, query = _clustered(3000), _clustered(200, seed=1)
+    bank, query = clustered_unit_rows(3000), clustered_unit_rows(200, seed=1)
     index = _ann.AnnIndex(bank, k=20, seed=0)
     assert np.shares_memory(index._bank, bank)  # no second copy of the bank
     group = np.arange(3000) % 4
@@ -98,7 +92,7 @@ def test_index_searches_the_bank_without_copying_it_and_honours_exclusion(faiss)
 
 
 def test_index_exclusion_of_whole_cells_still_returns_k_rows(faiss):
-    bank, query = _clustered(2000), _clustered(50, seed=3)
+    bank, query = clustered_unit_rows(2000), clustered_unit_rows(50, seed=3)
     index = _ann.AnnIndex(bank, k=10, seed=0, nlist=40)
     exclude = index._assign < 30  # 30 of 40 cells emptied: probes must widen for many queries
     idx, sim = index.search(query, 10, exclude=exclude)

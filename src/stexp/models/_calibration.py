@@ -347,14 +347,17 @@ def ridge_loo(X: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]) -> tuple[
     x_mean, y_mean = X.mean(axis=0), float(y.mean())
     Xc, yc = X - x_mean, y - y_mean
     n, p = Xc.shape
-    # the smaller of XᵀX (p x p) and XXᵀ (n x n): eigenvalues s², and U (n x m) the left singular vectors times s
+    # Xc = U S Vᵀ from the smaller of XᵀX (p x p) and XXᵀ (n x n): eigenvalues s², XV = Xc V = U S
     if n > p:
         eigval, V = np.linalg.eigh(Xc.T @ Xc)
-        XV = Xc @ V  # = U s
+        eigval = np.maximum(eigval, 0.0)
+        XV = Xc @ V
     else:
         eigval, U = np.linalg.eigh(Xc @ Xc.T)
-        XV = U * np.sqrt(np.maximum(eigval, 0.0))
-    eigval = np.maximum(eigval, 0.0)
+        keep = eigval > eigval.max() * 1e-12  # the null directions fit nothing and add no leverage
+        eigval, U = eigval[keep], U[:, keep]
+        XV = U * np.sqrt(eigval)
+        V = (Xc.T @ U) / np.sqrt(eigval)
     r = XV.T @ yc
     leverage_terms = XV**2
     best, best_err = alphas[0], np.inf
@@ -365,12 +368,7 @@ def ridge_loo(X: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]) -> tuple[
         err = float(np.mean(((yc - fitted) / (1.0 - hat)) ** 2))
         if err < best_err:
             best, best_err = alpha, err
-    # coefficients Xcᵀ (XcXcᵀ + a)⁻¹ yc = V diag(1 / (s² + a)) Vᵀ Xcᵀ yc, with Xc V = XV
-    coef = (
-        Xc.T @ (XV @ (r / (eigval + best) / np.where(eigval > 0, eigval, np.inf)))
-        if n <= p
-        else V @ (r / (eigval + best))
-    )
+    coef = V @ (r / (eigval + best))
     return coef, y_mean - float(x_mean @ coef)
 
 

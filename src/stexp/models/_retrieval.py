@@ -149,12 +149,15 @@ def weighted_retrieval(
     spread = np.empty_like(mean)
     for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index, exclude):
         w = _neighbour_weights(sim, temperature).astype(np.float32)
-        first = rows.start
-        for s in range(0, top.shape[0], WEIGHTING_ROWS):
-            block = slice(s, s + WEIGHTING_ROWS)
-            out = slice(first + s, first + min(s + WEIGHTING_ROWS, top.shape[0]))
+        for block, out in _weighting_blocks(rows, top.shape[0]):
             mean[out], spread[out] = _weighted_moments(w[block], bank_target[top[block]])
     return mean, spread
+
+
+def _weighting_blocks(rows: slice, n: int):
+    """Yield ``(block, out)``: :data:`WEIGHTING_ROWS` rows of a search chunk of ``n`` rows, and where they go."""
+    for s in range(0, n, WEIGHTING_ROWS):
+        yield slice(s, s + WEIGHTING_ROWS), slice(rows.start + s, rows.start + min(s + WEIGHTING_ROWS, n))
 
 
 def _weighted_moments(w: np.ndarray, neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,10 +192,7 @@ def retrieval_by_temperature(
     preds = np.empty((len(TEMPERATURE_GRID), query_unit.shape[0], bank_target.shape[1]), dtype=np.float32)
     for rows, top, sim in _top_k(query_unit, bank_unit, k, chunk, index, exclude):
         w = np.stack([_neighbour_weights(sim, t) for t in TEMPERATURE_GRID], axis=1).astype(np.float32)  # (q, T, k)
-        first = rows.start
-        for s in range(0, top.shape[0], WEIGHTING_ROWS):
-            block = slice(s, s + WEIGHTING_ROWS)
-            out = slice(first + s, first + min(s + WEIGHTING_ROWS, top.shape[0]))
+        for block, out in _weighting_blocks(rows, top.shape[0]):
             preds[:, out] = np.matmul(w[block], bank_target[top[block]]).transpose(1, 0, 2)
     return dict(zip(TEMPERATURE_GRID, preds, strict=True))
 

@@ -209,14 +209,14 @@ def fit_shift_reference(train: SpotData, *, seed: int = 0, k: int = K) -> ShiftR
     )
     ref.bank = ref._embed(features[rows])
     bank_fold = folds.fold[rows]
+    others = {f: ref.bank[bank_fold != f] for f in np.unique(folds.fold)}  # each fold's bank: the other folds
     oof = np.full(train.n_spots, np.nan)
     for start in range(0, train.n_spots, EMBED_BLOCK):  # every spot against the bank of the other folds
         block = slice(start, start + EMBED_BLOCK)
         embedded, fold = ref._embed(features[block]), folds.fold[block]
         for f in np.unique(fold):
-            others = ref.bank[bank_fold != f]
-            if others.shape[0]:
-                oof[start + np.flatnonzero(fold == f)] = _distances(embedded[fold == f], others, k)
+            if others[f].shape[0]:
+                oof[start + np.flatnonzero(fold == f)] = _distances(embedded[fold == f], others[f], k)
     if np.isnan(oof).all():
         return None
     ref.distance_scale = float(np.nanmedian(oof)) or 1.0
