@@ -51,3 +51,9 @@ def _synthetic_cached():
 def synth(_synthetic_cached):
     """A fresh copy of a small 3-slide synthetic dataset (144 spots, 60 genes per slide)."""
     return _synthetic_cached.copy()
+
+
+@pytest.fixture
+def faiss():
+    """The faiss module (approximate retrieval tests), or skip when it is not installed."""
+    return pytest.importorskip("faiss")

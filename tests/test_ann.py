@@ -31,11 +31,6 @@ def _spots(n_slides: int = 3, per_slide: int = 400, seed: int = 0) -> SpotData:
     )
 
 
-@pytest.fixture
-def faiss():
-    return pytest.importorskip("faiss")
-
-
 def test_index_recall_and_saved_rebuild(faiss):
     bank, query = clustered_unit_rows(3000), clustered_unit_rows(200, seed=1)
     index = _ann.AnnIndex(bank, k=20, seed=0)

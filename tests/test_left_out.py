@@ -65,11 +65,6 @@ def test_weighted_moments_are_the_weighted_mean_and_std():
     np.testing.assert_allclose(got_sd, sd, rtol=1e-3)
 
 
-@pytest.fixture
-def faiss():
-    return pytest.importorskip("faiss")
-
-
 def test_index_searches_the_bank_without_copying_it_and_honours_exclusion(faiss):
     bank, query = clustered_unit_rows(3000), clustered_unit_rows(200, seed=1)
     index = _ann.AnnIndex(bank, k=20, seed=0)
