@@ -142,3 +142,53 @@ def test_calibration_on_a_bounded_sample(synth):
     assert np.isfinite(oof["mean"]).all() and oof["fold"].shape == (data.n_spots,)  # only the predicted spots held
     cal = calibrate(model, data, oof=oof)
     assert cal.n_calibration == oof["rows"].size and cal.info["n_training_spots"] == data.n_spots
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_running_top_k_keeps_the_best_of_offers_of_any_size(k):
+    """Offers with fewer rows than k, and with more than the 3k buffer at once, leave each query its exact top-k."""
+    rng = np.random.default_rng(k)
+    n_queries, n_rows = 30, 2_000
+    scores = rng.normal(size=(n_queries, n_rows)).astype(np.float32)
+    offered = np.zeros_like(scores, dtype=bool)
+    best = _ann._RunningTopK(n_queries, k)
+    start = 0
+    for size in [3, k, 7 * k + 11, 1, 2 * k, n_rows]:
+        stop = min(n_rows, start + size)
+        if stop <= start:
+            break
+        queries = np.sort(rng.choice(n_queries, int(rng.integers(1, n_queries + 1)), replace=False))
+        best.add(queries, np.arange(start, stop), scores[queries, start:stop])
+        offered[queries, start:stop] = True
+        start = stop
+    positions, kept = best.result()
+    assert positions.shape == kept.shape == (n_queries, k)
+    for i in range(n_queries):
+        seen = np.flatnonzero(offered[i])
+        expected = seen[np.argsort(-scores[i, seen])[:k]]
+        finite = np.isfinite(kept[i])
+        assert sorted(positions[i][finite].tolist()) == sorted(expected.tolist())
+        np.testing.assert_array_equal(kept[i][finite], scores[i, positions[i][finite]])
+
+
+def test_running_top_k_matches_a_sort_of_all_offers():
+    rng = np.random.default_rng(0)
+    n_queries, k = 12, 10
+    offered: list[list[tuple[float, int]]] = [[] for _ in range(n_queries)]
+    best = _ann._RunningTopK(n_queries, k)
+    position = 0
+    for _ in range(40):
+        size = int(rng.integers(1, 60))
+        queries = np.sort(rng.choice(n_queries, int(rng.integers(1, n_queries + 1)), replace=False))
+        sim = rng.normal(size=(queries.size, size)).astype(np.float32)
+        rows = np.arange(position, position + size)
+        position += size
+        best.add(queries, rows, sim)
+        for j, q in enumerate(queries):
+            offered[q].extend(zip(sim[j].tolist(), rows.tolist(), strict=True))
+    positions, kept = best.result()
+    for q in range(n_queries):
+        expected = sorted(offered[q], reverse=True)[:k]
+        assert sorted(positions[q][np.isfinite(kept[q])].tolist()) == sorted(r for _, r in expected)
+        if len(expected) < k:  # fewer offers than k: the rest stay -inf
+            assert np.isneginf(kept[q]).sum() == k - len(expected)

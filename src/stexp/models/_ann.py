@@ -5,8 +5,8 @@ Exact blocked search (:mod:`stexp.models._retrieval`) costs queries x bank x dim
 calibration's and the shift score's neighbour distances) searches an inverted-file index instead:
 
 - the bank is split into ``nlist ≈ √n`` cells by k-means (faiss, seeded, on a fixed-size sample of the bank);
-- a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by doubling it
-  until the recall@k against exact search, measured on a seeded sample of bank rows, reaches
+- a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by raising it
+  (8, 12, 16, 24, 32, 48, ...: half-steps between powers of two) until the recall@k against exact search, measured on a seeded sample of bank rows, reaches
   :data:`TARGET_RECALL` (recorded in :attr:`AnnIndex.info`);
 - the index keeps each cell's list of bank rows and searches the bank itself (no copy of it: at a million
   1,704-d rows a copy would be 6.8 GB), so the similarities (distances) returned are exact for the neighbours
@@ -51,6 +51,8 @@ RECALL_QUERIES = 256
 #: k-means training rows per cell (a fixed-size sample of the bank: the build stays linear in the bank).
 TRAIN_PER_CELL = 32
 METRICS = ("ip", "l2")
+#: Bytes of the running top-k buffers of one block of queries (a cell's rows are gathered once per block).
+BUFFER_BYTES = 2**28
 _warned_missing = False
 
 
@@ -107,6 +109,15 @@ def _exact(query: np.ndarray, bank: np.ndarray, k: int, metric: str, exclude: np
             score[:, excluded] = -np.inf
         out[s : s + block] = np.argpartition(-score, k - 1, axis=1)[:, :k]
     return out
+
+
+def _next_nprobe(nprobe: int) -> int:
+    """The next ``nprobe`` to try: 8, 12, 16, 24, 32, 48, ... (each power of two and the half-step after it).
+
+    Doubling overshot: a bank whose exclusions needed a recall between ``nprobe`` 32 and 64 scanned at 64.
+    """
+    power = 1 << (max(1, int(nprobe)).bit_length() - 1)
+    return power * 3 // 2 if nprobe == power and power >= 2 else 2 * power
 
 
 def _mask_key(exclude: np.ndarray, k: int) -> str:
@@ -195,7 +206,7 @@ class AnnIndex:
         self._nprobe_excluding: dict[str, int] = {}
 
     def _choose_nprobe(self, bank: np.ndarray, k: int) -> int:
-        """The smallest power-of-two ``nprobe`` (from 8) whose recall@k on sampled bank rows reaches the target."""
+        """The smallest ``nprobe`` of the ladder (from 8; :func:`_next_nprobe`) whose recall@k on sampled bank rows reaches the target."""
         k = min(int(k), bank.shape[0])
         rng = np.random.default_rng(self.seed + 1)
         q = bank[np.sort(rng.choice(bank.shape[0], min(RECALL_QUERIES, bank.shape[0]), replace=False))]
@@ -204,14 +215,14 @@ class AnnIndex:
         return int(nprobe)
 
     def _enough_probes(self, q: np.ndarray, k: int, exclude: np.ndarray | None, start: int) -> tuple[int, float]:
-        """The smallest ``nprobe`` (``start`` doubled) whose recall@k on the queries ``q`` reaches the target."""
+        """The smallest ``nprobe`` from ``start`` up the ladder (:func:`_next_nprobe`) whose recall@k on the queries ``q`` reaches the target."""
         exact = _exact(q, self._bank, k, self.metric, exclude)
         nprobe = start
         while True:
             recall = recall_at_k(self._search(q, k, nprobe, exclude)[0], exact)
             if recall >= TARGET_RECALL or nprobe >= self.nlist:
                 return nprobe, recall
-            nprobe = min(2 * nprobe, self.nlist)
+            nprobe = min(_next_nprobe(nprobe), self.nlist)
 
     def _nprobe_for(self, query: np.ndarray, k: int, exclude: np.ndarray) -> int:
         """``nprobe`` for searches that exclude the rows of ``exclude``, chosen on a sample of ``query`` once."""
@@ -293,7 +304,7 @@ class AnnIndex:
         excluded = None if exclude is None else exclude[self._order]  # the mask in cell order
         idx = np.empty((query.shape[0], k), dtype=np.int64)
         score = np.empty((query.shape[0], k), dtype=np.float64)
-        block = max(64, 16_000_000 // (nprobe * k))  # candidates held per block of queries
+        block = max(64, BUFFER_BYTES // (_RunningTopK.BYTES_PER_SLOT * 3 * k))  # queries whose top-k buffers fit
         for s in range(0, query.shape[0], block):
             q = query[s : s + block]
             probes = self._quantizer.search(q, nprobe)[1]
@@ -315,11 +326,22 @@ class AnnIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of the probed cells of a block of queries: one matrix product per cell.
 
-        ``excluded``: the exclusion mask in cell order (rows skipped), or ``None``.
+        Each query's nearest probed cell is scanned first (column 0 of ``probes``): its best rows set the
+        query's threshold, so that the other cells add to its running top-``k`` only the few rows above it
+        (:class:`_RunningTopK`). ``excluded``: the exclusion mask in cell order (rows skipped), or ``None``.
         """
-        nq, nprobe = probes.shape
-        cand_score = np.full((nq, nprobe * k), -np.inf, dtype=np.float32)
-        cand_row = np.zeros((nq, nprobe * k), dtype=np.int64)
+        best = _RunningTopK(q.shape[0], k)
+        for part in (probes[:, :1], probes[:, 1:]):
+            for qi, positions in self._probed_cells(part, excluded):
+                sim = q[qi] @ self._bank[self._order[positions]].T
+                if self._sq is not None:
+                    sim = 2 * sim - self._sq[positions][None, :]
+                best.add(qi, positions, sim)
+        positions, score = best.result()
+        return self._order[positions], score.astype(np.float64)
+
+    def _probed_cells(self, probes: np.ndarray, excluded: np.ndarray | None):
+        """Yield ``(queries, positions)``: for each probed cell, the queries probing it and its rows (cell order)."""
         flat = probes.ravel()
         by_cell = np.argsort(flat, kind="stable")
         cells, starts = np.unique(flat[by_cell], return_index=True)
@@ -330,26 +352,66 @@ class AnnIndex:
             positions = np.arange(self._offsets[cell], self._offsets[cell + 1])
             if excluded is not None:
                 positions = positions[~excluded[positions]]
-            if positions.size == 0:
-                continue
-            which = by_cell[a:b]
-            qi, slot = np.divmod(which, nprobe)
-            sim = q[qi] @ self._bank[self._order[positions]].T
-            if self._sq is not None:
-                sim = 2 * sim - self._sq[positions][None, :]
-            take = min(k, positions.size)
-            top = (
-                np.argpartition(-sim, take - 1, axis=1)[:, :take]
-                if take < positions.size
-                else np.arange(positions.size)[None, :]
-            )
-            top = np.broadcast_to(top, (qi.size, take))
-            cols = slot[:, None] * k + np.arange(take)[None, :]
-            cand_score[qi[:, None], cols] = np.take_along_axis(sim, top, axis=1)
-            cand_row[qi[:, None], cols] = positions[top]
-        best = np.argpartition(-cand_score, k - 1, axis=1)[:, :k]
-        rows = np.take_along_axis(cand_row, best, axis=1)
-        return self._order[rows], np.take_along_axis(cand_score, best, axis=1).astype(np.float64)
+            if positions.size:
+                yield by_cell[a:b] // probes.shape[1], positions
+
+
+class _RunningTopK:
+    """Each query's best ``k`` (score, position) pairs so far, kept in a buffer of ``3k`` cut back when full.
+
+    A query's threshold is the ``k``-th best score it has kept at the last cut (``-inf`` before it has ``k``):
+    rows at or below it can never enter its top-``k``, so a cell adds only the rows above it.
+    """
+
+    BYTES_PER_SLOT = 12  # float32 score and int64 position
+
+    def __init__(self, n: int, k: int) -> None:
+        self.k, self.capacity = int(k), 3 * int(k)
+        self.score = np.full((n, self.capacity), -np.inf, dtype=np.float32)
+        self.position = np.zeros((n, self.capacity), dtype=np.int64)
+        self.fill = np.zeros(n, dtype=np.int64)
+        self.threshold = np.full(n, -np.inf, dtype=np.float32)
+
+    def _cut(self, rows: np.ndarray) -> None:
+        """Keep the top-``k`` of ``rows``' buffers (in their first ``k`` slots) and raise their thresholds."""
+        k = self.k
+        score = self.score[rows]
+        keep = np.argpartition(-score, k - 1, axis=1)[:, :k]
+        kept = np.take_along_axis(score, keep, axis=1)
+        self.position[rows, :k] = np.take_along_axis(self.position[rows], keep, axis=1)
+        self.score[rows, k:] = -np.inf
+        self.score[rows, :k] = kept
+        self.fill[rows] = np.minimum(self.fill[rows], k)
+        self.threshold[rows] = kept.min(axis=1)  # -inf while fewer than k rows were seen
+
+    def add(self, queries: np.ndarray, positions: np.ndarray, sim: np.ndarray) -> None:
+        """Offer the rows ``positions`` with similarities ``sim`` (``(queries, positions)``) to distinct ``queries``."""
+        hit = sim > self.threshold[queries, None]
+        count = hit.sum(axis=1)
+        full = self.fill[queries] + count > self.capacity
+        if full.any():
+            self._cut(queries[full])
+            hit[full] = sim[full] > self.threshold[queries[full], None]
+            count[full] = hit[full].sum(axis=1)
+            many = np.flatnonzero(self.fill[queries] + count > self.capacity)
+            if many.size:  # still more than fit (a large cell): offer only the cell's own top-k of these rows
+                top = np.argpartition(-sim[many], self.k - 1, axis=1)[:, : self.k]
+                mask = np.zeros((many.size, sim.shape[1]), dtype=bool)
+                np.put_along_axis(mask, top, True, axis=1)
+                hit[many] = mask
+                count[many] = self.k
+        r, c = np.nonzero(hit)
+        if r.size == 0:
+            return
+        slot = self.fill[queries][r] + np.arange(r.size) - (np.cumsum(count) - count)[r]
+        self.score[queries[r], slot] = sim[r, c]
+        self.position[queries[r], slot] = positions[c]
+        self.fill[queries] += count
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions, scores)`` of each query's top-``k`` (unordered; score ``-inf`` where fewer were seen)."""
+        self._cut(np.arange(self.fill.size))
+        return self.position[:, : self.k], self.score[:, : self.k]
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from ._data import MAX_INNER_QUERIES, SpotData, inner_query_sample
 from ._folds import INNER_FOLDS, inner_folds
 
 #: Query rows an approximate index searches at once (its cells are scanned as one matrix product per block).
-INDEX_BLOCK = 8192
+INDEX_BLOCK = 32_768
 #: Query rows whose neighbours' expression is gathered and weighted at once (``(rows, k, genes)`` float32: 10 MB
 #: at k=200 and 785 genes, so that the batched matrix products run from cache; 4-5x faster than 256 rows).
 WEIGHTING_ROWS = 16
