@@ -20,11 +20,12 @@ AUROC of the shift score between clean and shifted slides (per slide and per spo
 the realised PCC loss, and the expected PCC against the realised one. The shuffled control permutes the
 features among the spots of each slide.
 
-``--stain-norm none|reinhard|macenko`` (default: ``embed_images``' default, ``stexp.images.DEFAULT_STAIN_NORM``)
-measures the lever "stain normalisation": every slide, clean and rendered, training and held out, is embedded
-with ``stexp.pp.embed_images(stain_norm=...)`` (each slide normalised on its own thumbnail). The default's
-features are ``benchmark_shift.h5ad`` and its results ``results/shift.{json,md}``; another value's
-``benchmark_shift_<norm>.h5ad`` and ``results/shift_<norm>.{json,md}``.
+``--stain-norm none|reinhard|macenko|vahadane|haematoxylin`` (default: ``embed_images``' default,
+``stexp.images.DEFAULT_STAIN_NORM``) measures the lever "stain normalisation": every slide, clean and
+rendered, training and held out, is embedded with ``stexp.pp.embed_images(stain_norm=...)`` (each slide
+normalised on its own thumbnail). The default's features are ``benchmark_shift.h5ad`` and its results
+``results/shift.{json,md}``; another value's ``benchmark_shift_<norm>.h5ad`` and
+``results/shift_<norm>.{json,md}``.
 
 ``--adapt-bn`` measures the lever "test-time BatchNorm re-estimation" (AdaBN): every slide, clean and rendered,
 training and held out, is embedded with ``stexp.pp.embed_images(adapt_bn=True)`` (the encoder's BatchNorm
@@ -58,6 +59,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stexp.images import _views
+
 SECTIONS = ["B4", "C2", "C3", "C4", "C5", "C6"]
 #: The slides that are rendered (embedding each rendering of every slide costs minutes on 2 cores); the other
 #: slides' rows of a rendering hold their clean features and are left out of every rendered score.
@@ -80,7 +83,7 @@ HED = {
 DARK = (28, 26, 30)
 RESULTS = Path(__file__).parent / "results"
 #: ``--stain-norm`` values (``stexp.pp.embed_images(stain_norm=...)``; ``none`` is ``None``).
-STAIN_NORMS = ("none", "reinhard", "macenko")
+STAIN_NORMS = ("none", *(norm for norm in _views.STAIN_NORMS if norm))
 
 
 def _suffix(stain_norm: str | None, adapt_bn: bool = False) -> str:
@@ -99,7 +102,7 @@ def cache_path(stain_norm: str | None, adapt_bn: bool = False):
 
 
 def add_stain_norm_option(parser, help: str) -> None:
-    """``--stain-norm none|reinhard|macenko`` (default: ``embed_images``' default), shared by the shift scripts."""
+    """``--stain-norm``, one of :data:`STAIN_NORMS` (default: ``embed_images``' default), shared by the shift scripts."""
     parser.add_argument("--stain-norm", choices=STAIN_NORMS, default=None, help=help)
 
 

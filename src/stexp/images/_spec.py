@@ -68,7 +68,8 @@ class EncoderSpec:
     mpp
         µm per pixel every slide was resampled to before cutting patches (``None``: its own).
     stain_norm
-        Stain normalisation of the patches (``None``, ``"reinhard"`` or ``"macenko"``).
+        Stain normalisation of the patches (``None``, ``"reinhard"``, ``"macenko"``, ``"vahadane"`` or
+        ``"haematoxylin"``).
     tta
         Whether the features are averaged over the 8 flips/rotations of each patch.
     adapt_bn

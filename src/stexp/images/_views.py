@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 
 #: ``stain_norm`` values of ``embed_images``.
-STAIN_NORMS = (None, "reinhard", "macenko")
+STAIN_NORMS = (None, "reinhard", "macenko", "vahadane", "haematoxylin")
 #: ``embed_images``' default ``stain_norm``: on the shift protocol (``benchmarks/shift.py --stain-norm macenko``,
 #: ``docs/shift.md``) it cost clean LOPO 0.002 PCC(ACG) and raised the strongest rendering from -0.003 to 0.026.
 DEFAULT_STAIN_NORM: Final = "macenko"
@@ -97,15 +97,22 @@ def stain_normalizer(
     """A transform of uint8 patches fitted on the slide's thumbnail, or ``None`` without ``stain_norm``.
 
     ``"reinhard"``: :class:`~stexp.images._stain.ReinhardNormalizer`; ``"macenko"``:
-    :class:`~stexp.images._stain.MacenkoNormalizer` (a ``ValueError`` naming ``library_id`` when the
-    thumbnail shows no tissue).
+    :class:`~stexp.images._stain.MacenkoNormalizer`; ``"vahadane"``:
+    :class:`~stexp.images._stain.VahadaneNormalizer`; ``"haematoxylin"``:
+    :class:`~stexp.images._stain.HaematoxylinNormalizer` (Macenko's, eosin left out) (these raise a ``ValueError`` naming
+    ``library_id`` when the thumbnail shows no tissue).
     """
     if stain_norm is None:
         return None
-    from ._stain import MacenkoNormalizer, ReinhardNormalizer
+    from ._stain import HaematoxylinNormalizer, MacenkoNormalizer, ReinhardNormalizer, VahadaneNormalizer
 
     fits: dict[str, Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]]
-    fits = {"reinhard": ReinhardNormalizer.fit, "macenko": MacenkoNormalizer.fit}
+    fits = {
+        "reinhard": ReinhardNormalizer.fit,
+        "macenko": MacenkoNormalizer.fit,
+        "vahadane": VahadaneNormalizer.fit,
+        "haematoxylin": HaematoxylinNormalizer.fit,
+    }
     if stain_norm not in fits:
         raise ValueError(f"stain_norm must be one of {STAIN_NORMS}, got {stain_norm!r}.")
     fit = fits[stain_norm]

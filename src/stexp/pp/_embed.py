@@ -509,7 +509,7 @@ def embed_images(
     cache: bool = True,
     copy: bool = False,
     mpp: float | None = None,
-    stain_norm: Literal["reinhard", "macenko"] | None = DEFAULT_STAIN_NORM,
+    stain_norm: Literal["reinhard", "macenko", "vahadane", "haematoxylin"] | None = DEFAULT_STAIN_NORM,
     tta: bool = False,
     adapt_bn: bool = False,
     devices: int | None = None,
@@ -597,9 +597,14 @@ def embed_images(
         estimate each slide's haematoxylin and eosin vectors and concentration range on a thumbnail and
         re-render every pixel's stain concentrations with a fixed reference H&E
         (:class:`stexp.images._stain.MacenkoNormalizer`; a slide whose thumbnail shows no tissue raises a
-        ``ValueError``); ``None``: none. Default ``"macenko"``: on the benchmark's shift protocol it cost
-        clean leave-one-patient-out 0.002 PCC and kept the most when slides came from another lab's
-        staining and scanner (``docs/shift.md``). Models record it; predicting with a model embeds new
+        ``ValueError``); ``"vahadane"``: as ``"macenko"``, with the stain vectors of a sparse non-negative
+        factorisation of the thumbnail's optical density (Vahadane et al. 2016;
+        :class:`stexp.images._stain.VahadaneNormalizer`); ``"haematoxylin"``: as ``"macenko"``, with the
+        haematoxylin alone re-rendered (eosin left out: haematoxylin-channel features;
+        :class:`stexp.images._stain.HaematoxylinNormalizer`);
+        ``None``: none. Default ``"macenko"``: on the benchmark's shift protocol it cost clean
+        leave-one-patient-out 0.002 PCC and kept the most when slides came from another lab's staining and
+        scanner (``docs/shift.md``). Models record it; predicting with a model embeds new
         slides as its training slides were.
     tta
         Test-time augmentation: average the features of the 8 flips/rotations of each patch (8x the
