@@ -601,7 +601,8 @@ def embed_images(
         factorisation of the thumbnail's optical density (Vahadane et al. 2016;
         :class:`stexp.images._stain.VahadaneNormalizer`); ``"haematoxylin"``: as ``"macenko"``, with the
         haematoxylin alone re-rendered (eosin left out: haematoxylin-channel features;
-        :class:`stexp.images._stain.HaematoxylinNormalizer`);
+        :class:`stexp.images._stain.HaematoxylinNormalizer`); neither helped on the shift protocol
+        (``docs/shift.md``);
         ``None``: none. Default ``"macenko"``: on the benchmark's shift protocol it cost clean
         leave-one-patient-out 0.002 PCC and kept the most when slides came from another lab's staining and
         scanner (``docs/shift.md``). Models record it; predicting with a model embeds new
