@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 OUT_FORMATS = ("h5ad", "zarr")
 
@@ -299,8 +300,13 @@ def predict_many(args: argparse.Namespace, predict_one: Callable[[argparse.Names
 # -- stexp embed -----------------------------------------------------------------------------------------------
 
 
-def _features_state(out: Path, key: str, encoder: str) -> str | None:
-    """``"done"`` when ``out`` holds features ``key`` of ``encoder``; ``None`` when absent; else why it is refused."""
+def _features_state(out: Path, key: str, encoder: str, views: dict[str, Any]) -> str | None:
+    """``"done"`` when ``out`` holds features ``key`` of ``encoder`` made with ``views``; ``None``: absent; else: why not.
+
+    ``views``: the view options of the run that change the features (``stain_norm``, ``adapt_bn``; a record
+    without one holds its default, ``None`` / ``False``), so that a rerun with other options does not take
+    features made without them as done.
+    """
     if not out.exists():
         return None
     import h5py
@@ -308,17 +314,24 @@ def _features_state(out: Path, key: str, encoder: str) -> str | None:
     try:
         with h5py.File(out, "r") as f:
             rec = f.get(f"uns/stexp/features/{key}")
-            recorded = rec["encoder"][()] if rec is not None and "encoder" in rec else None
+            recorded = {} if rec is None else {name: rec[name][()] for name in ("encoder", *views) if name in rec}
     except OSError as err:
         return f"{out} exists but cannot be read ({err}); pass --overwrite to replace it"
-    if isinstance(recorded, bytes):
-        recorded = recorded.decode()
-    if recorded is None:
+    recorded = {name: v.decode() if isinstance(v, bytes) else v for name, v in recorded.items()}
+    if "encoder" not in recorded:
         return f"{out} exists without features {key!r}; pass --overwrite to replace it, or choose another --out"
-    if str(recorded) != encoder and not Path(encoder).exists():  # a local model folder is recorded by another name
+    if str(recorded["encoder"]) != encoder and not Path(encoder).exists():  # a local model folder: another name
         return (
-            f"{out} holds features of encoder {recorded!r}, not {encoder!r}; pass --overwrite to replace it, or "
-            "choose another --out"
+            f"{out} holds features of encoder {recorded['encoder']!r}, not {encoder!r}; pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+    made = {name: recorded.get(name, False if isinstance(wanted, bool) else None) for name, wanted in views.items()}
+    made = {name: bool(v) if isinstance(views[name], bool) else v for name, v in made.items()}
+    differ = [f"{name}={made[name]!r} (this run: {wanted!r})" for name, wanted in views.items() if made[name] != wanted]
+    if differ:
+        return (
+            f"{out} holds features made with {', '.join(differ)}; pass --overwrite to replace it, or choose "
+            "another --out"
         )
     return "done"
 
@@ -361,8 +374,11 @@ def embed_command(args: argparse.Namespace) -> int:
     run.say(f"stexp embed: {len(todo)} slide(s) -> {out_dir}/ (features adata.obsm[{key!r}], {args.encoder})")
     weights = None if args.weights == "none" else args.weights
 
+    stain_norm = None if args.stain_norm == "none" else args.stain_norm
+    views = {"stain_norm": stain_norm, "adapt_bn": bool(args.adapt_bn)}
+
     def complete(out: Path) -> str | None:
-        return None if args.overwrite else _features_state(out, key, args.encoder)
+        return None if args.overwrite else _features_state(out, key, args.encoder, views)
 
     encoder = None
 
@@ -379,7 +395,7 @@ def embed_command(args: argparse.Namespace) -> int:
         stexp.pp.embed_images(
             adata, encoder=encoder, patch_um=args.patch_um, batch_size=args.batch_size,
             device=device, devices=args.devices, key_added=key, overwrite=args.overwrite,
-            stain_norm=None if args.stain_norm == "none" else args.stain_norm, adapt_bn=args.adapt_bn,
+            stain_norm=stain_norm, adapt_bn=args.adapt_bn,
         )  # fmt: skip
         if speak:
             out.parent.mkdir(parents=True, exist_ok=True)
