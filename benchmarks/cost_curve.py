@@ -204,8 +204,7 @@ def report(runs: list[dict], command: str) -> str:
         f"# Cost curve of {what} (synthetic 1,704-d features, 785 genes)",
         "",
         f"`{command}` on {platform.node()} ({platform.processor() or platform.machine()}, "
-        "2 cores shared with several other jobs, so times are CPU seconds of the process, all threads; wall times "
-        "are in the JSON only). Fit = `stexp.tl.fit(adata, features_key=...)`"
+        "2 cores; CPU seconds count all threads of the process; each row names the commit it ran at). Fit = `stexp.tl.fit(adata, features_key=...)`"
         " (temperature, σ and calibration on inner folds, each scoring at most 20,000 held-out spots); predict = "
         f"`stexp.tl.predict` of {N_QUERY:,} spots of other patients. Peak memory: the process's VmHWM (which "
         "counts the pages of memory-mapped features it read) and, where measured, its peak anonymous memory "
@@ -214,8 +213,8 @@ def report(runs: list[dict], command: str) -> str:
         "",
         "| training spots | storage | search | fit CPU s | fit wall s | predict CPU s | predict wall s "
         "| peak MB (fit) | peak MB | peak anonymous MB | PCC(ACG) | temperature | σ µm "
-        "| inner queries (T / σ / cal.) | index |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| inner queries (T / σ / cal.) | index | commit |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["n_train"], r.get("storage", "memory"), r["search"])):
         ann = r.get("ann") or {}
@@ -224,7 +223,8 @@ def report(runs: list[dict], command: str) -> str:
             f"| {r['n_train']:,} | {r.get('storage', 'memory')} | {r['search']} | {r['fit_cpu_seconds']} "
             f"| {r['fit_seconds']} | {r['predict_cpu_seconds']} | {r['predict_seconds']} | {r['peak_mb_fit']} "
             f"| {r['peak_mb']} | {r.get('peak_anon_mb', '')} | {r['pcc_acg']} | {r['temperature']} | {r['sigma_um']:.0f} "
-            f"| {r['n_queries_temperature']} / {r['n_queries_smoothing']} / {r['n_calibration']} | {idx} |"
+            f"| {r['n_queries_temperature']} / {r['n_queries_smoothing']} / {r['n_calibration']} | {idx} "
+            f"| {r.get('commit') or ''} |"
         )
     lines += ["", "Exponent of CPU time in the training size (log-log slope, smallest to largest size):", ""]
     for search in sorted({r["search"] for r in runs}):

@@ -19,8 +19,7 @@ calibration's and the shift score's neighbour distances) searches an inverted-fi
 faiss gives the k-means and the coarse quantizer (which cells a query probes). The cells are scanned here,
 a block of queries at a time, as one matrix product per cell: faiss's ``IndexIVFFlat`` scans each query on
 its own, which measured (one thread, 2,000 queries, a 50k bank of 1,704-d rows) 5.0 s of CPU for 7% of the
-bank against 4.9 s for exact search of all of it; the per-cell products took 1.9 s. With threaded BLAS on a
-busy machine the small products cost several times more CPU (see :data:`ANN_MIN_BANK`).
+bank against 4.9 s for exact search of all of it; the per-cell products took 1.9 s.
 
 The index is saved as its centroids and each bank row's cell (:meth:`AnnIndex.state`, a few MB beside the
 bank) and rebuilt at load by sorting the rows into their saved cells (:meth:`AnnIndex.from_state`): no
@@ -38,12 +37,10 @@ import numpy as np
 from stexp._settings import logger
 
 #: Bank rows from which the retrieval family searches approximately (below it, exact blocked search). Chosen
-#: by measurement (``benchmarks/cost_curve.py --mode retrieval``, 20,000 queries, k=200, 1,704-d, on the shared
-#: 2-core machine): at 100k bank spots the index found the exact neighbours (recall 1.0) but cost 274 s of CPU
-#: against 113 s for exact search (its per-cell matrix products are small, and threaded BLAS spends on them);
-#: its scan stays about constant in the bank size (``nprobe`` cells of ~√n rows) while exact search grows
-#: linearly, so it pays from roughly 250k spots (extrapolated, not measured).
-ANN_MIN_BANK = 250_000
+#: by measurement (``benchmarks/cost_curve.py --mode retrieval``, 20,000 queries, k=200, 1,704-d, 2 cores):
+#: 30k bank spots 11.6 s approximate vs 26.7 s exact, 100k 18.5 s vs 99.5 s, the same PCC(ACG) to four
+#: decimals (recall@200 0.978 and 0.996). Below ~10k spots exact search costs a few seconds and needs no index.
+ANN_MIN_BANK = 50_000
 #: Recall@k against exact search that the build-time choice of ``nprobe`` must reach.
 TARGET_RECALL = 0.97
 #: Bank rows used as queries to measure the recall at build time.
