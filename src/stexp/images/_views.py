@@ -97,10 +97,9 @@ def stain_normalizer(
     """A transform of uint8 patches fitted on the slide's thumbnail, or ``None`` without ``stain_norm``.
 
     ``"reinhard"``: :class:`~stexp.images._stain.ReinhardNormalizer`; ``"macenko"``:
-    :class:`~stexp.images._stain.MacenkoNormalizer`; ``"vahadane"``:
-    :class:`~stexp.images._stain.VahadaneNormalizer`; ``"haematoxylin"``:
-    :class:`~stexp.images._stain.HaematoxylinNormalizer` (Macenko's, eosin left out) (these raise a ``ValueError`` naming
-    ``library_id`` when the thumbnail shows no tissue).
+    :class:`~stexp.images._stain.MacenkoNormalizer`; ``"vahadane"``: :class:`~stexp.images._stain.VahadaneNormalizer`;
+    ``"haematoxylin"``: :class:`~stexp.images._stain.HaematoxylinNormalizer` (Macenko's, eosin left out). All
+    but Reinhard raise a ``ValueError`` naming ``library_id`` when the thumbnail shows no tissue.
     """
     if stain_norm is None:
         return None

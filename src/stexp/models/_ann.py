@@ -5,9 +5,9 @@ Exact blocked search (:mod:`stexp.models._retrieval`) costs queries x bank x dim
 calibration's and the shift score's neighbour distances) searches an inverted-file index instead:
 
 - the bank is split into ``nlist ≈ √n`` cells by k-means (faiss, seeded, on a fixed-size sample of the bank);
-- a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by raising it
-  (8, 12, 16, 24, 32, 48, ...: half-steps between powers of two) until the recall@k against exact search, measured on a seeded sample of bank rows, reaches
-  :data:`TARGET_RECALL` (recorded in :attr:`AnnIndex.info`);
+- a query scans the ``nprobe`` cells nearest to it; ``nprobe`` is chosen at build time by raising it (8, 12,
+  16, 24, 32, 48, ...: half-steps between powers of two) until the recall@k against exact search, measured on
+  a seeded sample of bank rows, reaches :data:`TARGET_RECALL` (recorded in :attr:`AnnIndex.info`);
 - the index keeps each cell's list of bank rows and searches the bank itself (no copy of it: at a million
   1,704-d rows a copy would be 6.8 GB), so the similarities (distances) returned are exact for the neighbours
   found: only *which* neighbours are found is approximate;
@@ -203,7 +203,7 @@ class AnnIndex:
         self._nprobe_excluding: dict[str, int] = {}
 
     def _choose_nprobe(self, bank: np.ndarray, k: int) -> int:
-        """The smallest ``nprobe`` of the ladder (from 8; :func:`_next_nprobe`) whose recall@k on sampled bank rows reaches the target."""
+        """The smallest ``nprobe`` (from 8, up :func:`_next_nprobe`) whose recall@k on sampled bank rows reaches the target."""
         k = min(int(k), bank.shape[0])
         rng = np.random.default_rng(self.seed + 1)
         q = bank[np.sort(rng.choice(bank.shape[0], min(RECALL_QUERIES, bank.shape[0]), replace=False))]
@@ -212,7 +212,7 @@ class AnnIndex:
         return int(nprobe)
 
     def _enough_probes(self, q: np.ndarray, k: int, exclude: np.ndarray | None, start: int) -> tuple[int, float]:
-        """The smallest ``nprobe`` from ``start`` up the ladder (:func:`_next_nprobe`) whose recall@k on the queries ``q`` reaches the target."""
+        """The smallest ``nprobe`` (from ``start``, up :func:`_next_nprobe`) whose recall@k on ``q`` reaches the target."""
         exact = _exact(q, self._bank, k, self.metric, exclude)
         nprobe = start
         while True:
