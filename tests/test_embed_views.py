@@ -138,6 +138,32 @@ def _render(stains: np.ndarray, conc: np.ndarray, seed: int = 0) -> np.ndarray:
     return img
 
 
+def _at_target_range(conc: np.ndarray) -> np.ndarray:
+    """``conc`` scaled so that its tissue's 99th percentiles are MACENKO_TARGET's concentration range."""
+    from stexp.images._stain import MACENKO_TARGET
+
+    tissue = conc[:, GLASS_COLS:].reshape(-1, 2)
+    return conc / np.percentile(tissue, 99, axis=0) * np.asarray(MACENKO_TARGET["max_conc"])
+
+
+def _tissue_error(image: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute RGB difference over the tissue columns (right of the glass)."""
+    return float(np.abs(image[:, GLASS_COLS:].astype(np.int16) - reference[:, GLASS_COLS:].astype(np.int16)).mean())
+
+
+def _normalise_a_shifted_stain(normalizer, conc: np.ndarray):
+    """``(shifted, out, error before, error after)``: ``conc`` rendered with another stain (stronger haematoxylin),
+    normalised, and both compared with its rendering by MACENKO_TARGET."""
+    from stexp.images._stain import MACENKO_TARGET
+
+    conc = _at_target_range(conc)
+    reference = _render(np.asarray(MACENKO_TARGET["stain_matrix"]), conc)
+    shifted = _render(TRUE_STAINS, conc * np.array([1.5, 1.0]))
+    out = normalizer.fit(shifted)(shifted)
+    assert out.dtype == np.uint8 and out.shape == shifted.shape
+    return shifted, out, _tissue_error(shifted, reference), _tissue_error(out, reference)
+
+
 def test_macenko_fit_recovers_the_stain_vectors_in_order():
     from stexp.images._stain import MACENKO_TARGET, MacenkoNormalizer
 
@@ -169,17 +195,9 @@ def test_macenko_fit_ignores_a_dark_background():
 
 
 def test_macenko_maps_another_stain_onto_the_target():
-    from stexp.images._stain import MACENKO_TARGET, MacenkoNormalizer
+    from stexp.images._stain import MacenkoNormalizer
 
-    conc = _concentrations(1)
-    tissue = conc[:, GLASS_COLS:].reshape(-1, 2)
-    conc = conc / np.percentile(tissue, 99, axis=0) * np.asarray(MACENKO_TARGET["max_conc"])
-    reference = _render(np.asarray(MACENKO_TARGET["stain_matrix"]), conc).astype(np.int16)
-    shifted = _render(TRUE_STAINS, conc * np.array([1.5, 1.0]))  # another stain, stronger haematoxylin
-    out = MacenkoNormalizer.fit(shifted)(shifted)
-    assert out.dtype == np.uint8 and out.shape == shifted.shape
-    before = np.abs(shifted[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
-    after = np.abs(out[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
+    shifted, out, before, after = _normalise_a_shifted_stain(MacenkoNormalizer, _concentrations(1))
     assert after < 0.5 * before, (before, after)
     # white stays (near) white: the glass columns (252-255 in the input)
     assert out[:, :GLASS_COLS].min() >= 250
@@ -192,8 +210,7 @@ def test_haematoxylin_renders_the_haematoxylin_alone():
     from stexp.images._stain import MACENKO_TARGET, HaematoxylinNormalizer, MacenkoNormalizer
 
     conc = _concentrations(1)
-    tissue = conc[:, GLASS_COLS:].reshape(-1, 2)
-    conc = conc / np.percentile(tissue, 99, axis=0) * np.asarray(MACENKO_TARGET["max_conc"])
+    conc = _at_target_range(conc)
     image = _render(TRUE_STAINS, conc)
     haem = HaematoxylinNormalizer.fit(image)
     both = MacenkoNormalizer.fit(image)
@@ -201,8 +218,7 @@ def test_haematoxylin_renders_the_haematoxylin_alone():
     reference = _render(np.asarray(MACENKO_TARGET["stain_matrix"]), conc * np.array([1.0, 0.0])).astype(np.int16)
     out = haem(image)
     assert out.dtype == np.uint8 and out.shape == image.shape
-    error_h = np.abs(out[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
-    error_he = np.abs(both(image)[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
+    error_h, error_he = _tissue_error(out, reference), _tissue_error(both(image), reference)
     assert error_h < 0.5 * error_he, (error_h, error_he)  # it is the H-only rendering, not the H&E one
     # a pixel of eosin alone comes out (near) white
     eosin = _render(TRUE_STAINS, np.tile([0.0, 0.8], (4, 4, 1)))
@@ -227,16 +243,23 @@ def test_macenko_applies_to_batches_in_chunks_and_checks_its_input():
         MacenkoNormalizer.fit(img.astype(np.float64))
 
 
-def test_macenko_refuses_an_image_without_tissue():
-    from stexp.images._stain import MacenkoNormalizer
+@pytest.mark.parametrize("name", ["MacenkoNormalizer", "VahadaneNormalizer", "HaematoxylinNormalizer"])
+def test_stain_matrix_normalizers_refuse_an_image_without_tissue_and_check_their_input(name):
+    from stexp.images import _stain
 
+    normalizer = getattr(_stain, name)
     for blank in (np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 235, np.uint8)):
-        with pytest.raises(ValueError, match="no tissue"):
-            MacenkoNormalizer.fit(blank)
+        with pytest.raises(ValueError, match=f"{name}: the thumbnail has no tissue"):
+            normalizer.fit(blank)
     almost = np.full((64, 64, 3), 255, np.uint8)
     almost[:5, :5] = _render(TRUE_STAINS, _concentrations(3))[:5, GLASS_COLS : GLASS_COLS + 5]  # 25 tissue px
-    with pytest.raises(ValueError, match="no tissue"):
-        MacenkoNormalizer.fit(almost)
+    with pytest.raises(ValueError, match="no tissue.*at least 100"):
+        normalizer.fit(almost)
+    with pytest.raises(ValueError, match=f"{name}.fit expects uint8"):
+        normalizer.fit(almost.astype(np.float64))
+    norm = normalizer.fit(_render(TRUE_STAINS, _concentrations(3)))
+    with pytest.raises(ValueError, match=f"{name} expects uint8"):
+        norm(almost[..., :2])
 
 
 def test_vahadane_fit_recovers_the_stain_vectors_in_order():
@@ -269,21 +292,14 @@ def test_vahadane_fit_recovers_the_stain_vectors_in_order():
 # mostly one stain: nuclei, stroma) it removes about half.
 @pytest.mark.parametrize(("sparse", "bound"), [(False, 0.75), (True, 0.6)], ids=["mixed", "sparse"])
 def test_vahadane_maps_another_stain_onto_the_target(sparse, bound):
-    from stexp.images._stain import MACENKO_TARGET, VahadaneNormalizer
+    from stexp.images._stain import VahadaneNormalizer
 
     conc = _concentrations(1)
     if sparse:
         nuclei = np.random.default_rng(101).random(conc.shape[:2]) < 0.4
         conc[..., 1][nuclei] *= 0.1
         conc[..., 0][~nuclei] *= 0.1
-    tissue = conc[:, GLASS_COLS:].reshape(-1, 2)
-    conc = conc / np.percentile(tissue, 99, axis=0) * np.asarray(MACENKO_TARGET["max_conc"])
-    reference = _render(np.asarray(MACENKO_TARGET["stain_matrix"]), conc).astype(np.int16)
-    shifted = _render(TRUE_STAINS, conc * np.array([1.5, 1.0]))  # another stain, stronger haematoxylin
-    out = VahadaneNormalizer.fit(shifted)(shifted)
-    assert out.dtype == np.uint8 and out.shape == shifted.shape
-    before = np.abs(shifted[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
-    after = np.abs(out[:, GLASS_COLS:] - reference[:, GLASS_COLS:]).mean()
+    shifted, out, before, after = _normalise_a_shifted_stain(VahadaneNormalizer, conc)
     assert after < bound * before, (before, after)
     assert out[:, :GLASS_COLS].min() >= 250  # white stays (near) white
     pure = (shifted == 255).all(axis=-1)
@@ -304,23 +320,6 @@ def test_vahadane_is_deterministic_on_a_sample_and_leaves_the_global_rng_alone(m
     np.testing.assert_array_equal(first(img), second(img))
     cos = np.asarray(first.stain_matrix) @ TRUE_STAINS.T
     assert cos[0, 0] > 0.98 and cos[1, 1] > 0.98, cos  # a 2,000-pixel sample is enough
-
-
-def test_vahadane_refuses_an_image_without_tissue_and_checks_its_input():
-    from stexp.images._stain import VahadaneNormalizer
-
-    for blank in (np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 235, np.uint8)):
-        with pytest.raises(ValueError, match="VahadaneNormalizer: the thumbnail has no tissue"):
-            VahadaneNormalizer.fit(blank)
-    almost = np.full((64, 64, 3), 255, np.uint8)
-    almost[:5, :5] = _render(TRUE_STAINS, _concentrations(3))[:5, GLASS_COLS : GLASS_COLS + 5]  # 25 tissue px
-    with pytest.raises(ValueError, match="no tissue.*at least 100"):
-        VahadaneNormalizer.fit(almost)
-    with pytest.raises(ValueError, match="VahadaneNormalizer.fit expects uint8"):
-        VahadaneNormalizer.fit(almost.astype(np.float64))
-    norm = VahadaneNormalizer.fit(_render(TRUE_STAINS, _concentrations(3)))
-    with pytest.raises(ValueError, match="VahadaneNormalizer expects uint8"):
-        norm(almost[..., :2])
 
 
 def test_stain_norm_options_and_normalizers():
