@@ -303,9 +303,9 @@ def predict_many(args: argparse.Namespace, predict_one: Callable[[argparse.Names
 def _features_state(out: Path, key: str, encoder: str, views: dict[str, Any]) -> str | None:
     """``"done"`` when ``out`` holds features ``key`` of ``encoder`` made with ``views``; ``None``: absent; else: why not.
 
-    ``views``: the view options of the run that change the features (``stain_norm``, ``adapt_bn``; a record
-    without one holds its default, ``None`` / ``False``), so that a rerun with other options does not take
-    features made without them as done.
+    ``views``: the view options of the run that change the features (:class:`~stexp.images.EncoderSpec` fields:
+    ``stain_norm``, ``adapt_bn``), so that a rerun with other options does not take features made without them
+    as done.
     """
     if not out.exists():
         return None
@@ -317,17 +317,22 @@ def _features_state(out: Path, key: str, encoder: str, views: dict[str, Any]) ->
             recorded = {} if rec is None else {name: rec[name][()] for name in ("encoder", *views) if name in rec}
     except OSError as err:
         return f"{out} exists but cannot be read ({err}); pass --overwrite to replace it"
-    recorded = {name: v.decode() if isinstance(v, bytes) else v for name, v in recorded.items()}
     if "encoder" not in recorded:
         return f"{out} exists without features {key!r}; pass --overwrite to replace it, or choose another --out"
-    if str(recorded["encoder"]) != encoder and not Path(encoder).exists():  # a local model folder: another name
+    from stexp.images._spec import EncoderSpec
+
+    # the record read back as embed_images reads it (absent view options are their defaults)
+    made = EncoderSpec.from_mapping({name: v.decode() if isinstance(v, bytes) else v for name, v in recorded.items()})
+    if str(made.encoder) != encoder and not Path(encoder).exists():  # a local model folder: another name
         return (
-            f"{out} holds features of encoder {recorded['encoder']!r}, not {encoder!r}; pass --overwrite to replace "
-            "it, or choose another --out"
+            f"{out} holds features of encoder {made.encoder!r}, not {encoder!r}; pass --overwrite to replace it, or "
+            "choose another --out"
         )
-    made = {name: recorded.get(name, False if isinstance(wanted, bool) else None) for name, wanted in views.items()}
-    made = {name: bool(v) if isinstance(views[name], bool) else v for name, v in made.items()}
-    differ = [f"{name}={made[name]!r} (this run: {wanted!r})" for name, wanted in views.items() if made[name] != wanted]
+    differ = [
+        f"{name}={getattr(made, name)!r} (this run: {wanted!r})"
+        for name, wanted in views.items()
+        if getattr(made, name) != wanted
+    ]
     if differ:
         return (
             f"{out} holds features made with {', '.join(differ)}; pass --overwrite to replace it, or choose "

@@ -128,10 +128,10 @@ def resolve_features(adata, features_key: str | None, *, library_key: str, encod
         stored = adata.uns.get(UNS_KEY, {}).get("features", {}).get(key) if key in adata.obsm else None
         views = {}
         if stored:  # features the user embedded (e.g. stain_norm=None): their view options stand, checked as such
-            from stexp.images._spec import EncoderSpec
+            from stexp.images._spec import VIEW_FIELDS, EncoderSpec
 
             spec = EncoderSpec.from_mapping(stored)
-            views = {"mpp": spec.mpp, "stain_norm": spec.stain_norm, "tta": spec.tta, "adapt_bn": spec.adapt_bn}
+            views = {name: getattr(spec, name) for name in VIEW_FIELDS}
         embed_images(adata, encoder=encoder, library_key=library_key, **views)
         return key
     if features_key not in adata.obsm:
