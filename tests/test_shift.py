@@ -152,3 +152,49 @@ def test_prediction_report_names_trusted_genes_and_the_shift(split):
     stexp.tl.predict(far, model)
     lines = prediction_report(far, "stexp_pred", min_expected_pcc=1.0)
     assert "BEYOND the training range" in lines[0] and lines[1].startswith("trusted   none of")
+
+
+def _coarser(adata, factor: int):
+    """A copy whose only image is ``factor`` times coarser (an export of the slide at lower resolution)."""
+    out = adata.copy()
+    for entry in out.uns["spatial"].values():
+        image = np.asarray(entry["images"]["hires"])
+        entry["images"] = {"hires": np.ascontiguousarray(image[::factor, ::factor])}
+        entry["scalefactors"] = {
+            **entry["scalefactors"],
+            "tissue_hires_scalef": entry["scalefactors"]["tissue_hires_scalef"] / factor,
+        }
+    return out
+
+
+def test_predict_reports_a_slide_coarser_than_the_training_slides(split, caplog, tmp_path):
+    from stexp.tl._report import prediction_report
+    from stexp.tl._resolution import COARSER_FACTOR
+
+    train, test = split
+    model = stexp.tl.fit(train, model="ridge", features_key=STATS_KEY)
+    trained = model.card.training_data["libraries"]
+    assert {lib: v["detail_um_per_px"] > 0 for lib, v in trained.items()} == {"slide_0": True, "slide_1": True}
+    model.save(tmp_path / "m")
+    model = stexp.models.load(tmp_path / "m")  # the card keeps what the check needs
+
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(test, model)
+    same = test.uns["stexp"]["stexp_pred"]["resolution"]["slides"]["slide_2"]
+    assert not same["coarser"] and same["times_coarser"] <= COARSER_FACTOR
+    assert "coarser than the model's training slides" not in caplog.text
+
+    coarse = _coarser(test, 4)
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(coarse, model)
+    record = coarse.uns["stexp"]["stexp_pred"]["resolution"]
+    slide = record["slides"]["slide_2"]
+    assert slide["coarser"] and slide["times_coarser"] == pytest.approx(4 * same["times_coarser"], rel=1e-3)
+    assert "4.0 times coarser than the model's training slides" in caplog.text and "mpp=" in caplog.text
+    assert any(line.startswith("detail    slide_2:") for line in prediction_report(coarse, "stexp_pred"))
+    # a model fitted on features embedded at the coarse slide's resolution sees no difference
+    model.card.training_data["libraries"] = {
+        lib: {**v, "detail_um_per_px": slide["detail_um_per_px"]} for lib, v in trained.items()
+    }
+    stexp.tl.predict(coarse, model)
+    assert not coarse.uns["stexp"]["stexp_pred"]["resolution"]["slides"]["slide_2"]["coarser"]

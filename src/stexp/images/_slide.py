@@ -568,3 +568,24 @@ def has_image(adata, library_id: str) -> bool:
 def image_um_per_px(adata, view: SlideView) -> float:
     """µm per pixel of the view's image (µm per full-resolution px divided by its scale)."""
     return um_per_px(adata, view.library_id) / view.scale
+
+
+def detail_um_per_px(adata, library_id: str, spec: Any = None) -> float | None:
+    """The finest detail, in µm per pixel, that a library's image features can see; ``None`` when unknown.
+
+    The coarsest of: the pixel of the image stexp reads (:func:`slide_view`), the resampling of
+    ``spec.mpp``, and the encoder's input pixel (``spec.patch_um / spec.patch_px``), where ``spec`` is the
+    features' :class:`~stexp.images.EncoderSpec` (or ``None``: the image's pixel only). ``None`` when the
+    library has no image or its pixel size is not recorded.
+    """
+    try:
+        detail = image_um_per_px(adata, slide_view(adata, library_id))
+    except (KeyError, ValueError, FileNotFoundError, OSError):
+        return None
+    if spec is not None:
+        if spec.mpp:
+            detail = max(detail, float(spec.mpp))
+        patch_um = spec.patch_um.get(str(library_id)) if isinstance(spec.patch_um, dict) else spec.patch_um
+        if patch_um and spec.patch_px:
+            detail = max(detail, float(patch_um) / float(spec.patch_px))
+    return float(detail)

@@ -168,6 +168,9 @@ def predict(
         mean, spread, lo, hi = model.predict_intervals(data, coverage, device=device)
     in_var = lambda values: None if values is None else np.asarray(values)[:, present]
     shift, shift_record, factor = _shift(model, data)
+    from ._resolution import resolution_check
+
+    resolution = resolution_check(adata, model, data.library)
     expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set
@@ -195,6 +198,7 @@ def predict(
             "coverage": None if coverage is None else float(coverage),
             "calibration": None if calibration is None else calibration.config(),
             "shift": shift_record,
+            "resolution": resolution,
         },
     )
     if n_missing:

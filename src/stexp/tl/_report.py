@@ -38,6 +38,14 @@ def prediction_report(adata: AnnData, key: str, *, min_expected_pcc: float = MIN
             lines.append(f"shift     {lib}: {s['score']:.2f} against {shift['training_range']}; {verdict}")
     else:
         lines.append("shift     not scored (the model has no shift reference)")
+    resolution = record.get("resolution") or {}
+    for lib, r in (resolution.get("slides") or {}).items():
+        if r["coarser"]:
+            lines.append(
+                f"detail    {lib}: {r['detail_um_per_px']:.3g} µm/px, {r['times_coarser']:.1f} times coarser than the "
+                f"training slides ({resolution['training_detail_um_per_px']:.3g} µm/px): predictions likely poorer; "
+                f"refit on training features embedded with mpp={r['detail_um_per_px']:.3g}"
+            )
     if keys.expected_pcc not in adata.var:
         lines.append("trusted   unknown: the model is not calibrated (fit with calibrate=True to know which genes)")
         return lines
