@@ -33,6 +33,11 @@ statistics re-estimated on each slide's own patches); with the stain normalisati
 features are ``benchmark_shift[_<norm>]_adabn.h5ad`` and its results ``results/shift[_<norm>]_adabn.{json,md}``
 (``results/shift_adabn.*`` with the default stain normalisation), so the default files are not overwritten.
 
+``--mpp <µm/px>`` measures the lever "one resolution for every slide": every slide, clean and rendered, is
+resampled to that µm/px before its patches are cut (``stexp.pp.embed_images(mpp=...)``), so a sharp training
+slide and a coarse or blurred query are seen through the same low-pass view. Its features are
+``benchmark_shift[...]_mpp<µm>.h5ad`` and its results ``results/shift[...]_mpp<µm>.{json,md}``.
+
 Usage::
 
     STEXP_DATA_DIR=../shared/data python benchmarks/shift.py --embed-only      # renderings + features (~30 min)
@@ -86,19 +91,19 @@ RESULTS = Path(__file__).parent / "results"
 STAIN_NORMS = ("none", *(norm for norm in _views.STAIN_NORMS if norm))
 
 
-def _suffix(stain_norm: str | None, adapt_bn: bool = False) -> str:
-    """``""`` for the default files, ``"_<norm>"`` for another stain normalisation, then ``"_adabn"`` (adapt_bn)."""
+def _suffix(stain_norm: str | None, adapt_bn: bool = False, mpp: float | None = None) -> str:
+    """``""`` for the default files; ``"_<norm>"`` for another stain normalisation, then ``"_adabn"``, ``"_mpp<µm>"``."""
     import stexp.images
 
     norm = "" if stain_norm == stexp.images.DEFAULT_STAIN_NORM else f"_{stain_norm or 'none'}"
-    return norm + ("_adabn" if adapt_bn else "")
+    return norm + ("_adabn" if adapt_bn else "") + (f"_mpp{mpp:g}" if mpp else "")
 
 
-def cache_path(stain_norm: str | None, adapt_bn: bool = False):
-    """The h5ad :func:`prepare` writes for ``stain_norm`` / ``adapt_bn`` (read by adapt.py, shift_augment.py)."""
+def cache_path(stain_norm: str | None, adapt_bn: bool = False, mpp: float | None = None):
+    """The h5ad :func:`prepare` writes for these view options (read by adapt.py, shift_augment.py)."""
     import stexp
 
-    return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm, adapt_bn)}.h5ad"
+    return Path(stexp.settings.cachedir) / f"benchmark_shift{_suffix(stain_norm, adapt_bn, mpp)}.h5ad"
 
 
 def add_stain_norm_option(parser, help: str) -> None:
@@ -109,6 +114,15 @@ def add_stain_norm_option(parser, help: str) -> None:
 def add_adapt_bn_option(parser, help: str) -> None:
     """``--adapt-bn`` (``embed_images(adapt_bn=True)`` on every slide; default off)."""
     parser.add_argument("--adapt-bn", action="store_true", help=help)
+
+
+def _options(stain_norm: str | None, adapt_bn: bool = False, mpp: float | None = None) -> str:
+    """The command-line options that select these view options' features."""
+    return (
+        f" --stain-norm {stain_norm or 'none'}"
+        + (" --adapt-bn" if adapt_bn else "")
+        + (f" --mpp {mpp:g}" if mpp else "")
+    )
 
 
 def stain_norm_arg(value: str | None) -> str | None:
@@ -231,16 +245,15 @@ def rendered_copy(adata, name: str):
     return a
 
 
-def prepare(data_dir: Path, renderings: list[str], stain_norm: str | None, adapt_bn: bool = False) -> Path:
+def prepare(data_dir: Path, renderings: list[str], views: dict) -> Path:
     """Read the sections, embed clean and rendered images with the defaults (cached); write a slim h5ad.
 
-    Every ``embed_images`` call (clean and rendered) normalises the stain alike (``stain_norm``) and, with
-    ``adapt_bn``, re-estimates the encoder's BatchNorm statistics on each slide; the h5ad is :func:`cache_path`.
+    Every ``embed_images`` call (clean and rendered) takes the same view options ``views`` (``stain_norm``,
+    ``adapt_bn``, ``mpp``); the h5ad is :func:`cache_path`.
     """
     import stexp
 
-    out = cache_path(stain_norm, adapt_bn)
-    views = {"stain_norm": stain_norm, "adapt_bn": bool(adapt_bn)}
+    out = cache_path(**views)
     adata = stexp.datasets.her2st(SECTIONS, path=data_dir)
     panel = [g.strip() for g in (data_dir / "her2st_785_genes.txt").read_text().split() if g.strip()]
     genes = [g for g in panel if g in adata.var_names]
@@ -306,12 +319,11 @@ def run(
     *,
     shuffled: bool,
     coverage: float = 0.9,
-    stain_norm: str | None = None,
-    adapt_bn: bool = False,
+    views: dict | None = None,
 ) -> pd.DataFrame:
     """One ``stexp.tl.cross_validate`` call (LOPO) of every variant; per-slide rows with rendering and spot scores.
 
-    ``path`` is :func:`prepare`'s h5ad (``stain_norm`` and ``adapt_bn`` only name the options in a message).
+    ``path`` is :func:`prepare`'s h5ad (``views`` only names its view options in a message).
     """
     import anndata as ad
 
@@ -321,7 +333,7 @@ def run(
     keys = {r: f"X_{r}" for r in renderings if f"X_{r}" in adata.obsm}
     missing = sorted(set(renderings) - set(keys))
     if missing:
-        option = f" --stain-norm {stain_norm or 'none'}" + (" --adapt-bn" if adapt_bn else "")
+        option = _options(**(views or {}))
         sys.exit(
             f"renderings {missing} are not embedded; run with --embed-only{option} --renderings {','.join(missing)}"
         )
@@ -452,8 +464,7 @@ def write_report(
     renderings: list[str],
     *,
     command: str,
-    stain_norm: str | None = None,
-    adapt_bn: bool = False,
+    views: dict,
 ) -> None:
     """``results/shift.json`` and ``results/shift.md``; ``shift<_suffix>.*`` for other options (:func:`_suffix`)."""
     import platform
@@ -473,8 +484,8 @@ def write_report(
         "shuffled_control": control,
         "per_slide": json.loads(rows.drop(columns=["shuffled"]).to_json(orient="records")),
     }
-    payload = {"command": command, "stain_norm": stain_norm, "adapt_bn": bool(adapt_bn), **payload}
-    stem = f"shift{_suffix(stain_norm, adapt_bn)}"
+    payload = {"command": command, **views, **payload}
+    stem = f"shift{_suffix(**views)}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     lines = [
         "# Shift protocol (HER2+ LOPO, held-out slides rendered as another lab would give them)",
@@ -488,14 +499,19 @@ def write_report(
         "width of the 90% intervals; expected = the model's expected PCC(ACG) after its shift factor.",
         "",
     ]
-    lines[3:3] = [  # the stain normalisation (and BatchNorm re-estimation) every slide was embedded with
-        f"Stain normalisation: `embed_images(stain_norm={stain_norm!r})` on every slide, clean and rendered, "
+    lines[3:3] = [  # the view options every slide was embedded with
+        f"Stain normalisation: `embed_images(stain_norm={views['stain_norm']!r})` on every slide, clean and rendered, "
         "training and held out (each normalised on its own thumbnail).  "
     ]
-    if adapt_bn:
+    if views.get("adapt_bn"):
         lines[4:4] = [
             "BatchNorm re-estimation (AdaBN): `embed_images(adapt_bn=True)` on every slide, clean and rendered, "
             "training and held out (the encoder's BatchNorm statistics re-estimated on each slide's own patches).  "
+        ]
+    if views.get("mpp"):
+        lines[4:4] = [
+            f"Resolution: `embed_images(mpp={views['mpp']:g})` on every slide, clean and rendered, training and held "
+            f"out (each slide resampled to {views['mpp']:g} µm/px before its patches are cut).  "
         ]
     header = "| rendering | slides | PCC(ACG) | ratio | PCC(HEG) | shift | flagged | AUROC slides | AUROC spots | coverage | width | expected |"
     for variant, summary in analysis.items():
@@ -556,6 +572,14 @@ def main(argv: list[str] | None = None) -> None:
         "re-estimated on each slide; features in benchmark_shift[_<norm>]_adabn.h5ad, results in "
         "results/shift[_<norm>]_adabn.{json,md}",
     )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="embed every slide (clean and rendered) with embed_images(mpp=...): each slide resampled to this "
+        "µm/px before its patches are cut; features in benchmark_shift[...]_mpp<µm>.h5ad, results in "
+        "results/shift[...]_mpp<µm>.{json,md}",
+    )
     args = parser.parse_args(argv)
     import stexp
 
@@ -565,26 +589,22 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data_dir)
     data_dir = data_dir / "her2st" if (data_dir / "her2st").is_dir() else data_dir
     renderings = [r for r in args.renderings.split(",") if r]
-    path = prepare(data_dir, renderings, args.stain_norm, args.adapt_bn)
+    views = {"stain_norm": args.stain_norm, "adapt_bn": bool(args.adapt_bn), "mpp": args.mpp}
+    path = prepare(data_dir, renderings, views)
     print(f"features in {path}")
     if args.embed_only:
         return
     stexp.settings.verbosity = 1
     names = [v for v in args.variants.split(",") if v]
-    rows = run(path, names, renderings, shuffled=False, stain_norm=args.stain_norm, adapt_bn=args.adapt_bn)
+    rows = run(path, names, renderings, shuffled=False, views=views)
     controls = [v for v in args.controls.split(",") if v]
-    shuffled = (
-        run(path, controls, renderings, shuffled=True, stain_norm=args.stain_norm, adapt_bn=args.adapt_bn)
-        if controls
-        else None
-    )
+    shuffled = run(path, controls, renderings, shuffled=True, views=views) if controls else None
     write_report(
         rows,
         shuffled,
         renderings,
         command=" ".join(["python", "benchmarks/shift.py", *(argv or sys.argv[1:])]),
-        stain_norm=args.stain_norm,
-        adapt_bn=args.adapt_bn,
+        views=views,
     )
 
 
