@@ -11,6 +11,8 @@ each kind at two strengths (``RENDERINGS``):
 ``lowdark``  the slide read only from its ~2000-px rendering (~3.6 µm/px) with the glass painted dark.
 ``combined`` every kind at once: strength 1 on the full-resolution image; strength 2 on the dark 2000-px
              rendering (the strongest shift).
+``lowdark_jpeg2``, ``lowdark_blur2``, ``lowdark_stain2``: the dark 2000-px rendering with one of combined2's
+             other parts (JPEG, blur, colour and HED stain), to tell which of them costs the most there.
 
 Fits see only clean training slides (``features_key``); each fold predicts its held-out slides from every
 rendering without refitting (``stexp.tl.cross_validate(test_features=...)``). For each variant (``--variants``,
@@ -76,6 +78,10 @@ RENDERINGS = {f"{kind}{s}": (kind, s) for kind in ("jpeg", "blur", "colour", "he
     "lowdark": ("lowdark", 2),
     "combined1": ("combined", 1),
     "combined2": ("combined", 2),
+    # combined2's parts one at a time on the ~2000-px export (where each costs, for the docs' decomposition)
+    "lowdark_jpeg2": ("lowdark+jpeg", 2),
+    "lowdark_blur2": ("lowdark+blur", 2),
+    "lowdark_stain2": ("lowdark+colour+hed", 2),
 }
 #: What ``--renderings`` embeds by default (the moderate JPEG, blur and colour renderings are left out for time).
 DEFAULT_RENDERINGS = ["jpeg2", "blur2", "colour2", "hed1", "hed2", "lowdark", "combined1", "combined2"]
@@ -179,19 +185,27 @@ def paint_background(image: np.ndarray, colour: tuple[int, int, int] = DARK) -> 
     return out
 
 
+def _parts(kind: str, strength: int) -> set[str]:
+    """The single kinds a rendering applies (``"a+b"`` names several; ``combined`` is all, lowdark at strength 2)."""
+    if kind == "combined":
+        return {"colour", "hed", "blur", "jpeg"} | ({"lowdark"} if strength == 2 else set())
+    return set(kind.split("+"))
+
+
 def render(image: np.ndarray, kind: str, strength: int, um_per_px: float) -> np.ndarray:
     """``image`` (uint8 RGB) rendered as ``kind`` at ``strength``; JPEG last, as a lab's export would be."""
     import stexp
 
-    if kind in ("colour", "combined"):
+    parts = _parts(kind, strength)
+    if "colour" in parts:
         image = colour_shift(image, strength)
-    if kind in ("hed", "combined"):
+    if "hed" in parts:
         image = stexp.images.hed_shift(image, **HED[strength])
-    if kind in ("blur", "combined"):
+    if "blur" in parts:
         image = blur(image, BLUR_UM[strength], um_per_px)
-    if kind == "lowdark" or (kind == "combined" and strength == 2):
+    if "lowdark" in parts:
         image = paint_background(image)
-    if kind in ("jpeg", "combined"):
+    if "jpeg" in parts:
         image = jpeg(image, JPEG_QUALITY[strength])
     return image
 
@@ -225,7 +239,7 @@ def rendered_copy(adata, name: str):
     """The spots of the :data:`RENDERED` slides of ``adata``, their slides read as rendering ``name``."""
     a = adata[adata.obs["library_id"].isin(RENDERED)].copy()
     kind, strength = RENDERINGS[name]
-    low = kind == "lowdark" or (kind == "combined" and strength == 2)
+    low = "lowdark" in _parts(kind, strength)
     for lib, entry in a.uns["spatial"].items():
         if lib not in RENDERED:
             continue

@@ -94,6 +94,12 @@ def predict(
     new slide to ``adata.var[key_added + "_expected_pcc"]`` and, with ``coverage=``, the interval bounds
     ``key_added + "_lo"`` and ``key_added + "_hi"`` next to the prediction, in the same storage.
 
+    Each slide is compared with the model's training slides twice, recorded in ``uns["stexp"][key_added]``
+    and logged as a warning when it stands out: its shift score (``obs[key_added + "_shift"]``, the distance
+    of its image features to the training spots; record ``"shift"``) and the finest detail its images show
+    against the training slides' (record ``"resolution"``: a slide more than 1.5 times coarser, e.g. a
+    ~2000-px export, is reported with what to try). See ``docs/shift.md``.
+
     A prediction replaces everything under ``key_added`` (``stexp.tl._keys.PredictionKeys``): what a
     previous prediction of that key left (its spread, intervals, expected PCC, shift score, record, and the
     scores of :func:`stexp.tl.evaluate`) is removed first, in both storages, even where this model does not

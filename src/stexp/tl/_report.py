@@ -44,7 +44,7 @@ def prediction_report(adata: AnnData, key: str, *, min_expected_pcc: float = MIN
             lines.append(
                 f"detail    {lib}: {r['detail_um_per_px']:.3g} µm/px, {r['times_coarser']:.1f} times coarser than the "
                 f"training slides ({resolution['training_detail_um_per_px']:.3g} µm/px): predictions likely poorer; "
-                f"refit on training features embedded with mpp={r['detail_um_per_px']:.3g}"
+                f"try refitting on training slides embedded with mpp={r['detail_um_per_px']:.3g}"
             )
     if keys.expected_pcc not in adata.var:
         lines.append("trusted   unknown: the model is not calibrated (fit with calibrate=True to know which genes)")
