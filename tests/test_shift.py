@@ -198,3 +198,52 @@ def test_predict_reports_a_slide_coarser_than_the_training_slides(split, caplog,
     }
     stexp.tl.predict(coarse, model)
     assert not coarse.uns["stexp"]["stexp_pred"]["resolution"]["slides"]["slide_2"]["coarser"]
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def test_jpeg_blockiness_grows_with_compression_and_is_lost_by_resizing(synth):
+    from PIL import Image
+
+    from stexp.images._quality import jpeg_blockiness
+
+    image = np.asarray(synth.uns["spatial"]["slide_0"]["images"]["hires"])
+    values = [jpeg_blockiness(image)] + [jpeg_blockiness(_jpeg(image, q)) for q in (50, 8)]
+    assert values[0] == pytest.approx(1.0, abs=0.1)
+    assert values == sorted(values) and values[-1] > 1.5
+    resized = np.asarray(Image.fromarray(_jpeg(image, 8)).resize((image.shape[1] * 3 // 4, image.shape[0] * 3 // 4)))
+    assert jpeg_blockiness(resized) < 1.2  # the block grid no longer lines up: nothing to measure
+    assert jpeg_blockiness(image.astype(np.float32) / 255) == pytest.approx(values[0], rel=1e-4)  # any dtype
+    assert jpeg_blockiness(image[:20, :20]) is None and jpeg_blockiness(np.full((64, 64, 3), 200, np.uint8)) is None
+
+
+def test_predict_reports_a_slide_with_heavy_jpeg_artefacts(split, caplog):
+    from stexp.tl._compression import HEAVY
+    from stexp.tl._report import prediction_report
+
+    train, test = split
+    model = stexp.tl.fit(train, model="ridge", features_key=STATS_KEY)
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(test, model)
+    clean = test.uns["stexp"]["stexp_pred"]["compression"]["slides"]["slide_2"]
+    assert not clean["heavy"] and clean["jpeg_blockiness"] < HEAVY and "JPEG block artefacts" not in caplog.text
+
+    compressed = test.copy()
+    entry = compressed.uns["spatial"]["slide_2"]
+    entry["images"] = {"hires": _jpeg(np.asarray(entry["images"]["hires"]), 8)}
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(compressed, model)
+    heavy = compressed.uns["stexp"]["stexp_pred"]["compression"]["slides"]["slide_2"]
+    assert heavy["heavy"] and heavy["jpeg_blockiness"] > HEAVY
+    assert "slide 'slide_2': its image shows heavy JPEG block artefacts" in caplog.text
+    assert any(line.startswith("jpeg      slide_2:") for line in prediction_report(compressed, "stexp_pred"))
+    np.testing.assert_array_equal(compressed.obsm[STATS_KEY], test.obsm[STATS_KEY])  # the features were not touched

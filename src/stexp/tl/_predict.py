@@ -98,7 +98,8 @@ def predict(
     and logged as a warning when it stands out: its shift score (``obs[key_added + "_shift"]``, the distance
     of its image features to the training spots; record ``"shift"``) and the finest detail its images show
     against the training slides' (record ``"resolution"``: a slide more than 1.5 times coarser, e.g. a
-    ~2000-px export, is reported with what to try). See ``docs/shift.md``.
+    ~2000-px export, is reported with what to try). An in-memory image with heavy JPEG block artefacts is
+    reported too (record ``"compression"``). See ``docs/shift.md``.
 
     A prediction replaces everything under ``key_added`` (``stexp.tl._keys.PredictionKeys``): what a
     previous prediction of that key left (its spread, intervals, expected PCC, shift score, record, and the
@@ -174,9 +175,11 @@ def predict(
         mean, spread, lo, hi = model.predict_intervals(data, coverage, device=device)
     in_var = lambda values: None if values is None else np.asarray(values)[:, present]
     shift, shift_record, factor = _shift(model, data)
+    from ._compression import compression_check
     from ._resolution import resolution_check
 
     resolution = resolution_check(adata, model, data.library)
+    compression = compression_check(adata, data.library)
     expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set
@@ -205,6 +208,7 @@ def predict(
             "calibration": None if calibration is None else calibration.config(),
             "shift": shift_record,
             "resolution": resolution,
+            "compression": compression,
         },
     )
     if n_missing:

@@ -46,6 +46,13 @@ def prediction_report(adata: AnnData, key: str, *, min_expected_pcc: float = MIN
                 f"training slides ({resolution['training_detail_um_per_px']:.3g} µm/px): predictions likely poorer; "
                 f"try refitting on training slides embedded with mpp={r['detail_um_per_px']:.3g}"
             )
+    compression = record.get("compression") or {}
+    for lib, c in (compression.get("slides") or {}).items():
+        if c["heavy"]:
+            lines.append(
+                f"jpeg      {lib}: block artefacts {c['jpeg_blockiness']:.2f} (1.0 none, about 1.5 at JPEG quality 30): "
+                "predictions likely poorer; use a lossless or high-quality export if there is one"
+            )
     if keys.expected_pcc not in adata.var:
         lines.append("trusted   unknown: the model is not calibrated (fit with calibrate=True to know which genes)")
         return lines
