@@ -1,18 +1,20 @@
-"""A slide with less detail than the training slides: what ``predict`` says, and the remedy, measured.
+"""Slides exported at low resolution: what ``predict`` says of them, and refitting at their resolution, measured.
 
 The user's path, public API only: the HER2+ leave-one-patient-out folds (train on patient B, predict patient
 C, and the reverse); each held-out slide of ``benchmarks/shift.py``'s rendered ones (B4, C2, C4) is predicted
 from its ~2000-px hires image alone (~3.6 µm/px), as another lab's export would give it: the ``lowdark``
-rendering (glass painted dark) and ``combined2`` (that, plus blur, JPEG, scanner colour and stain changes).
+rendering (glass painted dark), ``lowdark_jpeg2`` (that, saved as JPEG at quality 8) and ``combined2`` (that,
+plus blur, scanner colour and stain changes).
 Two fits per fold:
 
 ``default``   the training slides embedded as ``stexp.tl.fit`` would (full resolution, ~0.73 µm/px);
 ``matched``   the training slides embedded at the held-out slides' resolution
-              (``stexp.pp.embed_images(train, mpp=--mpp)``), the remedy ``predict``'s warning names.
+              (``stexp.pp.embed_images(train, mpp=--mpp)``), what ``predict``'s warning says to try.
 
 ``stexp.tl.predict`` embeds each held-out slide with the model's own encoder spec (so ``matched`` sees it at
 ``--mpp`` too). Reported per held-out slide: PCC(ACG) / PCC(HEG) (``stexp.tl.evaluate``), the resolution
-record (how many times coarser than the training slides, whether reported) and the shift score.
+record (how many times coarser than the training slides, whether reported), the compression record (JPEG
+blockiness, whether reported) and the shift score.
 
 Usage::
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from shift import RENDERED, RESULTS, SECTIONS, rendered_copy
 
 #: The renderings of ``benchmarks/shift.py`` predicted (both from the hires image alone).
-RENDERINGS = ("lowdark", "combined2")
+RENDERINGS = ("lowdark", "lowdark_jpeg2", "combined2")
 
 
 def run(data_dir: Path, mpp: float) -> list[dict]:
@@ -65,6 +67,7 @@ def run(data_dir: Path, mpp: float) -> list[dict]:
 def _row(fit: str, rendering: str, lib: str, scores, record: dict) -> dict:
     """One held-out slide's scores, resolution verdict and shift score."""
     resolution = (record.get("resolution") or {}).get("slides", {}).get(lib, {})
+    compression = (record.get("compression") or {}).get("slides", {}).get(lib, {})
     return {
         "fit": fit,
         "rendering": rendering,
@@ -73,6 +76,8 @@ def _row(fit: str, rendering: str, lib: str, scores, record: dict) -> dict:
         "pcc_heg": round(float(scores["pcc_heg"]), 4),
         "times_coarser": resolution.get("times_coarser"),
         "reported_coarser": resolution.get("coarser"),
+        "jpeg_blockiness": compression.get("jpeg_blockiness"),
+        "reported_jpeg": compression.get("heavy"),
         "shift_score": record["shift"]["slides"][lib]["score"],
         "shift_flagged": record["shift"]["slides"][lib]["flagged"],
     }
@@ -96,19 +101,22 @@ def main() -> None:
     table = pd.DataFrame(rows)
     mean = table.groupby(["rendering", "fit"], sort=False)[["pcc_acg", "pcc_heg"]].mean()
     lines = [
-        "# A slide with less detail than the training slides (HER2+ LOPO, held-out slides as ~2000-px exports)",
+        "# Slides exported at low resolution: what predict says, and refitting at their resolution (HER2+ LOPO)",
         "",
-        f"Command: `{command}`. Held-out slides B4, C2, C4 predicted from their `lowdark` and `combined2` renderings "
+        f"Command: `{command}`. Held-out slides B4, C2, C4 predicted from their `lowdark`, `lowdark_jpeg2` and "
+        "`combined2` renderings "
         "(hires image only, ~3.6 µm/px); `default`: training slides at full resolution; `matched`: training slides "
         f"embedded with `mpp={args.mpp:g}`.",
         "",
-        "| rendering | fit | held out | PCC(ACG) | PCC(HEG) | times coarser | reported | shift score | flagged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rendering | fit | held out | PCC(ACG) | PCC(HEG) | times coarser | reported | JPEG blockiness | reported | "
+        "shift score | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["rendering"], r["fit"], r["held_out"])):
         lines.append(
             f"| {r['rendering']} | {r['fit']} | {r['held_out']} | {r['pcc_acg']:.3f} | {r['pcc_heg']:.3f} | "
-            f"{r['times_coarser']} | {r['reported_coarser']} | {r['shift_score']:.2f} | {r['shift_flagged']} |"
+            f"{r['times_coarser']} | {r['reported_coarser']} | {r['jpeg_blockiness']} | {r['reported_jpeg']} | "
+            f"{r['shift_score']:.2f} | {r['shift_flagged']} |"
         )
     lines += ["", "Mean over the held-out slides:", ""]
     lines += [
