@@ -71,6 +71,8 @@ def test_embed_mpp_refused_before_any_work(synth, slide, monkeypatch):
     enc = TinyEncoder()
     with pytest.raises(ValueError, match="read region by region"):
         stexp.pp.embed_images(wsi, encoder=enc, device="cpu", mpp=1.0)
+    with pytest.raises(ValueError, match="jpeg_quality= changes the whole decoded slide.*read region by region"):
+        stexp.pp.embed_images(wsi, encoder=enc, device="cpu", jpeg_quality=30)
     assert enc.calls == []
     # a resampled slide of too many pixels: refused before decoding, naming the library and the sizes
     monkeypatch.setattr(stexp.pp._embed, "MAX_RESAMPLED_PIXELS", 10_000)

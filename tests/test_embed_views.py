@@ -329,7 +329,7 @@ def test_stain_norm_options_and_normalizers():
     from stexp.images._views import check_options, stain_normalizer
 
     for value in (None, "reinhard", "macenko", "vahadane", "haematoxylin"):
-        assert check_options(None, value, False) == (None, value, False, False)
+        assert check_options(None, value, False) == (None, value, False, False, None)
     for bad in ("macenko?", "Macenko", "Vahadane", "staintools", ""):
         with pytest.raises(ValueError, match="stain_norm"):
             check_options(None, bad, False)
@@ -363,6 +363,32 @@ def test_embed_images_vahadane_is_recorded_and_names_a_slide_without_tissue(synt
     a.uns["spatial"][lib]["images"] = {"hires": np.full_like(spatial_entry(a, lib)["images"]["hires"], 255)}
     with pytest.raises(ValueError, match=f"slide '{lib}'.*vahadane.*no tissue"):
         _feats(a, stain_norm="vahadane")
+
+
+def test_jpeg_quality_makes_a_compressed_export_look_alike_and_is_recorded(synth):
+    import io
+
+    from PIL import Image
+
+    a, lib = _one_slide(synth)
+    img = np.asarray(spatial_entry(a, lib)["images"]["hires"])
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, format="JPEG", quality=8)
+    export = a.copy()
+    export.uns["spatial"][lib]["images"] = {"hires": np.asarray(Image.open(io.BytesIO(buffer.getvalue())))}
+    enc = DetailEncoder()
+    without = _rel(_feats(export, enc, stain_norm=None), _feats(a, enc, stain_norm=None))
+    matched = _rel(_feats(export, enc, stain_norm=None), _feats(a, enc, stain_norm=None, jpeg_quality=8))
+    assert matched < 0.5 * without  # the sharp slide seen as the export is close to the export
+    # recorded, part of the identity, and applied by predict to new slides
+    stexp.pp.embed_images(a, encoder=enc, device="cpu", stain_norm=None, jpeg_quality=8, key_added="q8", cache=False)
+    record = EncoderSpec.from_mapping(a.uns["stexp"]["features"]["q8"])
+    assert record.jpeg_quality == 8
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        check_encoder_spec(record, {**record.to_uns(), "jpeg_quality": None})
+    for bad in (0, 96, 8.5, True, "8"):
+        with pytest.raises(ValueError, match="jpeg_quality"):
+            stexp.pp.embed_images(a, encoder=enc, device="cpu", key_added="bad", jpeg_quality=bad)
 
 
 def test_view_options_are_recorded_checked_and_cached_apart(synth):

@@ -88,6 +88,7 @@ def test_embed_kwargs_fields():
             "stain_norm": "reinhard",
             "tta": True,
             "adapt_bn": True,
+            "jpeg_quality": 30,
             "library_key": "sample",
         }
     )
@@ -103,6 +104,7 @@ def test_embed_kwargs_fields():
         "stain_norm": "reinhard",
         "tta": True,
         "adapt_bn": True,
+        "jpeg_quality": 30,
     }
     kwargs["patch_um"]["a"] = 1.0  # a copy: the frozen spec is not changed through it
     assert spec.patch_um == {"a": 60.0, "b": 80.0}
@@ -116,6 +118,7 @@ def test_embed_kwargs_fields():
         "stain_norm": None,
         "tta": False,
         "adapt_bn": False,
+        "jpeg_quality": None,
     }
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: What ``embed_images`` did to the patches besides cutting them (absent in records older than these options).
-VIEW_FIELDS = ("mpp", "stain_norm", "tta", "adapt_bn")
+VIEW_FIELDS = ("mpp", "stain_norm", "tta", "adapt_bn", "jpeg_quality")
 #: Fields a model's features and the query's features must share (and the view options, :data:`CHECKED_FIELDS`).
 MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
 #: What :meth:`EncoderSpec.diff` compares by default.
@@ -75,6 +75,9 @@ class EncoderSpec:
     adapt_bn
         Whether the encoder's BatchNorm statistics were re-estimated on each slide's own patches before
         embedding it (AdaBN; records older than the option read back as ``False``).
+    jpeg_quality
+        JPEG quality every slide was re-encoded at (after the ``mpp`` resampling) before its patches were cut
+        (``None``: none; records older than the option read back as ``None``).
     """
 
     encoder: str | None = None
@@ -90,6 +93,7 @@ class EncoderSpec:
     stain_norm: str | None = None
     tta: bool = False
     adapt_bn: bool = False
+    jpeg_quality: int | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -114,6 +118,7 @@ class EncoderSpec:
         values["mpp"] = None if values["mpp"] is None else float(values["mpp"])
         values["tta"] = bool(values["tta"]) if values["tta"] is not None else False
         values["adapt_bn"] = bool(values["adapt_bn"]) if values["adapt_bn"] is not None else False
+        values["jpeg_quality"] = None if values["jpeg_quality"] is None else int(values["jpeg_quality"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +196,7 @@ class EncoderSpec:
         -------
         ``encoder``, ``weights`` (the recorded ``weights_arg``: ``"imagenet"``, a file path, or ``None`` for
         random weights), ``encoder_kwargs`` (decoded from the recorded JSON, classes imported; ``None`` when
-        there were none), ``patch_um``, ``mpp``, ``stain_norm``, ``tta`` and ``adapt_bn``. ``patch_um`` is the recorded
+        there were none), ``patch_um``, ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn`` and ``jpeg_quality``. ``patch_um`` is the recorded
         number, or the per-library mapping when the libraries had different patch sizes (it recreates the
         features of those libraries; ``embed_images`` raises a KeyError naming any other library), or
         ``None`` when none was recorded (each library's default, :func:`stexp.images.default_patch_um`).
@@ -217,6 +222,7 @@ class EncoderSpec:
             "stain_norm": self.stain_norm,
             "tta": self.tta,
             "adapt_bn": self.adapt_bn,
+            "jpeg_quality": self.jpeg_quality,
         }
 
     def diff(

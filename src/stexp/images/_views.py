@@ -36,18 +36,21 @@ ADAPT_BN_PATCHES: Final = 512
 ADAPT_BN_BATCH: Final = 64
 
 
-def check_options(mpp, stain_norm, tta, adapt_bn=False) -> tuple[float | None, str | None, bool, bool]:
-    """Validated view options: ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``.
+def check_options(
+    mpp, stain_norm, tta, adapt_bn=False, jpeg_quality=None
+) -> tuple[float | None, str | None, bool, bool, int | None]:
+    """Validated view options: ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``.
 
-    ``mpp`` is None or a plausible µm/px (:func:`stexp._layout.check_um_per_px`).
+    ``mpp`` is None or a plausible µm/px (:func:`stexp._layout.check_um_per_px`); ``jpeg_quality`` None or an
+    integer from 1 to 95.
 
     Raises
     ------
     TypeError
         If ``mpp`` is not a number (``True``, ``"0.5"``...).
     ValueError
-        If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` / ``adapt_bn`` are not
-        among their values.
+        If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` / ``adapt_bn`` /
+        ``jpeg_quality`` are not among their values.
     """
     if mpp is not None:
         from stexp._layout import check_um_per_px
@@ -59,7 +62,36 @@ def check_options(mpp, stain_norm, tta, adapt_bn=False) -> tuple[float | None, s
         raise ValueError(f"tta must be True or False, got {tta!r}.")
     if not isinstance(adapt_bn, (bool, np.bool_)):
         raise ValueError(f"adapt_bn must be True or False, got {adapt_bn!r}.")
-    return mpp, stain_norm, bool(tta), bool(adapt_bn)
+    if jpeg_quality is not None:
+        if isinstance(jpeg_quality, (bool, np.bool_)) or not isinstance(jpeg_quality, (int, np.integer)):
+            raise ValueError(f"jpeg_quality must be None or an integer from 1 to 95, got {jpeg_quality!r}.")
+        if not 1 <= int(jpeg_quality) <= JPEG_MAX_QUALITY:
+            raise ValueError(f"jpeg_quality must be from 1 to {JPEG_MAX_QUALITY}, got {jpeg_quality}.")
+        jpeg_quality = int(jpeg_quality)
+    return mpp, stain_norm, bool(tta), bool(adapt_bn), jpeg_quality
+
+
+#: The highest ``jpeg_quality`` (PIL's advice: above 95 the file grows with little gain).
+JPEG_MAX_QUALITY = 95
+
+
+def jpeg_slide(image, quality: int | None):
+    """The decoded slide ``image`` (PIL) re-encoded as JPEG at ``quality`` and decoded again (``None``: as is).
+
+    Seen this way, training slides look like another lab's compressed export of the same resolution: the
+    ``jpeg_quality`` view option (``docs/shift.md``).
+    """
+    if quality is None:
+        return image
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as out:
+        return out.convert("RGB")
 
 
 def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):

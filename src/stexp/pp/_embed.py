@@ -75,13 +75,14 @@ def _autocast(device: str):
 
 def _embed_plan(
     enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False,
-    adapt_bn=False, adapt_plan=None,
+    adapt_bn=False, adapt_plan=None, jpeg_quality=None,
 ) -> np.ndarray:  # fmt: skip
     """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan`.
 
     Patches come from :meth:`~stexp.images._patches.PatchPlan.stream` (a JPEG decoded once, a whole-slide
     file read region by region); with ``mpp`` the decoded slide is first resampled to that µm/px, which
-    needs the whole image (refused for a slide read by region). ``stain_norm`` is fitted on a thumbnail.
+    needs the whole image (refused for a slide read by region), and with ``jpeg_quality`` it is then
+    re-encoded as JPEG (likewise). ``stain_norm`` is fitted on a thumbnail.
 
     With ``adapt_bn`` the encoder's BatchNorm statistics are first re-estimated on at most
     :data:`~stexp.images._views.ADAPT_BN_PATCHES` of the library's patches, cut, resampled and normalised as
@@ -112,7 +113,7 @@ def _embed_plan(
         sample = adapt_plan.subset(_views.adapt_sample(adapt_plan.inside))
     px = int(enc.input_px)
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
-        assert mpp is None  # refused before any work by _check_mpp_for_slides
+        assert mpp is None and jpeg_quality is None  # refused before any work by _check_mpp_for_slides
         batches = plan.stream(px, batch_size)
         normalize = None
         if stain_norm is not None:
@@ -124,6 +125,7 @@ def _embed_plan(
     else:  # decoded once; resampled to mpp first when asked
         decoded = plan.view.decode()
         image, plan = _views.resample_slide(decoded, plan, image_um_per_px=image_um_per_px, mpp=mpp)
+        image = _views.jpeg_slide(image, jpeg_quality)
         normalize = _views.stain_normalizer(image, stain_norm, library_id=plan.view.library_id)
         batches = ((np.arange(s, s + len(p)), p) for s, p in plan.batches(image, px, batch_size))
         sample_patches = None
@@ -186,24 +188,27 @@ def _check_finite_output(enc, plan, rows: np.ndarray, values: np.ndarray) -> Non
 MAX_RESAMPLED_PIXELS = 1_000_000_000
 
 
-def _check_mpp_for_slides(adata, libs: list[str], mpp: float | None) -> None:
-    """Refuse ``mpp=`` before any work where it cannot be done: a slide read region by region, or a too large result.
+def _check_mpp_for_slides(adata, libs: list[str], mpp: float | None, jpeg_quality: int | None = None) -> None:
+    """Refuse ``mpp=`` / ``jpeg_quality=`` before any work where they cannot be done.
 
-    ``mpp`` resamples the whole decoded slide, which a whole-slide file (read region by region) never is;
-    and a much finer ``mpp`` than a slide's own would make an image of billions of pixels.
+    Both change the whole decoded slide, which a whole-slide file (read region by region) never is; and a
+    much finer ``mpp`` than a slide's own would make an image of billions of pixels.
     """
-    if mpp is None:
+    if mpp is None and jpeg_quality is None:
         return
     from stexp.images._slide import image_um_per_px, slide_view
 
+    option = "mpp=" if mpp is not None else "jpeg_quality="
     for lib in libs:
         view = slide_view(adata, lib)
         if view.lazy:
             raise ValueError(
-                f"library {lib!r}: mpp= resamples the whole decoded slide, but this slide is read region by "
-                "region (a whole-slide file); embed it without mpp= (patches are resampled to the encoder's "
+                f"library {lib!r}: {option} changes the whole decoded slide, but this slide is read region by "
+                f"region (a whole-slide file); embed it without {option} (patches are resampled to the encoder's "
                 "input size from the pyramid level nearest the patch's µm/px)."
             )
+        if mpp is None:
+            continue
         own = image_um_per_px(adata, view)
         factor = own / mpp
         w, h = view.size
@@ -480,6 +485,7 @@ def _write_features(adata, key: str, enc, spec, embedded: _Embedded) -> None:
             (f", {spec.stain_norm} stain normalisation", spec.stain_norm is not None),
             (", 8-view TTA", bool(spec.tta)),
             (", BatchNorm statistics re-estimated per slide (AdaBN)", bool(spec.adapt_bn)),
+            (f", re-encoded as JPEG at quality {spec.jpeg_quality}", spec.jpeg_quality is not None),
         )
         if on
     )
@@ -512,6 +518,7 @@ def embed_images(
     stain_norm: Literal["reinhard", "macenko", "vahadane", "haematoxylin"] | None = DEFAULT_STAIN_NORM,
     tta: bool = False,
     adapt_bn: bool = False,
+    jpeg_quality: int | None = None,
     devices: int | None = None,
 ) -> AnnData | None:
     """Embed the H&E patch around every spot with an image encoder.
@@ -626,6 +633,13 @@ def embed_images(
         EfficientNet-Lite0 encoders, ResNet-50, DenseNet-121; not the ViT foundation models, which use
         LayerNorm: a ``ValueError``). Recorded and part of the features' identity like the other view
         options; its effect on the shift protocol is measured in ``docs/shift.md``.
+    jpeg_quality
+        Re-encode every slide (after the ``mpp`` resampling) as JPEG at this quality (1-95) before cutting
+        patches: training slides then look like another lab's compressed export (e.g. ``mpp=3.6,
+        jpeg_quality=8`` for a strongly compressed ~2000-px export). ``tl.predict`` reports new slides with
+        heavy JPEG artefacts; training on slides seen this way is what to try for them (measured in
+        ``docs/shift.md``). Decoded slides only (a ``ValueError`` for a whole-slide file read region by
+        region). Recorded and part of the features' identity like the other view options.
     devices
         ``None`` (default): embed in this process. ``N``: shard the patches over N processes through Lightning
         (N GPUs with ``device="cuda"``, N CPU processes with ``device="cpu"``; under torchrun / SLURM ``srun``,
@@ -641,7 +655,7 @@ def embed_images(
     ``weights`` (the weights identity: ``"imagenet"``, ``"random"``, ``"sha256:..."`` of a file...),
     ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
     ``patch_px``, ``normalization``, ``out_dim``, ``library_key``, and the view options ``mpp``,
-    ``stain_norm``, ``tta``, ``adapt_bn``), ``n_outside`` per library,
+    ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``), ``n_outside`` per library,
     ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
 
     Raises
@@ -649,7 +663,8 @@ def embed_images(
     TypeError
         If ``encoder_kwargs`` is not a mapping, or ``mpp`` is not a number.
     ValueError
-        If an option is out of range (``mpp`` outside 0.05-50 µm/px, or given for a whole-slide file, or
+        If an option is out of range (``mpp`` outside 0.05-50 µm/px, ``mpp`` or ``jpeg_quality`` given for a
+        whole-slide file, ``jpeg_quality`` outside 1-95, or
         resampling a slide to more than :data:`MAX_RESAMPLED_PIXELS`), stored features would be replaced
         (see ``overwrite``), ``adapt_bn=True`` is given for an encoder without BatchNorm layers, or the
         encoder returns NaN / infinite features (raised at the first such batch; nothing is written to
@@ -662,17 +677,20 @@ def embed_images(
     _check_devices(devices)
     device = check_device(device)  # also when the features are cached and no device is used
     _check_encoder_kwargs(encoder_kwargs)
-    checked_mpp, checked_norm, checked_tta, checked_adapt = check_options(mpp, stain_norm, tta, adapt_bn)
+    checked_mpp, checked_norm, checked_tta, checked_adapt, checked_jpeg = check_options(
+        mpp, stain_norm, tta, adapt_bn, jpeg_quality
+    )
     views: dict[str, Any] = {
         "mpp": checked_mpp,
         "stain_norm": checked_norm,
         "tta": checked_tta,
         "adapt_bn": checked_adapt,
+        "jpeg_quality": checked_jpeg,
     }
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
-    _check_mpp_for_slides(adata, libs, checked_mpp)
+    _check_mpp_for_slides(adata, libs, checked_mpp, checked_jpeg)
     per_lib_um = resolve_patch_um(adata, libs, patch_um)
     stored = adata.uns.get(UNS_KEY, {}).get("features", {})
 

@@ -6,7 +6,8 @@ an export at JPEG quality 8 halved the default pipeline's all-gene PCC (0.096 ->
 ``lowdark_jpeg2`` rendering of ``benchmarks/shift.py``), while the shift score flagged two of its three
 slides. :func:`stexp.tl.predict` measures the block artefacts of each slide's in-memory image
 (:func:`stexp.images._quality.jpeg_blockiness`; whole-slide files are not decoded a second time for it),
-records them and warns above :data:`HEAVY`.
+records them and warns above :data:`HEAVY`, naming what to try: a better export, or training slides
+embedded as the export is seen (``embed_images(mpp=..., jpeg_quality=...)``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def compression_check(adata: AnnData, libraries: Iterable[str]) -> dict[str, Any
                 f"slide {lib!r}: its image shows heavy JPEG block artefacts (blockiness {blockiness:.2f}; 1.0 for an "
                 "image never compressed, about 1.5 at JPEG quality 30): compression erased detail the model reads, "
                 "so its predictions are likely poorer (on HER2+ ~2000-px exports, quality 8 halved all-gene PCC; "
-                "docs/shift.md). Use a lossless or high-quality export of the slide if there is one."
+                "docs/shift.md). Use a lossless or high-quality export of the slide if there is one; if every new "
+                "slide comes so compressed, embed the training slides as they are seen "
+                "(stexp.pp.embed_images(train, mpp=..., jpeg_quality=..., key_added=...)) and refit on those features."
             )
     if not slides:
         return None
