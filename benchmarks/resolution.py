@@ -5,11 +5,13 @@ C, and the reverse); each held-out slide of ``benchmarks/shift.py``'s rendered o
 from its ~2000-px hires image alone (~3.6 µm/px), as another lab's export would give it: the ``lowdark``
 rendering (glass painted dark), ``lowdark_jpeg2`` (that, saved as JPEG at quality 8) and ``combined2`` (that,
 plus blur, scanner colour and stain changes).
-Two fits per fold:
+Three fits per fold:
 
 ``default``   the training slides embedded as ``stexp.tl.fit`` would (full resolution, ~0.73 µm/px);
 ``matched``   the training slides embedded at the held-out slides' resolution
-              (``stexp.pp.embed_images(train, mpp=--mpp)``), what ``predict``'s warning says to try.
+              (``stexp.pp.embed_images(train, mpp=--mpp)``), what ``predict``'s warning says to try;
+``export``    the training slides seen as the compressed export: also re-encoded as JPEG
+              (``embed_images(train, mpp=--mpp, jpeg_quality=--jpeg-quality)``).
 
 ``stexp.tl.predict`` embeds each held-out slide with the model's own encoder spec (so ``matched`` sees it at
 ``--mpp`` too). Reported per held-out slide: PCC(ACG) / PCC(HEG) (``stexp.tl.evaluate``), the resolution
@@ -18,7 +20,7 @@ blockiness, whether reported) and the shift score.
 
 Usage::
 
-    STEXP_DATA_DIR=../shared/data python benchmarks/resolution.py [--mpp 3.6]
+    STEXP_DATA_DIR=../shared/data python benchmarks/resolution.py [--mpp 3.6] [--jpeg-quality 8]
 
 Results: ``benchmarks/results/resolution.{json,md}``.
 """
@@ -37,7 +39,7 @@ from shift import RENDERED, RESULTS, SECTIONS, rendered_copy
 RENDERINGS = ("lowdark", "lowdark_jpeg2", "combined2")
 
 
-def run(data_dir: Path, mpp: float) -> list[dict]:
+def run(data_dir: Path, mpp: float, jpeg_quality: int) -> list[dict]:
     import stexp
 
     adata = stexp.datasets.her2st(SECTIONS, path=data_dir)
@@ -49,9 +51,14 @@ def run(data_dir: Path, mpp: float) -> list[dict]:
         train = adata[patient != held].copy()
         test = adata[(patient == held) & adata.obs["library_id"].isin(RENDERED)].copy()
         queries = {name: rendered_copy(test, name) for name in RENDERINGS}
-        for fit_name, view in (("default", None), ("matched", mpp)):
-            key = "X_train" if view is None else f"X_train_mpp{view:g}"
-            stexp.pp.embed_images(train, key_added=key, mpp=view)
+        fits = {
+            "default": {},
+            "matched": {"mpp": mpp},
+            "export": {"mpp": mpp, "jpeg_quality": jpeg_quality},
+        }
+        for fit_name, views in fits.items():
+            key = f"X_train_{fit_name}"
+            stexp.pp.embed_images(train, key_added=key, **views)
             model = stexp.tl.fit(train, features_key=key, genes=genes)
             for rendering, query in queries.items():
                 query = query.copy()
@@ -89,13 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("STEXP_DATA_DIR"))
     parser.add_argument("--mpp", type=float, default=3.6, help="µm/px the matched fit embeds the training slides at")
+    parser.add_argument("--jpeg-quality", type=int, default=8, help="JPEG quality of the export fit")
     args = parser.parse_args()
     if not args.data_dir:
         sys.exit("set STEXP_DATA_DIR (e.g. ../shared/data) or pass --data-dir")
     data_dir = Path(args.data_dir)
     data_dir = data_dir / "her2st" if (data_dir / "her2st").is_dir() else data_dir
-    rows = run(data_dir, args.mpp)
-    command = f"python benchmarks/resolution.py --mpp {args.mpp:g}"
+    rows = run(data_dir, args.mpp, args.jpeg_quality)
+    command = f"python benchmarks/resolution.py --mpp {args.mpp:g} --jpeg-quality {args.jpeg_quality}"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "resolution.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     table = pd.DataFrame(rows)
@@ -106,7 +114,7 @@ def main() -> None:
         f"Command: `{command}`. Held-out slides B4, C2, C4 predicted from their `lowdark`, `lowdark_jpeg2` and "
         "`combined2` renderings "
         "(hires image only, ~3.6 µm/px); `default`: training slides at full resolution; `matched`: training slides "
-        f"embedded with `mpp={args.mpp:g}`.",
+        f"embedded with `mpp={args.mpp:g}`; `export`: with `mpp={args.mpp:g}, jpeg_quality={args.jpeg_quality}`.",
         "",
         "| rendering | fit | held out | PCC(ACG) | PCC(HEG) | times coarser | reported | JPEG blockiness | reported | "
         "shift score | flagged |",
