@@ -36,6 +36,10 @@ ADAPT_BN_PATCHES: Final = 512
 ADAPT_BN_BATCH: Final = 64
 
 
+#: The highest ``jpeg_quality`` (PIL's advice: above 95 the file grows with little gain).
+JPEG_MAX_QUALITY = 95
+
+
 def check_options(
     mpp, stain_norm, tta, adapt_bn=False, jpeg_quality=None
 ) -> tuple[float | None, str | None, bool, bool, int | None]:
@@ -64,15 +68,13 @@ def check_options(
         raise ValueError(f"adapt_bn must be True or False, got {adapt_bn!r}.")
     if jpeg_quality is not None:
         if isinstance(jpeg_quality, (bool, np.bool_)) or not isinstance(jpeg_quality, (int, np.integer)):
-            raise ValueError(f"jpeg_quality must be None or an integer from 1 to 95, got {jpeg_quality!r}.")
+            raise ValueError(
+                f"jpeg_quality must be None or an integer from 1 to {JPEG_MAX_QUALITY}, got {jpeg_quality!r}."
+            )
         if not 1 <= int(jpeg_quality) <= JPEG_MAX_QUALITY:
             raise ValueError(f"jpeg_quality must be from 1 to {JPEG_MAX_QUALITY}, got {jpeg_quality}.")
         jpeg_quality = int(jpeg_quality)
     return mpp, stain_norm, bool(tta), bool(adapt_bn), jpeg_quality
-
-
-#: The highest ``jpeg_quality`` (PIL's advice: above 95 the file grows with little gain).
-JPEG_MAX_QUALITY = 95
 
 
 def jpeg_slide(image, quality: int | None):
