@@ -201,14 +201,12 @@ def test_predict_reports_a_slide_coarser_than_the_training_slides(split, caplog,
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    import io
-
+    """``image`` saved as JPEG at ``quality`` and read back (what ``embed_images(jpeg_quality=)`` does to a slide)."""
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    from stexp.images._views import jpeg_slide
+
+    return np.asarray(jpeg_slide(Image.fromarray(image), quality))
 
 
 def test_jpeg_blockiness_grows_with_compression_and_is_lost_by_resizing(synth):

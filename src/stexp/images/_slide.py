@@ -570,22 +570,37 @@ def image_um_per_px(adata, view: SlideView) -> float:
     return um_per_px(adata, view.library_id) / view.scale
 
 
-def detail_um_per_px(adata, library_id: str, spec: Any = None) -> float | None:
+def readable_views(adata, libraries: Any) -> dict[str, SlideView]:
+    """:func:`slide_view` of each distinct library of ``libraries`` (ids, or one per spot) that has an image.
+
+    Libraries without a readable image are left out (for checks that say nothing where they cannot look).
+    """
+    views = {}
+    for lib in np.unique(np.asarray(libraries).astype(str)):
+        try:
+            views[str(lib)] = slide_view(adata, str(lib))
+        except (KeyError, ValueError, FileNotFoundError, OSError):
+            continue
+    return views
+
+
+def detail_um_per_px(adata, view: SlideView, spec: Any = None) -> float | None:
     """The finest detail, in µm per pixel, that a library's image features can see; ``None`` when unknown.
 
-    The coarsest of: the pixel of the image stexp reads (:func:`slide_view`), the resampling of
+    The coarsest of: the pixel of the library's image ``view`` (:func:`slide_view`), the resampling of
     ``spec.mpp``, and the encoder's input pixel (``spec.patch_um / spec.patch_px``), where ``spec`` is the
     features' :class:`~stexp.images.EncoderSpec` (or ``None``: the image's pixel only). ``None`` when the
-    library has no image or its pixel size is not recorded.
+    library's pixel size is not recorded.
     """
     try:
-        detail = image_um_per_px(adata, slide_view(adata, library_id))
-    except (KeyError, ValueError, FileNotFoundError, OSError):
+        detail = image_um_per_px(adata, view)
+    except (KeyError, ValueError):
         return None
     if spec is not None:
         if spec.mpp:
             detail = max(detail, float(spec.mpp))
-        patch_um = spec.patch_um.get(str(library_id)) if isinstance(spec.patch_um, dict) else spec.patch_um
+        lib = view.library_id
+        patch_um = spec.patch_um.get(lib) if isinstance(spec.patch_um, dict) else spec.patch_um
         if patch_um and spec.patch_px:
             detail = max(detail, float(patch_um) / float(spec.patch_px))
     return float(detail)

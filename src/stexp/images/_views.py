@@ -90,10 +90,11 @@ def jpeg_slide(image, quality: int | None):
     from PIL import Image
 
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=int(quality))
+    (image if image.mode == "RGB" else image.convert("RGB")).save(buffer, format="JPEG", quality=int(quality))
     buffer.seek(0)
-    with Image.open(buffer) as out:
-        return out.convert("RGB")
+    out = Image.open(buffer)
+    out.load()  # decoded now: the buffer goes with this function
+    return out
 
 
 def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):

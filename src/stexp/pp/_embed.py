@@ -113,7 +113,7 @@ def _embed_plan(
         sample = adapt_plan.subset(_views.adapt_sample(adapt_plan.inside))
     px = int(enc.input_px)
     if plan.view.lazy:  # a whole-slide file: read region by region, never decoded whole
-        assert mpp is None and jpeg_quality is None  # refused before any work by _check_mpp_for_slides
+        assert mpp is None and jpeg_quality is None  # refused before any work by _check_whole_slide_views
         batches = plan.stream(px, batch_size)
         normalize = None
         if stain_norm is not None:
@@ -188,7 +188,7 @@ def _check_finite_output(enc, plan, rows: np.ndarray, values: np.ndarray) -> Non
 MAX_RESAMPLED_PIXELS = 1_000_000_000
 
 
-def _check_mpp_for_slides(adata, libs: list[str], mpp: float | None, jpeg_quality: int | None = None) -> None:
+def _check_whole_slide_views(adata, libs: list[str], mpp: float | None, jpeg_quality: int | None = None) -> None:
     """Refuse ``mpp=`` / ``jpeg_quality=`` before any work where they cannot be done.
 
     Both change the whole decoded slide, which a whole-slide file (read region by region) never is; and a
@@ -690,7 +690,7 @@ def embed_images(
     if copy:
         adata = adata.copy()
     libs = library_ids(adata, library_key)
-    _check_mpp_for_slides(adata, libs, checked_mpp, checked_jpeg)
+    _check_whole_slide_views(adata, libs, checked_mpp, checked_jpeg)
     per_lib_um = resolve_patch_um(adata, libs, patch_um)
     stored = adata.uns.get(UNS_KEY, {}).get("features", {})
 

@@ -12,20 +12,22 @@ embedded as the export is seen (``embed_images(mpp=..., jpeg_quality=...)``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stexp._settings import logger
 
 if TYPE_CHECKING:  # pragma: no cover
-    from anndata import AnnData
+    from stexp.images._slide import SlideView
 
 #: Blockiness above this (about JPEG quality 30 or lower on the HER2+ images) is reported.
 HEAVY = 1.5
 
 
-def compression_check(adata: AnnData, libraries: Iterable[str]) -> dict[str, Any] | None:
+def compression_check(views: Mapping[str, SlideView]) -> dict[str, Any] | None:
     """Each slide's JPEG blockiness (in-memory images only); warns for heavy block artefacts.
+
+    ``views``: the slides' images (:func:`stexp.images._slide.readable_views`).
 
     Returns
     -------
@@ -33,14 +35,9 @@ def compression_check(adata: AnnData, libraries: Iterable[str]) -> dict[str, Any
     ``None`` when no slide's image is in memory.
     """
     from stexp.images._quality import jpeg_blockiness
-    from stexp.images._slide import slide_view
 
     slides: dict[str, dict[str, Any]] = {}
-    for lib in dict.fromkeys(str(x) for x in libraries):
-        try:
-            view = slide_view(adata, lib)
-        except (KeyError, ValueError, FileNotFoundError, OSError):
-            continue
+    for lib, view in views.items():
         if view.array is None:  # a file or a lazy pyramid: not decoded again for this
             continue
         blockiness = jpeg_blockiness(view.array)

@@ -203,11 +203,12 @@ def _weighted_rows(library: np.ndarray, weights: dict[str, int]) -> np.ndarray:
 def _card(adata, model: ExpressionModel, train, library_key: str, weights: dict[str, int] | None = None):
     """The model card of a fit: the training slides (spots, patient, pixel and spot size, detail seen) and the model."""
     from stexp._layout import spot_diameter_um, um_per_px
-    from stexp.images._slide import detail_um_per_px
+    from stexp.images._slide import detail_um_per_px, readable_views
     from stexp.models._card import ModelCard
 
     libs: dict[str, dict[str, Any]] = {}
     obs_libs = adata.obs[library_key].astype(str).to_numpy()
+    views = readable_views(adata, train.libraries)
     for lib in train.libraries:
         weight = (weights or {}).get(str(lib), 1)
         info: dict[str, Any] = {"spots": int(np.sum(train.library == lib)) // weight}
@@ -222,7 +223,7 @@ def _card(adata, model: ExpressionModel, train, library_key: str, weights: dict[
                 info[name] = round(float(get(adata, str(lib))), 4)
             except (KeyError, ValueError, TypeError):  # not recorded for this library: left out of the card
                 pass
-        detail = detail_um_per_px(adata, str(lib), model.encoder_spec or None)
+        detail = detail_um_per_px(adata, views[str(lib)], model.encoder_spec or None) if str(lib) in views else None
         if detail is not None:  # the finest detail its features saw (tl.predict compares new slides with it)
             info["detail_um_per_px"] = round(detail, 4)
         libs[str(lib)] = info

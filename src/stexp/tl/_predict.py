@@ -175,11 +175,14 @@ def predict(
         mean, spread, lo, hi = model.predict_intervals(data, coverage, device=device)
     in_var = lambda values: None if values is None else np.asarray(values)[:, present]
     shift, shift_record, factor = _shift(model, data)
+    from stexp.images._slide import readable_views
+
     from ._compression import compression_check
     from ._resolution import resolution_check
 
-    resolution = resolution_check(adata, model, data.library)
-    compression = compression_check(adata, data.library)
+    views = readable_views(adata, data.library)  # each slide's image, found once for both checks
+    resolution = resolution_check(adata, model, views)
+    compression = compression_check(views)
     expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set

@@ -11,7 +11,7 @@ training slides at the new slides' resolution (``embed_images(mpp=...)``) and re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stexp._settings import logger
@@ -19,6 +19,7 @@ from stexp._settings import logger
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
+    from stexp.images._slide import SlideView
     from stexp.models._base import ExpressionModel
 
 #: A slide whose finest detail is this many times coarser than every training slide's is reported.
@@ -32,8 +33,10 @@ def training_detail(model: ExpressionModel) -> float | None:
     return max(values) if values else None
 
 
-def resolution_check(adata: AnnData, model: ExpressionModel, libraries: Iterable[str]) -> dict[str, Any] | None:
+def resolution_check(adata: AnnData, model: ExpressionModel, views: Mapping[str, SlideView]) -> dict[str, Any] | None:
     """Each slide's finest detail against the training slides'; warns for a coarser slide.
+
+    ``views``: the slides' images (:func:`stexp.images._slide.readable_views`).
 
     Returns
     -------
@@ -48,8 +51,8 @@ def resolution_check(adata: AnnData, model: ExpressionModel, libraries: Iterable
         return None
     spec = model.encoder_spec or None
     slides: dict[str, dict[str, Any]] = {}
-    for lib in dict.fromkeys(str(x) for x in libraries):
-        detail = detail_um_per_px(adata, lib, spec)
+    for lib, view in views.items():
+        detail = detail_um_per_px(adata, view, spec)
         if detail is None:
             continue
         ratio = detail / reference
