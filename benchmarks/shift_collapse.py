@@ -5,8 +5,9 @@ slide's, and retrieval returns the same neighbours for every spot. This script a
 ranks the realised accuracy loss of the shift protocol better than the shift score ``predict`` writes (the
 distance to the training spots).
 
-For each LOPO fold of ``benchmarks/shift.py`` the training slides' clean features are standardised and
-projected on their first 256 principal axes with unit rows (as ``stexp.models._shift`` does). A slide's spread
+For each LOPO fold of ``benchmarks/shift.py`` a model is fitted on the training slides' clean features
+(``stexp.tl.fit``); its shift reference (``model.shift.embed``) maps features into the space ``predict``'s
+distance score lives in (standardised, on the training features' principal axes, unit rows). A slide's spread
 is the mean cosine distance of its spots to their own mean direction; its **collapse** is the training slides'
 median spread over its spread (1: spreads like a training slide; larger: collapsed). Over every rendered
 (slide, rendering) of a result file, the Spearman correlation with the PCC(ACG) loss is reported for the
@@ -14,7 +15,7 @@ distance score (``shift_score`` of the result file), the collapse, and their pro
 collapse between clean and rendered slides.
 
 Inputs: each feature set's cached features (``shift.py --embed-only [options]``) and results
-(``results/shift[...].json``). Nothing is fitted here; no choice is tuned.
+(``results/shift[...].json``). No choice is tuned here.
 
 Usage::
 
@@ -43,7 +44,8 @@ FEATURE_SETS = {
     "macenko, mpp 2": ({"stain_norm": "macenko", "mpp": 2.0}, "shift_mpp2"),
     "macenko, mpp 4": ({"stain_norm": "macenko", "mpp": 4.0}, "shift_mpp4"),
 }
-N_AXES = 256
+#: Genes of the cheap fit whose shift reference gives the space (every model keeps the same reference).
+REFERENCE_GENES = 20
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -57,26 +59,26 @@ def _spread(embedded: np.ndarray) -> float:
 
 
 def collapse_table(adata) -> pd.DataFrame:
-    """Per (rendering, held-out slide): the collapse against its fold's training slides."""
+    """Per (rendering, held-out slide): the collapse against its fold's training slides.
+
+    Spreads are measured in the space of the fold's shift reference (``model.shift.embed``: the standardised
+    training features on their principal axes, unit rows), the space ``predict``'s distance score lives in.
+    """
+    import stexp
+
     libs = adata.obs["library_id"].astype(str).to_numpy()
     patient = adata.obs["patient"].astype(str).to_numpy()
     keys = [k for k in adata.obsm if k.startswith("X_")]
+    genes = list(adata.uns["benchmark_genes"])[:REFERENCE_GENES]
     rows = []
     for held in np.unique(patient):
         train = patient != held
-        X = np.asarray(adata.obsm[f"X_{CLEAN}"], dtype=np.float64)[train]
-        mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
-        Z = (X - mean) / scale
-        axes = np.linalg.svd(Z - Z.mean(axis=0), full_matrices=False)[2][:N_AXES]
-
-        def embed(F, mean=mean, scale=scale, axes=axes):
-            return _unit(((np.asarray(F, dtype=np.float64) - mean) / scale) @ axes.T)
-
-        E = embed(X)
-        reference = float(np.median([_spread(E[libs[train] == lib]) for lib in np.unique(libs[train])]))
+        model = stexp.tl.fit(adata[train].copy(), model="ridge", features_key=f"X_{CLEAN}", genes=genes)
+        clean = np.asarray(adata.obsm[f"X_{CLEAN}"])
+        reference = float(np.median([_spread(model.shift.embed(clean[libs == lib])) for lib in np.unique(libs[train])]))
         for key in keys:
             for lib in np.unique(libs[~train]):
-                spread = _spread(embed(np.asarray(adata.obsm[key])[libs == lib]))
+                spread = _spread(model.shift.embed(np.asarray(adata.obsm[key])[libs == lib]))
                 rows.append({"rendering": key[2:], "library_id": lib, "collapse": reference / spread})
     return pd.DataFrame(rows)
 

@@ -95,7 +95,7 @@ class ShiftReference:
         """The largest score of a training slide held out of the bank: the edge of the training range."""
         return float(max(self.slide_scores.values()))
 
-    def _embed(self, features: np.ndarray) -> np.ndarray:
+    def embed(self, features: np.ndarray) -> np.ndarray:
         """Unit rows in the reference's PCA axes, :data:`EMBED_BLOCK` spots at a time (features may be on disk)."""
         out = np.empty((features.shape[0], self.components.shape[0]), dtype=np.float32)
         for s in range(0, features.shape[0], EMBED_BLOCK):
@@ -105,7 +105,7 @@ class ShiftReference:
 
     def spot_scores(self, features: np.ndarray) -> np.ndarray:
         """Per spot: mean cosine distance to the :data:`K` nearest bank spots over :attr:`distance_scale`."""
-        return _distances(self._embed(features), self.bank, int(self.info.get("k", K))) / self.distance_scale
+        return _distances(self.embed(features), self.bank, int(self.info.get("k", K))) / self.distance_scale
 
     def summary(self, scores: np.ndarray, library: np.ndarray) -> dict[str, dict[str, Any]]:
         """Per slide: median score, whether it is beyond the training range, and its expected-PCC factor."""
@@ -207,13 +207,13 @@ def fit_shift_reference(train: SpotData, *, seed: int = 0, k: int = K) -> ShiftR
         slide_scores={},
         info={"k": int(k), "folds": folds.how, "n_bank": int(rows.size), "n_components": n_comp},
     )
-    ref.bank = ref._embed(features[rows])
+    ref.bank = ref.embed(features[rows])
     bank_fold = folds.fold[rows]
     others = {f: ref.bank[bank_fold != f] for f in np.unique(folds.fold)}  # each fold's bank: the other folds
     oof = np.full(train.n_spots, np.nan)
     for start in range(0, train.n_spots, EMBED_BLOCK):  # every spot against the bank of the other folds
         block = slice(start, start + EMBED_BLOCK)
-        embedded, fold = ref._embed(features[block]), folds.fold[block]
+        embedded, fold = ref.embed(features[block]), folds.fold[block]
         for f in np.unique(fold):
             if others[f].shape[0]:
                 oof[start + np.flatnonzero(fold == f)] = _distances(embedded[fold == f], others[f], k)
