@@ -14,6 +14,10 @@ each kind at two strengths (``RENDERINGS``):
 ``lowdark_jpeg2``, ``lowdark_blur2``, ``lowdark_stain2``: the dark 2000-px rendering with one of combined2's
              other parts (JPEG, blur, colour and HED stain), to tell which of them costs the most there.
 
+Every slide is embedded with ``embed_images``' defaults unless an option below says otherwise; among them
+``deblock=True``, which deblocks the heavily JPEG-compressed renderings (``jpeg2``, ``combined1``, ``combined2``,
+``lowdark_jpeg2``) before embedding and leaves every other rendering and the clean slides as they are.
+
 Fits see only clean training slides (``features_key``); each fold predicts its held-out slides from every
 rendering without refitting (``stexp.tl.cross_validate(test_features=...)``). For each variant (``--variants``,
 e.g. levers such as ``feature_norm="slide"``) the report gives PCC(ACG) per rendering and its ratio to clean,

@@ -182,7 +182,8 @@ def test_embed_many_slides_shards_and_skips(tmp_path, slides, capsys):
     assert not np.allclose(plain.obsm[key], again.obsm[key])
     # a rerun with other view options does not take those outputs as done (resume compares them, not the name only)
     for out_name, extra, what in (("plain.h5ad", [], "stain_norm=None (this run: 'macenko')"),
-                                  ("again_out.h5ad", ["--adapt-bn"], "adapt_bn=False (this run: True)")):  # fmt: skip
+                                  ("again_out.h5ad", ["--adapt-bn"], "adapt_bn=False (this run: True)"),
+                                  ("again_out.h5ad", ["--no-deblock"], "deblock=True (this run: False)")):  # fmt: skip
         assert main(["embed", str(tmp_path / "again.h5ad"), "--out", str(tmp_path / out_name), "--encoder", POOL,
                      "--weights", "none", "--patch-um", "40", "--device", "cpu", "--quiet", *extra]) == 1  # fmt: skip
         err = capsys.readouterr().err

@@ -329,7 +329,7 @@ def test_stain_norm_options_and_normalizers():
     from stexp.images._views import check_options, stain_normalizer
 
     for value in (None, "reinhard", "macenko", "vahadane", "haematoxylin"):
-        assert check_options(None, value, False) == (None, value, False, False, None)
+        assert check_options(None, value, False) == (None, value, False, False, None, False)
     for bad in ("macenko?", "Macenko", "Vahadane", "staintools", ""):
         with pytest.raises(ValueError, match="stain_norm"):
             check_options(None, bad, False)

@@ -105,6 +105,7 @@ def test_embed_kwargs_fields():
         "tta": True,
         "adapt_bn": True,
         "jpeg_quality": 30,
+        "deblock": False,  # a record older than the option: nothing was deblocked
     }
     kwargs["patch_um"]["a"] = 1.0  # a copy: the frozen spec is not changed through it
     assert spec.patch_um == {"a": 60.0, "b": 80.0}
@@ -119,6 +120,7 @@ def test_embed_kwargs_fields():
         "tta": False,
         "adapt_bn": False,
         "jpeg_quality": None,
+        "deblock": False,
     }
 
 

@@ -242,6 +242,9 @@ def test_predict_reports_a_slide_with_heavy_jpeg_artefacts(split, caplog):
         stexp.tl.predict(compressed, model)
     heavy = compressed.uns["stexp"]["stexp_pred"]["compression"]["slides"]["slide_2"]
     assert heavy["heavy"] and heavy["jpeg_blockiness"] > HEAVY
+    assert not heavy["deblocked"]  # features recorded without the deblock view option (deblocked: test_deblock.py)
     assert "slide 'slide_2': its image shows heavy JPEG block artefacts" in caplog.text
-    assert any(line.startswith("jpeg      slide_2:") for line in prediction_report(compressed, "stexp_pred"))
+    assert "the model's features are not deblocked" in caplog.text
+    (line,) = [x for x in prediction_report(compressed, "stexp_pred") if x.startswith("jpeg      slide_2:")]
+    assert "not deblocked" in line
     np.testing.assert_array_equal(compressed.obsm[STATS_KEY], test.obsm[STATS_KEY])  # the features were not touched

@@ -304,7 +304,7 @@ def _features_state(out: Path, key: str, encoder: str, views: dict[str, Any]) ->
     """``"done"`` when ``out`` holds features ``key`` of ``encoder`` made with ``views``; ``None``: absent; else: why not.
 
     ``views``: the view options of the run that change the features (:class:`~stexp.images.EncoderSpec` fields:
-    ``stain_norm``, ``adapt_bn``), so that a rerun with other options does not take features made without them
+    ``stain_norm``, ``adapt_bn``, ``deblock``), so that a rerun with other options does not take features made without them
     as done.
     """
     if not out.exists():
@@ -380,7 +380,7 @@ def embed_command(args: argparse.Namespace) -> int:
     weights = None if args.weights == "none" else args.weights
 
     stain_norm = None if args.stain_norm == "none" else args.stain_norm
-    views = {"stain_norm": stain_norm, "adapt_bn": bool(args.adapt_bn)}
+    views = {"stain_norm": stain_norm, "adapt_bn": bool(args.adapt_bn), "deblock": not args.no_deblock}
 
     def complete(out: Path) -> str | None:
         return None if args.overwrite else _features_state(out, key, args.encoder, views)
@@ -400,7 +400,7 @@ def embed_command(args: argparse.Namespace) -> int:
         stexp.pp.embed_images(
             adata, encoder=encoder, patch_um=args.patch_um, batch_size=args.batch_size,
             device=device, devices=args.devices, key_added=key, overwrite=args.overwrite,
-            stain_norm=stain_norm, adapt_bn=args.adapt_bn,
+            stain_norm=stain_norm, adapt_bn=args.adapt_bn, deblock=not args.no_deblock,
         )  # fmt: skip
         if speak:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -476,6 +476,11 @@ def add_embed_parser(sub, positive_int, positive_float) -> None:
         action="store_true",
         help="re-estimate the encoder's BatchNorm statistics on each slide's own patches before embedding it "
         "(AdaBN; embed_images(adapt_bn=True); needs an encoder with BatchNorm layers)",
+    )
+    emb.add_argument(
+        "--no-deblock",
+        action="store_true",
+        help="embed a slide with heavy JPEG block artefacts as it is (default: deblocked first, as embed_images)",
     )
     emb.add_argument("--batch-size", type=positive_int, default=32, help="patches per forward pass")
     emb.add_argument("--key", default=None, help="obsm key of the features (default: X_stexp_<encoder>)")

@@ -45,3 +45,99 @@ def jpeg_blockiness(image: Any) -> float | None:
             return None
         ratios.append(float(steps[:, boundary].mean()) / inside)
     return float(np.mean(ratios))
+
+
+#: Blockiness above this (about JPEG quality 30 or lower on the HER2+ images) is heavy: ``tl.predict`` reports
+#: it and the ``deblock`` view option of ``embed_images`` removes it.
+HEAVY_BLOCKINESS = 1.5
+#: A slide is deblocked only when it was last saved at this JPEG quality or lower (estimated): a high blockiness
+#: with a high quality is structure on the 8-px grid (one HER2+ scan reads 1.66 at quality 95), not compression.
+DEBLOCK_MAX_QUALITY = 50
+#: The side (px) of the central crop whose re-encoding error estimates a slide's JPEG quality.
+QUALITY_CROP = 512
+#: Grid offsets (px, in both axes) of the re-encodings averaged by :func:`deblock_jpeg`: 16 shifts of the
+#: 8-px block grid.
+DEBLOCK_SHIFTS = (0, 2, 4, 6)
+#: Rows per strip of :func:`deblock_jpeg` (a multiple of 16, the chroma block of 4:2:0 JPEG).
+DEBLOCK_STRIP = 1024
+
+
+def _jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """``image`` (uint8 RGB) encoded as JPEG at ``quality`` (Pillow's encoder and tables) and decoded."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def estimate_jpeg_quality(image: np.ndarray, max_quality: int = 95) -> tuple[int, float]:
+    """The JPEG quality an image was last saved at: the one whose re-encoding changes it least.
+
+    Decoding a JPEG and encoding it again with the same quantisation tables on the same block grid gives
+    nearly the same pixels; any other quality moves them. Each quality from 1 to ``max_quality`` re-encodes
+    a central crop of :data:`QUALITY_CROP` px (on the block grid); the one with the smallest mean absolute
+    change is returned with that change (grey levels; about 0 for an image last saved by a libjpeg
+    encoder at that quality, larger for other encoders' tables, which then get the nearest standard quality).
+
+    Parameters
+    ----------
+    image
+        ``(H, W, 3)`` uint8 RGB.
+
+    Returns
+    -------
+    ``(quality, mean absolute change)``.
+    """
+    h, w = image.shape[:2]
+    y0 = max(0, (h - QUALITY_CROP) // 2) // 16 * 16
+    x0 = max(0, (w - QUALITY_CROP) // 2) // 16 * 16
+    crop = np.ascontiguousarray(image[y0 : y0 + QUALITY_CROP, x0 : x0 + QUALITY_CROP, :3])
+    errors = [float(np.abs(_jpeg_roundtrip(crop, q).astype(np.int16) - crop).mean()) for q in range(1, max_quality + 1)]
+    best = int(np.argmin(errors))
+    return best + 1, errors[best]
+
+
+def deblock_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG block artefacts removed by re-application of JPEG (Nosratinia 2001).
+
+    The image is encoded at ``quality`` on the block grid shifted by every offset of
+    :data:`DEBLOCK_SHIFTS` in both axes, decoded, shifted back, and the 16 results averaged: each
+    re-encoding keeps what the original compression kept and puts its block edges elsewhere, so the
+    average keeps the image's content and smooths its block edges away. Done in strips of
+    :data:`DEBLOCK_STRIP` rows (memory: about 3 strips of the image).
+
+    Parameters
+    ----------
+    image
+        ``(H, W, 3)`` uint8 RGB, as decoded from the JPEG (its block grid at pixel 0).
+    quality
+        The quality it was saved at (:func:`estimate_jpeg_quality`).
+
+    Returns
+    -------
+    A new ``(H, W, 3)`` uint8 array.
+    """
+    h, w = image.shape[:2]
+    margin = 16  # rows above and below each strip, so its rows see every shift's full neighbourhood
+    out = np.empty_like(image)
+    for r0 in range(0, h, DEBLOCK_STRIP):
+        r1 = min(h, r0 + DEBLOCK_STRIP)
+        a, b = max(0, r0 - margin), min(h, r1 + margin)  # a is on the 16-px grid: r0 and margin are
+        window = image[a:b]
+        total = np.zeros(window.shape, dtype=np.uint16)  # 16 x 255 fits
+        count = np.zeros(window.shape[:2], dtype=np.uint8)
+        for dy in DEBLOCK_SHIFTS:
+            for dx in DEBLOCK_SHIFTS:
+                part = np.ascontiguousarray(window[dy:, dx:])
+                if part.size == 0:
+                    continue
+                total[dy:, dx:] += _jpeg_roundtrip(part, quality)
+                count[dy:, dx:] += 1
+        mean = (total + count[..., None] // 2) // count[..., None]  # rounded mean
+        out[r0:r1] = mean[r0 - a : r1 - a].astype(np.uint8)
+    return out

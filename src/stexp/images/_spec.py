@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: What ``embed_images`` did to the patches besides cutting them (absent in records older than these options).
-VIEW_FIELDS = ("mpp", "stain_norm", "tta", "adapt_bn", "jpeg_quality")
+VIEW_FIELDS = ("mpp", "stain_norm", "tta", "adapt_bn", "jpeg_quality", "deblock")
 #: Fields a model's features and the query's features must share (and the view options, :data:`CHECKED_FIELDS`).
 MODEL_FIELDS = ("encoder", "weights", "encoder_kwargs", "patch_um", "patch_px", "normalization")
 #: What :meth:`EncoderSpec.diff` compares by default.
@@ -78,6 +78,9 @@ class EncoderSpec:
     jpeg_quality
         JPEG quality every slide was re-encoded at (after the ``mpp`` resampling) before its patches were cut
         (``None``: none; records older than the option read back as ``None``).
+    deblock
+        Whether a decoded slide with heavy JPEG block artefacts was deblocked before its patches were cut
+        (records older than the option read back as ``False``: nothing was).
     """
 
     encoder: str | None = None
@@ -94,6 +97,7 @@ class EncoderSpec:
     tta: bool = False
     adapt_bn: bool = False
     jpeg_quality: int | None = None
+    deblock: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | EncoderSpec | None) -> EncoderSpec:
@@ -119,6 +123,7 @@ class EncoderSpec:
         values["tta"] = bool(values["tta"]) if values["tta"] is not None else False
         values["adapt_bn"] = bool(values["adapt_bn"]) if values["adapt_bn"] is not None else False
         values["jpeg_quality"] = None if values["jpeg_quality"] is None else int(values["jpeg_quality"])
+        values["deblock"] = bool(values["deblock"]) if values["deblock"] is not None else False
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,7 +201,7 @@ class EncoderSpec:
         -------
         ``encoder``, ``weights`` (the recorded ``weights_arg``: ``"imagenet"``, a file path, or ``None`` for
         random weights), ``encoder_kwargs`` (decoded from the recorded JSON, classes imported; ``None`` when
-        there were none), ``patch_um``, ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn`` and ``jpeg_quality``. ``patch_um`` is the recorded
+        there were none), ``patch_um`` and the view options (``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``, ``deblock``). ``patch_um`` is the recorded
         number, or the per-library mapping when the libraries had different patch sizes (it recreates the
         features of those libraries; ``embed_images`` raises a KeyError naming any other library), or
         ``None`` when none was recorded (each library's default, :func:`stexp.images.default_patch_um`).
@@ -223,6 +228,7 @@ class EncoderSpec:
             "tta": self.tta,
             "adapt_bn": self.adapt_bn,
             "jpeg_quality": self.jpeg_quality,
+            "deblock": self.deblock,
         }
 
     def diff(

@@ -41,9 +41,9 @@ JPEG_MAX_QUALITY = 95
 
 
 def check_options(
-    mpp, stain_norm, tta, adapt_bn=False, jpeg_quality=None
-) -> tuple[float | None, str | None, bool, bool, int | None]:
-    """Validated view options: ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``.
+    mpp, stain_norm, tta, adapt_bn=False, jpeg_quality=None, deblock=False
+) -> tuple[float | None, str | None, bool, bool, int | None, bool]:
+    """Validated view options: ``mpp``, ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``, ``deblock``.
 
     ``mpp`` is None or a plausible µm/px (:func:`stexp._layout.check_um_per_px`); ``jpeg_quality`` None or an
     integer from 1 to 95.
@@ -54,7 +54,7 @@ def check_options(
         If ``mpp`` is not a number (``True``, ``"0.5"``...).
     ValueError
         If ``mpp`` lies outside the plausible µm/px range, or ``stain_norm`` / ``tta`` / ``adapt_bn`` /
-        ``jpeg_quality`` are not among their values.
+        ``jpeg_quality`` / ``deblock`` are not among their values.
     """
     if mpp is not None:
         from stexp._layout import check_um_per_px
@@ -66,6 +66,8 @@ def check_options(
         raise ValueError(f"tta must be True or False, got {tta!r}.")
     if not isinstance(adapt_bn, (bool, np.bool_)):
         raise ValueError(f"adapt_bn must be True or False, got {adapt_bn!r}.")
+    if not isinstance(deblock, (bool, np.bool_)):
+        raise ValueError(f"deblock must be True or False, got {deblock!r}.")
     if jpeg_quality is not None:
         if isinstance(jpeg_quality, (bool, np.bool_)) or not isinstance(jpeg_quality, (int, np.integer)):
             raise ValueError(
@@ -74,7 +76,52 @@ def check_options(
         if not 1 <= int(jpeg_quality) <= JPEG_MAX_QUALITY:
             raise ValueError(f"jpeg_quality must be from 1 to {JPEG_MAX_QUALITY}, got {jpeg_quality}.")
         jpeg_quality = int(jpeg_quality)
-    return mpp, stain_norm, bool(tta), bool(adapt_bn), jpeg_quality
+    return mpp, stain_norm, bool(tta), bool(adapt_bn), jpeg_quality, bool(deblock)
+
+
+def deblock_slide(image, deblock: bool, *, library_id: str | None = None):
+    """The decoded slide ``image`` (PIL RGB) with heavy JPEG block artefacts removed (the ``deblock`` view option).
+
+    Only a slide whose blockiness (:func:`stexp.images._quality.jpeg_blockiness`) exceeds
+    :data:`~stexp.images._quality.HEAVY_BLOCKINESS` and whose estimated JPEG quality
+    (:func:`~stexp.images._quality.estimate_jpeg_quality`) is at most
+    :data:`~stexp.images._quality.DEBLOCK_MAX_QUALITY` is changed: re-application of JPEG at that quality
+    (:func:`~stexp.images._quality.deblock_jpeg`), logged. Any other slide is returned as it is.
+    """
+    if not deblock:
+        return image
+    from PIL import Image
+
+    from stexp._settings import logger
+    from stexp.images._quality import (
+        DEBLOCK_MAX_QUALITY,
+        HEAVY_BLOCKINESS,
+        MAX_SIDE,
+        deblock_jpeg,
+        estimate_jpeg_quality,
+        jpeg_blockiness,
+    )
+
+    w, h = image.size
+    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16  # the statistic's own central crop, without decoding a copy
+    y0 = max(0, (h - MAX_SIDE) // 2) // 16 * 16
+    centre = image.crop((x0, y0, min(w, x0 + MAX_SIDE), min(h, y0 + MAX_SIDE))).convert("RGB")
+    blockiness = jpeg_blockiness(np.asarray(centre))
+    if blockiness is None or blockiness <= HEAVY_BLOCKINESS:
+        return image
+    quality, _ = estimate_jpeg_quality(np.asarray(centre))  # on the block grid: x0, y0 are multiples of 16
+    if quality > DEBLOCK_MAX_QUALITY:
+        logger.info(
+            f"library {library_id!r}: blockiness {blockiness:.2f}, but last saved at about JPEG quality {quality}: "
+            "not deblocked (structure on the 8-px grid, not compression)."
+        )
+        return image
+    out = Image.fromarray(deblock_jpeg(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), quality))
+    logger.info(
+        f"library {library_id!r}: heavy JPEG block artefacts (blockiness {blockiness:.2f}, last saved at about "
+        f"quality {quality}); deblocked before embedding (re-application of JPEG; deblock=False keeps the blocks)."
+    )
+    return out
 
 
 def jpeg_slide(image, quality: int | None):

@@ -75,12 +75,13 @@ def _autocast(device: str):
 
 def _embed_plan(
     enc, plan, *, batch_size: int, device: str, pbar, mpp=None, image_um_per_px=None, stain_norm=None, tta=False,
-    adapt_bn=False, adapt_plan=None, jpeg_quality=None,
+    adapt_bn=False, adapt_plan=None, jpeg_quality=None, deblock=False,
 ) -> np.ndarray:  # fmt: skip
     """Features of the patches of one library's :class:`~stexp.images._patches.PatchPlan`.
 
     Patches come from :meth:`~stexp.images._patches.PatchPlan.stream` (a JPEG decoded once, a whole-slide
-    file read region by region); with ``mpp`` the decoded slide is first resampled to that µm/px, which
+    file read region by region); with ``deblock`` a decoded slide with heavy JPEG block artefacts is first
+    deblocked (a whole-slide file is not), with ``mpp`` it is then resampled to that µm/px, which
     needs the whole image (refused for a slide read by region), and with ``jpeg_quality`` it is then
     re-encoded as JPEG (likewise). ``stain_norm`` is fitted on a thumbnail.
 
@@ -123,7 +124,7 @@ def _embed_plan(
             normalize = _views.stain_normalizer(thumb, stain_norm, library_id=plan.view.library_id)
         sample_patches = sample.read(px) if sample is not None else None
     else:  # decoded once; resampled to mpp first when asked
-        decoded = plan.view.decode()
+        decoded = _views.deblock_slide(plan.view.decode(), deblock, library_id=plan.view.library_id)
         image, plan = _views.resample_slide(decoded, plan, image_um_per_px=image_um_per_px, mpp=mpp)
         image = _views.jpeg_slide(image, jpeg_quality)
         normalize = _views.stain_normalizer(image, stain_norm, library_id=plan.view.library_id)
@@ -519,6 +520,7 @@ def embed_images(
     tta: bool = False,
     adapt_bn: bool = False,
     jpeg_quality: int | None = None,
+    deblock: bool = True,
     devices: int | None = None,
 ) -> AnnData | None:
     """Embed the H&E patch around every spot with an image encoder.
@@ -640,6 +642,16 @@ def embed_images(
         heavy JPEG artefacts; training on slides seen this way is what to try for them (measured in
         ``docs/shift.md``). Decoded slides only (a ``ValueError`` for a whole-slide file read region by
         region). Recorded and part of the features' identity like the other view options.
+    deblock
+        Remove heavy JPEG block artefacts from a decoded slide before its patches are cut (default ``True``).
+        Only a slide whose blockiness (:func:`stexp.images._quality.jpeg_blockiness`) exceeds 1.5 (about JPEG
+        quality 30 or lower) is changed, so slides scanned or saved with ordinary quality get exactly the
+        features they get without it; such a slide's JPEG quality is estimated and it is deblocked by
+        re-application of JPEG (:func:`stexp.images._quality.deblock_jpeg`; logged). A ~2000-px export at quality 8
+        otherwise reaches the encoder as a mosaic of flat 8-px blocks, each magnified to ~60 px; measured on the
+        shift protocol in ``docs/shift.md``. Whole-slide files read region by region are not deblocked. Applied
+        before ``mpp`` and ``jpeg_quality``; recorded and part of the features' identity like the other view
+        options (records older than the option read ``False``).
     devices
         ``None`` (default): embed in this process. ``N``: shard the patches over N processes through Lightning
         (N GPUs with ``device="cuda"``, N CPU processes with ``device="cpu"``; under torchrun / SLURM ``srun``,
@@ -655,7 +667,7 @@ def embed_images(
     ``weights`` (the weights identity: ``"imagenet"``, ``"random"``, ``"sha256:..."`` of a file...),
     ``weights_arg`` (what rebuilds the encoder; absent for random weights and callables), ``patch_um``,
     ``patch_px``, ``normalization``, ``out_dim``, ``library_key``, and the view options ``mpp``,
-    ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``), ``n_outside`` per library,
+    ``stain_norm``, ``tta``, ``adapt_bn``, ``jpeg_quality``, ``deblock``), ``n_outside`` per library,
     ``slide_fingerprints`` (a content hash of each library's image) and ``versions``.
 
     Raises
@@ -677,8 +689,8 @@ def embed_images(
     _check_devices(devices)
     device = check_device(device)  # also when the features are cached and no device is used
     _check_encoder_kwargs(encoder_kwargs)
-    checked_mpp, checked_norm, checked_tta, checked_adapt, checked_jpeg = check_options(
-        mpp, stain_norm, tta, adapt_bn, jpeg_quality
+    checked_mpp, checked_norm, checked_tta, checked_adapt, checked_jpeg, checked_deblock = check_options(
+        mpp, stain_norm, tta, adapt_bn, jpeg_quality, deblock
     )
     views: dict[str, Any] = {
         "mpp": checked_mpp,
@@ -686,6 +698,7 @@ def embed_images(
         "tta": checked_tta,
         "adapt_bn": checked_adapt,
         "jpeg_quality": checked_jpeg,
+        "deblock": checked_deblock,
     }
     if copy:
         adata = adata.copy()

@@ -99,7 +99,8 @@ def predict(
     of its image features to the training spots; record ``"shift"``) and the finest detail its images show
     against the training slides' (record ``"resolution"``: a slide more than 1.5 times coarser, e.g. a
     ~2000-px export, is reported with what to try). An in-memory image with heavy JPEG block artefacts is
-    reported too (record ``"compression"``). See ``docs/shift.md``.
+    reported too (record ``"compression"``; by default its features were computed from the image deblocked,
+    the ``deblock`` view option of :func:`stexp.pp.embed_images`). See ``docs/shift.md``.
 
     A prediction replaces everything under ``key_added`` (``stexp.tl._keys.PredictionKeys``): what a
     previous prediction of that key left (its spread, intervals, expected PCC, shift score, record, and the
@@ -182,7 +183,7 @@ def predict(
 
     views = readable_views(adata, data.library)  # each slide's image, found once for both checks
     resolution = resolution_check(adata, model, views)
-    compression = compression_check(views)
+    compression = compression_check(views, deblocked=_deblocked(adata, model, features_key))
     expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set
@@ -252,3 +253,10 @@ def _shift(model: ExpressionModel, data) -> tuple[np.ndarray | None, dict | None
         else:
             logger.info(f"slide {lib!r}: shift score {s['score']:.2f} ({reference.describe_range()})")
     return scores, record, factor
+
+
+def _deblocked(adata: AnnData, model: ExpressionModel, features_key: str | None) -> bool:
+    """Whether the features predicted from were embedded with the ``deblock`` view option."""
+    if features_key is None:  # a fine-tuned encoder reads the patches itself, without the view options
+        return False
+    return bool(features_spec(adata, features_key).deblock)
