@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Blockiness above this (about JPEG quality 30 or lower on the HER2+ images) is reported.
 HEAVY = HEAVY_BLOCKINESS
 #: What deblocking recovered on the benchmark (quoted in the warning).
-DEBLOCK_MEASURED = "on HER2+ ~2000-px exports at JPEG quality 8: all-gene PCC TBD"
+DEBLOCK_MEASURED = (
+    "on HER2+ ~2000-px exports at JPEG quality 8 with blur and stain changes, all-gene PCC 0.026 -> 0.070"
+)
 
 
 def compression_check(views: Mapping[str, SlideView], *, deblocked: bool = False) -> dict[str, Any] | None:

@@ -67,7 +67,8 @@ def resolution_check(adata: AnnData, model: ExpressionModel, views: Mapping[str,
                 f"model's training slides ({reference:.3g} µm/px at most): the model learned from detail this slide "
                 f"lacks, so its predictions are likely poorer than on a slide like the training slides. To train on "
                 f"what this slide shows, embed the training slides with stexp.pp.embed_images(train, mpp={detail:.3g}, "
-                "key_added=...) and refit on those features (a modest gain on HER2+ ~2000-px exports; docs/shift.md)."
+                "key_added=...) and refit on those features (on HER2+ ~2000-px exports a gain on the plain and JPEG exports, "
+                "a loss once blur and stain changes came on top; measure it on your slides; docs/shift.md)."
             )
     if not slides:
         return None
