@@ -90,6 +90,18 @@ def test_deblock_slide_changes_only_a_heavily_compressed_slide(synth, caplog):
     assert deblock_slide(saved, True, library_id="g") is saved
 
 
+def test_measure_compression_estimates_the_quality_of_heavy_images_only(synth):
+    from stexp.images._quality import measure_compression
+
+    image = _he_image(synth)
+    clean = measure_compression(image)
+    assert not clean.heavy and not clean.deblock and clean.quality is None  # no estimate for a clean image
+    heavy = measure_compression(_jpeg(image, 8))
+    assert heavy.heavy and heavy.deblock and heavy.quality == 8
+    as_float = measure_compression(_jpeg(image, 8).astype(np.float32) / 255)  # any dtype, as jpeg_blockiness
+    assert as_float.quality == 8 and as_float.blockiness == pytest.approx(heavy.blockiness, rel=1e-4)
+
+
 def test_embed_images_deblocks_a_compressed_export_and_records_it(synth):
     a, lib = _one_slide(synth)
     compressed = _jpeg(np.asarray(spatial_entry(a, lib)["images"]["hires"]), 8)
@@ -135,7 +147,19 @@ def test_predict_says_a_heavy_slide_was_deblocked(synth, caplog):
     with caplog.at_level(logging.WARNING, logger="stexp"):
         stexp.tl.predict(test, model)
     slide = test.uns["stexp"]["stexp_pred"]["compression"]["slides"]["slide_2"]
-    assert slide["heavy"] and slide["deblocked"]
-    assert "Its features were computed from the image deblocked" in caplog.text
+    assert slide["heavy"] and slide["deblocked"] and slide["estimated_quality"] == 8
+    assert "Its features were computed from the image deblocked" in caplog.text and "quality 8" in caplog.text
     (line,) = [x for x in prediction_report(test, "stexp_pred") if x.startswith("jpeg      slide_2:")]
     assert "deblocked before embedding" in line
+    # a heavy grid pattern saved at high quality is reported, but not deblocked, and the warning says why
+    grid = np.asarray(test.uns["spatial"]["slide_2"]["images"]["hires"]).copy()
+    grid[:, 7::8] //= 2
+    grid[7::8] //= 2
+    entry["images"] = {"hires": _jpeg(grid, 95)}
+    stexp.pp.embed_images(test, encoder=enc, device="cpu", cache=False, key_added="X_t", stain_norm=None, overwrite=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stexp"):
+        stexp.tl.predict(test, model)
+    slide = test.uns["stexp"]["stexp_pred"]["compression"]["slides"]["slide_2"]
+    assert slide["heavy"] and not slide["deblocked"] and slide["estimated_quality"] > 50
+    assert "so it was not deblocked" in caplog.text

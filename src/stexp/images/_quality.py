@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,46 @@ def estimate_jpeg_quality(image: np.ndarray, max_quality: int = 95) -> tuple[int
     errors = [float(np.abs(_jpeg_roundtrip(crop, q).astype(np.int16) - crop).mean()) for q in range(1, max_quality + 1)]
     best = int(np.argmin(errors))
     return best + 1, errors[best]
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How compressed an image looks: its blockiness and, when heavy, its estimated JPEG quality."""
+
+    #: :func:`jpeg_blockiness` (``None``: too small or without texture).
+    blockiness: float | None
+    #: :func:`estimate_jpeg_quality`, estimated for a heavy image only (``None`` otherwise).
+    quality: int | None = None
+
+    @property
+    def heavy(self) -> bool:
+        """Blockiness above :data:`HEAVY_BLOCKINESS`."""
+        return self.blockiness is not None and self.blockiness > HEAVY_BLOCKINESS
+
+    @property
+    def deblock(self) -> bool:
+        """Whether the ``deblock`` view option changes the image.
+
+        Heavy, and saved at :data:`DEBLOCK_MAX_QUALITY` or lower: a high blockiness at a high quality is
+        structure on the 8-px grid, not compression.
+        """
+        return self.heavy and self.quality is not None and self.quality <= DEBLOCK_MAX_QUALITY
+
+
+def measure_compression(image: Any) -> Compression:
+    """The :class:`Compression` of ``image`` (``(H, W, 3)``), read on its central :data:`MAX_SIDE` px.
+
+    The quality is estimated only when the blockiness is heavy (about 0.3 s).
+    """
+    h, w = np.shape(image)[:2]
+    y0 = max(0, (h - MAX_SIDE) // 2) // 16 * 16  # on the block grid of luma (8 px) and 4:2:0 chroma (16 px)
+    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16
+    centre = np.asarray(image[y0 : y0 + MAX_SIDE, x0 : x0 + MAX_SIDE])
+    found = Compression(jpeg_blockiness(centre))
+    if not found.heavy:
+        return found
+    rgb = centre[..., :3] if centre.dtype == np.uint8 else np.clip(np.rint(centre[..., :3] * 255.0), 0, 255)
+    return Compression(found.blockiness, estimate_jpeg_quality(np.ascontiguousarray(rgb, dtype=np.uint8))[0])
 
 
 def deblock_jpeg(image: np.ndarray, quality: int) -> np.ndarray:

@@ -82,44 +82,35 @@ def check_options(
 def deblock_slide(image, deblock: bool, *, library_id: str | None = None):
     """The decoded slide ``image`` (PIL RGB) with heavy JPEG block artefacts removed (the ``deblock`` view option).
 
-    Only a slide whose blockiness (:func:`stexp.images._quality.jpeg_blockiness`) exceeds
-    :data:`~stexp.images._quality.HEAVY_BLOCKINESS` and whose estimated JPEG quality
-    (:func:`~stexp.images._quality.estimate_jpeg_quality`) is at most
-    :data:`~stexp.images._quality.DEBLOCK_MAX_QUALITY` is changed: re-application of JPEG at that quality
-    (:func:`~stexp.images._quality.deblock_jpeg`), logged. Any other slide is returned as it is.
+    Only a slide that :func:`stexp.images._quality.measure_compression` finds heavily compressed
+    (:attr:`~stexp.images._quality.Compression.deblock`) is changed: re-application of JPEG at its estimated
+    quality (:func:`~stexp.images._quality.deblock_jpeg`), logged. Any other slide is returned as it is.
     """
     if not deblock:
         return image
     from PIL import Image
 
     from stexp._settings import logger
-    from stexp.images._quality import (
-        DEBLOCK_MAX_QUALITY,
-        HEAVY_BLOCKINESS,
-        MAX_SIDE,
-        deblock_jpeg,
-        estimate_jpeg_quality,
-        jpeg_blockiness,
-    )
+    from stexp.images._quality import MAX_SIDE, deblock_jpeg, measure_compression
 
     w, h = image.size
-    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16  # the statistic's own central crop, without decoding a copy
+    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16  # the central crop measure_compression reads, without a full copy
     y0 = max(0, (h - MAX_SIDE) // 2) // 16 * 16
-    centre = image.crop((x0, y0, min(w, x0 + MAX_SIDE), min(h, y0 + MAX_SIDE))).convert("RGB")
-    blockiness = jpeg_blockiness(np.asarray(centre))
-    if blockiness is None or blockiness <= HEAVY_BLOCKINESS:
-        return image
-    quality, _ = estimate_jpeg_quality(np.asarray(centre))  # on the block grid: x0, y0 are multiples of 16
-    if quality > DEBLOCK_MAX_QUALITY:
+    found = measure_compression(np.asarray(image.crop((x0, y0, min(w, x0 + MAX_SIDE), min(h, y0 + MAX_SIDE)))))
+    if found.heavy and not found.deblock:
         logger.info(
-            f"library {library_id!r}: blockiness {blockiness:.2f}, but last saved at about JPEG quality {quality}: "
-            "not deblocked (structure on the 8-px grid, not compression)."
+            f"library {library_id!r}: blockiness {found.blockiness:.2f}, but last saved at about JPEG quality "
+            f"{found.quality}: not deblocked (structure on the 8-px grid, not compression)."
         )
+    if not found.deblock:
         return image
-    out = Image.fromarray(deblock_jpeg(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), quality))
+    assert found.quality is not None
+    out = Image.fromarray(
+        deblock_jpeg(np.asarray(image if image.mode == "RGB" else image.convert("RGB")), found.quality)
+    )
     logger.info(
-        f"library {library_id!r}: heavy JPEG block artefacts (blockiness {blockiness:.2f}, last saved at about "
-        f"quality {quality}); deblocked before embedding (re-application of JPEG; deblock=False keeps the blocks)."
+        f"library {library_id!r}: heavy JPEG block artefacts (blockiness {found.blockiness:.2f}, last saved at about "
+        f"quality {found.quality}); deblocked before embedding (re-application of JPEG; deblock=False keeps the blocks)."
     )
     return out
 

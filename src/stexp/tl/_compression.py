@@ -21,6 +21,7 @@ from stexp._settings import logger
 from stexp.images._quality import HEAVY_BLOCKINESS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from stexp.images._quality import Compression
     from stexp.images._slide import SlideView
 
 #: Blockiness above this (about JPEG quality 30 or lower on the HER2+ images) is reported.
@@ -39,48 +40,60 @@ def compression_check(views: Mapping[str, SlideView], *, deblocked: bool = False
 
     Returns
     -------
-    The record (``uns["stexp"][key]["compression"]``): per slide ``jpeg_blockiness``, ``heavy`` and
-    ``deblocked``; ``None`` when no slide's image is in memory.
+    The record (``uns["stexp"][key]["compression"]``): per slide ``jpeg_blockiness``, ``heavy``,
+    ``estimated_quality`` (of a heavy slide; else ``None``) and ``deblocked``; ``None`` when no slide's image
+    is in memory.
     """
-    from stexp.images._quality import jpeg_blockiness
+    from stexp.images._quality import measure_compression
 
     slides: dict[str, dict[str, Any]] = {}
     for lib, view in views.items():
         if view.array is None:  # a file or a lazy pyramid: not decoded again for this
             continue
-        blockiness = jpeg_blockiness(view.array)
-        if blockiness is None:
+        found = measure_compression(view.array)
+        if found.blockiness is None:
             continue
-        heavy = bool(blockiness > HEAVY)
-        slides[lib] = {"jpeg_blockiness": round(blockiness, 3), "heavy": heavy, "deblocked": heavy and deblocked}
-        if heavy:
-            logger.warning(_warning(lib, blockiness, deblocked))
+        slides[lib] = {
+            "jpeg_blockiness": round(found.blockiness, 3),
+            "heavy": found.heavy,
+            "estimated_quality": found.quality,
+            "deblocked": deblocked and found.deblock,
+        }
+        if found.heavy:
+            logger.warning(_warning(lib, found, deblocked))
     if not slides:
         return None
     return {
         "what": "mean grey-level step across JPEG's 8-px block boundaries over the mean step inside the blocks "
-        f"(1.0: no block artefacts); above {HEAVY:g} is reported; deblocked: its features were computed from "
-        "the image deblocked (the deblock view option)",
+        f"(1.0: no block artefacts); above {HEAVY:g} is reported; estimated_quality: the JPEG quality a heavy "
+        "slide was last saved at; deblocked: its features were computed from the image deblocked (the deblock "
+        "view option; heavy slides saved at quality 50 or lower)",
         "slides": slides,
     }
 
 
-def _warning(lib: str, blockiness: float, deblocked: bool) -> str:
+def _warning(lib: str, found: Compression, model_deblocks: bool) -> str:
     """What a heavy slide's warning says: what it means, what was done, what to try."""
     head = (
-        f"slide {lib!r}: its image shows heavy JPEG block artefacts (blockiness {blockiness:.2f}; 1.0 for an image "
-        "never compressed, about 1.5 at JPEG quality 30): compression erased detail the model reads"
+        f"slide {lib!r}: its image shows heavy JPEG block artefacts (blockiness {found.blockiness:.2f}; 1.0 for an "
+        "image never compressed, about 1.5 at JPEG quality 30): compression erased detail the model reads"
     )
     try_next = (
         "Use a lossless or high-quality export of the slide if there is one; if every new slide comes so "
         "compressed, embed the training slides as they are seen "
         "(stexp.pp.embed_images(train, mpp=..., jpeg_quality=..., key_added=...)) and refit on those features."
     )
-    if deblocked:
+    if model_deblocks and found.deblock:
         return (
-            f"{head}. Its features were computed from the image deblocked (the deblock view option), which "
-            f"recovers much of the loss ({DEBLOCK_MEASURED}; docs/shift.md), but its predictions are still "
-            f"likely poorer than on a slide like the training slides. {try_next}"
+            f"{head}. Its features were computed from the image deblocked (the deblock view option, at its "
+            f"estimated JPEG quality {found.quality}), which recovers much of the loss ({DEBLOCK_MEASURED}; "
+            f"docs/shift.md), but its predictions are still likely poorer than on a slide like the training "
+            f"slides. {try_next}"
+        )
+    if model_deblocks:  # heavy, but at a high estimated quality: not deblocked
+        return (
+            f"{head}, though it reads as saved at JPEG quality {found.quality}, so it was not deblocked (a pattern "
+            f"on the 8-px grid, or another encoder's tables): its predictions may be poorer. {try_next}"
         )
     return (
         f"{head}, and the model's features are not deblocked (deblock=False, or a model fitted before the option): "

@@ -49,7 +49,7 @@ def prediction_report(adata: AnnData, key: str, *, min_expected_pcc: float = MIN
     compression = record.get("compression") or {}
     for lib, c in (compression.get("slides") or {}).items():
         if c["heavy"]:
-            done = "deblocked before embedding, " if c.get("deblocked") else "not deblocked (deblock=False), "
+            done = "deblocked before embedding, " if c.get("deblocked") else "not deblocked, "
             lines.append(
                 f"jpeg      {lib}: block artefacts {c['jpeg_blockiness']:.2f} (1.0 none, about 1.5 at JPEG quality 30): "
                 f"{done}predictions likely poorer; use a lossless or high-quality export if there is one"
