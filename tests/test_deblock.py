@@ -156,7 +156,9 @@ def test_predict_says_a_heavy_slide_was_deblocked(synth, caplog):
     grid[:, 7::8] //= 2
     grid[7::8] //= 2
     entry["images"] = {"hires": _jpeg(grid, 95)}
-    stexp.pp.embed_images(test, encoder=enc, device="cpu", cache=False, key_added="X_t", stain_norm=None, overwrite=True)
+    stexp.pp.embed_images(
+        test, encoder=enc, device="cpu", cache=False, key_added="X_t", stain_norm=None, overwrite=True
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stexp"):
         stexp.tl.predict(test, model)
