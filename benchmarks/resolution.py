@@ -16,7 +16,7 @@ Three fits per fold:
 ``stexp.tl.predict`` embeds each held-out slide with the model's own encoder spec (so ``matched`` sees it at
 ``--mpp`` too). Reported per held-out slide: PCC(ACG) / PCC(HEG) (``stexp.tl.evaluate``), the resolution
 record (how many times coarser than the training slides, whether reported), the compression record (JPEG
-blockiness, whether reported) and the shift score.
+blockiness, whether reported, the estimated quality, whether deblocked) and the shift score.
 
 Usage::
 
@@ -85,6 +85,8 @@ def _row(fit: str, rendering: str, lib: str, scores, record: dict) -> dict:
         "reported_coarser": resolution.get("coarser"),
         "jpeg_blockiness": compression.get("jpeg_blockiness"),
         "reported_jpeg": compression.get("heavy"),
+        "estimated_quality": compression.get("estimated_quality"),
+        "deblocked": compression.get("deblocked"),
         "shift_score": record["shift"]["slides"][lib]["score"],
         "shift_flagged": record["shift"]["slides"][lib]["flagged"],
     }
@@ -117,14 +119,14 @@ def main() -> None:
         f"embedded with `mpp={args.mpp:g}`; `export`: with `mpp={args.mpp:g}, jpeg_quality={args.jpeg_quality}`.",
         "",
         "| rendering | fit | held out | PCC(ACG) | PCC(HEG) | times coarser | reported | JPEG blockiness | reported | "
-        "shift score | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "quality | deblocked | shift score | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["rendering"], r["fit"], r["held_out"])):
         lines.append(
             f"| {r['rendering']} | {r['fit']} | {r['held_out']} | {r['pcc_acg']:.3f} | {r['pcc_heg']:.3f} | "
             f"{r['times_coarser']} | {r['reported_coarser']} | {r['jpeg_blockiness']} | {r['reported_jpeg']} | "
-            f"{r['shift_score']:.2f} | {r['shift_flagged']} |"
+            f"{r['estimated_quality']} | {r['deblocked']} | {r['shift_score']:.2f} | {r['shift_flagged']} |"
         )
     lines += ["", "Mean over the held-out slides:", ""]
     lines += [
