@@ -13,6 +13,23 @@ BLOCK = 8
 MAX_SIDE = 2048
 
 
+#: JPEG's largest block side in pixels: the 4:2:0 chroma block (luma blocks are :data:`BLOCK`).
+CHROMA_BLOCK = 16
+
+
+def central_crop(image: Any, side: int, grid: int = CHROMA_BLOCK) -> Any:
+    """The central crop of at most ``side`` px a side of ``image``, its corner on the ``grid``-px block grid.
+
+    ``image``: an array (a view of it is returned) or a PIL image (cropped without copying the rest).
+    """
+    w, h = image.size if hasattr(image, "crop") else (np.shape(image)[1], np.shape(image)[0])
+    y0 = max(0, (h - side) // 2) // grid * grid
+    x0 = max(0, (w - side) // 2) // grid * grid
+    if hasattr(image, "crop"):
+        return image.crop((x0, y0, min(w, x0 + side), min(h, y0 + side)))
+    return image[y0 : y0 + side, x0 : x0 + side]
+
+
 def jpeg_blockiness(image: Any) -> float | None:
     """How much more the grey level jumps across JPEG's 8-px block boundaries than inside the blocks.
 
@@ -30,12 +47,9 @@ def jpeg_blockiness(image: Any) -> float | None:
     -------
     The ratio, or ``None`` for an image under four blocks a side or without texture.
     """
-    h, w = np.shape(image)[:2]
-    if min(h, w) < 4 * BLOCK:
+    if min(np.shape(image)[:2]) < 4 * BLOCK:
         return None
-    y0 = max(0, (h - MAX_SIDE) // 2) // BLOCK * BLOCK
-    x0 = max(0, (w - MAX_SIDE) // 2) // BLOCK * BLOCK
-    crop = np.asarray(image[y0 : y0 + MAX_SIDE, x0 : x0 + MAX_SIDE])
+    crop = np.asarray(central_crop(image, MAX_SIDE, grid=BLOCK))
     grey = crop[..., :3].mean(axis=2, dtype=np.float32) if crop.ndim == 3 else crop.astype(np.float32)
     ratios = []
     for g in (grey, grey.T):
@@ -63,17 +77,25 @@ DEBLOCK_SHIFTS = (0, 2, 4, 6)
 DEBLOCK_STRIP = 1024
 
 
-def _jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """``image`` (uint8 RGB) encoded as JPEG at ``quality`` (Pillow's encoder and tables) and decoded."""
+def jpeg_roundtrip(image: Any, quality: int) -> Any:
+    """The PIL image ``image`` encoded as JPEG at ``quality`` (Pillow's encoder and tables), decoded as RGB."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    (image if image.mode == "RGB" else image.convert("RGB")).save(buffer, format="JPEG", quality=int(quality))
     buffer.seek(0)
-    with Image.open(buffer) as im:
-        return np.asarray(im.convert("RGB"))
+    out = Image.open(buffer)
+    out.load()  # decoded now: the buffer goes with this function
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """:func:`jpeg_roundtrip` of a uint8 RGB array."""
+    from PIL import Image
+
+    return np.asarray(jpeg_roundtrip(Image.fromarray(image), quality))
 
 
 def estimate_jpeg_quality(image: np.ndarray, max_quality: int = 95) -> tuple[int, float]:
@@ -94,10 +116,7 @@ def estimate_jpeg_quality(image: np.ndarray, max_quality: int = 95) -> tuple[int
     -------
     ``(quality, mean absolute change)``.
     """
-    h, w = image.shape[:2]
-    y0 = max(0, (h - QUALITY_CROP) // 2) // 16 * 16
-    x0 = max(0, (w - QUALITY_CROP) // 2) // 16 * 16
-    crop = np.ascontiguousarray(image[y0 : y0 + QUALITY_CROP, x0 : x0 + QUALITY_CROP, :3])
+    crop = np.ascontiguousarray(central_crop(image, QUALITY_CROP)[..., :3])
     errors = [float(np.abs(_jpeg_roundtrip(crop, q).astype(np.int16) - crop).mean()) for q in range(1, max_quality + 1)]
     best = int(np.argmin(errors))
     return best + 1, errors[best]
@@ -128,14 +147,12 @@ class Compression:
 
 
 def measure_compression(image: Any) -> Compression:
-    """The :class:`Compression` of ``image`` (``(H, W, 3)``), read on its central :data:`MAX_SIDE` px.
+    """The :class:`Compression` of ``image`` (``(H, W, 3)`` array or PIL image), read on its central :data:`MAX_SIDE` px.
 
-    The quality is estimated only when the blockiness is heavy (about 0.3 s).
+    Only that crop is read (a PIL slide is not copied whole). The quality is estimated only when the
+    blockiness is heavy (about 0.3 s).
     """
-    h, w = np.shape(image)[:2]
-    y0 = max(0, (h - MAX_SIDE) // 2) // 16 * 16  # on the block grid of luma (8 px) and 4:2:0 chroma (16 px)
-    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16
-    centre = np.asarray(image[y0 : y0 + MAX_SIDE, x0 : x0 + MAX_SIDE])
+    centre = np.asarray(central_crop(image, MAX_SIDE))
     found = Compression(jpeg_blockiness(centre))
     if not found.heavy:
         return found

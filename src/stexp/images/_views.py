@@ -91,12 +91,9 @@ def deblock_slide(image, deblock: bool, *, library_id: str | None = None):
     from PIL import Image
 
     from stexp._settings import logger
-    from stexp.images._quality import MAX_SIDE, deblock_jpeg, measure_compression
+    from stexp.images._quality import deblock_jpeg, measure_compression
 
-    w, h = image.size
-    x0 = max(0, (w - MAX_SIDE) // 2) // 16 * 16  # the central crop measure_compression reads, without a full copy
-    y0 = max(0, (h - MAX_SIDE) // 2) // 16 * 16
-    found = measure_compression(np.asarray(image.crop((x0, y0, min(w, x0 + MAX_SIDE), min(h, y0 + MAX_SIDE)))))
+    found = measure_compression(image)  # reads its central crop only
     if found.heavy and not found.deblock:
         logger.info(
             f"library {library_id!r}: blockiness {found.blockiness:.2f}, but last saved at about JPEG quality "
@@ -123,16 +120,9 @@ def jpeg_slide(image, quality: int | None):
     """
     if quality is None:
         return image
-    import io
+    from stexp.images._quality import jpeg_roundtrip
 
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    (image if image.mode == "RGB" else image.convert("RGB")).save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    out = Image.open(buffer)
-    out.load()  # decoded now: the buffer goes with this function
-    return out
+    return jpeg_roundtrip(image, quality)
 
 
 def resample_slide(image, plan, *, image_um_per_px: float, mpp: float | None):

@@ -183,7 +183,8 @@ def predict(
 
     views = readable_views(adata, data.library)  # each slide's image, found once for both checks
     resolution = resolution_check(adata, model, views)
-    compression = compression_check(views, deblocked=_deblocked(adata, model, features_key))
+    # the features' spec equals the model's (check_encoder_spec above); a fine-tuned encoder has no view options
+    compression = compression_check(views, deblocked=not model.reads_patches and model.encoder_spec.deblock)
     expected = None if calibration is None else np.asarray(calibration.expected_pcc)[present] * factor
 
     from ._keys import write_prediction_set
@@ -253,10 +254,3 @@ def _shift(model: ExpressionModel, data) -> tuple[np.ndarray | None, dict | None
         else:
             logger.info(f"slide {lib!r}: shift score {s['score']:.2f} ({reference.describe_range()})")
     return scores, record, factor
-
-
-def _deblocked(adata: AnnData, model: ExpressionModel, features_key: str | None) -> bool:
-    """Whether the features predicted from were embedded with the ``deblock`` view option."""
-    if features_key is None:  # a fine-tuned encoder reads the patches itself, without the view options
-        return False
-    return bool(features_spec(adata, features_key).deblock)
